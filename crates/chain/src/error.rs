@@ -1,0 +1,70 @@
+//! Errors of the chain layer: every failure names what went wrong and where.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong talking to, provisioning or following a Bitcoin node.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// Nothing answered at the RPC address (wrong URL, node not running, wrong port).
+    #[error("no Bitcoin node answers at {url}: {reason} (is bitcoind running and is the RPC port right?)")]
+    Unreachable { url: String, reason: String },
+    /// The node answered HTTP 401.
+    #[error("the Bitcoin node at {url} rejected the RPC credentials (HTTP 401): check the cookie file or rpcuser/rpcpassword")]
+    Unauthorized { url: String },
+    /// The node is on another network than the one configured.
+    #[error("the Bitcoin node at {url} is on {actual}, but bitmote is configured for {expected}")]
+    WrongNetwork { url: String, expected: String, actual: String },
+    /// The node is still starting (RPC code -28) and did not finish within the allowed time.
+    #[error("the Bitcoin node at {url} is still starting: {message}")]
+    Warmup { url: String, message: String },
+    /// The node returned a JSON-RPC error.
+    #[error("bitcoind RPC `{method}` failed with code {code}: {message}")]
+    Rpc { method: String, code: i32, message: String },
+    /// The transport failed in a way that is neither of the above.
+    #[error("RPC transport error talking to {url}: {message}")]
+    Transport { url: String, message: String },
+    /// The node answered something we could not understand.
+    #[error("unexpected answer to `{method}`: {message}")]
+    Protocol { method: String, message: String },
+    /// Cookie file missing or unreadable.
+    #[error("cannot read the RPC cookie file {path}: {reason}")]
+    Cookie { path: PathBuf, reason: String },
+    /// Configuration that cannot work.
+    #[error("invalid chain configuration: {0}")]
+    Config(String),
+    /// An operation that only makes sense on regtest was asked of another network.
+    #[error("`{0}` is only allowed on regtest")]
+    RegtestOnly(&'static str),
+    /// A persisted cursor points at a block the node does not know.
+    #[error("the stream cursor {hash} (height {height}) is unknown to this node; was the node's data replaced?")]
+    CursorUnknown { height: u32, hash: String },
+    /// A reorganisation deeper than the configured limit.
+    #[error("chain reorganisation deeper than the configured limit of {limit} blocks (cursor at height {height})")]
+    ReorgTooDeep { limit: u32, height: u32 },
+    /// bitcoind provisioning failed.
+    #[error("cannot provide bitcoind: {0}")]
+    Provision(String),
+    /// The node process failed to start or stop.
+    #[error("bitcoind process: {0}")]
+    Process(String),
+    /// Local I/O error (data dirs, cursor files, logs).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ChainError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ChainError::Io { context: context.into(), source }
+    }
+
+    /// True for errors that are worth retrying after a pause (node down or starting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ChainError::Unreachable { .. } | ChainError::Warmup { .. } | ChainError::Transport { .. })
+    }
+}
+
+pub type Result<T, E = ChainError> = std::result::Result<T, E>;

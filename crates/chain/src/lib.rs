@@ -1,0 +1,21 @@
+//! bitmote-chain: everything bitmote needs from a Bitcoin node.
+//!
+//! * [`provision`]: find or build a `bitcoind` (from the Bitcoin Core source shipped
+//!   in the `libbitcoinkernel-sys` crate), cached under `~/.cache/bitmote`.
+//! * [`regtest`]: start, stop and attach to a real regtest node on loopback.
+//! * [`rpc`]: a typed JSON-RPC client that works the same against regtest,
+//!   signet, testnet and mainnet nodes.
+//! * [`stream`]: a reorg-aware, resumable stream of block connect/disconnect
+//!   events — what the notary (anchor confirmations) and the actuators (triggers)
+//!   consume.
+
+pub mod error;
+pub mod provision;
+pub mod regtest;
+pub mod rpc;
+pub mod stream;
+
+pub use bitcoin;
+pub use error::{ChainError, Result};
+pub use rpc::{BlockId, ChainClient, HeaderState, NodeInfo, RpcAuth, RpcConfig};
+pub use stream::{BlockEvent, BlockSource, BlockStream, Cursor, CursorStore, FileCursorStore, Start, StreamConfig};

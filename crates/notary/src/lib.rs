@@ -1,0 +1,1 @@
+//! bitmote-notary: the tamper-evident record of what sensors measured.
