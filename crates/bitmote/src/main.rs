@@ -1,1 +1,92 @@
-fn main(){}
+//! `bitmote`: the one binary. A thin command line over the library crates:
+//! parse arguments, load configuration, call into `bitmote-chain` (and, as they
+//! land, the notary, actuator, payment and gateway crates), report errors.
+
+mod bench;
+mod config;
+mod node;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// bitmote joins IoT devices to Bitcoin: notarized sensor data, actuators that react to
+/// chain events exactly once, and machine-to-machine Lightning micropayments.
+///
+/// With no configuration, bitmote runs a private regtest Bitcoin node in its data
+/// directory, so everything works on one machine out of the box.
+#[derive(Parser, Debug)]
+#[command(name = "bitmote", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Where bitmote keeps its state (node data, logs, cursors).
+    #[arg(long, global = true, env = "BITMOTE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Configuration file (TOML). Default: <data-dir>/bitmote.toml if it exists.
+    #[arg(long, short = 'c', global = true, env = "BITMOTE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Global {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("bitmote"))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run bitmote: start (or connect to) the Bitcoin node and keep it going until Ctrl-C.
+    Up(node::UpArgs),
+    /// Install, start, stop and inspect the regtest Bitcoin node.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+    /// Follow the chain.
+    #[command(subcommand)]
+    Chain(node::ChainCommand),
+    /// Measure performance (a report, not a pass/fail test).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logs(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logs(cli.global.verbose);
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Up(a) => node::up(&g, a),
+        Command::Node(c) => node::node(&g, c),
+        Command::Chain(c) => node::chain(&g, c),
+        Command::Bench(c) => bench::run(&g, c),
+    }
+}

@@ -184,7 +184,7 @@ impl RegtestNode {
             .arg(format!("-rpcport={rpc_port}"))
             .arg(format!("-bind=127.0.0.1:{p2p_port}"))
             .arg(format!("-port={p2p_port}"))
-            .args(["-listen=1", "-listenonion=0", "-discover=0", "-dnsseed=0", "-fixedseeds=0", "-upnp=0", "-natpmp=0"])
+            .args(["-listen=1", "-listenonion=0", "-discover=0", "-dnsseed=0", "-fixedseeds=0", "-natpmp=0"])
             .args(["-txindex=1", "-blockfilterindex=1", "-peerblockfilters=1", "-rest=1"])
             .args(["-printtoconsole=0", "-rpcworkqueue=128", "-rpcthreads=16"])
             .args(&opts.extra_args)
@@ -194,6 +194,9 @@ impl RegtestNode {
         if daemon {
             cmd.arg("-daemonwait=1");
         }
+        // Own process group: a Ctrl-C in the terminal reaches bitmote, which then stops
+        // the node in order (after flushing whatever depends on it), not both at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
             .map_err(|e| ChainError::Process(format!("cannot start {}: {e}", opts.exe.display())))?;

@@ -15,6 +15,11 @@
 //! * cursor at the tip: long-poll `waitfornewblock` with the cursor as
 //!   `current_tip`, so a block mined between two calls is never missed.
 //!
+//! * cursor unknown to the node (bitcoind crashed and lost blocks it had already
+//!   served): `Disconnected` from the stream's memory of the last
+//!   [`StreamConfig::remember_blocks`] blocks it delivered, back to a block the node
+//!   knows; a consumer restarted at the same moment gets [`ChainError::CursorUnknown`].
+//!
 //! Two RPCs per event (`getblockheader`, `getblock`) keep block-to-event latency
 //! in the low milliseconds.
 
@@ -121,11 +126,13 @@ pub struct StreamConfig {
     pub max_reorg_depth: u32,
     /// Longest single long-poll; [`BlockStream::next_event`] waits in slices of this.
     pub poll_slice: Duration,
+    /// Recently delivered blocks kept in memory, to roll back blocks a crashed node forgot.
+    pub remember_blocks: usize,
 }
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { max_reorg_depth: 100, poll_slice: Duration::from_secs(1) }
+        StreamConfig { max_reorg_depth: 100, poll_slice: Duration::from_secs(1), remember_blocks: 12 }
     }
 }
 
@@ -136,12 +143,14 @@ pub struct BlockStream<S: BlockSource> {
     cfg: StreamConfig,
     /// Consecutive disconnections in the reorg being followed.
     unwinding: u32,
+    /// The last blocks delivered as connected, oldest first.
+    recent: std::collections::VecDeque<(BlockId, Arc<Block>)>,
 }
 
 impl<S: BlockSource> BlockStream<S> {
     /// Resume from a stored cursor (`None` = before genesis).
     pub fn from_cursor(source: S, cursor: Cursor, cfg: StreamConfig) -> Self {
-        BlockStream { source, cursor, cfg, unwinding: 0 }
+        BlockStream { source, cursor, cfg, unwinding: 0, recent: Default::default() }
     }
 
     /// Begin at `start` when there is no stored cursor.
@@ -183,6 +192,19 @@ impl<S: BlockSource> BlockStream<S> {
         loop {
             if let Some(ev) = self.step()? {
                 self.cursor = ev.cursor_after();
+                match &ev {
+                    BlockEvent::Connected { id, block } => {
+                        self.recent.push_back((*id, block.clone()));
+                        while self.recent.len() > self.cfg.remember_blocks {
+                            self.recent.pop_front();
+                        }
+                    }
+                    BlockEvent::Disconnected { id, .. } => {
+                        if self.recent.back().is_some_and(|(r, _)| r == id) {
+                            self.recent.pop_back();
+                        }
+                    }
+                }
                 return Ok(Some(ev));
             }
             // At the tip: long-poll for a change.
@@ -214,10 +236,20 @@ impl<S: BlockSource> BlockStream<S> {
             self.unwinding = 0;
             return Ok(Some(BlockEvent::Connected { id: BlockId { height: 0, hash }, block: Arc::new(block) }));
         };
-        let state = self
-            .source
-            .header_state(&cur.hash)?
-            .ok_or(ChainError::CursorUnknown { height: cur.height, hash: cur.hash.to_string() })?;
+        let Some(state) = self.source.header_state(&cur.hash)? else {
+            // The node forgot a block it served (crash before flushing): roll it back from memory.
+            return match self.recent.back() {
+                Some((id, block)) if *id == cur => {
+                    if self.unwinding >= self.cfg.max_reorg_depth {
+                        return Err(ChainError::ReorgTooDeep { limit: self.cfg.max_reorg_depth, height: cur.height });
+                    }
+                    self.unwinding += 1;
+                    tracing::warn!(height = cur.height, hash = %cur.hash, "the node no longer knows a delivered block; disconnecting it");
+                    Ok(Some(BlockEvent::Disconnected { id: cur, block: block.clone() }))
+                }
+                _ => Err(ChainError::CursorUnknown { height: cur.height, hash: cur.hash.to_string() }),
+            };
+        };
         if state.in_active_chain {
             let Some(next) = state.next else { return Ok(None) };
             let block = self.source.block(&next)?;
@@ -357,6 +389,14 @@ mod tests {
                 out.push(hash);
             }
             out
+        }
+        /// Forget the top `n` blocks entirely, as a node that crashed before flushing does.
+        fn forget_top(&self, n: u32) {
+            let mut t = self.0.borrow_mut();
+            for _ in 0..n {
+                let h = t.active.pop().unwrap();
+                t.blocks.remove(&h);
+            }
         }
         fn at(&self, h: u32) -> BlockHash {
             self.0.borrow().active[h as usize]
@@ -508,6 +548,30 @@ mod tests {
         let mut s = BlockStream::from_cursor(&src, saved, StreamConfig::default());
         apply(&mut chain, &drain(&mut s));
         assert_eq!(chain, src.0.borrow().active);
+    }
+
+    #[test]
+    fn blocks_a_crashed_node_forgot_are_rolled_back_from_memory() {
+        let src = MemSource::new();
+        src.extend_from(Some(src.at(0)), 20);
+        let mut s = BlockStream::starting_at(&src, Start::Height(0), StreamConfig::default()).unwrap();
+        let mut chain = vec![];
+        apply(&mut chain, &drain(&mut s));
+        src.forget_top(5);
+        src.extend_from(Some(src.at(15)), 7);
+        let evs = drain(&mut s);
+        assert_eq!(evs.iter().filter(|e| !e.is_connected()).count(), 5);
+        apply(&mut chain, &evs);
+        assert_eq!(chain, src.0.borrow().active);
+        // Beyond what the stream remembers: a clear error, not a guess.
+        let cfg = StreamConfig { remember_blocks: 2, ..Default::default() };
+        let mut s = BlockStream::starting_at(&src, Start::Height(0), cfg).unwrap();
+        drain(&mut s);
+        src.forget_top(3);
+        for _ in 0..2 {
+            assert!(!s.next_event(Some(Duration::ZERO)).unwrap().unwrap().is_connected());
+        }
+        assert!(matches!(s.next_event(Some(Duration::ZERO)), Err(ChainError::CursorUnknown { .. })));
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! `bitmote bench …`: performance reports measured on this machine, each against a
+//! limit measured in the same run (a report, never a pass/fail test).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bitmote_chain::provision::InstallOptions;
+use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
+use bitmote_chain::{BlockEvent, BlockStream, Start, StreamConfig};
+use clap::Subcommand;
+use serde_json::Value;
+
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Block-to-event latency of the block stream on a private regtest node: from
+    /// `generatetoaddress` returning to the `Connected` event reaching the consumer.
+    Chain {
+        /// Number of blocks to mine, one at a time.
+        #[arg(long, default_value_t = 200)]
+        blocks: u32,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Chain { blocks, json } => chain(blocks, json),
+    }
+}
+
+/// Percentile (nearest rank) of sorted samples, in milliseconds.
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1].as_secs_f64() * 1e3
+}
+
+fn summary(mut v: Vec<Duration>) -> Value {
+    v.sort();
+    serde_json::json!({
+        "n": v.len(), "p50_ms": pct(&v, 50.0), "p90_ms": pct(&v, 90.0), "p99_ms": pct(&v, 99.0), "max_ms": pct(&v, 100.0),
+    })
+}
+
+fn chain(blocks: u32, json: bool) -> Result<()> {
+    if blocks == 0 {
+        bail!("--blocks must be at least 1");
+    }
+    let exe = crate::node::install(&InstallOptions::default())?;
+    let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind)).context("starting a private regtest node")?;
+    node.mine(101)?;
+    let client = node.client();
+    let reference = client.fresh()?;
+
+    // The consumer: a block stream on its own connection, reporting when each event arrives.
+    let (tx, rx) = mpsc::channel::<(bitmote_chain::bitcoin::BlockHash, Instant)>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let stop = stop.clone();
+        let mut stream = BlockStream::starting_at(client.fresh()?, Start::Tip, StreamConfig::default())?;
+        std::thread::spawn(move || -> Result<()> {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(BlockEvent::Connected { id, .. }) = stream.next_event(Some(Duration::from_millis(200)))? {
+                    if tx.send((id.hash, Instant::now())).is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        })
+    };
+
+    let mut stream_lat = Vec::with_capacity(blocks as usize);
+    let mut fetch_lat = Vec::with_capacity(blocks as usize);
+    let mut rtt = Vec::with_capacity(blocks as usize);
+    let addr = bitmote_chain::regtest::op_true_address();
+    for _ in 0..blocks {
+        let hash = client.mine(1, &addr)?.pop().context("generatetoaddress returned no block")?;
+        let mined = Instant::now();
+        let (got, at) = rx.recv_timeout(Duration::from_secs(30)).context("the stream delivered nothing in 30 s")?;
+        if got != hash {
+            bail!("stream delivered {got}, expected {hash}");
+        }
+        stream_lat.push(at.saturating_duration_since(mined));
+        // Limit: what any RPC consumer must pay at least, given the hash for free —
+        // fetch the header and the block (two round trips and the block's transfer).
+        let t = Instant::now();
+        reference.header_state(&hash)?;
+        reference.block(&hash)?;
+        fetch_lat.push(t.elapsed());
+        let t = Instant::now();
+        reference.tip()?;
+        rtt.push(t.elapsed());
+    }
+    stop.store(true, Ordering::SeqCst);
+    drop(rx);
+    consumer.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))??;
+    let version = client.info()?.version;
+    node.stop()?;
+
+    let s = summary(stream_lat);
+    let f = summary(fetch_lat);
+    let r = summary(rtt);
+    let ratio = s["p50_ms"].as_f64().unwrap_or(f64::NAN) / f["p50_ms"].as_f64().unwrap_or(f64::NAN);
+    let report = serde_json::json!({
+        "bench": "chain", "bitcoind": version, "blocks": blocks,
+        "block_to_event": s, "limit_known_hash_fetch": f, "rpc_round_trip": r,
+        "ratio_p50_vs_limit": ratio, "target_ms": 100,
+    });
+    println!("block-to-event latency over {blocks} blocks (bitcoind {version}, regtest, loopback)");
+    let line = |name: &str, v: &Value| {
+        let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        println!("  {name:<44} p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms", g("p50_ms"), g("p90_ms"), g("p99_ms"), g("max_ms"));
+    };
+    line("stream: generatetoaddress returned -> event", &s);
+    line("limit: fetch header+block of a known hash", &f);
+    line("plain RPC round trip (getblockchaininfo)", &r);
+    println!("  ratio stream p50 / limit p50 = {ratio:.2} (target: stream p50 and p99 < 100 ms)");
+    if json {
+        println!("{report}");
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! Configuration: a TOML file (every option optional), overridden by `BITMOTE_*`
+//! environment variables. With no configuration at all bitmote runs on its
+//! embedded defaults: a private regtest bitcoind under the data directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use bitmote_chain::bitcoin::Network;
+use bitmote_chain::{RpcAuth, RpcConfig};
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub chain: ChainSection,
+}
+
+/// `[chain]`: which Bitcoin node to use.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainSection {
+    /// `regtest` (default), `signet`, `testnet`, `testnet4` or `bitcoin` (mainnet).
+    pub network: Option<String>,
+    /// RPC URL of an existing node, e.g. `http://127.0.0.1:38332`. Unset = the embedded regtest node.
+    pub rpc_url: Option<String>,
+    /// Cookie file of that node (e.g. `~/.bitcoin/signet/.cookie`).
+    pub rpc_cookie: Option<PathBuf>,
+    /// Or user and password (`rpcuser`/`rpcpassword`, or `rpcauth`).
+    pub rpc_user: Option<String>,
+    pub rpc_password: Option<String>,
+    /// Seconds between blocks mined by `bitmote up` on the embedded regtest node (0 = never).
+    pub block_interval_secs: Option<u64>,
+}
+
+/// Which node bitmote talks to.
+#[derive(Debug, Clone)]
+pub enum ChainTarget {
+    /// The regtest bitcoind bitmote runs itself, in this data directory.
+    Embedded { data_dir: PathBuf },
+    /// A node someone else runs.
+    External(RpcConfig),
+}
+
+impl Config {
+    /// Read `path` if given (it must exist), else `<data_dir>/bitmote.toml` if it exists; then apply env overrides.
+    pub fn load(path: Option<&Path>, data_dir: &Path) -> Result<Self> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (data_dir.join("bitmote.toml"), false),
+        };
+        let mut cfg: Config = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("invalid configuration file {}", path.display()))?,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read configuration file {}", path.display())),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let c = &mut self.chain;
+        if let Some(v) = get("BITMOTE_CHAIN_NETWORK") {
+            c.network = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_CHAIN_RPC_URL") {
+            c.rpc_url = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_CHAIN_RPC_COOKIE") {
+            c.rpc_cookie = Some(v.into());
+        }
+        if let Some(v) = get("BITMOTE_CHAIN_RPC_USER") {
+            c.rpc_user = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_CHAIN_RPC_PASSWORD") {
+            c.rpc_password = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS") {
+            c.block_interval_secs = Some(v.parse().context("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS must be a number of seconds")?);
+        }
+        Ok(())
+    }
+
+    pub fn network(&self) -> Result<Network> {
+        match self.chain.network.as_deref() {
+            None => Ok(Network::Regtest),
+            Some(n) => parse_network(n),
+        }
+    }
+
+    /// Resolve the configured node.
+    pub fn chain_target(&self, data_dir: &Path) -> Result<ChainTarget> {
+        let network = self.network()?;
+        let c = &self.chain;
+        let Some(url) = c.rpc_url.clone() else {
+            if network != Network::Regtest {
+                bail!("[chain] network = {network} needs rpc_url (and rpc_cookie or rpc_user/rpc_password): bitmote only runs its own node on regtest");
+            }
+            if c.rpc_cookie.is_some() || c.rpc_user.is_some() {
+                bail!("[chain] rpc_cookie / rpc_user are set but rpc_url is not");
+            }
+            return Ok(ChainTarget::Embedded { data_dir: data_dir.join("bitcoind") });
+        };
+        let auth = match (&c.rpc_cookie, &c.rpc_user, &c.rpc_password) {
+            (Some(_), Some(_), _) => bail!("[chain] set either rpc_cookie or rpc_user/rpc_password, not both"),
+            (Some(p), None, _) => RpcAuth::Cookie(expand_home(p)),
+            (None, Some(u), Some(pw)) => RpcAuth::UserPass { user: u.clone(), password: pw.clone() },
+            (None, Some(_), None) => bail!("[chain] rpc_user is set but rpc_password is not"),
+            (None, None, _) => bail!("[chain] rpc_url needs rpc_cookie or rpc_user/rpc_password"),
+        };
+        Ok(ChainTarget::External(RpcConfig { url, auth, network }))
+    }
+}
+
+/// Parse a network name as Bitcoin Core and rust-bitcoin spell them.
+pub fn parse_network(name: &str) -> Result<Network> {
+    match name {
+        "main" | "mainnet" | "bitcoin" => Ok(Network::Bitcoin),
+        "test" | "testnet" | "testnet3" => Ok(Network::Testnet),
+        "testnet4" => Ok(Network::Testnet4),
+        "signet" => Ok(Network::Signet),
+        "regtest" => Ok(Network::Regtest),
+        other => bail!("unknown network {other:?} (expected regtest, signet, testnet, testnet4 or bitcoin)"),
+    }
+}
+
+fn expand_home(p: &Path) -> PathBuf {
+    match p.strip_prefix("~") {
+        Ok(rest) => dirs::home_dir().map(|h| h.join(rest)).unwrap_or_else(|| p.to_path_buf()),
+        Err(_) => p.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    #[test]
+    fn empty_config_is_the_embedded_regtest_node() {
+        let cfg = parse("").unwrap();
+        match cfg.chain_target(Path::new("/d")).unwrap() {
+            ChainTarget::Embedded { data_dir } => assert_eq!(data_dir, Path::new("/d/bitcoind")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn external_node_with_cookie() {
+        let cfg = parse("[chain]\nnetwork = \"signet\"\nrpc_url = \"http://127.0.0.1:38332\"\nrpc_cookie = \"/b/signet/.cookie\"\n").unwrap();
+        match cfg.chain_target(Path::new("/d")).unwrap() {
+            ChainTarget::External(rpc) => {
+                assert_eq!(rpc.network, Network::Signet);
+                assert_eq!(rpc.url, "http://127.0.0.1:38332");
+                assert!(matches!(rpc.auth, RpcAuth::Cookie(ref p) if p == Path::new("/b/signet/.cookie")));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused_with_a_reason() {
+        for (text, needle) in [
+            ("[chain]\nnetwork = \"signet\"\n", "needs rpc_url"),
+            ("[chain]\nrpc_url = \"http://x\"\n", "needs rpc_cookie"),
+            ("[chain]\nrpc_url = \"http://x\"\nrpc_user = \"u\"\n", "rpc_password"),
+            ("[chain]\nnetwork = \"moon\"\n", "unknown network"),
+        ] {
+            let err = parse(text).and_then(|c| c.chain_target(Path::new("/d"))).unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{text}: {err:#}");
+        }
+        assert!(parse("[chain]\nrpc_ulr = \"x\"\n").is_err(), "typos are rejected");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut cfg = parse("[chain]\nrpc_url = \"http://a\"\n").unwrap();
+        cfg.apply_env(|k| match k {
+            "BITMOTE_CHAIN_RPC_URL" => Some("http://b".into()),
+            "BITMOTE_CHAIN_BLOCK_INTERVAL_SECS" => Some("3".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.chain.rpc_url.as_deref(), Some("http://b"));
+        assert_eq!(cfg.chain.block_interval_secs, Some(3));
+    }
+}

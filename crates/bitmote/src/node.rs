@@ -1,0 +1,367 @@
+//! `bitmote up`, `bitmote node …` and `bitmote chain …`: provisioning, running and
+//! following the Bitcoin node.
+
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bitmote_chain::bitcoin::{Address, Network};
+use bitmote_chain::provision::{self, Bitcoind, InstallOptions, LogProgress, Progress};
+use bitmote_chain::regtest::{self, RegtestNode, RegtestOptions};
+use bitmote_chain::{BlockEvent, BlockStream, ChainClient, CursorStore, FileCursorStore, Start, StreamConfig};
+use clap::{Args, Subcommand};
+
+use crate::config::{ChainTarget, Config};
+use crate::Global;
+
+/// Default seconds between blocks that `bitmote up` mines on its regtest node.
+const DEFAULT_BLOCK_INTERVAL: u64 = 10;
+/// Blocks mined on a new regtest chain so coinbase outputs are spendable.
+const REGTEST_MATURITY: u32 = 101;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Seconds between blocks mined on the embedded regtest node (0 = don't mine).
+    #[arg(long, value_name = "SECS")]
+    pub block_interval: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Make a bitcoind available: $BITCOIND_EXE, a bitcoind on PATH, the cache, or build
+    /// it from the Bitcoin Core source in the `libbitcoinkernel-sys` crate (~9 min on 2 cores).
+    Install {
+        /// Cache root (default ~/.cache/bitmote).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Ignore $BITCOIND_EXE and PATH: use or fill the cache.
+        #[arg(long)]
+        cache_only: bool,
+    },
+    /// Start the embedded regtest node in the background.
+    Start,
+    /// Stop the embedded regtest node.
+    Stop,
+    /// Show the node's network, version, height and peers (exit code 3 when not running).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mine N blocks (regtest only).
+    Mine {
+        n: u32,
+        /// Address to mine to (default: an anyone-can-spend P2WSH(OP_TRUE) address).
+        #[arg(long, value_name = "ADDRESS")]
+        to: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChainCommand {
+    /// Print block connect/disconnect events as JSON lines, reorg-aware and resumable.
+    Watch {
+        /// First height to deliver when there is no cursor (default: only new blocks).
+        #[arg(long, value_name = "HEIGHT")]
+        from: Option<u32>,
+        /// Persist the position here and resume from it on the next run.
+        #[arg(long, value_name = "FILE")]
+        cursor: Option<PathBuf>,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+}
+
+/// Progress of the bitcoind build as a terminal progress bar.
+struct BarProgress(indicatif::ProgressBar);
+
+impl BarProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {wide_msg}")
+                .expect("valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        BarProgress(bar)
+    }
+}
+
+impl Progress for BarProgress {
+    fn stage(&mut self, message: &str) {
+        self.0.set_message(message.to_string());
+    }
+    fn compile(&mut self, percent: u8, line: &str) {
+        self.0.set_position(percent.into());
+        self.0.set_message(line.trim().chars().take(100).collect::<String>());
+    }
+    fn done(&mut self, message: &str) {
+        self.0.finish_and_clear();
+        eprintln!("{message}");
+    }
+}
+
+/// Find or build bitcoind, with a progress bar on a terminal and log lines otherwise.
+pub fn install(opts: &InstallOptions) -> Result<Bitcoind> {
+    if let Some(found) = provision::find_bitcoind(opts)? {
+        return Ok(found);
+    }
+    let mut progress: Box<dyn Progress> =
+        if std::io::stderr().is_terminal() { Box::new(BarProgress::new()) } else { Box::new(LogProgress::new()) };
+    Ok(provision::ensure_bitcoind(opts, progress.as_mut())?)
+}
+
+/// Stop flag set by Ctrl-C / SIGTERM.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || f.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    Ok(flag)
+}
+
+/// Exclusive lock on the data directory, so two `bitmote up` never share it.
+fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
+    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("bitmote.lock");
+    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(fs::TryLockError::WouldBlock) => {
+            bail!("another bitmote is already running on {} (lock {})", data_dir.display(), path.display())
+        }
+        Err(fs::TryLockError::Error(e)) => Err(e).context("locking the data directory"),
+    }
+}
+
+/// A connected node: either the embedded regtest node (maybe started by us) or an external one.
+pub struct Node {
+    pub client: ChainClient,
+    /// Set when this process started the node and must stop it.
+    pub owned: Option<RegtestNode>,
+}
+
+/// Connect to the configured node; on the embedded target, start it when `start` is true.
+fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
+    match cfg.chain_target(&g.data_dir())? {
+        ChainTarget::External(rpc) => {
+            let client = ChainClient::connect(rpc, Duration::from_secs(60))?;
+            Ok(Some(Node { client, owned: None }))
+        }
+        ChainTarget::Embedded { data_dir } => {
+            if let Some(n) = RegtestNode::attach(&data_dir)? {
+                return Ok(Some(Node { client: n.client().fresh()?, owned: None }));
+            }
+            if !start {
+                return Ok(None);
+            }
+            let exe = install(&InstallOptions::default())?;
+            let mut opts = RegtestOptions::new(exe.bitcoind);
+            opts.data_dir = Some(data_dir);
+            let n = RegtestNode::start(opts)?;
+            Ok(Some(Node { client: n.client().fresh()?, owned: Some(n) }))
+        }
+    }
+}
+
+pub fn up(g: &Global, args: UpArgs) -> Result<()> {
+    let data_dir = g.data_dir();
+    let _lock = lock_data_dir(&data_dir)?;
+    let cfg = Config::load(g.config.as_deref(), &data_dir)?;
+    let stop = stop_flag()?;
+    let node = open_node(g, &cfg, true)?.expect("start = true always yields a node");
+    let client = &node.client;
+    let network = client.network();
+    let mut info = client.info()?;
+    let regtest = network == Network::Regtest;
+    if regtest && info.blocks < REGTEST_MATURITY {
+        let n = REGTEST_MATURITY - info.blocks;
+        tracing::info!("new regtest chain: mining {n} blocks so coinbase outputs mature");
+        client.mine(n, &regtest::op_true_address())?;
+        info = client.info()?;
+    }
+    let interval = args.block_interval.or(cfg.chain.block_interval_secs).unwrap_or(DEFAULT_BLOCK_INTERVAL);
+    let mut cursor_store = FileCursorStore::new(data_dir.join("up.cursor"));
+    let mut stream =
+        BlockStream::resume(client.fresh()?, cursor_store.load()?, Start::Tip, StreamConfig::default())?;
+
+    let rpc = client.config();
+    println!("bitmote is up");
+    println!("  data dir : {}", data_dir.display());
+    println!("  bitcoind : {} on {network}, height {} ({})", info.version, info.blocks, info.best_block_hash);
+    println!("  rpc      : {}", rpc.url);
+    if let bitmote_chain::RpcAuth::Cookie(p) = &rpc.auth {
+        println!("  cookie   : {}", p.display());
+    }
+    match (regtest, interval) {
+        (true, 0) => println!("  mining   : off (bitmote node mine N)"),
+        (true, s) => println!("  mining   : a block every {s} s"),
+        _ => {}
+    }
+    println!("ready; press Ctrl-C to stop");
+    std::io::stdout().flush()?;
+
+    let mut next_mine = Instant::now() + Duration::from_secs(interval);
+    while !stop.load(Ordering::SeqCst) {
+        if regtest && interval > 0 && Instant::now() >= next_mine {
+            next_mine = Instant::now() + Duration::from_secs(interval);
+            if let Err(e) = client.mine(1, &regtest::op_true_address()) {
+                tracing::warn!("mining failed: {e}");
+            }
+        }
+        match stream.next_event(Some(Duration::from_millis(250))) {
+            Ok(Some(ev)) => {
+                log_event(&ev);
+                cursor_store.save(ev.cursor_after())?;
+            }
+            Ok(None) => {}
+            Err(e) if e.is_transient() => {
+                tracing::warn!("{e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!("stopping");
+    if let Some(n) = node.owned {
+        n.stop()?;
+    }
+    println!("stopped");
+    Ok(())
+}
+
+fn log_event(ev: &BlockEvent) {
+    let id = ev.id();
+    let what = if ev.is_connected() { "connected" } else { "disconnected" };
+    tracing::info!(height = id.height, hash = %id.hash, txs = ev.block().txdata.len(), "block {what}");
+}
+
+pub fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
+    let data_dir = g.data_dir();
+    let cfg = Config::load(g.config.as_deref(), &data_dir)?;
+    match cmd {
+        NodeCommand::Install { cache_dir, cache_only } => {
+            let mut opts = InstallOptions { cache_only, ..InstallOptions::default() };
+            if let Some(d) = cache_dir {
+                opts.cache_dir = d;
+            }
+            let b = install(&opts)?;
+            println!("{} ({}, {:?})", b.bitcoind.display(), b.version, b.origin);
+            Ok(())
+        }
+        NodeCommand::Start => {
+            let ChainTarget::Embedded { data_dir: node_dir } = cfg.chain_target(&data_dir)? else {
+                bail!("a node is configured by rpc_url; bitmote only starts its own regtest node");
+            };
+            if let Some(n) = RegtestNode::attach(&node_dir)? {
+                println!("already running at {}", n.rpc_url());
+                return Ok(());
+            }
+            let exe = install(&InstallOptions::default())?;
+            let mut opts = RegtestOptions::new(exe.bitcoind);
+            opts.data_dir = Some(node_dir);
+            let n = RegtestNode::start_daemon(opts)?;
+            println!("regtest bitcoind started at {} (cookie {})", n.rpc_url(), n.cookie_path().display());
+            Ok(())
+        }
+        NodeCommand::Stop => {
+            let ChainTarget::Embedded { data_dir: node_dir } = cfg.chain_target(&data_dir)? else {
+                bail!("a node is configured by rpc_url; bitmote does not stop nodes it does not own");
+            };
+            match RegtestNode::attach(&node_dir)? {
+                Some(n) => {
+                    n.stop()?;
+                    println!("stopped");
+                }
+                None => println!("not running"),
+            }
+            Ok(())
+        }
+        NodeCommand::Status { json } => {
+            let Some(node) = open_node(g, &cfg, false)? else {
+                if json {
+                    println!("{}", serde_json::json!({ "running": false }));
+                } else {
+                    println!("bitcoind: not running (start it with `bitmote node start` or `bitmote up`)");
+                }
+                std::process::exit(3);
+            };
+            let i = node.client.info()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "running": true, "url": node.client.config().url, "network": i.network.to_core_arg(),
+                        "version": i.version, "blocks": i.blocks, "headers": i.headers,
+                        "best_block_hash": i.best_block_hash.to_string(),
+                        "initial_block_download": i.initial_block_download, "connections": i.connections,
+                    })
+                );
+            } else {
+                println!("bitcoind {} at {}", i.version, node.client.config().url);
+                println!("  network : {}", i.network);
+                println!("  height  : {} (headers {}){}", i.blocks, i.headers, if i.initial_block_download { ", syncing" } else { "" });
+                println!("  tip     : {}", i.best_block_hash);
+                println!("  peers   : {}", i.connections);
+            }
+            Ok(())
+        }
+        NodeCommand::Mine { n, to } => {
+            let Some(node) = open_node(g, &cfg, false)? else {
+                bail!("bitcoind is not running (start it with `bitmote node start`)");
+            };
+            let addr = match to {
+                Some(s) => s
+                    .parse::<Address<_>>()
+                    .with_context(|| format!("invalid address {s:?}"))?
+                    .require_network(node.client.network())
+                    .with_context(|| format!("{s} is not a {} address", node.client.network()))?,
+                None => regtest::op_true_address(),
+            };
+            let hashes = node.client.mine(n, &addr)?;
+            let tip = node.client.tip()?;
+            println!("mined {} blocks; height {} ({})", hashes.len(), tip.height, tip.hash);
+            Ok(())
+        }
+    }
+}
+
+pub fn chain(g: &Global, cmd: ChainCommand) -> Result<()> {
+    let data_dir = g.data_dir();
+    let cfg = Config::load(g.config.as_deref(), &data_dir)?;
+    match cmd {
+        ChainCommand::Watch { from, cursor, count } => {
+            let Some(node) = open_node(g, &cfg, false)? else {
+                bail!("bitcoind is not running (start it with `bitmote node start` or `bitmote up`)");
+            };
+            let stop = stop_flag()?;
+            let mut store = cursor.map(FileCursorStore::new);
+            let stored = match &store {
+                Some(s) => s.load()?,
+                None => None,
+            };
+            let start = from.map(Start::Height).unwrap_or(Start::Tip);
+            let mut stream = BlockStream::resume(node.client.fresh()?, stored, start, StreamConfig::default())?;
+            let mut seen = 0u64;
+            let mut out = std::io::stdout().lock();
+            while !stop.load(Ordering::SeqCst) && count.is_none_or(|c| seen < c) {
+                let Some(ev) = stream.next_event(Some(Duration::from_millis(250)))? else { continue };
+                let id = ev.id();
+                let line = serde_json::json!({
+                    "event": if ev.is_connected() { "connected" } else { "disconnected" },
+                    "height": id.height, "hash": id.hash.to_string(), "txs": ev.block().txdata.len(),
+                });
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                if let Some(s) = &mut store {
+                    s.save(ev.cursor_after())?;
+                }
+                seen += 1;
+            }
+            Ok(())
+        }
+    }
+}
