@@ -47,6 +47,9 @@ pub enum ChainError {
     /// The node process failed to start or stop.
     #[error("bitcoind process: {0}")]
     Process(String),
+    /// The gateway wallet failed (load, build, sign, persist).
+    #[error("wallet: {0}")]
+    Wallet(String),
     /// Local I/O error (data dirs, cursor files, logs).
     #[error("{context}: {source}")]
     Io {

@@ -8,12 +8,14 @@
 //! * [`stream`]: a reorg-aware, resumable stream of block connect/disconnect
 //!   events — what the notary (anchor confirmations) and the actuators (triggers)
 //!   consume.
+//! * [`wallet`]: the gateway's BDK descriptor wallet, fed by the block stream.
 
 pub mod error;
 pub mod provision;
 pub mod regtest;
 pub mod rpc;
 pub mod stream;
+pub mod wallet;
 
 pub use bitcoin;
 pub use error::{ChainError, Result};

@@ -363,9 +363,12 @@ fn build(opts: &InstallOptions, root: &Path, progress: &mut dyn Progress) -> Res
     progress.stage(&format!("compiling bitcoind with {} jobs (about 9 minutes on 2 cores)", opts.jobs));
     let mut make = Command::new("cmake");
     make.arg("--build").arg(&build_dir).args(["--target", "bitcoind", "bitcoin-cli", "-j"]).arg(opts.jobs.to_string());
+    // cmake reports per-target percentages; show the highest seen so progress never goes back.
+    let mut shown = 0u8;
     run_logged(make, &mut log, |line| {
         if let Some(p) = parse_percent(line) {
-            progress.compile(p, line);
+            shown = shown.max(p);
+            progress.compile(shown, line);
         }
     })
     .map_err(|e| with_log(e, &log_path))?;

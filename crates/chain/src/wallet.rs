@@ -1,0 +1,267 @@
+//! The gateway's own on-chain wallet: a BDK descriptor wallet (BIP84 P2WPKH),
+//! persisted in SQLite, fed by the [`BlockStream`](crate::BlockStream) rather than by
+//! a separate chain scanner, so it sees exactly the blocks every other consumer sees.
+//!
+//! Used to pay for anchors (OP_RETURN transactions, with RBF fee bumps) and to derive
+//! fresh receive addresses. The seed lives in `wallet.seed` (mode 0600) next to
+//! `wallet.sqlite`; back up the seed, everything else can be rebuilt from the chain.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bdk_wallet::bitcoin::bip32::Xpriv;
+use bdk_wallet::bitcoin::script::PushBytesBuf;
+use bdk_wallet::bitcoin::secp256k1::rand::{thread_rng, RngCore};
+use bdk_wallet::chain::ChainPosition;
+use bdk_wallet::rusqlite::Connection;
+use bdk_wallet::{KeychainKind, PersistedWallet, SignOptions, Wallet};
+use bitcoin::{Address, Amount, Block, FeeRate, Network, Transaction, Txid};
+
+use crate::error::{ChainError, Result};
+use crate::rpc::{BlockId, ChainClient};
+use crate::stream::{BlockEvent, BlockStream, StreamConfig};
+
+fn werr(context: &str, e: impl std::fmt::Display) -> ChainError {
+    ChainError::Wallet(format!("{context}: {e}"))
+}
+
+/// Where a wallet transaction stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    /// Not known to the wallet (never built here, or dropped).
+    Unknown,
+    /// In the mempool (as far as the wallet knows).
+    Unconfirmed,
+    /// In the best chain at this block.
+    Confirmed(BlockId),
+}
+
+/// A persisted BDK wallet that follows the chain through [`BlockStream`] events.
+pub struct GatewayWallet {
+    wallet: PersistedWallet<Connection>,
+    db: Connection,
+    network: Network,
+}
+
+impl std::fmt::Debug for GatewayWallet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayWallet").field("network", &self.network).finish()
+    }
+}
+
+fn descriptors(seed: &[u8; 32], network: Network) -> Result<(String, String)> {
+    let xprv = Xpriv::new_master(network, seed).map_err(|e| werr("deriving the master key", e))?;
+    let coin = if network == Network::Bitcoin { 0 } else { 1 };
+    Ok((format!("wpkh({xprv}/84'/{coin}'/0'/0/*)"), format!("wpkh({xprv}/84'/{coin}'/0'/1/*)")))
+}
+
+fn load_or_create_seed(path: &Path) -> Result<([u8; 32], bool)> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = hex_decode(text.trim())
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| ChainError::Wallet(format!("{} does not hold a 32-byte hex seed", path.display())))?;
+            let mut seed = [0u8; 32];
+            seed.copy_from_slice(&bytes);
+            Ok((seed, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            thread_rng().fill_bytes(&mut seed);
+            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            write_secret(path, hex.as_bytes())?;
+            Ok((seed, true))
+        }
+        Err(e) => Err(ChainError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Write a secret file readable by its owner only (0600), durably.
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ctx = || format!("writing {}", path.display());
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| ChainError::io(ctx(), e))?;
+    }
+    let tmp: PathBuf = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ChainError::io(ctx(), e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ChainError::io(ctx(), e))?;
+    fs::rename(&tmp, path).map_err(|e| ChainError::io(ctx(), e))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl GatewayWallet {
+    /// Open the wallet in `dir` (`wallet.seed`, `wallet.sqlite`), creating it on first use.
+    /// A new wallet off regtest starts at the node's current tip (its birthday) instead of genesis.
+    pub fn open(dir: &Path, client: &ChainClient) -> Result<Self> {
+        let network = client.network();
+        fs::create_dir_all(dir).map_err(|e| ChainError::io(format!("creating {}", dir.display()), e))?;
+        let (seed, _new) = load_or_create_seed(&dir.join("wallet.seed"))?;
+        let (ext, int) = descriptors(&seed, network)?;
+        let mut db = Connection::open(dir.join("wallet.sqlite")).map_err(|e| werr("opening wallet.sqlite", e))?;
+        let loaded = Wallet::load()
+            .descriptor(KeychainKind::External, Some(ext.clone()))
+            .descriptor(KeychainKind::Internal, Some(int.clone()))
+            .extract_keys()
+            .check_network(network)
+            .load_wallet(&mut db)
+            .map_err(|e| werr("loading the wallet (does wallet.seed match wallet.sqlite, and the network?)", e))?;
+        let mut w = match loaded {
+            Some(w) => GatewayWallet { wallet: w, db, network },
+            None => {
+                let wallet = Wallet::create(ext, int)
+                    .network(network)
+                    .create_wallet(&mut db)
+                    .map_err(|e| werr("creating the wallet", e))?;
+                let mut w = GatewayWallet { wallet, db, network };
+                if network != Network::Regtest {
+                    let tip = client.tip()?;
+                    let block = client.block(&tip.hash)?;
+                    w.apply_connected(tip, &block)?;
+                }
+                w.persist()?;
+                w
+            }
+        };
+        w.persist()?;
+        Ok(w)
+    }
+
+    pub fn network(&self) -> Network {
+        self.network
+    }
+
+    fn persist(&mut self) -> Result<()> {
+        self.wallet.persist(&mut self.db).map_err(|e| werr("persisting the wallet", e))?;
+        Ok(())
+    }
+
+    /// The last block the wallet has applied (its cursor in the chain).
+    pub fn tip(&self) -> BlockId {
+        let cp = self.wallet.latest_checkpoint();
+        BlockId { height: cp.height(), hash: cp.hash() }
+    }
+
+    fn apply_connected(&mut self, id: BlockId, block: &Block) -> Result<()> {
+        let connected_to = match id.height.checked_sub(1) {
+            Some(h) => bdk_wallet::chain::BlockId { height: h, hash: block.header.prev_blockhash },
+            None => bdk_wallet::chain::BlockId { height: 0, hash: id.hash },
+        };
+        self.wallet
+            .apply_block_connected_to(block, id.height, connected_to)
+            .map_err(|e| werr(&format!("applying block {} at {}", id.hash, id.height), e))
+    }
+
+    /// Apply one stream event. Disconnections need no action: the connections of the new
+    /// branch that follow replace the stale blocks in BDK's local chain.
+    pub fn apply(&mut self, ev: &BlockEvent) -> Result<()> {
+        if let BlockEvent::Connected { id, block } = ev {
+            self.apply_connected(*id, block)?;
+        }
+        Ok(())
+    }
+
+    /// Catch up with the node: apply every block after the wallet's tip, then persist.
+    /// Returns the number of events applied.
+    pub fn sync(&mut self, client: &ChainClient) -> Result<usize> {
+        let mut stream = BlockStream::from_cursor(client.fresh()?, Some(self.tip()), StreamConfig::default());
+        let mut n = 0;
+        while let Some(ev) = stream.next_event(Some(Duration::ZERO))? {
+            self.apply(&ev)?;
+            n += 1;
+            if n % 500 == 0 {
+                self.persist()?;
+            }
+        }
+        self.persist()?;
+        Ok(n)
+    }
+
+    /// A fresh receive address (persisted, so it is never handed out twice).
+    pub fn new_address(&mut self) -> Result<Address> {
+        let a = self.wallet.reveal_next_address(KeychainKind::External).address;
+        self.persist()?;
+        Ok(a)
+    }
+
+    /// Spendable now: confirmed, plus our own unconfirmed change.
+    pub fn spendable(&self) -> Amount {
+        let b = self.wallet.balance();
+        b.confirmed + b.trusted_pending
+    }
+
+    /// Total balance including immature coinbase outputs.
+    pub fn total(&self) -> Amount {
+        self.wallet.balance().total()
+    }
+
+    /// Build and sign a transaction with one OP_RETURN output carrying `data` (≤ 80 bytes),
+    /// change back to the wallet, RBF signalled. The wallet records it as unconfirmed;
+    /// call [`GatewayWallet::forget`] if broadcasting fails.
+    pub fn op_return_tx(&mut self, data: &[u8], fee_rate: FeeRate) -> Result<Transaction> {
+        let push = PushBytesBuf::try_from(data.to_vec()).map_err(|e| werr("OP_RETURN data", e))?;
+        let mut b = self.wallet.build_tx();
+        b.add_data(&push).fee_rate(fee_rate);
+        let psbt = b.finish().map_err(|e| werr("building the anchor transaction", e))?;
+        self.sign_and_record(psbt)
+    }
+
+    /// Replace unconfirmed `txid` by a copy paying `fee_rate` (BIP125).
+    pub fn bump_fee(&mut self, txid: Txid, fee_rate: FeeRate) -> Result<Transaction> {
+        let mut b = self.wallet.build_fee_bump(txid).map_err(|e| werr("fee bump", e))?;
+        b.fee_rate(fee_rate);
+        let psbt = b.finish().map_err(|e| werr("building the fee bump", e))?;
+        self.sign_and_record(psbt)
+    }
+
+    fn sign_and_record(&mut self, mut psbt: bdk_wallet::bitcoin::Psbt) -> Result<Transaction> {
+        let done = self.wallet.sign(&mut psbt, SignOptions::default()).map_err(|e| werr("signing", e))?;
+        if !done {
+            return Err(ChainError::Wallet("the wallet could not sign every input".into()));
+        }
+        let tx = psbt.extract_tx().map_err(|e| werr("extracting the signed transaction", e))?;
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), now_secs())]);
+        self.persist()?;
+        Ok(tx)
+    }
+
+    /// Drop a transaction that was built but never made it to the network.
+    pub fn forget(&mut self, tx: &Transaction) -> Result<()> {
+        self.wallet.cancel_tx(tx);
+        self.persist()
+    }
+
+    /// Fee paid by a wallet transaction.
+    pub fn fee(&self, tx: &Transaction) -> Result<Amount> {
+        self.wallet.calculate_fee(tx).map_err(|e| werr("computing the fee", e))
+    }
+
+    /// Where a transaction stands in the wallet's view of the best chain.
+    pub fn status(&self, txid: Txid) -> TxStatus {
+        match self.wallet.get_tx(txid).map(|t| t.chain_position) {
+            None => TxStatus::Unknown,
+            Some(ChainPosition::Confirmed { anchor, .. }) => {
+                TxStatus::Confirmed(BlockId { height: anchor.block_id.height, hash: anchor.block_id.hash })
+            }
+            Some(ChainPosition::Unconfirmed { .. }) => TxStatus::Unconfirmed,
+        }
+    }
+}
