@@ -167,7 +167,7 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS anchors (
     id INTEGER PRIMARY KEY,
     tree_size INTEGER NOT NULL,
@@ -473,8 +473,24 @@ impl Anchorer {
 
     /// The earliest confirmed anchor whose tree contains leaf `index`.
     pub fn covering(&self, index: u64) -> Result<Option<ConfirmedAnchor>> {
-        let row = self
-            .db
+        covering(&self.db, index)
+    }
+
+    /// The pending anchor (if any) whose tree contains leaf `index`.
+    pub fn pending_covering(&self, index: u64) -> Result<Option<(i64, u64, Txid)>> {
+        pending_covering(&self.db, index)
+    }
+
+    /// Height of the last block the engine has seen.
+    pub fn tip_height(&self) -> u32 {
+        self.tip_height
+    }
+}
+
+/// Anchors are also read from other connections (HTTP handlers, the proof builder).
+/// The earliest confirmed anchor whose tree contains leaf `index`.
+pub fn covering(db: &Connection, index: u64) -> Result<Option<ConfirmedAnchor>> {
+        let row = db
             .query_row(
                 "SELECT a.id, a.tree_size, a.root, t.raw, a.block_hash, a.block_height
                  FROM anchors a JOIN anchor_txs t ON t.txid = a.confirmed_txid
@@ -503,10 +519,9 @@ impl Anchorer {
         }))
     }
 
-    /// The pending anchor (if any) whose tree contains leaf `index`.
-    pub fn pending_covering(&self, index: u64) -> Result<Option<(i64, u64, Txid)>> {
-        let row = self
-            .db
+/// The pending anchor (if any) whose tree contains leaf `index`.
+pub fn pending_covering(db: &Connection, index: u64) -> Result<Option<(i64, u64, Txid)>> {
+        let row = db
             .query_row(
                 "SELECT id, tree_size, txid FROM anchors WHERE state='pending' AND tree_size > ?1 ORDER BY tree_size LIMIT 1",
                 [index],
@@ -516,11 +531,6 @@ impl Anchorer {
         row.map(|(id, s, t)| Ok((id, s, parse_txid(&t)?))).transpose()
     }
 
-    /// Height of the last block the engine has seen.
-    pub fn tip_height(&self) -> u32 {
-        self.tip_height
-    }
-}
 
 #[cfg(test)]
 mod tests {

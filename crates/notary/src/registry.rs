@@ -67,6 +67,7 @@ pub fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     c.busy_timeout(Duration::from_secs(30))?;
     c.execute_batch(SCHEMA)?;
     c.execute_batch(crate::log::SCHEMA)?;
+    c.execute_batch(crate::anchor::SCHEMA)?;
     Ok(c)
 }
 
