@@ -369,7 +369,17 @@ fn writer_loop(
                             Submission::Batch(b) => (b.readings[0].seq, b.readings[b.readings.len() - 1].seq),
                         };
                         match prev {
-                            Some(p) if first_seq <= p => Err(IngestError::Replay { last: p, got: first_seq }),
+                            Some(p) if first_seq <= p => {
+                                // A device that did not get its acknowledgement sends again: if these
+                                // exact readings are already in the log, acknowledge them again.
+                                match already_stored(&conn, &job.sub) {
+                                    Some(receipts) => {
+                                        (job.reply)(Ok(receipts));
+                                        continue;
+                                    }
+                                    None => Err(IngestError::Replay { last: p, got: first_seq }),
+                                }
+                            }
                             _ => {
                                 last.insert(job.device, Some(last_seq));
                                 Ok(())
@@ -409,6 +419,23 @@ fn writer_loop(
             }
         }
     }
+}
+
+/// Receipts of a submission whose readings are all already in the log.
+fn already_stored(conn: &Connection, sub: &Submission) -> Option<Vec<Receipt>> {
+    let readings: Vec<&Reading> = match sub {
+        Submission::Reading(r) => vec![&r.reading],
+        Submission::Batch(b) => b.readings.iter().collect(),
+    };
+    let size = MerkleLog::new(conn).size().ok()?;
+    readings
+        .into_iter()
+        .map(|r| {
+            let id = r.id();
+            let idx: i64 = conn.query_row("SELECT idx FROM readings WHERE id = ?1", [&id[..]], |row| row.get(0)).ok()?;
+            Some(Receipt { reading_id: id, leaf_index: idx as u64, tree_size: size })
+        })
+        .collect()
 }
 
 fn write_group(
@@ -608,8 +635,15 @@ mod tests {
         let stranger = SigningKey::schnorr_from_secret(&[8; 32]).unwrap();
         assert_eq!(ing.submit(one(&k, 1)), Err(IngestError::UnknownDevice(k.public_key().device_id())));
         ing.enroll(&k.public_key(), Some("t")).unwrap();
-        ing.submit(one(&k, 1)).unwrap();
-        assert_eq!(ing.submit(one(&k, 1)), Err(IngestError::Replay { last: 1, got: 1 }));
+        let first = SignedReading::sign(&k, reading(&k, 1)).unwrap();
+        let r1 = ing.submit(Submission::Reading(first.clone())).unwrap();
+        // The device missed the acknowledgement and sends the same reading again: same receipt.
+        assert_eq!(ing.submit(Submission::Reading(first)).unwrap()[0].leaf_index, r1[0].leaf_index);
+        // Another reading with a used sequence number is a replay.
+        let mut other = reading(&k, 1);
+        other.value = Value::Scaled { mantissa: -7, exponent: 0 };
+        let other = Submission::Reading(SignedReading::sign(&k, other).unwrap());
+        assert_eq!(ing.submit(other), Err(IngestError::Replay { last: 1, got: 1 }));
         // A forged signature: a stranger's signature over k's reading.
         let mut forged = SignedReading::sign(&k, reading(&k, 2)).unwrap();
         forged.signature = stranger.sign(&forged.reading.id());

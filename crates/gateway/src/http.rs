@@ -1,0 +1,333 @@
+//! The HTTP API: ingest (binary wire format or JSON), readings, proofs and `.ots`
+//! files, the signed checkpoint, consistency proofs, anchors, devices (admin), stats,
+//! and the OpenAPI description at `/openapi.json`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value};
+use bitmote_notary::ingest::{IngestError, Receipt, Submission};
+use bitmote_notary::log::MerkleLog;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::Shared;
+
+/// Largest request body (a full batch of 4096 readings with payloads fits).
+pub const MAX_BODY: usize = 8 << 20;
+
+/// An API error: HTTP status and a JSON body `{ "error": message, "code": reason }`.
+pub struct ApiError(StatusCode, String, &'static str);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1, "code": self.2 }))).into_response()
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        let status = match &e {
+            IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::UnknownDevice(_) | IngestError::Revoked(_) => StatusCode::FORBIDDEN,
+            IngestError::BadSignature(_) | IngestError::ClockSkew { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Replay { .. } => StatusCode::CONFLICT,
+            IngestError::Storage(_) | IngestError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string(), e.code())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into(), "bad_request")
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "internal")
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/readings", post(post_readings))
+        .route("/v1/readings/{id}", get(get_reading))
+        .route("/v1/readings/{id}/proof", get(get_proof))
+        .route("/v1/readings/{id}/proof.ots", get(get_ots))
+        .route("/v1/log", get(get_log))
+        .route("/v1/log/consistency", get(get_consistency))
+        .route("/v1/anchors", get(get_anchors))
+        .route("/v1/devices", get(list_devices).post(enroll))
+        .route("/v1/devices/{id}/revoke", post(revoke))
+        .route("/v1/stats", get(stats))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}
+
+/// A reading in JSON.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReadingJson {
+    pub device: String,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub sensor: u16,
+    pub unit: u16,
+    /// `{"scaled": [mantissa, exponent]}`, `{"float": x}` or `{"bytes": "hex"}`.
+    pub value: ValueJson,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueJson {
+    Scaled(i64, i8),
+    Float(f64),
+    Bytes(String),
+}
+
+impl ReadingJson {
+    pub fn from_reading(r: &Reading) -> Self {
+        ReadingJson {
+            device: r.device.to_string(),
+            seq: r.seq,
+            timestamp_ms: r.timestamp_ms,
+            sensor: r.sensor,
+            unit: r.unit,
+            value: match &r.value {
+                Value::Scaled { mantissa, exponent } => ValueJson::Scaled(*mantissa, *exponent),
+                Value::Float(x) => ValueJson::Float(*x),
+                Value::Bytes(b) => ValueJson::Bytes(hex::encode(b)),
+            },
+        }
+    }
+
+    pub fn to_reading(&self) -> Result<Reading, String> {
+        let device: DeviceId = self.device.parse().map_err(|e| format!("device: {e}"))?;
+        let value = match &self.value {
+            ValueJson::Scaled(m, e) => Value::Scaled { mantissa: *m, exponent: *e },
+            ValueJson::Float(x) => Value::Float(*x),
+            ValueJson::Bytes(h) => Value::Bytes(hex::decode(h).map_err(|e| format!("bytes: {e}"))?),
+        };
+        let r = Reading { device, seq: self.seq, timestamp_ms: self.timestamp_ms, sensor: self.sensor, unit: self.unit, value };
+        r.validate().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+}
+
+/// JSON submission: one reading or a batch, with the signature in hex.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SubmissionJson {
+    Reading { reading: ReadingJson, signature: String },
+    Batch { batch: Vec<ReadingJson>, signature: String },
+}
+
+fn parse_submission(headers: &HeaderMap, body: &[u8]) -> Result<Submission, ApiError> {
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if ct.starts_with("application/json") {
+        let j: SubmissionJson = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON submission: {e}")))?;
+        let sig = |s: &str| Signature::from_hex(s).map_err(|e| bad(format!("signature: {e}")));
+        Ok(match j {
+            SubmissionJson::Reading { reading, signature } => {
+                Submission::Reading(SignedReading { reading: reading.to_reading().map_err(bad)?, signature: sig(&signature)? })
+            }
+            SubmissionJson::Batch { batch, signature } => {
+                if batch.len() > bitmote_device::batch::MAX_BATCH {
+                    return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("{} readings in one batch", batch.len()), "too_large"));
+                }
+                let readings = batch.iter().map(|r| r.to_reading().map_err(bad)).collect::<Result<Vec<_>, _>>()?;
+                Submission::Batch(SignedBatch { readings, signature: sig(&signature)? })
+            }
+        })
+    } else {
+        Ok(Submission::decode(body)?)
+    }
+}
+
+/// Submit and wait (without blocking the runtime) until durable.
+pub async fn submit(shared: &Arc<Shared>, sub: Submission) -> Result<Vec<Receipt>, IngestError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        s.ingest.submit_with(sub, move |r| {
+            let _ = tx.send(r);
+        })
+    })
+    .await
+    .map_err(|_| IngestError::ShuttingDown)?;
+    rx.await.unwrap_or(Err(IngestError::ShuttingDown))
+}
+
+async fn post_readings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let sub = parse_submission(&headers, &body)?;
+    let receipts = submit(&s, sub).await?;
+    Ok(Json(json!({ "receipts": receipts })))
+}
+
+fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
+    hex::decode(id).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("a reading id is 64 hex digits"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+async fn get_reading(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = parse_id(&id)?;
+    blocking(move || {
+        let c = s.db().map_err(internal)?;
+        let r = bitmote_notary::ingest::reading_by_id(&c, &id)?
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))?;
+        Ok(Json(json!({
+            "id": hex::encode(id),
+            "leaf_index": r.leaf_index,
+            "received_ms": r.received_ms,
+            "reading": ReadingJson::from_reading(&r.reading),
+            "value": r.reading.value_string(),
+            "encoded": hex::encode(r.reading.encode()),
+            "batched": matches!(r.evidence, bitmote_device::Evidence::Batch(_)),
+        })))
+    })
+    .await
+}
+
+fn proof_of(s: &Shared, id: [u8; 32]) -> Result<bitmote_notary::proof::ProofBundle, ApiError> {
+    let c = s.db().map_err(internal)?;
+    bitmote_notary::proof::assemble(&c, &s.client, &id, Some(&s.signer)).map_err(|e| match e {
+        bitmote_notary::proof::AssembleError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string(), "not_found"),
+        other => internal(other),
+    })
+}
+
+async fn get_proof(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<bitmote_notary::proof::ProofBundle>, ApiError> {
+    let id = parse_id(&id)?;
+    blocking(move || proof_of(&s, id).map(Json)).await
+}
+
+async fn get_ots(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let idb = parse_id(&id)?;
+    blocking(move || {
+        let bundle = proof_of(&s, idb)?;
+        let ots = bundle.to_ots().map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string(), "pending"))?;
+        let bytes = ots.serialize().map_err(internal)?;
+        Ok((
+            [
+                (header::CONTENT_TYPE, "application/vnd.opentimestamps.v1".to_string()),
+                (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{id}.ots\"")),
+            ],
+            bytes,
+        )
+            .into_response())
+    })
+    .await
+}
+
+async fn get_log(State(s): State<Arc<Shared>>) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let c = s.db().map_err(internal)?;
+        let log = MerkleLog::new(&c);
+        let size = log.size().map_err(internal)?;
+        let root = log.root_at(size).map_err(internal)?;
+        Ok(Json(json!({
+            "tree_size": size,
+            "root": hex::encode(root),
+            "checkpoint": s.signer.sign(size, root),
+            "verifier_key": s.signer.verifier_key(),
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct Consistency {
+    old: u64,
+    new: Option<u64>,
+}
+
+async fn get_consistency(State(s): State<Arc<Shared>>, Query(q): Query<Consistency>) -> Result<Json<serde_json::Value>, ApiError> {
+    blocking(move || {
+        let c = s.db().map_err(internal)?;
+        let log = MerkleLog::new(&c);
+        let new = match q.new {
+            Some(n) => n,
+            None => log.size().map_err(internal)?,
+        };
+        let proof = log.consistency_proof(q.old, new).map_err(|e| bad(e.to_string()))?;
+        Ok(Json(json!({
+            "old": q.old, "new": new,
+            "old_root": hex::encode(log.root_at(q.old).map_err(internal)?),
+            "new_root": hex::encode(log.root_at(new).map_err(internal)?),
+            "proof": proof.iter().map(hex::encode).collect::<Vec<_>>(),
+        })))
+    })
+    .await
+}
+
+async fn get_anchors(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let anchors = s.anchors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let status = s.anchor_status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let tip = *s.tip_height.lock().unwrap_or_else(|p| p.into_inner());
+    Json(json!({ "status": status, "tip_height": tip, "anchors": anchors }))
+}
+
+fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compare in constant time.
+    let ok = given.is_some_and(|g| g.len() == s.admin_token.len() && g.bytes().zip(s.admin_token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <data-dir>/admin.token)".into(), "unauthorized"))
+    }
+}
+
+async fn list_devices(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({ "devices": s.ingest.devices() }))
+}
+
+#[derive(Deserialize)]
+struct Enroll {
+    public_key: String,
+    name: Option<String>,
+}
+
+async fn enroll(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(e): Json<Enroll>) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&s, &headers)?;
+    let key: PublicKey = e.public_key.parse().map_err(|err| bad(format!("public_key: {err}")))?;
+    let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
+    Ok(Json(json!({ "device": d })))
+}
+
+#[derive(Deserialize)]
+struct Revoke {
+    reason: String,
+}
+
+async fn revoke(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(r): Json<Revoke>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&s, &headers)?;
+    let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
+    let d = s.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))?;
+    Ok(Json(json!({ "device": d })))
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(json!({ "ingest": s.ingest.stats() }))
+}

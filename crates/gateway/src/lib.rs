@@ -1,0 +1,285 @@
+//! bitmote-gateway: the long-running service that devices talk to.
+//!
+//! It composes the capability crates: HTTP ([`http`]) and MQTT ([`mqtt`]) ingest into
+//! the notary's group-commit pipeline, the anchoring loop that commits the log to
+//! Bitcoin, and the read side (readings, proofs, `.ots`, checkpoints, consistency
+//! proofs, anchors) with an OpenAPI description. Everything binds to 127.0.0.1
+//! unless configured otherwise; admin calls need the token in `<data>/admin.token`.
+
+pub mod http;
+pub mod mqtt;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bitmote_chain::bitcoin::Network;
+use bitmote_chain::regtest::op_true_address;
+use bitmote_chain::ChainClient;
+use bitmote_notary::anchor::{AnchorConfig, AnchorError, AnchorInfo, Anchorer, LogHead};
+use bitmote_notary::checkpoint::CheckpointSigner;
+use bitmote_notary::ingest::{IngestConfig, Ingestor};
+use bitmote_notary::log::MerkleLog;
+use bitmote_notary::registry::open_db;
+
+/// Errors starting or running the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Ingest(#[from] bitmote_notary::ingest::IngestError),
+    #[error(transparent)]
+    Checkpoint(#[from] bitmote_notary::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Chain(#[from] bitmote_chain::ChainError),
+    #[error("MQTT broker: {0}")]
+    Mqtt(String),
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// How the gateway runs.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub data_dir: PathBuf,
+    /// HTTP API (and later the dashboard).
+    pub http_listen: SocketAddr,
+    /// Embedded MQTT broker; `None` = no MQTT.
+    pub mqtt_listen: Option<SocketAddr>,
+    pub anchor: AnchorConfig,
+    /// How often the anchoring loop looks at the chain and the log.
+    pub anchor_poll: Duration,
+    /// On regtest, mine coins to the gateway wallet when it cannot pay for an anchor.
+    pub regtest_autofund: bool,
+    /// Origin line of signed checkpoints.
+    pub log_origin: String,
+}
+
+impl GatewayConfig {
+    /// Defaults for a data directory: HTTP on 127.0.0.1:8650, MQTT on 127.0.0.1:1883.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        GatewayConfig {
+            data_dir: data_dir.into(),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8650)),
+            mqtt_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            anchor: AnchorConfig::default(),
+            anchor_poll: Duration::from_secs(1),
+            regtest_autofund: true,
+            log_origin: "bitmote.local/log".into(),
+        }
+    }
+}
+
+/// State shared by the HTTP handlers, the MQTT bridge and the anchoring loop.
+pub struct Shared {
+    pub ingest: Ingestor,
+    pub db_path: PathBuf,
+    pub client: ChainClient,
+    pub signer: CheckpointSigner,
+    pub admin_token: String,
+    pub anchors: Mutex<Vec<AnchorInfo>>,
+    pub anchor_status: Mutex<String>,
+    pub tip_height: Mutex<u32>,
+    pub network: Network,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// A fresh read connection to the notary database.
+    pub fn db(&self) -> rusqlite::Result<rusqlite::Connection> {
+        open_db(&self.db_path)
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    threads: Vec<JoinHandle<()>>,
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: Option<SocketAddr>,
+}
+
+fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => {
+            let mut b = [0u8; 24];
+            getrandom::getrandom(&mut b).map_err(|e| GatewayError::Io { context: "random token".into(), source: e.into() })?;
+            let t = hex::encode(b);
+            bitmote_chain::wallet::write_secret(path, t.as_bytes())?;
+            Ok(t)
+        }
+    }
+}
+
+impl Gateway {
+    /// Start everything. `client` must be connected to the configured node.
+    pub fn start(cfg: GatewayConfig, client: ChainClient) -> Result<Gateway, GatewayError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| GatewayError::Io { context: format!("creating {}", cfg.data_dir.display()), source: e })?;
+        let db_path = cfg.data_dir.join("notary.sqlite");
+        let ingest = Ingestor::start(&db_path, IngestConfig::default())?;
+        let signer = CheckpointSigner::load_or_create(&cfg.data_dir.join("checkpoint.key"), &cfg.log_origin)?;
+        let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
+        let network = client.network();
+        let shared = Arc::new(Shared {
+            ingest,
+            db_path: db_path.clone(),
+            client: client.fresh()?,
+            signer,
+            admin_token,
+            anchors: Mutex::new(vec![]),
+            anchor_status: Mutex::new("starting".into()),
+            tip_height: Mutex::new(0),
+            network,
+            stop: AtomicBool::new(false),
+        });
+        let mut threads = vec![];
+
+        // Anchoring loop.
+        {
+            let shared = shared.clone();
+            let cfg = cfg.clone();
+            let client = client.fresh()?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("anchor".into())
+                    .spawn(move || anchor_loop(shared, cfg, client))
+                    .map_err(|e| GatewayError::Io { context: "spawning the anchor thread".into(), source: e })?,
+            );
+        }
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("gateway")
+            .build()
+            .map_err(|e| GatewayError::Io { context: "starting the async runtime".into(), source: e })?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(cfg.http_listen))
+            .map_err(|e| GatewayError::Io { context: format!("binding HTTP on {}", cfg.http_listen), source: e })?;
+        let http_addr = listener.local_addr().map_err(|e| GatewayError::Io { context: "HTTP address".into(), source: e })?;
+        {
+            let app = http::router(shared.clone());
+            let shared = shared.clone();
+            runtime.spawn(async move {
+                let stop = async move {
+                    while !shared.stop.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                    tracing::error!("HTTP server stopped: {e}");
+                }
+            });
+        }
+
+        let mqtt_addr = match cfg.mqtt_listen {
+            Some(addr) => {
+                let (addr, handles) = mqtt::start(shared.clone(), addr)?;
+                threads.extend(handles);
+                Some(addr)
+            }
+            None => None,
+        };
+        tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
+        Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stop accepting, flush the ingest queue, stop the loops.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+        self.shared.ingest.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn log_head(shared: &Shared) -> Option<LogHead> {
+    let c = shared.db().ok()?;
+    let log = MerkleLog::new(&c);
+    let size = log.size().ok()?;
+    Some(LogHead { size, root: log.root_at(size).ok()? })
+}
+
+fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient) {
+    let mut anchorer: Option<Anchorer> = None;
+    while !shared.stop.load(Ordering::SeqCst) {
+        if anchorer.is_none() {
+            match Anchorer::open(&shared.db_path, &cfg.data_dir.join("wallet"), client.fresh().expect("config is valid"), cfg.anchor.clone()) {
+                Ok(a) => anchorer = Some(a),
+                Err(e) => {
+                    *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = format!("cannot open: {e}");
+                    tracing::warn!("anchoring unavailable: {e}");
+                    sleep_unless_stopped(&shared, Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        let a = anchorer.as_mut().expect("just opened");
+        match a.poll(log_head(&shared)) {
+            Ok(events) => {
+                for e in events {
+                    tracing::info!("anchor: {e:?}");
+                }
+                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = "ok".into();
+            }
+            Err(AnchorError::Unfunded { balance, address }) => {
+                let msg = format!("wallet unfunded ({balance} sat); fund {address}");
+                if shared.network == Network::Regtest && cfg.regtest_autofund {
+                    tracing::info!("regtest: mining coins to the gateway wallet for anchoring");
+                    if let Ok(addr) = a.wallet().new_address() {
+                        let _ = client.mine(1, &addr).and_then(|_| client.mine(100, &op_true_address()));
+                    }
+                } else {
+                    tracing::warn!("{msg}");
+                }
+                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = msg;
+            }
+            Err(e) => {
+                tracing::warn!("anchoring: {e}");
+                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+                if matches!(e, AnchorError::Chain(ref c) if c.is_transient()) {
+                    anchorer = None; // reconnect and resync after the node comes back
+                }
+            }
+        }
+        if let Some(a) = &anchorer {
+            if let Ok(list) = a.list() {
+                *shared.anchors.lock().unwrap_or_else(|p| p.into_inner()) = list;
+            }
+            *shared.tip_height.lock().unwrap_or_else(|p| p.into_inner()) = a.tip_height();
+        }
+        sleep_unless_stopped(&shared, cfg.anchor_poll);
+    }
+}
+
+fn sleep_unless_stopped(shared: &Shared, d: Duration) {
+    let end = std::time::Instant::now() + d;
+    while std::time::Instant::now() < end && !shared.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

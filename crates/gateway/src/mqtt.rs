@@ -1,0 +1,155 @@
+//! MQTT ingest through an embedded broker (rumqttd).
+//!
+//! Topics, per device (`<id>` is the 64-hex-digit device id):
+//! * `bitmote/<id>/readings` — the device publishes (QoS 1) a signed reading or batch
+//!   in the binary wire format (`'R' …` / `'B' …`, see `bitmote_device::batch`);
+//! * `bitmote/<id>/receipts` — the gateway answers once the readings are durable:
+//!   `{"receipts":[{"reading_id","leaf_index","tree_size"}]}`;
+//! * `bitmote/<id>/errors` — or says why it refused them: `{"error","code"}`.
+//!
+//! The broker's own PUBACK only means the broker has the message; a device treats a
+//! reading as stored when its receipt arrives, and resends otherwise (resending an
+//! already stored reading returns the same receipt, so this is safe).
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bitmote_notary::ingest::Submission;
+use rumqttd::{Broker, Notification};
+use serde_json::json;
+
+use crate::{GatewayError, Shared};
+
+/// Topic a device publishes readings on.
+pub fn readings_topic(device: &str) -> String {
+    format!("bitmote/{device}/readings")
+}
+/// Topic the gateway publishes receipts on.
+pub fn receipts_topic(device: &str) -> String {
+    format!("bitmote/{device}/receipts")
+}
+/// Topic the gateway publishes refusals on.
+pub fn errors_topic(device: &str) -> String {
+    format!("bitmote/{device}/errors")
+}
+
+fn broker_config(addr: SocketAddr) -> Result<rumqttd::Config, GatewayError> {
+    let text = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "{addr}"
+next_connection_delay_ms = 1
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 1048576
+max_inflight_count = 100
+dynamic_filters = true
+"#
+    );
+    toml::from_str(&text).map_err(|e| GatewayError::Mqtt(format!("broker configuration: {e}")))
+}
+
+/// Start the embedded broker on `addr` (port 0 = a free port) and the bridge to ingest.
+pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<JoinHandle<()>>), GatewayError> {
+    let addr = if addr.port() == 0 {
+        let l = TcpListener::bind(addr).map_err(|e| GatewayError::Io { context: "finding a port for MQTT".into(), source: e })?;
+        l.local_addr().map_err(|e| GatewayError::Io { context: "MQTT address".into(), source: e })?
+    } else {
+        // Fail early and clearly if the port is taken (rumqttd would only log it).
+        drop(TcpListener::bind(addr).map_err(|e| GatewayError::Io { context: format!("binding MQTT on {addr}"), source: e })?);
+        addr
+    };
+    let mut broker = Broker::new(broker_config(addr)?);
+    let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    link_tx.subscribe("bitmote/+/readings").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    // The broker runs until the process exits (rumqttd has no stop); it holds no state of ours.
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!("MQTT broker stopped: {e}");
+            }
+        })
+        .map_err(|e| GatewayError::Io { context: "spawning the MQTT broker".into(), source: e })?;
+
+    // Replies go through one publisher thread that owns the link's sender.
+    let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
+    let publisher = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("mqtt-publish".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    match out_rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok((topic, payload)) => {
+                            if let Err(e) = link_tx.publish(topic, payload) {
+                                tracing::warn!("MQTT publish failed: {e}");
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })
+            .map_err(|e| GatewayError::Io { context: "spawning the MQTT publisher".into(), source: e })?
+    };
+    let bridge = std::thread::Builder::new()
+        .name("mqtt-ingest".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::SeqCst) {
+                match link_rx.recv_deadline(Instant::now() + Duration::from_millis(200)) {
+                    Ok(Some(Notification::Forward(f))) => {
+                        let topic = String::from_utf8_lossy(&f.publish.topic).to_string();
+                        handle(&shared, &out_tx, &topic, &f.publish.payload);
+                    }
+                    Ok(_) => {}
+                    Err(rumqttd::local::LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {}
+                    Err(e) => {
+                        tracing::error!("MQTT link closed: {e}");
+                        break;
+                    }
+                }
+            }
+        })
+        .map_err(|e| GatewayError::Io { context: "spawning the MQTT bridge".into(), source: e })?;
+    Ok((addr, vec![publisher, bridge]))
+}
+
+fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {
+    let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/readings")) else { return };
+    let device = device.to_string();
+    let refuse = |msg: String, code: &str| {
+        let _ = out.send((errors_topic(&device), json!({ "error": msg, "code": code }).to_string().into_bytes()));
+    };
+    let sub = match Submission::decode(payload) {
+        Ok(s) => s,
+        Err(e) => return refuse(e.to_string(), e.code()),
+    };
+    let named = match &sub {
+        Submission::Reading(r) => r.reading.device.to_string(),
+        Submission::Batch(b) => b.readings.first().map(|r| r.device.to_string()).unwrap_or_default(),
+    };
+    if named != device {
+        return refuse(format!("readings of device {named} published on the topic of {device}"), "wrong_topic");
+    }
+    let out = out.clone();
+    shared.ingest.submit_with(sub, move |res| {
+        let msg = match res {
+            Ok(receipts) => (receipts_topic(&device), json!({ "receipts": receipts })),
+            Err(e) => (errors_topic(&device), json!({ "error": e.to_string(), "code": e.code() })),
+        };
+        let _ = out.send((msg.0, msg.1.to_string().into_bytes()));
+    });
+}

@@ -1,0 +1,183 @@
+//! The gateway end to end: real regtest bitcoind, real HTTP, the real embedded MQTT
+//! broker with a real MQTT client, anchoring, proofs that verify against the chain.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
+use bitmote_device::reading::{sensor, unit};
+use bitmote_device::{Reading, SignedBatch, SignedReading, SigningKey, Value};
+use bitmote_gateway::{Gateway, GatewayConfig};
+use bitmote_notary::anchor::AnchorConfig;
+use bitmote_notary::ots::DetachedTimestampFile;
+use bitmote_notary::proof::ProofBundle;
+use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
+use serde_json::{json, Value as Json};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn reading(k: &SigningKey, seq: u64) -> Reading {
+    Reading {
+        device: k.public_key().device_id(),
+        seq,
+        timestamp_ms: now_ms(),
+        sensor: sensor::HUMIDITY,
+        unit: unit::PERCENT,
+        value: Value::Scaled { mantissa: 400 + seq as i64, exponent: -1 },
+    }
+}
+
+fn post(url: &str, token: Option<&str>, body: Json) -> (u16, Json) {
+    let mut req = ureq::post(url);
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    match req.send_json(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn post_bytes(url: &str, body: &[u8]) -> (u16, Json) {
+    match ureq::post(url).set("Content-Type", "application/octet-stream").send_bytes(body) {
+        Ok(r) => (r.status(), r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn get(url: &str) -> ureq::Response {
+    ureq::get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+#[test]
+fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = GatewayConfig::new(dir.path());
+    cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.mqtt_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    cfg.anchor_poll = Duration::from_millis(100);
+    let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
+    let base = format!("http://{}", gw.http_addr);
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+
+    // Enrolment is an admin call.
+    let a = SigningKey::schnorr_from_secret(&[21; 32]).unwrap();
+    let b = SigningKey::p256_from_secret(&[22; 32]).unwrap();
+    let enroll = |k: &SigningKey, name: &str, tok: Option<&str>| {
+        post(&format!("{base}/v1/devices"), tok, json!({ "public_key": k.public_key().to_string(), "name": name }))
+    };
+    assert_eq!(enroll(&a, "a", None).0, 401);
+    assert_eq!(enroll(&a, "a", Some("wrong")).0, 401);
+    assert_eq!(enroll(&a, "a", Some(&token)).0, 200);
+    assert_eq!(enroll(&b, "b", Some(&token)).0, 200);
+
+    // HTTP, binary wire format and JSON.
+    let url = format!("{base}/v1/readings");
+    let r1 = SignedReading::sign(&a, reading(&a, 1)).unwrap();
+    let (code, body) = post_bytes(&url, &r1.encode());
+    assert_eq!(code, 200, "{body}");
+    let id1 = body["receipts"][0]["reading_id"].as_str().unwrap().to_string();
+    let r2 = SignedReading::sign(&b, reading(&b, 1)).unwrap();
+    let j = json!({ "reading": bitmote_gateway::http::ReadingJson::from_reading(&r2.reading), "signature": r2.signature.to_hex() });
+    let (code, body) = post(&url, None, j);
+    assert_eq!(code, 200, "{body}");
+    // Refusals with clear statuses, nothing lost.
+    assert_eq!(post_bytes(&url, &r1.encode()).0, 200, "resending a stored reading is idempotent");
+    let mut replay = reading(&a, 1);
+    replay.value = Value::Float(1.5);
+    assert_eq!(post_bytes(&url, &SignedReading::sign(&a, replay).unwrap().encode()).0, 409);
+    let mut forged = SignedReading::sign(&a, reading(&a, 2)).unwrap();
+    forged.signature = b.sign(&forged.reading.id());
+    let (code, body) = post_bytes(&url, &forged.encode());
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["code"], "bad_signature");
+    let stranger = SigningKey::schnorr_from_secret(&[23; 32]).unwrap();
+    assert_eq!(post_bytes(&url, &SignedReading::sign(&stranger, reading(&stranger, 1)).unwrap().encode()).0, 403);
+    let (code, body) = post_bytes(&url, b"not a reading");
+    assert_eq!(code, 400, "{body}");
+
+    // MQTT: a batch from device a, receipts on its topic; a publish on another device's topic is refused.
+    let mqtt = gw.mqtt_addr.unwrap();
+    let mut opts = rumqttc::MqttOptions::new("device-a", mqtt.ip().to_string(), mqtt.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(false);
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), serde_json::from_slice::<Json>(&p.payload).unwrap()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let ida = a.public_key().device_id().to_string();
+    let idb = b.public_key().device_id().to_string();
+    client.subscribe(format!("bitmote/{ida}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
+    client.subscribe(format!("bitmote/{ida}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
+    client.subscribe(format!("bitmote/{idb}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let batch = SignedBatch::sign(&a, (2..=9).map(|s| reading(&a, s)).collect()).unwrap();
+    client.publish(format!("bitmote/{ida}/readings"), rumqttc::QoS::AtLeastOnce, false, batch.encode()).unwrap();
+    let (topic, msg) = rx.recv_timeout(Duration::from_secs(10)).expect("a receipt over MQTT");
+    assert_eq!(topic, format!("bitmote/{ida}/receipts"), "{msg}");
+    assert_eq!(msg["receipts"].as_array().unwrap().len(), 8);
+    let batched_id = msg["receipts"][3]["reading_id"].as_str().unwrap().to_string();
+    let wrong = SignedReading::sign(&a, reading(&a, 10)).unwrap();
+    client.publish(format!("bitmote/{idb}/readings"), rumqttc::QoS::AtLeastOnce, false, wrong.encode()).unwrap();
+    let (topic, msg) = rx.recv_timeout(Duration::from_secs(10)).expect("a refusal over MQTT");
+    assert_eq!(topic, format!("bitmote/{idb}/errors"));
+    assert_eq!(msg["code"], "wrong_topic");
+
+    // Anchoring happens on its own (the regtest wallet funds itself); mine to confirm.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v: Json = get(&format!("{base}/v1/anchors")).into_json().unwrap();
+        let anchors = v["anchors"].as_array().unwrap().clone();
+        if anchors.iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() == Some(10)) {
+            break;
+        }
+        if anchors.iter().any(|a| a["state"] == "pending") {
+            node.mine(1).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no confirmed anchor of the 10 readings: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Proofs from the API verify against the chain, as JSON bundle and as .ots.
+    for id in [&id1, &batched_id] {
+        let bundle: ProofBundle = get(&format!("{base}/v1/readings/{id}/proof")).into_json().unwrap();
+        let v = verify_bundle(&bundle, node.client(), &Policy::default()).unwrap();
+        assert!(v.leaf_index < v.tree_size && v.tree_size <= 10, "{v:?}");
+        let mut ots = vec![];
+        std::io::Read::read_to_end(&mut get(&format!("{base}/v1/readings/{id}/proof.ots")).into_reader(), &mut ots).unwrap();
+        let r: Json = get(&format!("{base}/v1/readings/{id}")).into_json().unwrap();
+        let file = hex::decode(r["encoded"].as_str().unwrap()).unwrap();
+        verify_ots(&file, &DetachedTimestampFile::deserialize(&ots).unwrap(), node.client()).unwrap();
+    }
+    let log: Json = get(&format!("{base}/v1/log")).into_json().unwrap();
+    assert_eq!(log["tree_size"], 10);
+    bitmote_notary::checkpoint::verify_note(log["checkpoint"].as_str().unwrap(), log["verifier_key"].as_str().unwrap()).unwrap();
+    let c: Json = get(&format!("{base}/v1/log/consistency?old=3&new=10")).into_json().unwrap();
+    let h = |v: &Json| -> [u8; 32] { hex::decode(v.as_str().unwrap()).unwrap().try_into().unwrap() };
+    let proof: Vec<[u8; 32]> = c["proof"].as_array().unwrap().iter().map(h).collect();
+    bitmote_device::merkle::verify_consistency(3, 10, &h(&c["old_root"]), &h(&c["new_root"]), &proof).unwrap();
+    assert_eq!(h(&c["new_root"]), h(&log["root"]));
+    let spec: Json = get(&format!("{base}/openapi.json")).into_json().unwrap();
+    assert!(spec["paths"]["/v1/readings/{id}/proof.ots"].is_object());
+    let missing = ureq::get(&format!("{base}/v1/readings/{}", "00".repeat(32))).call();
+    assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
+    gw.shutdown();
+}
