@@ -15,6 +15,36 @@ use serde::Deserialize;
 pub struct Config {
     #[serde(default)]
     pub chain: ChainSection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub notary: NotarySection,
+}
+
+/// `[gateway]`: where the gateway listens.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// HTTP API, default `127.0.0.1:8650`.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Embedded MQTT broker, default `127.0.0.1:1883`; `"off"` disables MQTT.
+    pub mqtt_listen: Option<String>,
+    /// The gateway's URL for CLI commands (default `http://<http_listen>`).
+    pub url: Option<String>,
+}
+
+/// `[notary]`: anchoring policy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotarySection {
+    /// Least seconds between anchors (default 600; 10 on regtest).
+    pub anchor_interval_secs: Option<u64>,
+    /// Replace an unconfirmed anchor with a higher fee after this many blocks (default 3).
+    pub bump_after_blocks: Option<u32>,
+    /// Fee-rate ceiling in sat/vB (default 200).
+    pub max_fee_rate_sat_vb: Option<u64>,
+    /// Origin line of signed checkpoints (default `bitmote.local/log`).
+    pub log_origin: Option<String>,
 }
 
 /// `[chain]`: which Bitcoin node to use.
@@ -76,10 +106,42 @@ impl Config {
         if let Some(v) = get("BITMOTE_CHAIN_RPC_PASSWORD") {
             c.rpc_password = Some(v);
         }
+        if let Some(v) = get("BITMOTE_GATEWAY_HTTP_LISTEN") {
+            self.gateway.http_listen = Some(v.parse().context("BITMOTE_GATEWAY_HTTP_LISTEN must be host:port")?);
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_LISTEN") {
+            self.gateway.mqtt_listen = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_URL") {
+            self.gateway.url = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS") {
+            self.notary.anchor_interval_secs = Some(v.parse().context("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS must be a number")?);
+        }
+        let c = &mut self.chain;
         if let Some(v) = get("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS") {
             c.block_interval_secs = Some(v.parse().context("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS must be a number of seconds")?);
         }
         Ok(())
+    }
+
+    /// The gateway's HTTP address.
+    pub fn http_listen(&self) -> std::net::SocketAddr {
+        self.gateway.http_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8650)))
+    }
+
+    /// The embedded MQTT broker's address, `None` when disabled.
+    pub fn mqtt_listen(&self) -> Result<Option<std::net::SocketAddr>> {
+        match self.gateway.mqtt_listen.as_deref() {
+            None => Ok(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1883)))),
+            Some("off") => Ok(None),
+            Some(a) => Ok(Some(a.parse().with_context(|| format!("[gateway] mqtt_listen {a:?} must be host:port or \"off\""))?)),
+        }
+    }
+
+    /// URL of the gateway for CLI commands.
+    pub fn gateway_url(&self) -> String {
+        self.gateway.url.clone().unwrap_or_else(|| format!("http://{}", self.http_listen()))
     }
 
     pub fn network(&self) -> Result<Network> {

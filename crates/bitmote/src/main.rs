@@ -4,6 +4,7 @@
 
 mod bench;
 mod config;
+mod device;
 mod node;
 
 use std::path::PathBuf;
@@ -56,6 +57,40 @@ pub enum Command {
     /// Follow the chain.
     #[command(subcommand)]
     Chain(node::ChainCommand),
+    /// Device keys, enrolment, and a simulated sensor.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
+    /// Fetch the proof of a reading from the gateway (JSON bundle, optionally .ots).
+    Proof {
+        /// Reading id (64 hex digits, as in the receipt).
+        reading_id: String,
+        /// Write the bundle here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Also write the OpenTimestamps proof here.
+        #[arg(long, value_name = "FILE")]
+        ots: Option<PathBuf>,
+        /// Also write the reading file (its canonical encoding) here.
+        #[arg(long, value_name = "FILE")]
+        reading: Option<PathBuf>,
+    },
+    /// Verify a proof bundle or .ots file against block headers (a node, or a headers file).
+    Verify {
+        /// The proof: a bundle (JSON) or an .ots file.
+        proof: PathBuf,
+        /// The reading file the proof is about (required for .ots).
+        #[arg(long, value_name = "FILE")]
+        reading: Option<PathBuf>,
+        /// Headers file (`<height> <header hex>` per line) for offline verification.
+        #[arg(long, value_name = "FILE")]
+        headers: Option<PathBuf>,
+        /// The gateway's checkpoint verifier key, to check the signed checkpoint.
+        #[arg(long, value_name = "VKEY")]
+        checkpoint_key: Option<String>,
+        /// Device ids to treat as revoked.
+        #[arg(long, value_name = "DEVICE_ID")]
+        revoked: Vec<String>,
+    },
     /// Measure performance (a report, not a pass/fail test).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,5 +123,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(c) => node::node(&g, c),
         Command::Chain(c) => node::chain(&g, c),
         Command::Bench(c) => bench::run(&g, c),
+        Command::Device(c) => device::device(&g, c),
+        Command::Proof { reading_id, out, ots, reading } => device::proof(&g, &reading_id, out, ots, reading),
+        Command::Verify { proof, reading, headers, checkpoint_key, revoked } => {
+            device::verify(&g, &proof, reading, headers, checkpoint_key, revoked)
+        }
     }
 }

@@ -167,6 +167,14 @@ fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
     }
 }
 
+/// A client for the configured node, which must be running.
+pub fn connect(g: &Global, cfg: &Config) -> Result<ChainClient> {
+    match open_node(g, cfg, false)? {
+        Some(n) => Ok(n.client),
+        None => bail!("bitcoind is not running (start it with `bitmote node start` or `bitmote up`)"),
+    }
+}
+
 pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let data_dir = g.data_dir();
     let _lock = lock_data_dir(&data_dir)?;
@@ -188,6 +196,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let mut stream =
         BlockStream::resume(client.fresh()?, cursor_store.load()?, Start::Tip, StreamConfig::default())?;
 
+    let gateway = start_gateway(&cfg, &data_dir, client)?;
     let rpc = client.config();
     println!("bitmote is up");
     println!("  data dir : {}", data_dir.display());
@@ -201,6 +210,12 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         (true, s) => println!("  mining   : a block every {s} s"),
         _ => {}
     }
+    println!("  http api : http://{}  (OpenAPI: /openapi.json)", gateway.http_addr);
+    match gateway.mqtt_addr {
+        Some(a) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
+        None => println!("  mqtt     : off"),
+    }
+    println!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
     println!("ready; press Ctrl-C to stop");
     std::io::stdout().flush()?;
 
@@ -226,11 +241,35 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         }
     }
     println!("stopping");
+    gateway.shutdown();
     if let Some(n) = node.owned {
         n.stop()?;
     }
     println!("stopped");
     Ok(())
+}
+
+/// Start the gateway (HTTP, MQTT, notary, anchoring) under `<data-dir>/gateway`.
+fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<bitmote_gateway::Gateway> {
+    let mut g = bitmote_gateway::GatewayConfig::new(data_dir.join("gateway"));
+    g.http_listen = cfg.http_listen();
+    g.mqtt_listen = cfg.mqtt_listen()?;
+    let regtest = client.network() == Network::Regtest;
+    let n = &cfg.notary;
+    g.anchor.interval = Duration::from_secs(n.anchor_interval_secs.unwrap_or(if regtest { 10 } else { 600 }));
+    if let Some(b) = n.bump_after_blocks {
+        g.anchor.bump_after_blocks = b;
+    }
+    if let Some(r) = n.max_fee_rate_sat_vb {
+        g.anchor.max_fee_rate = bitmote_chain::bitcoin::FeeRate::from_sat_per_vb(r).context("max_fee_rate_sat_vb is too large")?;
+    }
+    if regtest {
+        g.anchor.final_confirmations = 3;
+    }
+    if let Some(o) = &n.log_origin {
+        g.log_origin = o.clone();
+    }
+    Ok(bitmote_gateway::Gateway::start(g, client.fresh()?)?)
 }
 
 fn log_event(ev: &BlockEvent) {

@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 
 fn bitmote(data_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bitmote"));
-    c.env("BITMOTE_DATA_DIR", data_dir).env_remove("BITMOTE_CONFIG").env("RUST_LOG", "warn");
+    c.env("BITMOTE_DATA_DIR", data_dir)
+        .env_remove("BITMOTE_CONFIG")
+        .env("RUST_LOG", "warn")
+        .env("BITMOTE_GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
+        .env("BITMOTE_GATEWAY_MQTT_LISTEN", "127.0.0.1:0");
     c
 }
 

@@ -134,13 +134,23 @@ fn core_dir(cache: &Path) -> PathBuf {
 }
 
 /// Run `exe -version` and return its first line.
+///
+/// Runs in a private empty data directory: this bitcoind writes `settings.json` into its
+/// data directory even for `-version`, and concurrent probes on `~/.bitcoin` race.
 pub fn probe_version(exe: &Path) -> Result<String> {
+    let scratch = tempfile::tempdir().map_err(|e| ChainError::io("creating a scratch dir", e))?;
     let out = Command::new(exe)
+        .arg(format!("-datadir={}", scratch.path().display()))
         .arg("-version")
         .output()
         .map_err(|e| ChainError::Provision(format!("cannot run {}: {e}", exe.display())))?;
     if !out.status.success() {
-        return Err(ChainError::Provision(format!("{} -version failed: {}", exe.display(), out.status)));
+        return Err(ChainError::Provision(format!(
+            "{} -version failed ({}): {}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string())
 }

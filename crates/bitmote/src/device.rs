@@ -1,0 +1,355 @@
+//! `bitmote device …`, `bitmote proof` and `bitmote verify`: device keys and enrolment,
+//! a simulated sensor that speaks the real protocols, and proofs fetched from the
+//! gateway and checked against the chain without it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bitmote_device::reading::{sensor, unit};
+use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, SigningKey, Value};
+use bitmote_notary::ots::DetachedTimestampFile;
+use bitmote_notary::proof::ProofBundle;
+use bitmote_notary::verify::{verify_bundle, verify_ots, HeaderSource, HeadersFile, Policy};
+use clap::{Subcommand, ValueEnum};
+use serde_json::{json, Value as Json};
+
+use crate::config::Config;
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Create a device key file (0600) and print its public key and device id.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// A P-256 key (as in ATECC608 secure elements and TPMs) instead of BIP340.
+        #[arg(long)]
+        p256: bool,
+    },
+    /// Enroll a device with the gateway (admin).
+    Enroll {
+        /// The device's public key (hex), or use --key.
+        public_key: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a device (admin).
+    Revoke {
+        device_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// List enrolled devices.
+    List,
+    /// Run a simulated sensor: sign readings and send them, waiting for each receipt.
+    Sensor {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long, value_enum, default_value_t = Transport::Mqtt)]
+        transport: Transport,
+        /// MQTT broker address.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: String,
+        /// Milliseconds between sends.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Readings per signed batch (1 = one signature per reading).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Stop after this many readings (default: run until killed).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+pub enum Transport {
+    Mqtt,
+    Http,
+}
+
+/// Key file: `schnorr:<hex secret>` or `p256:<hex secret>`.
+pub fn read_key(path: &Path) -> Result<SigningKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
+    let (kind, hex) = text.trim().split_once(':').context("key file must be `schnorr:<hex>` or `p256:<hex>`")?;
+    let secret: [u8; 32] = hex::decode(hex).ok().and_then(|v| v.try_into().ok()).context("key secret must be 32 bytes of hex")?;
+    Ok(match kind {
+        "schnorr" => SigningKey::schnorr_from_secret(&secret),
+        "p256" => SigningKey::p256_from_secret(&secret),
+        other => bail!("unknown key type {other:?}"),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
+    let kind = match k {
+        SigningKey::Schnorr(_) => "schnorr",
+        SigningKey::P256(_) => "p256",
+    };
+    bitmote_chain::wallet::write_secret(path, format!("{kind}:{}\n", hex::encode(k.secret_bytes())).as_bytes())?;
+    Ok(())
+}
+
+fn admin_token(g: &Global) -> Result<String> {
+    let p = g.data_dir().join("gateway").join("admin.token");
+    Ok(std::fs::read_to_string(&p)
+        .with_context(|| format!("reading the admin token {} (is this the gateway's data dir?)", p.display()))?
+        .trim()
+        .to_string())
+}
+
+fn api_err(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, r) => {
+            let body: Json = r.into_json().unwrap_or(Json::Null);
+            anyhow::anyhow!("gateway answered {code}: {}", body["error"].as_str().unwrap_or("(no message)"))
+        }
+        other => anyhow::anyhow!("cannot reach the gateway: {other}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
+    let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
+    let url = cfg.gateway_url();
+    match cmd {
+        DeviceCommand::Keygen { out, p256 } => {
+            if out.exists() {
+                bail!("{} exists; not overwriting a key", out.display());
+            }
+            let k = loop {
+                let mut s = [0u8; 32];
+                getrandom::getrandom(&mut s)?;
+                let k = if p256 { SigningKey::p256_from_secret(&s) } else { SigningKey::schnorr_from_secret(&s) };
+                if let Ok(k) = k {
+                    break k;
+                }
+            };
+            write_key(&out, &k)?;
+            println!("public key: {}", k.public_key());
+            println!("device id : {}", k.public_key().device_id());
+            Ok(())
+        }
+        DeviceCommand::Enroll { public_key, key, name } => {
+            let pk = match (public_key, key) {
+                (Some(p), None) => p.parse::<PublicKey>().map_err(|e| anyhow::anyhow!("public key: {e}"))?,
+                (None, Some(f)) => read_key(&f)?.public_key(),
+                _ => bail!("give either a public key or --key FILE"),
+            };
+            let r: Json = ureq::post(&format!("{url}/v1/devices"))
+                .set("Authorization", &format!("Bearer {}", admin_token(g)?))
+                .send_json(json!({ "public_key": pk.to_string(), "name": name }))
+                .map_err(api_err)?
+                .into_json()?;
+            println!("enrolled {} as {}", r["device"]["id"].as_str().unwrap_or(""), r["device"]["name"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        DeviceCommand::Revoke { device_id, reason } => {
+            let _: DeviceId = device_id.parse().map_err(|e| anyhow::anyhow!("device id: {e}"))?;
+            ureq::post(&format!("{url}/v1/devices/{device_id}/revoke"))
+                .set("Authorization", &format!("Bearer {}", admin_token(g)?))
+                .send_json(json!({ "reason": reason }))
+                .map_err(api_err)?;
+            println!("revoked {device_id}");
+            Ok(())
+        }
+        DeviceCommand::List => {
+            let r: Json = ureq::get(&format!("{url}/v1/devices")).call().map_err(api_err)?.into_json()?;
+            for d in r["devices"].as_array().cloned().unwrap_or_default() {
+                let state = if d["revoked_ms"].is_null() { "active" } else { "REVOKED" };
+                println!("{}  {:<20} {:<8} last seq {}", d["id"].as_str().unwrap_or(""), d["name"].as_str().unwrap_or(""), state, d["last_seq"]);
+            }
+            Ok(())
+        }
+        DeviceCommand::Sensor { key, transport, mqtt, interval_ms, batch, count } => {
+            sensor(&url, &key, transport, &mqtt, Duration::from_millis(interval_ms), batch.max(1), count)
+        }
+    }
+}
+
+/// The next sequence number is kept beside the key, so a restarted device never reuses one.
+fn seq_file(key: &Path) -> PathBuf {
+    key.with_extension("seq")
+}
+
+fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, interval: Duration, batch: usize, count: Option<u64>) -> Result<()> {
+    let k = read_key(key)?;
+    let id = k.public_key().device_id();
+    let mut seq: u64 = std::fs::read_to_string(seq_file(key)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
+    let mut sent = 0u64;
+    // A plausible temperature: daily swing plus noise from a cheap PRNG.
+    let mut x: u64 = u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")) | 1;
+    let mut next_reading = |seq: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let t = now_ms();
+        let day = ((t / 1000) % 86_400) as f64 / 86_400.0 * std::f64::consts::TAU;
+        let centi = 2000.0 + 400.0 * day.sin() + ((x % 100) as f64 - 50.0);
+        Reading { device: id, seq, timestamp_ms: t, sensor: sensor::TEMPERATURE, unit: unit::CELSIUS, value: Value::Scaled { mantissa: centi as i64, exponent: -2 } }
+    };
+    let mut link = match transport {
+        Transport::Mqtt => Some(MqttLink::connect(mqtt, &id.to_string())?),
+        Transport::Http => None,
+    };
+    eprintln!("sensor {id} sending over {transport:?} from seq {seq}");
+    while count.is_none_or(|c| sent < c) {
+        let n = match count {
+            Some(c) => batch.min((c - sent) as usize),
+            None => batch,
+        };
+        let readings: Vec<Reading> = (0..n as u64).map(|i| next_reading(seq + i)).collect();
+        let payload = if n == 1 {
+            SignedReading::sign(&k, readings[0].clone()).map_err(|e| anyhow::anyhow!("{e}"))?.encode()
+        } else {
+            SignedBatch::sign(&k, readings).map_err(|e| anyhow::anyhow!("{e}"))?.encode()
+        };
+        // Send until a receipt arrives: resending a stored reading is acknowledged again.
+        let receipts = loop {
+            let r = match &mut link {
+                Some(l) => l.send(&payload),
+                None => ureq::post(&format!("{url}/v1/readings"))
+                    .set("Content-Type", "application/octet-stream")
+                    .send_bytes(&payload)
+                    .map_err(api_err)
+                    .and_then(|r| Ok(r.into_json::<Json>()?)),
+            };
+            match r {
+                Ok(v) => break v,
+                Err(e) if e.to_string().contains("answered 4") || e.to_string().contains("refused:") => return Err(e),
+                Err(e) => {
+                    eprintln!("send failed ({e}); retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        seq += n as u64;
+        sent += n as u64;
+        bitmote_chain::stream::write_atomic(&seq_file(key), seq.to_string().as_bytes())?;
+        let last = &receipts["receipts"][n - 1];
+        println!("{}", json!({ "seq": seq - 1, "reading_id": last["reading_id"], "leaf_index": last["leaf_index"] }));
+        std::thread::sleep(interval);
+    }
+    Ok(())
+}
+
+/// A device's MQTT session: publish on its readings topic, wait for its receipt.
+struct MqttLink {
+    client: rumqttc::Client,
+    rx: std::sync::mpsc::Receiver<(String, Json)>,
+    device: String,
+}
+
+impl MqttLink {
+    fn connect(addr: &str, device: &str) -> Result<Self> {
+        let (host, port) = addr.rsplit_once(':').context("--mqtt must be host:port")?;
+        let mut opts = rumqttc::MqttOptions::new(format!("bitmote-{}", &device[..16]), host, port.parse().context("MQTT port")?);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_clean_session(false);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = rumqttc::Client::new(opts, 64);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let v = serde_json::from_slice(&p.payload).unwrap_or(Json::Null);
+                        if tx.send((p.topic.clone(), v)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("mqtt: {e}; reconnecting");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
+        client.subscribe(bitmote_gateway::mqtt::receipts_topic(device), rumqttc::QoS::AtLeastOnce)?;
+        client.subscribe(bitmote_gateway::mqtt::errors_topic(device), rumqttc::QoS::AtLeastOnce)?;
+        Ok(MqttLink { client, rx, device: device.to_string() })
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Result<Json> {
+        self.client.publish(bitmote_gateway::mqtt::readings_topic(&self.device), rumqttc::QoS::AtLeastOnce, false, payload.to_vec())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (topic, v) = self.rx.recv_timeout(left).context("no receipt within 10 s")?;
+            if topic.ends_with("/receipts") {
+                return Ok(v);
+            }
+            if topic.ends_with("/errors") {
+                bail!("refused: {}", v["error"].as_str().unwrap_or("?"));
+            }
+        }
+    }
+}
+
+/// `bitmote proof <reading-id>`.
+pub fn proof(g: &Global, id: &str, out: Option<PathBuf>, ots: Option<PathBuf>, reading: Option<PathBuf>) -> Result<()> {
+    let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
+    let url = cfg.gateway_url();
+    let bundle: Json = ureq::get(&format!("{url}/v1/readings/{id}/proof")).call().map_err(api_err)?.into_json()?;
+    let text = serde_json::to_string_pretty(&bundle)?;
+    match &out {
+        Some(p) => std::fs::write(p, &text)?,
+        None => println!("{text}"),
+    }
+    if bundle["anchor"]["status"] == "pending" {
+        eprintln!("PENDING: {}", bundle["anchor"]["message"].as_str().unwrap_or(""));
+    }
+    if let Some(p) = reading {
+        std::fs::write(&p, hex::decode(bundle["reading"].as_str().unwrap_or(""))?)?;
+    }
+    if let Some(p) = ots {
+        let mut bytes = vec![];
+        std::io::Read::read_to_end(&mut ureq::get(&format!("{url}/v1/readings/{id}/proof.ots")).call().map_err(api_err)?.into_reader(), &mut bytes)?;
+        std::fs::write(&p, bytes)?;
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+/// `bitmote verify`.
+pub fn verify(
+    g: &Global,
+    proof: &Path,
+    reading: Option<PathBuf>,
+    headers: Option<PathBuf>,
+    checkpoint_key: Option<String>,
+    revoked: Vec<String>,
+) -> Result<()> {
+    let source: Box<dyn HeaderSource> = match headers {
+        Some(p) => Box::new(HeadersFile::read(&p).map_err(|e| anyhow::anyhow!(e))?),
+        None => {
+            let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
+            let node = crate::node::connect(g, &cfg)?;
+            Box::new(node)
+        }
+    };
+    let bytes = std::fs::read(proof).with_context(|| format!("reading {}", proof.display()))?;
+    let file = reading.as_ref().map(std::fs::read).transpose().context("reading the reading file")?;
+    if bytes.starts_with(bitmote_notary::ots::MAGIC) {
+        let Some(file) = file else { bail!("an .ots proof needs --reading FILE (the timestamped file)") };
+        let ots = DetachedTimestampFile::deserialize(&bytes)?;
+        let (height, time) = verify_ots(&file, &ots, source.as_ref())?;
+        println!("OK: Bitcoin block {height} attests the file existed by {time} (unix time)");
+        return Ok(());
+    }
+    let bundle: ProofBundle = serde_json::from_slice(&bytes).context("not a proof bundle (JSON) or an .ots file")?;
+    let revoked: Vec<DeviceId> = revoked.iter().map(|r| r.parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("revoked id: {e}"))?;
+    let policy = Policy { reading_file: file.as_deref(), revoked: &revoked, checkpoint_key: checkpoint_key.as_deref() };
+    let v = verify_bundle(&bundle, source.as_ref(), &policy)?;
+    println!("OK: reading {} of device {}", v.reading_id, v.device);
+    println!("    leaf {} of a log of {} readings, anchored in block {} ({})", v.leaf_index, v.tree_size, v.block_height, v.block_hash);
+    println!("    existed no later than block time {} (unix)", v.block_time);
+    Ok(())
+}
