@@ -26,11 +26,28 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Notary throughput on this machine against its own signature and hash limits:
+    /// signed and batched ingest (durable), proof generation and verification, proof sizes.
+    Notary {
+        /// Individually signed readings to ingest.
+        #[arg(long, default_value_t = 20_000)]
+        readings: usize,
+        /// Readings to ingest in device-signed batches.
+        #[arg(long, default_value_t = 500_000)]
+        batched: usize,
+        /// Readings per batch.
+        #[arg(long, default_value_t = 4096)]
+        batch_size: usize,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Chain { blocks, json } => chain(blocks, json),
+        BenchCommand::Notary { readings, batched, batch_size, json } => crate::bench_notary::run(readings, batched, batch_size, json),
     }
 }
 

@@ -110,9 +110,13 @@ impl PublicKey {
         match (self, sig) {
             (PublicKey::Schnorr(k), Signature::Schnorr(s)) => {
                 let s = schnorr::Signature::from_slice(s).map_err(|_| SignError::Invalid)?;
-                Secp256k1::verification_only()
-                    .verify_schnorr(&s, &Message::from_digest(*msg), k)
-                    .map_err(|_| SignError::Invalid)
+                // With std, one global context; without, a context per call (building one
+                // costs more than a verification, so gateways must use std).
+                #[cfg(feature = "std")]
+                let ctx = secp256k1::SECP256K1;
+                #[cfg(not(feature = "std"))]
+                let ctx = &Secp256k1::verification_only();
+                ctx.verify_schnorr(&s, &Message::from_digest(*msg), k).map_err(|_| SignError::Invalid)
             }
             (PublicKey::P256(k), Signature::P256(s)) => {
                 let s = p256::ecdsa::Signature::from_slice(s).map_err(|_| SignError::Invalid)?;
@@ -211,7 +215,11 @@ impl SigningKey {
     pub fn sign(&self, msg: &[u8; 32]) -> Signature {
         match self {
             SigningKey::Schnorr(k) => {
-                let s = Secp256k1::signing_only().sign_schnorr_no_aux_rand(&Message::from_digest(*msg), k);
+                #[cfg(feature = "std")]
+                let ctx = secp256k1::SECP256K1;
+                #[cfg(not(feature = "std"))]
+                let ctx = &Secp256k1::signing_only();
+                let s = ctx.sign_schnorr_no_aux_rand(&Message::from_digest(*msg), k);
                 Signature::Schnorr(*s.as_ref())
             }
             SigningKey::P256(k) => {

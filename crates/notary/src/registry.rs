@@ -56,7 +56,6 @@ CREATE TABLE IF NOT EXISTS readings (
     batch_index INTEGER,
     received_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS readings_by_device ON readings(device, seq);
 ";
 
 /// Open (or create) the notary database with its whole schema.
