@@ -79,17 +79,27 @@ impl<'c> MerkleLog<'c> {
     pub fn append(&self, leaf_hashes: &[Hash]) -> Result<u64> {
         let first = self.size()?;
         let mut ins = self.conn.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
+        // The right edge of the tree: for each set bit of the size, the perfect subtree
+        // it stands for (read once, O(log n)); new parents are computed in memory.
+        let mut edge: Vec<(u32, Hash)> = vec![];
+        for level in (0..64u32).rev() {
+            if first >> level & 1 == 1 {
+                edge.push((level, self.node(level, (first >> level) - 1)?));
+            }
+        }
         for (i, leaf) in leaf_hashes.iter().enumerate() {
             let (mut level, mut idx, mut h) = (0u32, first + i as u64, *leaf);
             ins.execute(params![level, idx as i64, &h[..]])?;
-            // Each odd index completes its parent.
+            // Each odd index completes its parent with the subtree to its left.
             while idx % 2 == 1 {
-                let left = self.node(level, idx - 1)?;
+                let (l, left) = edge.pop().ok_or(LogError::Missing { level, index: idx - 1 })?;
+                debug_assert_eq!(l, level);
                 h = node_hash(&left, &h);
                 level += 1;
                 idx /= 2;
                 ins.execute(params![level, idx as i64, &h[..]])?;
             }
+            edge.push((level, h));
         }
         self.conn.execute(
             "UPDATE log_meta SET v = ?1 WHERE k = 'size'",

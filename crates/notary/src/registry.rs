@@ -64,6 +64,9 @@ pub fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.busy_timeout(Duration::from_secs(30))?;
+    // 64 MiB page cache and memory-mapped reads: the log's hot pages stay in memory.
+    c.pragma_update(None, "cache_size", -65536)?;
+    c.pragma_update(None, "mmap_size", 1i64 << 30)?;
     c.execute_batch(SCHEMA)?;
     c.execute_batch(crate::log::SCHEMA)?;
     c.execute_batch(crate::anchor::SCHEMA)?;
