@@ -300,10 +300,11 @@ impl Anchorer {
                     self.rebroadcast(id, &txs, events)?;
                 }
                 (AnchorState::Pending, None) => {
-                    if self.tip_height >= broadcast_height + self.cfg.bump_after_blocks {
-                        self.bump(id, latest, events)?;
-                    } else if self.wallet.status(latest) == TxStatus::Unknown {
+                    if self.wallet.status(latest) == TxStatus::Unknown {
+                        // Not in the wallet's view any more (conflicted by a confirmed spend?).
                         self.rebroadcast(id, &txs, events)?;
+                    } else if self.tip_height >= broadcast_height + self.cfg.bump_after_blocks {
+                        self.bump(id, latest, events)?;
                     }
                 }
                 (AnchorState::Abandoned, None) => {}

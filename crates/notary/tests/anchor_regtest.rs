@@ -88,7 +88,7 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
 
     // Restart: everything is still there.
     drop(a);
-    let a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg).unwrap();
+    let mut a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg).unwrap();
     let info = a.list().unwrap();
     assert_eq!(info.len(), 2);
     assert!(info.iter().all(|i| i.state == AnchorState::Confirmed && i.confirmations >= 1));
@@ -98,4 +98,31 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     assert!((info[1].fee_per_reading_sat - info[1].fee_sat as f64 / 10.0).abs() < 1e-9);
     let second = a.covering(20).unwrap().unwrap();
     assert_eq!(second.tx.compute_txid(), t2b);
+
+    // A reorg whose new chain spends the anchor's coins elsewhere: the anchor can never
+    // confirm; it is abandoned and the log is anchored again.
+    let ev = a.poll(Some(head(40))).unwrap();
+    let AnchorEvent::Broadcast { txid: t3, .. } = ev[0] else { panic!("{ev:?}") };
+    let b3 = node.mine(1).unwrap()[0];
+    assert!(matches!(a.poll(None).unwrap()[0], AnchorEvent::Confirmed { txid, .. } if txid == t3));
+    c.invalidate_block(&b3).unwrap();
+    mine_empty(c);
+    mine_empty(c);
+    let ev = a.poll(None).unwrap();
+    assert!(matches!(ev[0], AnchorEvent::Reorged { txid, .. } if txid == t3), "{ev:?}");
+    // A conflicting spend of the same coins (built with the wallet's keys, then forgotten by
+    // it), mined in the new chain.
+    let conflict = a.wallet().bump_fee(t3, bitmote_chain::bitcoin::FeeRate::from_sat_per_vb_u32(60)).unwrap();
+    a.wallet().forget(&conflict).unwrap();
+    let hex = bitmote_chain::bitcoin::consensus::encode::serialize_hex(&conflict);
+    let _: serde_json::Value = c.raw("generateblock", &[json!(op_true_address().to_string()), json!([hex])]).unwrap();
+    let ev = a.poll(Some(head(40))).unwrap();
+    assert!(ev.iter().any(|e| matches!(e, AnchorEvent::Abandoned { txid, .. } if *txid == t3)), "{ev:?}");
+    let ev = if ev.iter().any(|e| matches!(e, AnchorEvent::Broadcast { .. })) { ev } else { a.poll(Some(head(40))).unwrap() };
+    let t4 = ev.iter().find_map(|e| match e { AnchorEvent::Broadcast { txid, tree_size: 40, .. } => Some(*txid), _ => None }).expect("re-anchored");
+    node.mine(1).unwrap();
+    assert!(a.poll(None).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid, .. } if *txid == t4)));
+    assert_eq!(a.covering(30).unwrap().unwrap().tx.compute_txid(), t4);
+    let states: Vec<AnchorState> = a.list().unwrap().iter().map(|i| i.state).collect();
+    assert_eq!(states, vec![AnchorState::Confirmed, AnchorState::Abandoned, AnchorState::Confirmed, AnchorState::Confirmed]);
 }
