@@ -29,6 +29,8 @@ pub struct GatewaySection {
     pub http_listen: Option<std::net::SocketAddr>,
     /// Embedded MQTT broker, default `127.0.0.1:1883`; `"off"` disables MQTT.
     pub mqtt_listen: Option<String>,
+    /// An external MQTT broker (`mqtt://host:port`) instead of the embedded one.
+    pub mqtt_broker: Option<String>,
     /// The gateway's URL for CLI commands (default `http://<http_listen>`).
     pub url: Option<String>,
 }
@@ -111,6 +113,9 @@ impl Config {
         }
         if let Some(v) = get("BITMOTE_GATEWAY_MQTT_LISTEN") {
             self.gateway.mqtt_listen = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_BROKER") {
+            self.gateway.mqtt_broker = Some(v);
         }
         if let Some(v) = get("BITMOTE_GATEWAY_URL") {
             self.gateway.url = Some(v);

@@ -211,9 +211,10 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         _ => {}
     }
     println!("  http api : http://{}  (OpenAPI: /openapi.json)", gateway.http_addr);
-    match gateway.mqtt_addr {
-        Some(a) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
-        None => println!("  mqtt     : off"),
+    match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
+        (Some(url), _) => println!("  mqtt     : external broker {url}"),
+        (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
+        (None, None) => println!("  mqtt     : off"),
     }
     println!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
     println!("ready; press Ctrl-C to stop");
@@ -254,6 +255,7 @@ fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<
     let mut g = bitmote_gateway::GatewayConfig::new(data_dir.join("gateway"));
     g.http_listen = cfg.http_listen();
     g.mqtt_listen = cfg.mqtt_listen()?;
+    g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     let regtest = client.network() == Network::Regtest;
     let n = &cfg.notary;
     g.anchor.interval = Duration::from_secs(n.anchor_interval_secs.unwrap_or(if regtest { 10 } else { 600 }));

@@ -48,8 +48,10 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// HTTP API (and later the dashboard).
     pub http_listen: SocketAddr,
-    /// Embedded MQTT broker; `None` = no MQTT.
+    /// Embedded MQTT broker; `None` = no embedded broker.
     pub mqtt_listen: Option<SocketAddr>,
+    /// An external MQTT broker (`mqtt://host:port`) to use instead of the embedded one.
+    pub mqtt_broker: Option<String>,
     pub anchor: AnchorConfig,
     /// How often the anchoring loop looks at the chain and the log.
     pub anchor_poll: Duration,
@@ -66,6 +68,7 @@ impl GatewayConfig {
             data_dir: data_dir.into(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8650)),
             mqtt_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            mqtt_broker: None,
             anchor: AnchorConfig::default(),
             anchor_poll: Duration::from_secs(1),
             regtest_autofund: true,
@@ -179,13 +182,17 @@ impl Gateway {
             });
         }
 
-        let mqtt_addr = match cfg.mqtt_listen {
-            Some(addr) => {
+        let mqtt_addr = match (&cfg.mqtt_broker, cfg.mqtt_listen) {
+            (Some(url), _) => {
+                threads.extend(mqtt::start_external(shared.clone(), url)?);
+                None
+            }
+            (None, Some(addr)) => {
                 let (addr, handles) = mqtt::start(shared.clone(), addr)?;
                 threads.extend(handles);
                 Some(addr)
             }
-            None => None,
+            (None, None) => None,
         };
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
         Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })

@@ -36,7 +36,8 @@ pub fn errors_topic(device: &str) -> String {
     format!("bitmote/{device}/errors")
 }
 
-fn broker_config(addr: SocketAddr) -> Result<rumqttd::Config, GatewayError> {
+/// Configuration of an rumqttd broker listening on `addr` (MQTT 3.1.1).
+pub fn broker_config(addr: SocketAddr) -> Result<rumqttd::Config, GatewayError> {
     let text = format!(
         r#"
 id = 0
@@ -125,6 +126,67 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
         })
         .map_err(|e| GatewayError::Io { context: "spawning the MQTT bridge".into(), source: e })?;
     Ok((addr, vec![publisher, bridge]))
+}
+
+/// Connect to an external broker at `url` (`mqtt://host:port` or `host:port`) as the
+/// gateway's client, subscribe to every device's readings topic (QoS 1, persistent
+/// session), and answer on the receipts and errors topics.
+pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<()>>, GatewayError> {
+    let hp = url.strip_prefix("mqtt://").unwrap_or(url);
+    let (host, port) = hp.rsplit_once(':').ok_or_else(|| GatewayError::Mqtt(format!("broker URL {url:?} must be mqtt://host:port")))?;
+    let port: u16 = port.parse().map_err(|_| GatewayError::Mqtt(format!("bad port in broker URL {url:?}")))?;
+    let mut opts = rumqttc::MqttOptions::new("bitmote-gateway", host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_clean_session(false);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = rumqttc::Client::new(opts, 1024);
+    let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
+    let publisher = {
+        let shared = shared.clone();
+        let client = client.clone();
+        std::thread::Builder::new()
+            .name("mqtt-publish".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    match out_rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok((topic, payload)) => {
+                            if let Err(e) = client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload) {
+                                tracing::warn!("MQTT publish failed: {e}");
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                let _ = client.disconnect();
+            })
+            .map_err(|e| GatewayError::Io { context: "spawning the MQTT publisher".into(), source: e })?
+    };
+    let bridge = std::thread::Builder::new()
+        .name("mqtt-ingest".into())
+        .spawn(move || {
+            for ev in conn.iter() {
+                if shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        // (Re)subscribe on every connection; the session keeps what arrived meanwhile.
+                        if let Err(e) = client.try_subscribe("bitmote/+/readings", rumqttc::QoS::AtLeastOnce) {
+                            tracing::warn!("MQTT subscribe failed: {e}");
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => handle(&shared, &out_tx, &p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!("MQTT broker connection: {e}; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .map_err(|e| GatewayError::Io { context: "spawning the MQTT bridge".into(), source: e })?;
+    Ok(vec![publisher, bridge])
 }
 
 fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {

@@ -181,3 +181,54 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
     gw.shutdown();
 }
+
+#[test]
+fn the_gateway_can_use_an_external_mqtt_broker() {
+    // A separate broker, as an operator's own would be.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut broker = rumqttd::Broker::new(bitmote_gateway::mqtt::broker_config(addr).unwrap());
+    std::thread::spawn(move || broker.start());
+
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = GatewayConfig::new(dir.path());
+    cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.mqtt_listen = None;
+    cfg.mqtt_broker = Some(format!("mqtt://{addr}"));
+    let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
+    assert!(gw.mqtt_addr.is_none(), "no embedded broker");
+    let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
+    gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
+
+    let mut opts = rumqttc::MqttOptions::new("sensor-x", "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send(serde_json::from_slice::<Json>(&p.payload).unwrap());
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let id = k.public_key().device_id().to_string();
+    client.subscribe(format!("bitmote/{id}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
+    // Publish until the gateway's subscription is in place and a receipt comes back.
+    let r = SignedReading::sign(&k, reading(&k, 1)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let receipt = loop {
+        client.publish(format!("bitmote/{id}/readings"), rumqttc::QoS::AtLeastOnce, false, r.encode()).unwrap();
+        if let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no receipt through the external broker");
+    };
+    assert_eq!(receipt["receipts"][0]["leaf_index"], 0);
+    gw.shutdown();
+}
