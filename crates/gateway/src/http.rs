@@ -208,6 +208,7 @@ fn proof_of(s: &Shared, id: [u8; 32]) -> Result<bitmote_notary::proof::ProofBund
     let c = s.db().map_err(internal)?;
     bitmote_notary::proof::assemble(&c, &s.client, &id, Some(&s.signer)).map_err(|e| match e {
         bitmote_notary::proof::AssembleError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string(), "not_found"),
+        bitmote_notary::proof::AssembleError::Chain(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "node_unavailable"),
         other => internal(other),
     })
 }

@@ -179,6 +179,25 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     assert!(spec["paths"]["/v1/readings/{id}/proof.ots"].is_object());
     let missing = ureq::get(&format!("{base}/v1/readings/{}", "00".repeat(32))).call();
     assert!(matches!(missing, Err(ureq::Error::Status(404, _))));
+
+    // The node goes down: ingest goes on (readings are durable and provable in the log),
+    // anchoring reports the node as unreachable, and a new reading's proof says pending.
+    node.stop().unwrap();
+    let r = SignedReading::sign(&b, reading(&b, 2)).unwrap();
+    let (code, body) = post_bytes(&url, &r.encode());
+    assert_eq!(code, 200, "{body}");
+    let id = body["receipts"][0]["reading_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Json = get(&format!("{base}/v1/anchors")).into_json().unwrap();
+        if v["status"].as_str().unwrap_or("").contains("no Bitcoin node answers") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "anchoring does not report the node down: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let bundle: ProofBundle = get(&format!("{base}/v1/readings/{id}/proof")).into_json().unwrap();
+    assert!(bundle.is_pending());
     gw.shutdown();
 }
 

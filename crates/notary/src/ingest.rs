@@ -85,11 +85,14 @@ pub struct IngestConfig {
     pub min_timestamp_ms: u64,
     /// Most readings written in one transaction.
     pub max_group: usize,
+    /// Storage quota in database pages (4 KiB); `None` = until the disk is full. Either way a
+    /// full store fails the group with a storage error and acknowledges nothing.
+    pub max_db_pages: Option<u64>,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_future_ms: 10 * 60 * 1000, min_timestamp_ms: 1_577_836_800_000, max_group: 16_384 }
+        IngestConfig { max_future_ms: 10 * 60 * 1000, min_timestamp_ms: 1_577_836_800_000, max_group: 16_384, max_db_pages: None }
     }
 }
 
@@ -172,6 +175,9 @@ impl Ingestor {
         let storage = |e: rusqlite::Error| IngestError::Storage(e.to_string());
         let admin = registry::open_db(path).map_err(storage)?;
         let writer_conn = registry::open_db(path).map_err(storage)?;
+        if let Some(pages) = cfg.max_db_pages {
+            writer_conn.pragma_update(None, "max_page_count", pages as i64).map_err(storage)?;
+        }
         let devices: HashMap<DeviceId, Device> = registry::list(&admin)
             .map_err(|e| IngestError::Storage(e.to_string()))?
             .into_iter()
@@ -625,6 +631,45 @@ mod tests {
             let p = log.inclusion_proof(r.leaf_index, 1000).unwrap();
             verify_inclusion(r.leaf_index, 1000, &reading_leaf_hash(&stored.reading), &p, &root).unwrap();
         }
+    }
+
+    #[test]
+    fn a_full_store_acknowledges_nothing_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sqlite");
+        let cfg = IngestConfig { max_db_pages: Some(64), ..Default::default() };
+        let ing = Ingestor::start(&path, cfg).unwrap();
+        let k = SigningKey::schnorr_from_secret(&[7; 32]).unwrap();
+        ing.enroll(&k.public_key(), None).unwrap();
+        let mut acked = vec![];
+        let mut full = None;
+        for seq in 1..10_000 {
+            match ing.submit(one(&k, seq)) {
+                Ok(r) => acked.push(r[0]),
+                Err(e) => {
+                    full = Some((seq, e));
+                    break;
+                }
+            }
+        }
+        let (seq, e) = full.expect("the quota fills up");
+        assert!(matches!(e, IngestError::Storage(ref m) if m.contains("full")), "{e}");
+        // Still full: the next one is refused too, not half-written.
+        assert!(matches!(ing.submit(one(&k, seq)), Err(IngestError::Storage(_))));
+        drop(ing);
+        // Everything acknowledged is there, consistent, and the refused one is not.
+        let c = registry::open_db(&path).unwrap();
+        let log = MerkleLog::new(&c);
+        assert_eq!(log.size().unwrap(), acked.len() as u64);
+        let root = log.root_at(acked.len() as u64).unwrap();
+        for r in &acked {
+            let s = reading_by_id(&c, &r.reading_id).unwrap().unwrap();
+            let p = log.inclusion_proof(r.leaf_index, acked.len() as u64).unwrap();
+            verify_inclusion(r.leaf_index, acked.len() as u64, &reading_leaf_hash(&s.reading), &p, &root).unwrap();
+        }
+        // With room again (no quota), ingest continues where it stopped.
+        let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
+        assert_eq!(ing.submit(one(&k, seq)).unwrap()[0].leaf_index, acked.len() as u64);
     }
 
     #[test]
