@@ -703,7 +703,11 @@ mod tests {
         let r = ing.submit(Submission::Batch(b.clone())).unwrap();
         assert_eq!(r.len(), 10);
         assert_eq!(r[9].tree_size, 11);
-        assert!(matches!(ing.submit(one(&k, 7)), Err(IngestError::Replay { last: 11, .. })));
+        // (A different reading with a used number; the very same reading would be re-acknowledged.)
+        let mut seven = reading(&k, 7);
+        seven.value = Value::Scaled { mantissa: -77, exponent: 0 };
+        let seven = Submission::Reading(SignedReading::sign(&k, seven).unwrap());
+        assert!(matches!(ing.submit(seven), Err(IngestError::Replay { last: 11, .. })));
         ing.revoke(&k.public_key().device_id(), "lost").unwrap();
         assert!(matches!(ing.submit(one(&k, 20)), Err(IngestError::Revoked(_))));
         // Nothing accepted was lost; batch evidence is rebuilt and verifies.
