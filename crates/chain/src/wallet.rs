@@ -224,6 +224,15 @@ impl GatewayWallet {
         self.sign_and_record(psbt)
     }
 
+    /// Build and sign a payment of `amount` to `address` (RBF signalled), recorded as unconfirmed;
+    /// call [`GatewayWallet::forget`] if broadcasting fails.
+    pub fn pay(&mut self, address: &Address, amount: Amount, fee_rate: FeeRate) -> Result<Transaction> {
+        let mut b = self.wallet.build_tx();
+        b.add_recipient(address.script_pubkey(), amount).fee_rate(fee_rate);
+        let psbt = b.finish().map_err(|e| werr("building the payment", e))?;
+        self.sign_and_record(psbt)
+    }
+
     /// Replace unconfirmed `txid` by a copy paying `fee_rate` (BIP125).
     pub fn bump_fee(&mut self, txid: Txid, fee_rate: FeeRate) -> Result<Transaction> {
         let mut b = self.wallet.build_fee_bump(txid).map_err(|e| werr("fee bump", e))?;

@@ -1,0 +1,149 @@
+//! The trigger engine against a real regtest bitcoind: payments with confirmations,
+//! underpayments, heights, restarts, reorgs before and after firing, TTL.
+
+use std::time::Duration;
+
+use bitmote_actuator::{Engine, EngineEvent, OutboxState, RuleSet};
+use bitmote_chain::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
+use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
+use bitmote_chain::wallet::GatewayWallet;
+use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
+use serde_json::json;
+
+fn addr(tag: u8) -> Address {
+    Address::p2wsh(&ScriptBuf::from(vec![0x60 + tag, 0x87]), Network::Regtest)
+}
+
+fn mine_empty(c: &ChainClient, n: usize) {
+    for _ in 0..n {
+        let _: serde_json::Value = c.raw("generateblock", &[json!(op_true_address().to_string()), json!([])]).unwrap();
+    }
+}
+
+struct Runner {
+    engine: Engine,
+    stream: BlockStream<ChainClient>,
+}
+
+impl Runner {
+    fn open(db: &std::path::Path, rules: &RuleSet, c: &ChainClient) -> Runner {
+        let engine = Engine::open(db, rules.clone(), Network::Regtest).unwrap();
+        let stored = engine.cursor().unwrap().map(Some);
+        let stream = BlockStream::resume(c.fresh().unwrap(), stored, Start::Tip, StreamConfig::default()).unwrap();
+        Runner { engine, stream }
+    }
+
+    fn drain(&mut self) -> Vec<EngineEvent> {
+        let mut out = vec![];
+        while let Some(ev) = self.stream.next_event(Some(Duration::from_millis(200))).unwrap() {
+            out.extend(self.engine.apply(&ev).unwrap());
+        }
+        out
+    }
+}
+
+fn dues(evs: &[EngineEvent]) -> Vec<String> {
+    evs.iter().filter_map(|e| if let EngineEvent::Due { event_id } = e { Some(event_id.clone()) } else { None }).collect()
+}
+
+#[test]
+fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let c = node.client();
+    let dir = tempfile::tempdir().unwrap();
+    let mut wallet = GatewayWallet::open(&dir.path().join("wallet"), c).unwrap();
+    let fund = wallet.new_address().unwrap();
+    c.mine(1, &fund).unwrap();
+    node.mine(100).unwrap();
+    wallet.sync(c).unwrap();
+    let lease_height = c.tip().unwrap().height + 6;
+    let rules = RuleSet::parse(
+        &format!(
+            "[[rule]]\nid = \"door\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{}\", min_sat = 20000, confirmations = 2 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\n\n\
+             [[rule]]\nid = \"vip\"\ndevice = \"lock-8\"\ntrigger = {{ kind = \"payment\", address = \"{}\", min_sat = 50000 }}\naction = {{ command = \"unlock\" }}\n\n\
+             [[rule]]\nid = \"lease\"\ndevice = \"relay-2\"\ntrigger = {{ kind = \"height\", height = {lease_height} }}\naction = {{ command = \"off\" }}\nttl_secs = 0\n",
+            addr(1),
+            addr(2)
+        ),
+        Network::Regtest,
+    )
+    .unwrap();
+    let db = dir.path().join("actuator.sqlite");
+    let mut r = Runner::open(&db, &rules, c);
+    let pay = |w: &mut GatewayWallet, to: &Address, sat: u64| {
+        let tx = w.pay(to, Amount::from_sat(sat), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+        c.broadcast(&tx).unwrap();
+        tx.compute_txid().to_string()
+    };
+
+    // A payment to the door (enough) and an underpayment to the VIP lock.
+    let t1 = pay(&mut wallet, &addr(1), 30_000);
+    pay(&mut wallet, &addr(2), 10_000);
+    let b1 = node.mine(1).unwrap()[0];
+    let evs = r.drain();
+    assert!(evs.iter().any(|e| matches!(e, EngineEvent::PaymentSeen { rule_id, .. } if rule_id == "door")), "{evs:?}");
+    assert!(!evs.iter().any(|e| matches!(e, EngineEvent::PaymentSeen { rule_id, .. } if rule_id == "vip")), "underpaid: {evs:?}");
+    assert!(dues(&evs).is_empty(), "one confirmation is not two: {evs:?}");
+    node.mine(1).unwrap();
+    let evs = r.drain();
+    let door_event = format!("door:{t1}:");
+    assert!(matches!(&dues(&evs)[..], [e] if e.starts_with(&door_event)), "{evs:?}");
+    let door_event = dues(&evs)[0].clone();
+
+    // A restart in any state neither loses nor repeats: the engine resumes from its cursor.
+    drop(r);
+    let mut r = Runner::open(&db, &rules, c);
+    node.mine(1).unwrap();
+    assert!(dues(&r.drain()).is_empty(), "nothing fires twice after a restart");
+    let pending = r.engine.pending().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].event_id, door_event);
+    assert_eq!(pending[0].device, "lock-7");
+    assert!(r.engine.mark_delivered(&door_event).unwrap());
+    assert!(r.engine.mark_acked(&door_event).unwrap());
+    assert!(!r.engine.mark_acked(&door_event).unwrap(), "acknowledging twice changes nothing");
+
+    // The height rule fires once when reached; with a zero TTL, late delivery is refused.
+    let now = c.tip().unwrap().height;
+    node.mine(lease_height - now).unwrap();
+    let evs = r.drain();
+    let lease_event = format!("lease:height:{lease_height}");
+    assert_eq!(dues(&evs), vec![lease_event.clone()]);
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(!r.engine.mark_delivered(&lease_event).unwrap());
+    assert_eq!(r.engine.get(&lease_event).unwrap().unwrap().state, OutboxState::Expired);
+
+    // A reorg takes the door payment away after the lock opened: alert + revert action.
+    c.invalidate_block(&b1).unwrap();
+    let tip = c.tip().unwrap().height;
+    mine_empty(c, (lease_height - tip + 2) as usize);
+    let evs = r.drain();
+    assert!(evs.iter().any(|e| matches!(e, EngineEvent::Alert { event_id, .. } if *event_id == door_event)), "{evs:?}");
+    assert!(dues(&evs).contains(&format!("{door_event}:revert")), "{evs:?}");
+    assert!(!dues(&evs).contains(&lease_event), "the lease height was reached again: no second firing");
+    assert_eq!(r.engine.get(&door_event).unwrap().unwrap().state, OutboxState::Reverted);
+    let revert = r.engine.get(&format!("{door_event}:revert")).unwrap().unwrap();
+    assert_eq!(revert.command, "lock");
+
+    // A new payment reorged out before its confirmations does not fire while it is out.
+    let _: Vec<String> = c.raw("getrawmempool", &[]).unwrap();
+    let t2 = pay(&mut wallet, &addr(1), 25_000);
+    let b2 = c.mine(1, &op_true_address()).unwrap()[0];
+    let evs = r.drain();
+    assert!(dues(&evs).iter().all(|e| !e.contains(&t2)));
+    c.invalidate_block(&b2).unwrap();
+    mine_empty(c, 3);
+    let evs = r.drain();
+    assert!(dues(&evs).iter().all(|e| !e.contains(&t2)), "reorged out before 2 confirmations: {evs:?}");
+    // Back in a block and buried: it fires, once.
+    node.mine(2).unwrap();
+    let evs = r.drain();
+    let fired: Vec<String> = dues(&evs).into_iter().filter(|e| e.contains(&t2)).collect();
+    assert_eq!(fired.len(), 1, "{evs:?}");
+    node.mine(3).unwrap();
+    assert!(dues(&r.drain()).iter().all(|e| !e.contains(&t2)));
+    let log = r.engine.log().unwrap();
+    assert!(log.iter().any(|i| i.event_id == fired[0] && i.state == OutboxState::Due));
+}
