@@ -24,8 +24,6 @@ pub enum MerkleError {
     WrongProofLength { expected: usize, got: usize },
     /// The proof does not lead to the expected root.
     RootMismatch,
-    /// A frontier needs one subtree root per set bit of its size.
-    BadFrontier { size: u64, subtrees: usize },
 }
 
 impl fmt::Display for MerkleError {
@@ -39,9 +37,6 @@ impl fmt::Display for MerkleError {
                 write!(f, "proof has {got} hashes, expected {expected}")
             }
             MerkleError::RootMismatch => write!(f, "proof does not lead to the expected root"),
-            MerkleError::BadFrontier { size, subtrees } => {
-                write!(f, "a frontier of {size} leaves cannot have {subtrees} subtrees")
-            }
         }
     }
 }
@@ -71,12 +66,9 @@ pub fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
-/// Largest power of two strictly smaller than `n`, where RFC 9162 splits a tree of
-/// `n >= 2` leaves; `0` for `n < 2` (such trees do not split).
+/// Largest power of two strictly smaller than `n` (`n >= 2`).
 pub fn split_point(n: u64) -> u64 {
-    if n < 2 {
-        return 0;
-    }
+    debug_assert!(n >= 2);
     1u64 << (63 - (n - 1).leading_zeros())
 }
 
@@ -298,33 +290,20 @@ impl MerkleFrontier {
         Self::default()
     }
 
-    /// Resume a frontier from its size and perfect subtree roots (largest first),
-    /// e.g. as persisted by a device across deep sleep. Errors unless there is exactly
-    /// one subtree per set bit of `size`.
-    pub fn from_parts(size: u64, subtrees: Vec<Hash>) -> Result<Self, MerkleError> {
-        if subtrees.len() != size.count_ones() as usize {
-            return Err(MerkleError::BadFrontier { size, subtrees: subtrees.len() });
-        }
-        Ok(MerkleFrontier { size, stack: subtrees })
-    }
-
-    /// Append a leaf hash (`leaf_hash` of the leaf data). O(log n) hashing at worst,
-    /// amortised O(1).
+    /// Append a leaf hash.
     pub fn push(&mut self, leaf: Hash) {
         let mut h = leaf;
         let mut s = self.size;
-        // Each set low bit of the size is a perfect subtree of the height being built
-        // at the end of the stack: merge it into the new one.
         while s & 1 == 1 {
-            let Some(left) = self.stack.pop() else { break };
+            // The last stack entry is a perfect subtree of the same height: merge.
+            let left = self.stack.pop().expect("a set bit has a subtree");
             h = node_hash(&left, &h);
             s >>= 1;
         }
         self.stack.push(h);
-        self.size = self.size.wrapping_add(1);
+        self.size += 1;
     }
 
-    /// Number of leaves pushed.
     pub fn size(&self) -> u64 {
         self.size
     }
