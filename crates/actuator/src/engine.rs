@@ -123,6 +123,7 @@ pub struct OutboxItem {
     pub due_ms: u64,
     pub ttl_ms: Option<u64>,
     pub attempts: u32,
+    pub delivered_ms: Option<u64>,
     pub acked_ms: Option<u64>,
     pub note: Option<String>,
 }
@@ -289,7 +290,7 @@ impl Engine {
 
     fn items(&self, where_: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<OutboxItem>> {
         let mut st = self.db.prepare(&format!(
-            "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note
+            "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note, delivered_ms
              FROM act_outbox {where_} ORDER BY due_ms, event_id"
         ))?;
         let rows = st.query_map(p, |r| {
@@ -307,11 +308,12 @@ impl Engine {
                 r.get::<_, u32>(10)?,
                 r.get::<_, Option<u64>>(11)?,
                 r.get::<_, Option<String>>(12)?,
+                r.get::<_, Option<u64>>(13)?,
             ))
         })?;
         let mut out = vec![];
         for row in rows {
-            let (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note) = row?;
+            let (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note, delivered_ms) = row?;
             out.push(OutboxItem {
                 event_id,
                 rule_id,
@@ -324,6 +326,7 @@ impl Engine {
                 due_ms,
                 ttl_ms,
                 attempts,
+                delivered_ms,
                 acked_ms,
                 note,
             });
@@ -362,6 +365,15 @@ impl Engine {
             params![event_id, now],
         )?;
         Ok(true)
+    }
+
+    /// The device reports it did not act because the command arrived after its TTL.
+    pub fn mark_expired(&self, event_id: &str, note: &str) -> Result<bool> {
+        let n = self.db.execute(
+            "UPDATE act_outbox SET state = 'expired', note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')",
+            params![event_id, note],
+        )?;
+        Ok(n > 0)
     }
 
     /// The device acknowledged it acted (idempotent).

@@ -63,6 +63,21 @@ pub enum DeviceCommand {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Run a simulated actuator (a lock or relay): receive commands over MQTT, act once per
+    /// command, acknowledge, report presence.
+    Actuator {
+        /// The device name used in rules (`device = "…"`).
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt: String,
+        /// Where the actuator keeps its state and the commands it executed.
+        #[arg(long, value_name = "FILE")]
+        state: PathBuf,
+        /// Exit after acting on this many commands.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -170,6 +185,7 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
         DeviceCommand::Sensor { key, transport, mqtt, interval_ms, batch, count } => {
             sensor(&url, &key, transport, &mqtt, Duration::from_millis(interval_ms), batch.max(1), count)
         }
+        DeviceCommand::Actuator { name, mqtt, state, count } => actuator(&name, &mqtt, &state, count),
     }
 }
 
@@ -351,5 +367,93 @@ pub fn verify(
     println!("OK: reading {} of device {}", v.reading_id, v.device);
     println!("    leaf {} of a log of {} readings, anchored in block {} ({})", v.leaf_index, v.tree_size, v.block_height, v.block_hash);
     println!("    existed no later than block time {} (unix)", v.block_time);
+    Ok(())
+}
+
+/// What a simulated actuator remembers across restarts.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct ActuatorState {
+    /// `open`/`closed` for a lock, `on`/`off` for a relay.
+    output: String,
+    /// Event ids already handled, so a redelivered command is acknowledged, not repeated.
+    done: Vec<String>,
+}
+
+fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Result<()> {
+    let mut state: ActuatorState = match std::fs::read(state_path) {
+        Ok(b) => serde_json::from_slice(&b).context("corrupt actuator state file")?,
+        Err(_) => ActuatorState { output: "closed".into(), done: vec![] },
+    };
+    let (host, port) = mqtt.rsplit_once(':').context("--mqtt must be host:port")?;
+    let presence = format!("bitmote/{name}/presence");
+    let mut opts = rumqttc::MqttOptions::new(format!("bitmote-act-{name}"), host, port.parse().context("MQTT port")?);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(false); // the broker keeps commands sent while we were away
+    opts.set_last_will(rumqttc::LastWill::new(&presence, "offline", rumqttc::QoS::AtLeastOnce, true));
+    let (client, mut conn) = rumqttc::Client::new(opts, 64);
+    let commands = bitmote_gateway::mqtt::commands_topic(name);
+    let acks = bitmote_gateway::mqtt::acks_topic(name);
+    eprintln!("actuator {name}: output {} ({} commands done before)", state.output, state.done.len());
+    let mut acted = 0u64;
+    let mut finishing = false;
+    for ev in conn.iter() {
+        match ev {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                client.try_subscribe(&commands, rumqttc::QoS::AtLeastOnce)?;
+                client.try_publish(&presence, rumqttc::QoS::AtLeastOnce, true, "online")?;
+            }
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == commands => {
+                let cmd: Json = match serde_json::from_slice(&p.payload) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("ignoring a malformed command: {e}");
+                        continue;
+                    }
+                };
+                let Some(id) = cmd["event_id"].as_str().map(str::to_string) else { continue };
+                let result = if state.done.contains(&id) {
+                    "done" // already executed: acknowledge again, do not act again
+                } else {
+                    let late = match (cmd["due_ms"].as_u64(), cmd["ttl_ms"].as_u64()) {
+                        (Some(due), Some(ttl)) => now_ms() > due + ttl,
+                        _ => false,
+                    };
+                    let result = if late {
+                        eprintln!("{id}: arrived after its time-to-live; not executed");
+                        "expired"
+                    } else {
+                        state.output = match cmd["command"].as_str().unwrap_or("") {
+                            "unlock" | "open" => "open",
+                            "lock" | "close" => "closed",
+                            "on" => "on",
+                            "off" => "off",
+                            other => {
+                                eprintln!("{id}: unknown command {other:?}; not executed");
+                                "unchanged"
+                            }
+                        }
+                        .replace("unchanged", &state.output);
+                        println!("{}", json!({ "event_id": id, "command": cmd["command"], "output": state.output }));
+                        acted += 1;
+                        "done"
+                    };
+                    state.done.push(id.clone());
+                    // Durable before the acknowledgement: a crash here re-acknowledges, never repeats.
+                    bitmote_chain::stream::write_atomic(state_path, &serde_json::to_vec(&state)?)?;
+                    result
+                };
+                client.try_publish(&acks, rumqttc::QoS::AtLeastOnce, false, json!({ "event_id": id, "result": result }).to_string())?;
+                if count.is_some_and(|c| acted >= c) {
+                    finishing = true; // exit once the broker has the acknowledgement
+                }
+            }
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) if finishing => return Ok(()),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("mqtt: {e}; reconnecting");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
     Ok(())
 }

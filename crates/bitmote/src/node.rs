@@ -241,12 +241,13 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    println!("stopping");
+    // stdout may be gone (a closed pipe): never let that stop a clean shutdown.
+    let _ = writeln!(std::io::stdout(), "stopping");
     gateway.shutdown();
     if let Some(n) = node.owned {
         n.stop()?;
     }
-    println!("stopped");
+    let _ = writeln!(std::io::stdout(), "stopped");
     Ok(())
 }
 

@@ -66,6 +66,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/devices", get(list_devices).post(enroll))
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/stats", get(stats))
+        .route("/v1/actions", get(actions))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
 }
@@ -327,6 +328,12 @@ async fn revoke(
     let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
     let d = s.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))?;
     Ok(Json(json!({ "device": d })))
+}
+
+async fn actions(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let actions = s.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let alerts = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Json(json!({ "actions": actions, "alerts": alerts }))
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -6,6 +6,7 @@
 //! proofs, anchors) with an OpenAPI description. Everything binds to 127.0.0.1
 //! unless configured otherwise; admin calls need the token in `<data>/admin.token`.
 
+pub mod actuator;
 pub mod http;
 pub mod mqtt;
 
@@ -40,6 +41,8 @@ pub enum GatewayError {
     Mqtt(String),
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("actuators: {0}")]
+    Actuator(String),
 }
 
 /// How the gateway runs.
@@ -89,6 +92,13 @@ pub struct Shared {
     pub tip_height: Mutex<u32>,
     pub network: Network,
     pub stop: AtomicBool,
+    /// Messages for devices, published by the MQTT side (set when MQTT runs).
+    pub mqtt_out: Mutex<Option<std::sync::mpsc::Sender<(String, Vec<u8>)>>>,
+    /// Device acknowledgements of actuator commands, for the actuator loop.
+    pub acks: Mutex<Option<std::sync::mpsc::Sender<(String, serde_json::Value)>>>,
+    /// The action log (latest snapshot) and alerts, for the API.
+    pub actions: Mutex<Vec<bitmote_actuator::OutboxItem>>,
+    pub alerts: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -141,6 +151,10 @@ impl Gateway {
             tip_height: Mutex::new(0),
             network,
             stop: AtomicBool::new(false),
+            mqtt_out: Mutex::new(None),
+            acks: Mutex::new(None),
+            actions: Mutex::new(vec![]),
+            alerts: Mutex::new(vec![]),
         });
         let mut threads = vec![];
 
@@ -194,6 +208,15 @@ impl Gateway {
             }
             (None, None) => None,
         };
+        // Actuators, when a rules file is present.
+        let rules_path = cfg.data_dir.join("rules.toml");
+        if rules_path.is_file() {
+            let text = std::fs::read_to_string(&rules_path)
+                .map_err(|e| GatewayError::Io { context: format!("reading {}", rules_path.display()), source: e })?;
+            let rules = bitmote_actuator::RuleSet::parse(&text, network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
+            tracing::info!("{} actuator rules from {}", rules.rules.len(), rules_path.display());
+            threads.push(actuator::start(shared.clone(), &cfg.data_dir, client.fresh()?, rules)?);
+        }
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
         Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })
     }

@@ -31,6 +31,14 @@ pub fn readings_topic(device: &str) -> String {
 pub fn receipts_topic(device: &str) -> String {
     format!("bitmote/{device}/receipts")
 }
+/// Topic an actuator device receives commands on.
+pub fn commands_topic(device: &str) -> String {
+    format!("bitmote/{device}/commands")
+}
+/// Topic an actuator device acknowledges commands on.
+pub fn acks_topic(device: &str) -> String {
+    format!("bitmote/{device}/acks")
+}
 /// Topic the gateway publishes refusals on.
 pub fn errors_topic(device: &str) -> String {
     format!("bitmote/{device}/errors")
@@ -75,6 +83,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
     let mut broker = Broker::new(broker_config(addr)?);
     let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     link_tx.subscribe("bitmote/+/readings").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    link_tx.subscribe("bitmote/+/acks").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     // The broker runs until the process exits (rumqttd has no stop); it holds no state of ours.
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -87,6 +96,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
 
     // Replies go through one publisher thread that owns the link's sender.
     let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
+    *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
     let publisher = {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -141,6 +151,7 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut conn) = rumqttc::Client::new(opts, 1024);
     let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
+    *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
     let publisher = {
         let shared = shared.clone();
         let client = client.clone();
@@ -172,8 +183,10 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
                 match ev {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         // (Re)subscribe on every connection; the session keeps what arrived meanwhile.
-                        if let Err(e) = client.try_subscribe("bitmote/+/readings", rumqttc::QoS::AtLeastOnce) {
-                            tracing::warn!("MQTT subscribe failed: {e}");
+                        for topic in ["bitmote/+/readings", "bitmote/+/acks"] {
+                            if let Err(e) = client.try_subscribe(topic, rumqttc::QoS::AtLeastOnce) {
+                                tracing::warn!("MQTT subscribe failed: {e}");
+                            }
                         }
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => handle(&shared, &out_tx, &p.topic, &p.payload),
@@ -190,6 +203,13 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
 }
 
 fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {
+    if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/acks")) {
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
+        if let Some(tx) = shared.acks.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send((device.to_string(), v));
+        }
+        return;
+    }
     let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/readings")) else { return };
     let device = device.to_string();
     let refuse = |msg: String, code: &str| {
