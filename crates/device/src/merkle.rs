@@ -5,6 +5,14 @@
 //! the root of `n` leaves splits at the largest power of two smaller than `n`.
 //! Proof generation here works over an in-memory slice of leaf hashes (devices and
 //! tests); the gateway's store computes the same proofs from stored subtrees.
+//! [`MerkleFrontier`] computes the same root in O(log n) memory without the leaves.
+//!
+//! The verifiers follow RFC 9162 §2.1.3.2 (inclusion) and §2.1.4.2 (consistency)
+//! step by step and return an error, never panic, on any input. As in the RFC, a
+//! proof authenticates a leaf against a (size, root) pair: the size is only as
+//! trustworthy as whatever signed the root with it (a checkpoint, a batch signature
+//! that covers the count), since some proofs are valid for more than one size when
+//! paired with a root that is not that size's.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -24,6 +32,8 @@ pub enum MerkleError {
     WrongProofLength { expected: usize, got: usize },
     /// The proof does not lead to the expected root.
     RootMismatch,
+    /// A frontier needs one subtree root per set bit of its size.
+    BadFrontier { size: u64, subtrees: usize },
 }
 
 impl fmt::Display for MerkleError {
@@ -37,6 +47,9 @@ impl fmt::Display for MerkleError {
                 write!(f, "proof has {got} hashes, expected {expected}")
             }
             MerkleError::RootMismatch => write!(f, "proof does not lead to the expected root"),
+            MerkleError::BadFrontier { size, subtrees } => {
+                write!(f, "a frontier of {size} leaves cannot have {subtrees} subtrees")
+            }
         }
     }
 }
@@ -66,9 +79,12 @@ pub fn empty_root() -> Hash {
     Sha256::digest([]).into()
 }
 
-/// Largest power of two strictly smaller than `n` (`n >= 2`).
+/// Largest power of two strictly smaller than `n`, where RFC 9162 splits a tree of
+/// `n >= 2` leaves; `0` for `n < 2` (such trees do not split).
 pub fn split_point(n: u64) -> u64 {
-    debug_assert!(n >= 2);
+    if n < 2 {
+        return 0;
+    }
     1u64 << (63 - (n - 1).leading_zeros())
 }
 
@@ -290,20 +306,33 @@ impl MerkleFrontier {
         Self::default()
     }
 
-    /// Append a leaf hash.
+    /// Resume a frontier from its size and perfect subtree roots (largest first),
+    /// e.g. as persisted by a device across deep sleep. Errors unless there is exactly
+    /// one subtree per set bit of `size`.
+    pub fn from_parts(size: u64, subtrees: Vec<Hash>) -> Result<Self, MerkleError> {
+        if subtrees.len() != size.count_ones() as usize {
+            return Err(MerkleError::BadFrontier { size, subtrees: subtrees.len() });
+        }
+        Ok(MerkleFrontier { size, stack: subtrees })
+    }
+
+    /// Append a leaf hash (`leaf_hash` of the leaf data). O(log n) hashing at worst,
+    /// amortised O(1).
     pub fn push(&mut self, leaf: Hash) {
         let mut h = leaf;
         let mut s = self.size;
+        // Each set low bit of the size is a perfect subtree of the height being built
+        // at the end of the stack: merge it into the new one.
         while s & 1 == 1 {
-            // The last stack entry is a perfect subtree of the same height: merge.
-            let left = self.stack.pop().expect("a set bit has a subtree");
+            let Some(left) = self.stack.pop() else { break };
             h = node_hash(&left, &h);
             s >>= 1;
         }
         self.stack.push(h);
-        self.size += 1;
+        self.size = self.size.wrapping_add(1);
     }
 
+    /// Number of leaves pushed.
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -330,89 +359,253 @@ mod tests {
         (0..n).map(|i| leaf_hash(&(i as u32).to_be_bytes())).collect()
     }
 
-    /// RFC 9162 MTH written as literally as possible, as the reference.
-    fn mth(d: &[Hash]) -> Hash {
-        if d.is_empty() {
-            return empty_root();
-        }
-        if d.len() == 1 {
-            return d[0];
-        }
+    fn hex32(s: &str) -> Hash {
+        let v = crate::hex_decode(s).unwrap();
+        v.try_into().unwrap()
+    }
+
+    // The reference: RFC 9162 §2.1.1, §2.1.3.1 and §2.1.4.1 written as literally as
+    // possible (recursive, with its own split computation).
+    fn ref_k(n: usize) -> usize {
         let mut k = 1;
-        while k * 2 < d.len() {
+        while k * 2 < n {
             k *= 2;
         }
-        node_hash(&mth(&d[..k]), &mth(&d[k..]))
+        k
+    }
+
+    fn mth(d: &[Hash]) -> Hash {
+        match d.len() {
+            0 => Sha256::digest([]).into(),
+            1 => d[0],
+            n => node_hash(&mth(&d[..ref_k(n)]), &mth(&d[ref_k(n)..])),
+        }
+    }
+
+    fn ref_path(m: usize, d: &[Hash]) -> Vec<Hash> {
+        let n = d.len();
+        if n == 1 {
+            return vec![];
+        }
+        let k = ref_k(n);
+        let mut p;
+        if m < k {
+            p = ref_path(m, &d[..k]);
+            p.push(mth(&d[k..]));
+        } else {
+            p = ref_path(m - k, &d[k..]);
+            p.push(mth(&d[..k]));
+        }
+        p
+    }
+
+    fn ref_subproof(m: usize, d: &[Hash], b: bool) -> Vec<Hash> {
+        let n = d.len();
+        if m == n {
+            return if b { vec![] } else { vec![mth(d)] };
+        }
+        let k = ref_k(n);
+        let mut p;
+        if m <= k {
+            p = ref_subproof(m, &d[..k], b);
+            p.push(mth(&d[k..]));
+        } else {
+            p = ref_subproof(m - k, &d[k..], false);
+            p.push(mth(&d[..k]));
+        }
+        p
     }
 
     #[test]
     fn known_answers() {
-        // SHA-256("") and the RFC 6962 test leaf hash of the empty leaf.
-        assert_eq!(empty_root()[..4], [0xe3, 0xb0, 0xc4, 0x42]);
-        assert_eq!(leaf_hash(&[])[..4], [0x6e, 0x34, 0x0b, 0x9c]);
+        assert_eq!(empty_root(), hex32("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
+        // The RFC 6962 / Certificate Transparency test leaves and their roots.
+        let data: [&[u8]; 8] = [
+            b"",
+            b"\x00",
+            b"\x10",
+            b"\x20\x21",
+            b"\x30\x31",
+            b"\x40\x41\x42\x43",
+            b"\x50\x51\x52\x53\x54\x55\x56\x57",
+            b"\x60\x61\x62\x63\x64\x65\x66\x67\x68\x69\x6a\x6b\x6c\x6d\x6e\x6f",
+        ];
+        let roots = [
+            "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+            "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+            "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+            "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+            "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+            "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+            "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+        ];
+        let l: Vec<Hash> = data.iter().map(|d| leaf_hash(d)).collect();
+        for (n, want) in roots.iter().enumerate() {
+            assert_eq!(root(&l[..n + 1]), hex32(want), "root of {}", n + 1);
+        }
+        assert_eq!(split_point(0), 0);
+        assert_eq!(split_point(1), 0);
+        assert_eq!(split_point(2), 1);
+        assert_eq!(split_point(8), 4);
+        assert_eq!(split_point(9), 8);
+        assert_eq!(split_point(u64::MAX), 1 << 63);
     }
 
     #[test]
     fn roots_proofs_and_frontier_agree_with_the_reference_for_all_small_trees() {
+        assert_eq!(root(&[]), empty_root());
+        assert_eq!(MerkleFrontier::new().root(), empty_root());
+        let all = leaves(72);
+        let prefix_roots: Vec<Hash> = (0..=72).map(|k| mth(&all[..k])).collect();
         for n in 1..=70usize {
             let l = leaves(n);
+            let size = n as u64;
             let r = mth(&l);
             assert_eq!(root(&l), r, "root of {n}");
             let mut f = MerkleFrontier::new();
-            for x in &l {
+            for (i, x) in l.iter().enumerate() {
                 f.push(*x);
+                assert_eq!(f.size(), i as u64 + 1);
+                assert_eq!(f.root(), prefix_roots[i + 1], "frontier of {}", i + 1);
             }
-            assert_eq!(f.root(), r, "frontier of {n}");
-            assert_eq!(f.subtrees().len(), (n as u64).count_ones() as usize);
-            for i in 0..n as u64 {
+            assert_eq!(f.subtrees().len(), size.count_ones() as usize);
+            let resumed = MerkleFrontier::from_parts(f.size(), f.subtrees().to_vec()).unwrap();
+            assert_eq!(resumed.root(), r);
+
+            for i in 0..size {
+                let leaf = &l[i as usize];
                 let p = inclusion_proof(&l, i).unwrap();
-                assert_eq!(p.len(), inclusion_proof_len(i, n as u64), "len {i}/{n}");
-                verify_inclusion(i, n as u64, &l[i as usize], &p, &r).unwrap();
-                // Wrong index, wrong leaf, tampered hash, truncated or extended proof all fail.
-                if n > 1 {
-                    let j = (i + 1) % n as u64;
-                    assert!(verify_inclusion(j, n as u64, &l[i as usize], &p, &r).is_err());
-                    assert!(verify_inclusion(i, n as u64, &l[j as usize], &p, &r).is_err());
+                assert_eq!(p, ref_path(i as usize, &l), "path {i}/{n}");
+                assert_eq!(p.len(), inclusion_proof_len(i, size), "len {i}/{n}");
+                assert_eq!(root_from_inclusion_proof(i, size, leaf, &p), Ok(r));
+                verify_inclusion(i, size, leaf, &p, &r).unwrap();
+                // Wrong index, wrong leaf, wrong root, tampered hash, truncated or
+                // extended proofs all fail, with an error.
+                for j in 0..size {
+                    if j != i {
+                        assert!(verify_inclusion(j, size, leaf, &p, &r).is_err(), "index {j} for {i}/{n}");
+                        assert!(verify_inclusion(i, size, &l[j as usize], &p, &r).is_err());
+                    }
+                }
+                // A proof for another size fails against that tree's root; and against
+                // any root if the shape differs (the size itself is bound by whoever
+                // signs the root, see the module doc).
+                for other in 0..=size + 2 {
+                    if other == size {
+                        continue;
+                    }
+                    let other_root = &prefix_roots[other as usize];
+                    assert!(verify_inclusion(i, other, leaf, &p, other_root).is_err(), "size {other} for {i}/{n}");
+                    if i >= other || inclusion_proof_len(i, other) != p.len() {
+                        assert!(verify_inclusion(i, other, leaf, &p, &r).is_err(), "size {other} for {i}/{n}");
+                    }
+                }
+                assert_eq!(verify_inclusion(i, size, leaf, &p, &leaf_hash(b"x")), Err(MerkleError::RootMismatch));
+                for k in 0..p.len() {
                     let mut t = p.clone();
-                    t[0][0] ^= 1;
-                    assert!(verify_inclusion(i, n as u64, &l[i as usize], &t, &r).is_err());
-                    assert!(verify_inclusion(i, n as u64, &l[i as usize], &p[..p.len() - 1], &r).is_err());
+                    t[k][k % 32] ^= 1;
+                    assert_eq!(verify_inclusion(i, size, leaf, &t, &r), Err(MerkleError::RootMismatch));
+                    assert!(matches!(
+                        verify_inclusion(i, size, leaf, &p[..k], &r),
+                        Err(MerkleError::WrongProofLength { .. })
+                    ));
                 }
                 let mut longer = p.clone();
                 longer.push([0; 32]);
-                assert!(verify_inclusion(i, n as u64, &l[i as usize], &longer, &r).is_err());
+                assert!(matches!(
+                    verify_inclusion(i, size, leaf, &longer, &r),
+                    Err(MerkleError::WrongProofLength { .. })
+                ));
             }
-            assert!(inclusion_proof(&l, n as u64).is_err());
-            assert!(verify_inclusion(n as u64, n as u64, &l[0], &[], &r).is_err());
-            for m in 1..=n as u64 {
+            assert_eq!(inclusion_proof(&l, size), Err(MerkleError::IndexOutOfRange { index: size, size }));
+            assert_eq!(
+                verify_inclusion(size, size, &l[0], &[], &r),
+                Err(MerkleError::IndexOutOfRange { index: size, size })
+            );
+            assert_eq!(inclusion_proof_len(size, size), 0);
+
+            for m in 1..=size {
+                let old = prefix_roots[m as usize];
                 let p = consistency_proof(&l, m).unwrap();
-                let old = mth(&l[..m as usize]);
-                verify_consistency(m, n as u64, &old, &r, &p).unwrap();
-                if m < n as u64 {
+                assert_eq!(p, ref_subproof(m as usize, &l, true), "consistency {m}/{n}");
+                verify_consistency(m, size, &old, &r, &p).unwrap();
+                if m == size {
+                    assert!(p.is_empty());
+                    assert_eq!(verify_consistency(m, size, &old, &leaf_hash(b"x"), &p), Err(MerkleError::RootMismatch));
+                    assert!(verify_consistency(m, size, &old, &r, &[r]).is_err());
+                    continue;
+                }
+                assert!(verify_consistency(m, size, &r, &r, &p).is_err(), "wrong old root");
+                assert!(verify_consistency(m, size, &old, &old, &p).is_err(), "wrong new root");
+                for k in 0..p.len() {
                     let mut t = p.clone();
-                    let last = t.len() - 1;
-                    t[last][31] ^= 1;
-                    assert!(verify_consistency(m, n as u64, &old, &r, &t).is_err());
-                    assert!(verify_consistency(m, n as u64, &r, &r, &p).is_err());
-                    assert!(verify_consistency(m, n as u64, &old, &r, &p[..p.len() - 1]).is_err());
+                    t[k][31 - k % 32] ^= 1;
+                    assert!(verify_consistency(m, size, &old, &r, &t).is_err(), "tampered {k} {m}/{n}");
+                    assert!(verify_consistency(m, size, &old, &r, &p[..k]).is_err(), "short {k} {m}/{n}");
+                }
+                let mut longer = p.clone();
+                longer.push(r);
+                assert!(verify_consistency(m, size, &old, &r, &longer).is_err());
+                // The proof does not pass for other sizes with those trees' roots.
+                for a in [0, 1, m - 1, m, m + 1, size] {
+                    for b in [m, m + 1, size - 1, size, size + 1, size + 2] {
+                        if (a, b) != (m, size) {
+                            let (ra, rb) = (&prefix_roots[a as usize], &prefix_roots[b as usize]);
+                            assert!(verify_consistency(a, b, ra, rb, &p).is_err(), "sizes {a},{b} for {m}/{n}");
+                        }
+                    }
                 }
             }
-            assert!(consistency_proof(&l, 0).is_err());
-            assert!(verify_consistency(0, n as u64, &r, &r, &[]).is_err());
-            assert!(verify_consistency(n as u64 + 1, n as u64, &r, &r, &[]).is_err());
+            assert_eq!(consistency_proof(&l, 0), Err(MerkleError::BadSizes { old_size: 0, new_size: size }));
+            assert!(consistency_proof(&l, size + 1).is_err());
+            assert_eq!(
+                verify_consistency(0, size, &r, &r, &[]),
+                Err(MerkleError::BadSizes { old_size: 0, new_size: size })
+            );
+            assert!(verify_consistency(size + 1, size, &r, &r, &[]).is_err());
         }
+    }
+
+    #[test]
+    fn frontier_from_parts_checks_the_shape() {
+        assert!(MerkleFrontier::from_parts(0, vec![]).is_ok());
+        assert_eq!(
+            MerkleFrontier::from_parts(3, vec![[0; 32]]).unwrap_err(),
+            MerkleError::BadFrontier { size: 3, subtrees: 1 }
+        );
+        assert!(MerkleFrontier::from_parts(4, vec![[0; 32], [1; 32]]).is_err());
+        // A resumed frontier keeps growing like the original.
+        let l = leaves(37);
+        let mut f = MerkleFrontier::new();
+        for x in &l[..21] {
+            f.push(*x);
+        }
+        let mut g = MerkleFrontier::from_parts(21, f.subtrees().to_vec()).unwrap();
+        for x in &l[21..] {
+            g.push(*x);
+        }
+        assert_eq!(g.root(), root(&l));
     }
 
     #[test]
     fn garbage_never_panics() {
         let junk = vec![[7u8; 32]; 70];
-        for size in [0u64, 1, 2, 3, 1 << 40, u64::MAX] {
-            for index in [0u64, 1, size.saturating_sub(1), size, u64::MAX] {
-                for len in [0usize, 1, 5, 64, 70] {
+        let sizes = [0u64, 1, 2, 3, 7, 8, 9, 1 << 40, (1 << 63) + 1, u64::MAX - 1, u64::MAX];
+        for size in sizes {
+            let _ = split_point(size);
+            for index in [0u64, 1, size / 2, size.saturating_sub(1), size, u64::MAX] {
+                let _ = inclusion_proof_len(index, size);
+                for len in [0usize, 1, 2, 5, 63, 64, 65, 70] {
                     let _ = verify_inclusion(index, size, &junk[0], &junk[..len], &junk[1]);
                     let _ = verify_consistency(index, size, &junk[0], &junk[1], &junk[..len]);
+                    let _ = verify_consistency(size, index, &junk[0], &junk[1], &junk[..len]);
                 }
             }
         }
+        assert!(verify_inclusion(0, 0, &junk[0], &[], &junk[0]).is_err());
+        assert!(verify_consistency(0, 0, &junk[0], &junk[0], &[]).is_err());
+        assert!(inclusion_proof(&[], 0).is_err());
+        assert!(consistency_proof(&[], 0).is_err());
     }
 }

@@ -13,7 +13,25 @@
 //!        0x03 opaque bytes: length u16 BE (<= 1024), bytes
 //! ```
 //! Every byte string has at most one meaning and every value exactly one encoding;
-//! decoding rejects anything else (truncation, trailing bytes, unknown tags or versions).
+//! decoding rejects anything else (truncation, trailing bytes, unknown tags or versions,
+//! a payload over 1024 bytes, NaN). All fields are fixed-width, so for every accepted
+//! byte string `encode(decode(b)) == b`, and `decode(encode(r)) == r` for every valid
+//! reading (see [`Reading::validate`]).
+//!
+//! Values are compared and encoded exactly: a scaled integer keeps its precision
+//! (`2150e-2` and `215e-1` are different readings: 21.50 vs 21.5), and floats
+//! compare by their bits (`-0.0` is not `0.0`), so equal readings have equal ids.
+//!
+//! Ids ([`Reading::id`], [`DeviceId`]) are BIP340-style tagged hashes
+//! `SHA-256(SHA-256(tag) || SHA-256(tag) || data)`:
+//! - device id: tag `bitmote/device/v1` over the public key encoding
+//!   (`0x01 || x-only[32]` or `0x02 || SEC1-compressed[33]`);
+//! - reading id: tag `bitmote/reading/v1` over the encoding; it is the message a
+//!   single-reading signature signs.
+//!
+//! The log leaf of a reading (what the gateway's log and a batch tree hash with
+//! `leaf_hash`) is `SHA-256(encoding)` ([`Reading::leaf`]), so a stored reading file
+//! hashes directly to its leaf data.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -28,21 +46,38 @@ pub const MAX_PAYLOAD: usize = 1024;
 pub const MAX_ENCODED: usize = 1 + 32 + 8 + 8 + 2 + 2 + 1 + 2 + MAX_PAYLOAD;
 const VERSION: u8 = 0x01;
 
-/// Well-known sensor type codes (applications may use others above 0x8000).
+/// Well-known sensor type codes (applications may use others from 0x8000 up).
+///
+/// | code | sensor      | usual unit        |
+/// |------|-------------|-------------------|
+/// | 0    | generic     | none (0)          |
+/// | 1    | temperature | °C (1)            |
+/// | 2    | humidity    | % relative (2)    |
+/// | 3    | pressure    | Pa (3)            |
+/// | 4    | power       | W (4)             |
+/// | 5    | energy      | Wh (5)            |
+/// | 6    | voltage     | V (6)             |
+/// | 7    | current     | A (7)             |
 pub mod sensor {
+    /// Anything else (an opaque or application-defined measurement).
     pub const GENERIC: u16 = 0;
     pub const TEMPERATURE: u16 = 1;
+    /// Relative humidity.
     pub const HUMIDITY: u16 = 2;
     pub const PRESSURE: u16 = 3;
     pub const POWER: u16 = 4;
     pub const ENERGY: u16 = 5;
     pub const VOLTAGE: u16 = 6;
     pub const CURRENT: u16 = 7;
+    /// First code free for applications.
+    pub const APPLICATION: u16 = 0x8000;
 }
 
-/// Well-known unit codes.
+/// Well-known unit codes (applications may use others from 0x8000 up).
 pub mod unit {
+    /// Dimensionless, or implied by the sensor code.
     pub const NONE: u16 = 0;
+    /// Degree Celsius.
     pub const CELSIUS: u16 = 1;
     pub const PERCENT: u16 = 2;
     pub const PASCAL: u16 = 3;
@@ -50,6 +85,8 @@ pub mod unit {
     pub const WATT_HOUR: u16 = 5;
     pub const VOLT: u16 = 6;
     pub const AMPERE: u16 = 7;
+    /// First code free for applications.
+    pub const APPLICATION: u16 = 0x8000;
 }
 
 /// Identity of a device: the tagged hash of its public key's canonical encoding.
@@ -59,6 +96,13 @@ pub struct DeviceId(pub [u8; 32]);
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex_encode(&self.0))
+    }
+}
+
+impl DeviceId {
+    /// The 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 
@@ -77,7 +121,9 @@ impl FromStr for DeviceId {
 }
 
 /// A measured value.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Equality is exact and follows the encoding: floats compare by their bits.
+#[derive(Clone, Debug)]
 pub enum Value {
     /// `mantissa × 10^exponent`, exact.
     Scaled { mantissa: i64, exponent: i8 },
@@ -87,8 +133,21 @@ pub enum Value {
     Bytes(Vec<u8>),
 }
 
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Scaled { mantissa: a, exponent: x }, Value::Scaled { mantissa: b, exponent: y }) => a == b && x == y,
+            (Value::Float(a), Value::Float(b)) => a.to_bits() == b.to_bits(),
+            (Value::Bytes(a), Value::Bytes(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Value {}
+
 /// One reading of one sensor.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reading {
     pub device: DeviceId,
     pub seq: u64,
@@ -261,6 +320,17 @@ impl Reading {
         sha256(&self.encode())
     }
 
+    /// The leaf data that goes into the gateway's log and into a batch tree: the
+    /// 32-byte [`digest`](Self::digest) `SHA-256(encoding)`.
+    pub fn leaf(&self) -> [u8; 32] {
+        self.digest()
+    }
+
+    /// The RFC 9162 leaf hash of this reading: `SHA-256(0x00 || SHA-256(encoding))`.
+    pub fn leaf_hash(&self) -> crate::merkle::Hash {
+        crate::merkle::leaf_hash(&self.leaf())
+    }
+
     /// Human-readable value, e.g. `21.53`.
     pub fn value_string(&self) -> String {
         use alloc::format;
@@ -289,7 +359,7 @@ impl Reading {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use alloc::vec;
 
@@ -384,5 +454,102 @@ mod tests {
         assert_eq!(a.digest(), sha256(&a.encode()));
         let id: DeviceId = alloc::format!("{}", a.device).parse().unwrap();
         assert_eq!(id, a.device);
+    }
+
+    /// Deterministic xorshift64 PRNG for the fuzz-like tests.
+    pub(crate) struct XorShift(pub(crate) u64);
+    impl XorShift {
+        pub(crate) fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+        pub(crate) fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn random_reading(rng: &mut XorShift) -> Reading {
+        let mut device = [0u8; 32];
+        device.copy_from_slice(&rng.bytes(32));
+        let value = match rng.next() % 3 {
+            0 => Value::Scaled { mantissa: rng.next() as i64, exponent: rng.next() as i8 },
+            1 => {
+                let x = f64::from_bits(rng.next());
+                Value::Float(if x.is_nan() { 1.5 } else { x })
+            }
+            _ => {
+                let n = (rng.next() % (MAX_PAYLOAD as u64 + 1)) as usize;
+                Value::Bytes(rng.bytes(n))
+            }
+        };
+        Reading {
+            device: DeviceId(device),
+            seq: rng.next(),
+            timestamp_ms: rng.next(),
+            sensor: rng.next() as u16,
+            unit: rng.next() as u16,
+            value,
+        }
+    }
+
+    #[test]
+    fn random_valid_readings_roundtrip() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..2_000 {
+            let r = random_reading(&mut rng);
+            r.validate().unwrap();
+            let e = r.encode();
+            let d = Reading::decode(&e).unwrap();
+            assert_eq!(d, r);
+            assert_eq!(d.encode(), e);
+            assert_eq!(d.id(), r.id());
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut rng = XorShift(0xdead_beef_cafe_f00d);
+        let mut accepted = 0;
+        for i in 0..50_000 {
+            let len = (rng.next() % 120) as usize;
+            let mut b = rng.bytes(len);
+            // Make a fair share of inputs get past the version and tag checks.
+            if i % 2 == 0 && !b.is_empty() {
+                b[0] = VERSION;
+            }
+            if i % 4 == 0 && b.len() > 53 {
+                b[53] = 1 + (rng.next() % 3) as u8;
+            }
+            if let Ok(r) = Reading::decode(&b) {
+                accepted += 1;
+                assert_eq!(r.encode(), b);
+            }
+        }
+        assert!(accepted > 0);
+    }
+
+    #[test]
+    fn float_equality_is_bitwise_and_scaled_values_keep_precision() {
+        let pos = Reading { value: Value::Float(0.0), ..sample() };
+        let neg = Reading { value: Value::Float(-0.0), ..sample() };
+        assert_ne!(pos, neg);
+        assert_ne!(pos.id(), neg.id());
+        let a = Reading { value: Value::Scaled { mantissa: 2150, exponent: -2 }, ..sample() };
+        let b = Reading { value: Value::Scaled { mantissa: 215, exponent: -1 }, ..sample() };
+        assert_ne!(a, b);
+        assert_eq!(a.value_string(), "21.50");
+        assert_eq!(b.value_string(), "21.5");
+        let c = Reading { value: Value::Scaled { mantissa: -5, exponent: -3 }, ..sample() };
+        assert_eq!(c.value_string(), "-0.005");
+        let d = Reading { value: Value::Scaled { mantissa: 12, exponent: 3 }, ..sample() };
+        assert_eq!(d.value_string(), "12000");
+        let e = Reading { value: Value::Scaled { mantissa: i64::MIN, exponent: i8::MIN }, ..sample() };
+        assert!(e.value_string().starts_with("-0.000"));
+        assert_eq!(sample().leaf(), sample().digest());
+        assert_eq!(sample().leaf_hash(), crate::merkle::leaf_hash(&sample().digest()));
     }
 }

@@ -5,6 +5,19 @@
 //! Encodings: public key `0x01 || x-only[32]` or `0x02 || SEC1-compressed[33]`;
 //! signature `0x01 || sig[64]` (BIP340) or `0x02 || r[32] || s[32]` (P-256, low-S
 //! only, on signing and on verification, so signatures are not malleable).
+//!
+//! - BIP340: the 32-byte message is signed as is, deterministically
+//!   (`sign_schnorr_no_aux_rand`: libsecp256k1 with `aux_rand32 = NULL`, which is
+//!   BIP340 with `aux_rand` = 32 zero bytes); any valid BIP340 signature verifies,
+//!   so another implementation may add auxiliary randomness.
+//! - P-256: ECDSA with the 32-byte message as the prehash (`e` = the message as a
+//!   big-endian integer, no further hashing), RFC 6979 deterministic nonces, `s`
+//!   normalised to `s <= n/2`. Verification refuses high-S signatures: a C
+//!   implementation must normalise too (`s = n - s` if `s > n/2`).
+//!
+//! Secret keys are 32 bytes big-endian, `1 <= d < n` for either curve.
+//! [`SigningKey::generate_schnorr`] and [`SigningKey::generate_p256`] draw one from
+//! the OS (feature `std`); without `std`, the firmware supplies the secret.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -52,6 +65,8 @@ pub enum SignError {
     Invalid,
     /// A secret key out of range.
     BadSecret,
+    /// The OS random number generator failed.
+    Rng,
 }
 
 impl fmt::Display for SignError {
@@ -60,6 +75,7 @@ impl fmt::Display for SignError {
             SignError::KeyTypeMismatch => write!(f, "signature type does not match the key type"),
             SignError::Invalid => write!(f, "invalid signature"),
             SignError::BadSecret => write!(f, "invalid secret key"),
+            SignError::Rng => write!(f, "the system random number generator failed"),
         }
     }
 }
@@ -130,6 +146,11 @@ impl PublicKey {
     }
 }
 
+/// Verify `sig` by `key` over the 32-byte `msg` (same as [`PublicKey::verify`]).
+pub fn verify(key: &PublicKey, msg: &[u8; 32], sig: &Signature) -> Result<(), SignError> {
+    key.verify(msg, sig)
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex_encode(&self.encode()))
@@ -181,6 +202,33 @@ impl Signature {
     pub fn from_hex(s: &str) -> Result<Self, DecodeError> {
         Signature::decode(&hex_decode(s).ok_or(DecodeError::BadHex)?)
     }
+
+    /// The 64 signature bytes without the type byte.
+    pub fn as_bytes(&self) -> &[u8; 64] {
+        match self {
+            Signature::Schnorr(s) | Signature::P256(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl FromStr for Signature {
+    type Err = DecodeError;
+    fn from_str(s: &str) -> Result<Self, DecodeError> {
+        Signature::from_hex(s)
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    /// Shows the public key only, never the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({})", self.public_key())
+    }
 }
 
 impl SigningKey {
@@ -194,6 +242,32 @@ impl SigningKey {
     /// A P-256 key from a 32-byte secret.
     pub fn p256_from_secret(secret: &[u8; 32]) -> Result<Self, SignError> {
         p256::ecdsa::SigningKey::from_bytes(secret.into()).map(SigningKey::P256).map_err(|_| SignError::BadSecret)
+    }
+
+    /// A new BIP340 key from the OS random number generator.
+    #[cfg(feature = "std")]
+    pub fn generate_schnorr() -> Result<Self, SignError> {
+        Self::generate_with(Self::schnorr_from_secret)
+    }
+
+    /// A new P-256 key from the OS random number generator.
+    #[cfg(feature = "std")]
+    pub fn generate_p256() -> Result<Self, SignError> {
+        Self::generate_with(Self::p256_from_secret)
+    }
+
+    #[cfg(feature = "std")]
+    fn generate_with(from: fn(&[u8; 32]) -> Result<Self, SignError>) -> Result<Self, SignError> {
+        // A uniform 32-byte string is out of range with probability < 2^-32 on
+        // both curves; retry rather than reduce, so the secret stays uniform.
+        for _ in 0..64 {
+            let mut secret = [0u8; 32];
+            getrandom::getrandom(&mut secret).map_err(|_| SignError::Rng)?;
+            if let Ok(k) = from(&secret) {
+                return Ok(k);
+            }
+        }
+        Err(SignError::Rng)
     }
 
     /// The 32-byte secret (for storing a key file).
@@ -223,6 +297,8 @@ impl SigningKey {
                 Signature::Schnorr(*s.as_ref())
             }
             SigningKey::P256(k) => {
+                // Fails only if RFC 6979 yields r = 0 or s = 0 (probability ~2^-256),
+                // never because of the message: any 32-byte prehash is accepted.
                 let s: p256::ecdsa::Signature = k.sign_prehash(msg).expect("a 32-byte prehash is always signable");
                 let s = s.normalize_s().unwrap_or(s);
                 let mut b = [0u8; 64];
@@ -299,5 +375,79 @@ mod tests {
         assert_eq!(Signature::decode(&[9; 65]), Err(DecodeError::BadSignature));
         assert!(SigningKey::schnorr_from_secret(&[0; 32]).is_err());
         assert!(SigningKey::p256_from_secret(&[0xff; 32]).is_err());
+    }
+
+    #[test]
+    fn another_key_of_the_same_type_does_not_verify() {
+        let msg = [9u8; 32];
+        let a = [SigningKey::schnorr_from_secret(&[1; 32]).unwrap(), SigningKey::p256_from_secret(&[1; 32]).unwrap()];
+        let b = [SigningKey::schnorr_from_secret(&[2; 32]).unwrap(), SigningKey::p256_from_secret(&[2; 32]).unwrap()];
+        for (a, b) in a.iter().zip(b.iter()) {
+            let sig = a.sign(&msg);
+            assert_eq!(verify(&a.public_key(), &msg, &sig), Ok(()));
+            assert_eq!(verify(&b.public_key(), &msg, &sig), Err(SignError::Invalid));
+            // Signing is deterministic, and signatures print and parse as hex.
+            assert_eq!(a.sign(&msg), sig);
+            assert_eq!(alloc::format!("{sig}").parse::<Signature>().unwrap(), sig);
+            assert_eq!(&sig.encode()[1..], sig.as_bytes());
+            // Debug shows the public key, never the secret.
+            let dbg = alloc::format!("{a:?}");
+            assert!(dbg.contains(&alloc::format!("{}", a.public_key())));
+            assert!(!dbg.contains(&crate::hex_encode(&a.secret_bytes())));
+        }
+        // All-zero signatures and r = 0 / s = 0 are errors, not panics.
+        for k in a.iter() {
+            for sig in [Signature::Schnorr([0; 64]), Signature::P256([0; 64]), Signature::P256([0xff; 64])] {
+                assert!(k.public_key().verify(&msg, &sig).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn uncompressed_and_hybrid_p256_keys_are_refused() {
+        let [_, k] = keys();
+        let PublicKey::P256(vk) = k.public_key() else { unreachable!() };
+        let mut unc = alloc::vec![0x02];
+        unc.extend_from_slice(vk.to_encoded_point(false).as_bytes());
+        assert_eq!(PublicKey::decode(&unc), Err(DecodeError::BadKey));
+        let mut other_parity = k.public_key().encode();
+        other_parity[1] ^= 1; // 0x02 <-> 0x03: another valid point, another key
+        assert_ne!(PublicKey::decode(&other_parity).ok(), Some(k.public_key()));
+        assert!("zz".parse::<PublicKey>().is_err());
+        assert!("".parse::<PublicKey>().is_err());
+    }
+
+    #[cfg(feature = "std")]
+    #[test]
+    fn generated_keys_are_fresh_and_work() {
+        let a = SigningKey::generate_schnorr().unwrap();
+        let b = SigningKey::generate_schnorr().unwrap();
+        let c = SigningKey::generate_p256().unwrap();
+        assert_ne!(a.secret_bytes(), b.secret_bytes());
+        assert!(matches!(c, SigningKey::P256(_)));
+        for k in [a, c] {
+            let sig = k.sign(&[5; 32]);
+            k.public_key().verify(&[5; 32], &sig).unwrap();
+        }
+    }
+
+    #[test]
+    fn random_key_and_signature_bytes_never_panic() {
+        let mut rng = crate::reading::tests::XorShift(0x1234_5678_9abc_def1);
+        for i in 0..5_000 {
+            let len = [0, 1, 33, 34, 64, 65, 66][i % 7];
+            let mut b = rng.bytes(len);
+            if let Some(t) = b.first_mut() {
+                *t %= 4;
+            }
+            if let Ok(k) = PublicKey::decode(&b) {
+                assert_eq!(k.encode(), b);
+            }
+            if let Ok(s) = Signature::decode(&b) {
+                assert_eq!(s.encode().as_slice(), b.as_slice());
+                let _ = SigningKey::schnorr_from_secret(&[1; 32]).unwrap().public_key().verify(&[0; 32], &s);
+                let _ = SigningKey::p256_from_secret(&[1; 32]).unwrap().public_key().verify(&[0; 32], &s);
+            }
+        }
     }
 }

@@ -1,22 +1,31 @@
 //! Ingest: accept signed readings and batches, append them to the log with group
 //! commit, and acknowledge each one only once it is durable.
 //!
-//! Checks that need no database (encoding, signature, clock) run on the caller's
-//! thread, in parallel. One writer thread then takes everything queued, checks
-//! enrolment and sequence numbers against the registry (a replay is refused even if
-//! its twin is in the same group), and writes readings, log nodes and sequence
-//! numbers in ONE SQLite transaction: one disk flush for the whole group. Only after
-//! the commit does each submitter get its [`Receipt`]s; a storage error fails the
-//! group and acknowledges nothing, and a rejected submission never affects another.
+//! Checks that need no database (shape, sizes, clock, enrolment as cached,
+//! signature) and the per-reading hashing run on the submitter's thread, in
+//! parallel. One writer thread then takes everything queued, checks enrolment and
+//! sequence numbers again, in queue order (a replay is refused even if its twin is in
+//! the same group), and writes readings, batches, log nodes and sequence numbers in
+//! ONE SQLite transaction: one disk flush for the whole group. Only after the commit
+//! does each submitter get its [`Receipt`]s; a storage error fails the group and
+//! acknowledges nothing, and a refused submission never affects another. A device
+//! that resends a reading it got no receipt for gets the same receipt again.
+//!
+//! One `Ingestor` per database: it caches the registry (keys, last sequence
+//! numbers) and is the only writer of readings and log.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use bitmote_device::batch::reading_leaf_hash;
-use bitmote_device::{BatchMembership, DeviceId, Evidence, PublicKey, Reading, SignedBatch, SignedReading, Signature};
+use bitmote_device::batch::MAX_BATCH;
+use bitmote_device::reading::{MAX_ENCODED, MAX_PAYLOAD};
+use bitmote_device::{
+    BatchError, BatchMembership, DecodeError, DeviceId, Evidence, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::log::MerkleLog;
@@ -62,13 +71,21 @@ impl IngestError {
     }
 }
 
+fn decode_error(e: DecodeError) -> IngestError {
+    match e {
+        DecodeError::PayloadTooLarge(_) | DecodeError::TooMany(_) => IngestError::TooLarge(e.to_string()),
+        _ => IngestError::Malformed(e.to_string()),
+    }
+}
+
 /// Acknowledgement of one durable reading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Receipt {
     #[serde(serialize_with = "ser_hex")]
     pub reading_id: [u8; 32],
     pub leaf_index: u64,
-    /// Size of the log once the group holding this reading was committed.
+    /// Size of the log right after the commit that made this reading durable (for a
+    /// re-acknowledged reading: the size when it was re-acknowledged).
     pub tree_size: u64,
 }
 
@@ -76,10 +93,10 @@ fn ser_hex<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(&hex::encode(v))
 }
 
-/// Plausibility limits.
+/// Plausibility and size limits.
 #[derive(Clone, Debug)]
 pub struct IngestConfig {
-    /// Readings may be at most this far ahead of the gateway clock.
+    /// Readings may be at most this far ahead of the gateway clock (default 10 min).
     pub max_future_ms: u64,
     /// Readings before this are refused (default 2020-01-01).
     pub min_timestamp_ms: u64,
@@ -88,16 +105,30 @@ pub struct IngestConfig {
     /// Storage quota in database pages (4 KiB); `None` = until the disk is full. Either way a
     /// full store fails the group with a storage error and acknowledges nothing.
     pub max_db_pages: Option<u64>,
+    /// Most readings in one batch (at most the wire format's `MAX_BATCH`, 4096).
+    pub max_batch: usize,
+    /// Largest opaque payload of a reading, in bytes (at most `MAX_PAYLOAD`, 1024).
+    pub max_payload: usize,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_future_ms: 10 * 60 * 1000, min_timestamp_ms: 1_577_836_800_000, max_group: 16_384, max_db_pages: None }
+        IngestConfig {
+            max_future_ms: 10 * 60 * 1000,
+            min_timestamp_ms: 1_577_836_800_000,
+            max_group: 16_384,
+            max_db_pages: None,
+            max_batch: MAX_BATCH,
+            max_payload: MAX_PAYLOAD,
+        }
     }
 }
 
+/// Largest wire submission: a full batch of the largest readings.
+pub const MAX_SUBMISSION_BYTES: usize = 3 + MAX_BATCH * (2 + MAX_ENCODED) + bitmote_device::sign::SIGNATURE_LEN;
+
 /// A submission as it arrives.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Submission {
     Reading(SignedReading),
     Batch(SignedBatch),
@@ -106,26 +137,27 @@ pub enum Submission {
 impl Submission {
     /// Parse the binary wire format (`'R' …` or `'B' …`, see `bitmote_device::batch`).
     pub fn decode(b: &[u8]) -> Result<Self, IngestError> {
+        if b.len() > MAX_SUBMISSION_BYTES {
+            return Err(IngestError::TooLarge(format!("{} bytes (at most {MAX_SUBMISSION_BYTES})", b.len())));
+        }
         match b.first() {
             Some(b'R') => SignedReading::decode(b).map(Submission::Reading),
             Some(b'B') => SignedBatch::decode(b).map(Submission::Batch),
             _ => return Err(IngestError::Malformed("expected a signed reading ('R') or batch ('B')".into())),
         }
-        .map_err(|e| IngestError::Malformed(e.to_string()))
+        .map_err(decode_error)
     }
 
-    fn device(&self) -> Option<DeviceId> {
+    /// The readings, in order.
+    pub fn readings(&self) -> &[Reading] {
         match self {
-            Submission::Reading(r) => Some(r.reading.device),
-            Submission::Batch(b) => b.readings.first().map(|r| r.device),
+            Submission::Reading(r) => std::slice::from_ref(&r.reading),
+            Submission::Batch(b) => &b.readings,
         }
     }
 
     pub fn len(&self) -> usize {
-        match self {
-            Submission::Reading(_) => 1,
-            Submission::Batch(b) => b.readings.len(),
-        }
+        self.readings().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -135,10 +167,25 @@ impl Submission {
 
 type Reply = Box<dyn FnOnce(Result<Vec<Receipt>, IngestError>) + Send>;
 
+/// What the writer needs of one reading, computed on the submitter's thread.
+struct Prepared {
+    id: [u8; 32],
+    leaf: [u8; 32],
+    encoded: Vec<u8>,
+}
+
 struct Job {
     device: DeviceId,
     sub: Submission,
+    prepared: Vec<Prepared>,
     reply: Reply,
+}
+
+impl Job {
+    fn seqs(&self) -> (u64, u64) {
+        let r = self.sub.readings();
+        (r[0].seq, r[r.len() - 1].seq)
+    }
 }
 
 /// Counters for metrics.
@@ -146,16 +193,69 @@ struct Job {
 struct Stats {
     accepted: AtomicU64,
     groups: AtomicU64,
+    reacknowledged: AtomicU64,
     rejected: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl Stats {
+    fn reject(&self, e: &IngestError) {
+        *self.rejected.lock().unwrap_or_else(|p| p.into_inner()).entry(e.code()).or_default() += 1;
+    }
 }
 
 /// A snapshot of the counters.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct IngestStats {
+    /// Readings made durable.
     pub accepted: u64,
+    /// Transactions committed.
     pub groups: u64,
+    /// Mean readings per committed transaction.
     pub mean_group: f64,
+    /// Readings acknowledged again (resent after a lost receipt).
+    pub reacknowledged: u64,
+    /// Refused submissions by [`IngestError::code`].
     pub rejected: HashMap<&'static str, u64>,
+}
+
+/// The answer to a submission, to wait for (see [`Ingestor::submit_nowait`]).
+pub struct Pending {
+    rx: mpsc::Receiver<Result<Vec<Receipt>, IngestError>>,
+    done: Option<Result<Vec<Receipt>, IngestError>>,
+}
+
+impl Pending {
+    /// Block until the readings are durable (or refused).
+    pub fn wait(mut self) -> Result<Vec<Receipt>, IngestError> {
+        match self.done.take() {
+            Some(r) => r,
+            None => self.rx.recv().unwrap_or(Err(IngestError::ShuttingDown)),
+        }
+    }
+
+    /// The answer if there is one yet (never blocks).
+    pub fn try_wait(&mut self) -> Option<&Result<Vec<Receipt>, IngestError>> {
+        if self.done.is_none() {
+            self.done = match self.rx.try_recv() {
+                Ok(r) => Some(r),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => Some(Err(IngestError::ShuttingDown)),
+            };
+        }
+        self.done.as_ref()
+    }
+
+    /// Wait at most `timeout` for the answer.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<&Result<Vec<Receipt>, IngestError>> {
+        if self.done.is_none() {
+            self.done = match self.rx.recv_timeout(timeout) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(IngestError::ShuttingDown)),
+            };
+        }
+        self.done.as_ref()
+    }
 }
 
 /// The ingest pipeline of one notary database.
@@ -189,7 +289,7 @@ impl Ingestor {
         let writer = {
             let devices = devices.clone();
             let stats = stats.clone();
-            let max_group = cfg.max_group;
+            let max_group = cfg.max_group.max(1);
             std::thread::Builder::new()
                 .name("notary-writer".into())
                 .spawn(move || writer_loop(writer_conn, rx, devices, stats, max_group))
@@ -210,13 +310,19 @@ impl Ingestor {
         &self.path
     }
 
-    fn reject(&self, e: IngestError) -> IngestError {
-        *self.stats.rejected.lock().unwrap_or_else(|p| p.into_inner()).entry(e.code()).or_default() += 1;
-        e
+    pub fn config(&self) -> &IngestConfig {
+        &self.cfg
     }
 
-    fn precheck(&self, sub: &Submission) -> Result<DeviceId, IngestError> {
-        let device = sub.device().ok_or_else(|| IngestError::Malformed("empty batch".into()))?;
+    /// Every check that needs no database, and the hashing the writer will need.
+    fn precheck(&self, sub: &Submission) -> Result<(DeviceId, Vec<Prepared>), IngestError> {
+        let readings = sub.readings();
+        let first = readings.first().ok_or_else(|| IngestError::Malformed("empty batch".into()))?;
+        let max_batch = self.cfg.max_batch.min(MAX_BATCH);
+        if readings.len() > max_batch {
+            return Err(IngestError::TooLarge(format!("{} readings in one batch (at most {max_batch})", readings.len())));
+        }
+        let device = first.device;
         let key: PublicKey = {
             let devs = self.devices.read().unwrap_or_else(|p| p.into_inner());
             let d = devs.get(&device).ok_or(IngestError::UnknownDevice(device))?;
@@ -226,13 +332,19 @@ impl Ingestor {
             d.pubkey
         };
         let now = now_ms();
-        let readings: Vec<&Reading> = match sub {
-            Submission::Reading(r) => vec![&r.reading],
-            Submission::Batch(b) => b.readings.iter().collect(),
-        };
+        let max_payload = self.cfg.max_payload.min(MAX_PAYLOAD);
         for r in readings {
+            r.validate().map_err(decode_error)?;
+            if let Value::Bytes(b) = &r.value {
+                if b.len() > max_payload {
+                    return Err(IngestError::TooLarge(format!("payload of {} bytes (at most {max_payload})", b.len())));
+                }
+            }
+            if r.seq > i64::MAX as u64 {
+                return Err(IngestError::Malformed(format!("sequence number {} is over 2^63 - 1", r.seq)));
+            }
             let why = if r.timestamp_ms > now.saturating_add(self.cfg.max_future_ms) {
-                Some("in the future")
+                Some("too far in the future")
             } else if r.timestamp_ms < self.cfg.min_timestamp_ms {
                 Some("before the earliest accepted time")
             } else {
@@ -247,71 +359,129 @@ impl Ingestor {
             Submission::Batch(b) => b.verify(&key),
         };
         checked.map_err(|e| match e {
-            bitmote_device::BatchError::Sign(s) => IngestError::BadSignature(s.to_string()),
-            bitmote_device::BatchError::TooMany(n) => IngestError::TooLarge(format!("{n} readings in one batch")),
+            BatchError::Sign(s) => IngestError::BadSignature(s.to_string()),
+            BatchError::TooMany(n) => IngestError::TooLarge(format!("{n} readings in one batch")),
+            BatchError::Decode(d) => decode_error(d),
             other => IngestError::Malformed(other.to_string()),
         })?;
-        Ok(device)
+        let prepared = readings
+            .iter()
+            .map(|r| {
+                let encoded = r.encode();
+                Prepared { id: r.id(), leaf: bitmote_device::sha256(&encoded), encoded }
+            })
+            .collect();
+        Ok((device, prepared))
     }
 
-    /// Validate on this thread, then queue; `reply` is called once the readings are
-    /// durable (or refused). Never blocks on the disk.
+    /// Validate on this thread, then queue; `reply` is called (on the writer thread, or
+    /// here for an immediate refusal) once the readings are durable or refused. Never
+    /// blocks on the disk: for async callers.
     pub fn submit_with(&self, sub: Submission, reply: impl FnOnce(Result<Vec<Receipt>, IngestError>) + Send + 'static) {
-        let device = match self.precheck(&sub) {
-            Ok(d) => d,
-            Err(e) => return reply(Err(self.reject(e))),
+        let (device, prepared) = match self.precheck(&sub) {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.reject(&e);
+                return reply(Err(e));
+            }
         };
         let stats = self.stats.clone();
         let reply: Reply = Box::new(move |res: Result<Vec<Receipt>, IngestError>| {
             if let Err(e) = &res {
-                *stats.rejected.lock().unwrap_or_else(|p| p.into_inner()).entry(e.code()).or_default() += 1;
+                stats.reject(e);
             }
             reply(res)
         });
         let q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         match q.as_ref() {
             Some(tx) => {
-                if let Err(mpsc::SendError(job)) = tx.send(Job { device, sub, reply }) {
+                if let Err(mpsc::SendError(job)) = tx.send(Job { device, sub, prepared, reply }) {
                     (job.reply)(Err(IngestError::ShuttingDown));
                 }
             }
-            None => reply(Err(IngestError::ShuttingDown)),
+            None => {
+                drop(q);
+                reply(Err(IngestError::ShuttingDown))
+            }
         }
     }
 
-    /// Submit and wait until durable.
-    pub fn submit(&self, sub: Submission) -> Result<Vec<Receipt>, IngestError> {
+    /// Submit; the returned handle waits for the answer.
+    pub fn submit_nowait(&self, sub: Submission) -> Pending {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit_with(sub, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv().unwrap_or(Err(IngestError::ShuttingDown))
+        Pending { rx, done: None }
     }
 
-    /// Enroll a device key.
+    /// Submit and wait until durable.
+    pub fn submit(&self, sub: Submission) -> Result<Vec<Receipt>, IngestError> {
+        self.submit_nowait(sub).wait()
+    }
+
+    /// Submit one signed reading and wait until durable (one receipt).
+    pub fn submit_reading(&self, r: SignedReading) -> Result<Vec<Receipt>, IngestError> {
+        self.submit(Submission::Reading(r))
+    }
+
+    /// Submit a signed batch and wait until durable (one receipt per reading, in order).
+    pub fn submit_batch(&self, b: SignedBatch) -> Result<Vec<Receipt>, IngestError> {
+        self.submit(Submission::Batch(b))
+    }
+
+    /// Put a registry record in the cache without ever lowering its last sequence number
+    /// (the writer may have advanced it since the record was read).
+    fn cache(&self, mut d: Device) {
+        let mut devs = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = devs.get(&d.id) {
+            d.last_seq = d.last_seq.max(old.last_seq);
+        }
+        devs.insert(d.id, d);
+    }
+
+    fn admin(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enroll a device key (idempotent; a revoked key is refused).
     pub fn enroll(&self, key: &PublicKey, name: Option<&str>) -> Result<Device, RegistryError> {
-        let c = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let d = registry::enroll(&c, key, name)?;
-        self.devices.write().unwrap_or_else(|p| p.into_inner()).insert(d.id, d.clone());
-        Ok(d)
+        let d = registry::enroll(&self.admin(), key, name)?;
+        self.cache(d.clone());
+        Ok(self.device(&d.id).unwrap_or(d))
     }
 
-    /// Revoke a device.
+    /// Revoke a device: submissions already queued may still be stored; later ones are refused.
     pub fn revoke(&self, id: &DeviceId, reason: &str) -> Result<Device, RegistryError> {
-        let c = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let d = registry::revoke(&c, id, reason)?;
-        self.devices.write().unwrap_or_else(|p| p.into_inner()).insert(d.id, d.clone());
-        Ok(d)
+        let d = registry::revoke(&self.admin(), id, reason)?;
+        self.cache(d.clone());
+        Ok(self.device(&d.id).unwrap_or(d))
     }
 
     pub fn device(&self, id: &DeviceId) -> Option<Device> {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
+    /// All devices, revoked ones included, in enrolment order.
     pub fn devices(&self) -> Vec<Device> {
         let mut v: Vec<Device> = self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         v.sort_by(|a, b| (a.enrolled_ms, &a.name).cmp(&(b.enrolled_ms, &b.name)));
         v
+    }
+
+    /// A stored reading by its id.
+    pub fn reading(&self, id: &[u8; 32]) -> Result<Option<StoredReading>, IngestError> {
+        reading_by_id(&self.admin(), id)
+    }
+
+    /// The stored reading at a leaf index.
+    pub fn reading_at(&self, leaf_index: u64) -> Result<Option<StoredReading>, IngestError> {
+        reading_at(&self.admin(), leaf_index)
+    }
+
+    /// Size and root of the log as committed.
+    pub fn head(&self) -> Result<(u64, [u8; 32]), IngestError> {
+        MerkleLog::new(&self.admin()).head().map_err(|e| IngestError::Storage(e.to_string()))
     }
 
     pub fn stats(&self) -> IngestStats {
@@ -321,11 +491,12 @@ impl Ingestor {
             accepted,
             groups,
             mean_group: if groups > 0 { accepted as f64 / groups as f64 } else { 0.0 },
+            reacknowledged: self.stats.reacknowledged.load(Ordering::Relaxed),
             rejected: self.stats.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 
-    /// Stop accepting, write everything queued, stop the writer.
+    /// Stop accepting, write everything queued (answering every submitter), stop the writer.
     pub fn shutdown(&self) {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -347,9 +518,10 @@ fn writer_loop(
     stats: Arc<Stats>,
     max_group: usize,
 ) {
+    // Ends once the queue is closed (shutdown) and drained.
     while let Ok(first) = rx.recv() {
+        let mut n = first.sub.len();
         let mut group = vec![first];
-        let mut n = group[0].sub.len();
         while n < max_group {
             match rx.try_recv() {
                 Ok(j) => {
@@ -359,100 +531,113 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        // Enrolment and sequence numbers, in queue order.
-        let mut last: HashMap<DeviceId, Option<u64>> = HashMap::new();
-        let mut accepted: Vec<Job> = Vec::with_capacity(group.len());
-        {
-            let devs = devices.read().unwrap_or_else(|p| p.into_inner());
-            for job in group {
-                let verdict = match devs.get(&job.device) {
-                    None => Err(IngestError::UnknownDevice(job.device)),
-                    Some(d) if d.is_revoked() => Err(IngestError::Revoked(job.device)),
-                    Some(d) => {
-                        let prev = *last.entry(job.device).or_insert(d.last_seq);
-                        let (first_seq, last_seq) = match &job.sub {
-                            Submission::Reading(r) => (r.reading.seq, r.reading.seq),
-                            Submission::Batch(b) => (b.readings[0].seq, b.readings[b.readings.len() - 1].seq),
-                        };
-                        match prev {
-                            Some(p) if first_seq <= p => {
-                                // A device that did not get its acknowledgement sends again: if these
-                                // exact readings are already in the log, acknowledge them again.
-                                match already_stored(&conn, &job.sub) {
-                                    Some(receipts) => {
-                                        (job.reply)(Ok(receipts));
-                                        continue;
-                                    }
-                                    None => Err(IngestError::Replay { last: p, got: first_seq }),
-                                }
+        commit_group(&mut conn, group, &devices, &stats);
+    }
+}
+
+/// Check a group against the registry in queue order, write the acceptable part in
+/// one transaction, answer everyone.
+fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap<DeviceId, Device>>, stats: &Stats) {
+    let mut last: HashMap<DeviceId, u64> = HashMap::new();
+    let mut accepted: Vec<Job> = Vec::with_capacity(group.len());
+    // First reading id → position in `accepted`, to spot a submission sent twice into one group.
+    let mut firsts: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut twins: Vec<(usize, Reply)> = vec![];
+    {
+        let devs = devices.read().unwrap_or_else(|p| p.into_inner());
+        for job in group {
+            let verdict = match devs.get(&job.device) {
+                None => Err(IngestError::UnknownDevice(job.device)),
+                Some(d) if d.is_revoked() => Err(IngestError::Revoked(job.device)),
+                Some(d) => {
+                    let (first_seq, last_seq) = job.seqs();
+                    match last.get(&job.device).copied().or(d.last_seq) {
+                        Some(p) if first_seq <= p => {
+                            // A device that did not get its acknowledgement sends again: if these
+                            // exact readings are in this group or already in the log, acknowledge
+                            // them (again); any other reading with a used number is a replay.
+                            if let Some(&i) = firsts.get(&job.prepared[0].id).filter(|&&i| accepted[i].sub == job.sub) {
+                                twins.push((i, job.reply));
+                                continue;
                             }
-                            _ => {
-                                last.insert(job.device, Some(last_seq));
-                                Ok(())
+                            match already_stored(conn, &job.prepared) {
+                                Ok(Some(receipts)) => {
+                                    stats.reacknowledged.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+                                    (job.reply)(Ok(receipts));
+                                    continue;
+                                }
+                                Ok(None) => Err(IngestError::Replay { last: p, got: first_seq }),
+                                Err(e) => Err(IngestError::Storage(e.to_string())),
                             }
                         }
+                        _ => {
+                            last.insert(job.device, last_seq);
+                            Ok(())
+                        }
                     }
-                };
-                match verdict {
-                    Ok(()) => accepted.push(job),
-                    Err(e) => (job.reply)(Err(e)),
                 }
+            };
+            match verdict {
+                Ok(()) => {
+                    firsts.insert(job.prepared[0].id, accepted.len());
+                    accepted.push(job);
+                }
+                Err(e) => (job.reply)(Err(e)),
             }
         }
-        if accepted.is_empty() {
-            continue;
-        }
-        match write_group(&mut conn, &accepted, &last) {
-            Ok(receipts) => {
+    }
+    if accepted.is_empty() {
+        return;
+    }
+    match write_group(conn, &accepted, &last) {
+        Ok(receipts) => {
+            {
                 let mut devs = devices.write().unwrap_or_else(|p| p.into_inner());
                 for (dev, seq) in &last {
-                    if let (Some(d), Some(s)) = (devs.get_mut(dev), seq) {
-                        d.last_seq = Some(*s);
+                    if let Some(d) = devs.get_mut(dev) {
+                        d.last_seq = d.last_seq.max(Some(*seq));
                     }
                 }
-                drop(devs);
-                stats.groups.fetch_add(1, Ordering::Relaxed);
-                for (job, r) in accepted.into_iter().zip(receipts) {
-                    stats.accepted.fetch_add(r.len() as u64, Ordering::Relaxed);
-                    (job.reply)(Ok(r));
-                }
             }
-            Err(e) => {
-                tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len());
-                for job in accepted {
-                    (job.reply)(Err(IngestError::Storage(e.to_string())));
-                }
+            stats.groups.fetch_add(1, Ordering::Relaxed);
+            for (i, reply) in twins {
+                stats.reacknowledged.fetch_add(receipts[i].len() as u64, Ordering::Relaxed);
+                reply(Ok(receipts[i].clone()));
+            }
+            for (job, r) in accepted.into_iter().zip(receipts) {
+                stats.accepted.fetch_add(r.len() as u64, Ordering::Relaxed);
+                (job.reply)(Ok(r));
+            }
+        }
+        Err(e) => {
+            tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len() + twins.len());
+            let e = IngestError::Storage(e.to_string());
+            for (_, reply) in twins {
+                reply(Err(e.clone()));
+            }
+            for job in accepted {
+                (job.reply)(Err(e.clone()));
             }
         }
     }
 }
 
-/// Receipts of a submission whose readings are all already in the log.
-fn already_stored(conn: &Connection, sub: &Submission) -> Option<Vec<Receipt>> {
-    let readings: Vec<&Reading> = match sub {
-        Submission::Reading(r) => vec![&r.reading],
-        Submission::Batch(b) => b.readings.iter().collect(),
-    };
-    let size = MerkleLog::new(conn).size().ok()?;
-    readings
-        .into_iter()
-        .map(|r| {
-            let id = r.id();
-            let idx: i64 = conn.query_row("SELECT idx FROM readings WHERE id = ?1", [&id[..]], |row| row.get(0)).ok()?;
-            Some(Receipt { reading_id: id, leaf_index: idx as u64, tree_size: size })
-        })
-        .collect()
+/// Receipts of readings that are all already in the log, or `None`.
+fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec<Receipt>>, Box<dyn std::error::Error>> {
+    let size = MerkleLog::new(conn).size()?;
+    let mut q = conn.prepare_cached("SELECT idx FROM readings WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let Some(idx) = q.query_row([&p.id[..]], |row| row.get::<_, i64>(0)).optional()? else { return Ok(None) };
+        out.push(Receipt { reading_id: p.id, leaf_index: idx as u64, tree_size: size });
+    }
+    Ok(Some(out))
 }
 
-fn write_group(
-    conn: &mut Connection,
-    jobs: &[Job],
-    last: &HashMap<DeviceId, Option<u64>>,
-) -> Result<Vec<Vec<Receipt>>, Box<dyn std::error::Error>> {
+fn write_group(conn: &mut Connection, jobs: &[Job], last: &HashMap<DeviceId, u64>) -> Result<Vec<Vec<Receipt>>, Box<dyn std::error::Error>> {
     let tx = conn.transaction()?;
-    let log = MerkleLog::new(&tx);
-    let start = log.size()?;
-    let received = now_ms();
+    let start = MerkleLog::new(&tx).size()?;
+    let received = now_ms() as i64;
     let mut next = start;
     let mut leaves = Vec::new();
     let mut out = Vec::with_capacity(jobs.len());
@@ -461,50 +646,50 @@ fn write_group(
             "INSERT INTO readings (idx, id, device, seq, ts_ms, encoded, signature, batch_id, batch_index, received_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
+        let mut ins_batch =
+            tx.prepare_cached("INSERT INTO batches (device, first_seq, count, first_idx, signature) VALUES (?1, ?2, ?3, ?4, ?5)")?;
         for job in jobs {
-            let mut receipts = vec![];
-            let (readings, sig, batch_id): (&[Reading], Option<&Signature>, Option<i64>) = match &job.sub {
-                Submission::Reading(r) => (std::slice::from_ref(&r.reading), Some(&r.signature), None),
+            let (sig, batch_id): (Option<Vec<u8>>, Option<i64>) = match &job.sub {
+                Submission::Reading(r) => (Some(r.signature.encode().to_vec()), None),
                 Submission::Batch(b) => {
-                    tx.execute(
-                        "INSERT INTO batches (device, first_seq, count, first_idx, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![&job.device.0[..], b.readings[0].seq as i64, b.readings.len() as i64, next as i64, &b.signature.encode()[..]],
-                    )?;
-                    (&b.readings, None, Some(tx.last_insert_rowid()))
+                    ins_batch.execute(params![
+                        &job.device.0[..],
+                        b.readings[0].seq as i64,
+                        b.readings.len() as i64,
+                        next as i64,
+                        &b.signature.encode()[..]
+                    ])?;
+                    (None, Some(tx.last_insert_rowid()))
                 }
             };
-            for (i, r) in readings.iter().enumerate() {
-                let enc = r.encode();
-                let id = r.id();
+            let mut receipts = Vec::with_capacity(job.prepared.len());
+            for (i, (r, p)) in job.sub.readings().iter().zip(&job.prepared).enumerate() {
                 ins.execute(params![
                     next as i64,
-                    &id[..],
+                    &p.id[..],
                     &r.device.0[..],
                     r.seq as i64,
                     r.timestamp_ms as i64,
-                    enc,
-                    sig.map(|s| s.encode().to_vec()),
+                    &p.encoded,
+                    sig,
                     batch_id,
                     batch_id.map(|_| i as i64),
-                    received as i64,
+                    received,
                 ])?;
-                leaves.push(reading_leaf_hash(r));
-                receipts.push(Receipt { reading_id: id, leaf_index: next, tree_size: 0 });
+                leaves.push(p.leaf);
+                receipts.push(Receipt { reading_id: p.id, leaf_index: next, tree_size: 0 });
                 next += 1;
             }
             out.push(receipts);
         }
     }
-    log.append(&leaves)?;
-    {
-        let mut upd = tx.prepare_cached("UPDATE devices SET last_seq = ?2 WHERE id = ?1")?;
-        for (dev, seq) in last {
-            if let Some(s) = seq {
-                upd.execute(params![&dev.0[..], *s as i64])?;
-            }
-        }
+    let first = MerkleLog::append_batch(&tx, &leaves)?;
+    if first != start {
+        return Err(format!("log size moved from {start} to {first} during the group").into());
     }
-    drop(log);
+    for (dev, seq) in last {
+        registry::set_last_seq(&tx, dev, *seq)?;
+    }
     tx.commit()?;
     for r in out.iter_mut().flatten() {
         r.tree_size = next;
@@ -517,41 +702,57 @@ fn write_group(
 pub struct StoredReading {
     pub leaf_index: u64,
     pub reading: Reading,
+    /// The canonical encoding as stored (its SHA-256 is the log leaf).
+    pub encoded: Vec<u8>,
+    /// The device's signature, or the batch signature with the reading's path in the
+    /// batch tree (rebuilt from the batch's stored readings).
     pub evidence: Evidence,
     pub received_ms: u64,
 }
 
+impl StoredReading {
+    /// The log leaf: SHA-256 of the encoding.
+    pub fn leaf(&self) -> [u8; 32] {
+        bitmote_device::sha256(&self.encoded)
+    }
+}
+
+type ReadingRow = (i64, Vec<u8>, Option<Vec<u8>>, Option<i64>, Option<i64>, i64);
+
 fn load(c: &Connection, where_: &str, key: &dyn rusqlite::ToSql) -> Result<Option<StoredReading>, IngestError> {
     let st = |e: rusqlite::Error| IngestError::Storage(e.to_string());
-    let row: Option<(i64, Vec<u8>, Option<Vec<u8>>, Option<i64>, Option<i64>, i64)> = c
-        .query_row(
-            &format!("SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"),
-            [key],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-        )
+    let row: Option<ReadingRow> = c
+        .prepare_cached(&format!(
+            "SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"
+        ))
+        .map_err(st)?
+        .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
         .optional()
         .map_err(st)?;
-    let Some((idx, enc, sig, batch_id, batch_index, received)) = row else { return Ok(None) };
+    let Some((idx, encoded, sig, batch_id, batch_index, received)) = row else { return Ok(None) };
     let corrupt = |m: String| IngestError::Storage(format!("corrupt reading {idx}: {m}"));
-    let reading = Reading::decode(&enc).map_err(|e| corrupt(e.to_string()))?;
+    let reading = Reading::decode(&encoded).map_err(|e| corrupt(e.to_string()))?;
     let evidence = match (sig, batch_id, batch_index) {
         (Some(s), None, None) => Evidence::Single(Signature::decode(&s).map_err(|e| corrupt(e.to_string()))?),
         (None, Some(b), Some(i)) => {
             let (first_seq, count, first_idx, sig): (i64, i64, i64, Vec<u8>) = c
-                .query_row("SELECT first_seq, count, first_idx, signature FROM batches WHERE id = ?1", [b], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
+                .prepare_cached("SELECT first_seq, count, first_idx, signature FROM batches WHERE id = ?1")
+                .map_err(st)?
+                .query_row([b], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .map_err(st)?;
+            if !(0..count).contains(&i) || count as usize > MAX_BATCH {
+                return Err(corrupt(format!("batch index {i} of a batch of {count}")));
+            }
             // Rebuild the batch tree from its readings (stored contiguously) for the path.
             let mut q = c.prepare_cached("SELECT encoded FROM readings WHERE idx >= ?1 AND idx < ?2 ORDER BY idx").map_err(st)?;
             let leaves = q
                 .query_map([first_idx, first_idx + count], |r| r.get::<_, Vec<u8>>(0))
                 .map_err(st)?
-                .map(|e| {
-                    let e = e.map_err(st)?;
-                    Ok(bitmote_device::merkle::leaf_hash(&bitmote_device::sha256(&e)))
-                })
+                .map(|e| Ok(bitmote_device::merkle::leaf_hash(&bitmote_device::sha256(&e.map_err(st)?))))
                 .collect::<Result<Vec<_>, IngestError>>()?;
+            if leaves.len() as i64 != count {
+                return Err(corrupt(format!("batch {b} has {} of its {count} readings", leaves.len())));
+            }
             let proof = bitmote_device::merkle::inclusion_proof(&leaves, i as u64).map_err(|e| corrupt(e.to_string()))?;
             Evidence::Batch(BatchMembership {
                 first_seq: first_seq as u64,
@@ -563,7 +764,7 @@ fn load(c: &Connection, where_: &str, key: &dyn rusqlite::ToSql) -> Result<Optio
         }
         _ => return Err(corrupt("neither a signature nor a batch".into())),
     };
-    Ok(Some(StoredReading { leaf_index: idx as u64, reading, evidence, received_ms: received as u64 }))
+    Ok(Some(StoredReading { leaf_index: idx as u64, reading, encoded, evidence, received_ms: received as u64 }))
 }
 
 /// A stored reading by its id.
@@ -573,15 +774,19 @@ pub fn reading_by_id(c: &Connection, id: &[u8; 32]) -> Result<Option<StoredReadi
 
 /// A stored reading by its leaf index.
 pub fn reading_at(c: &Connection, index: u64) -> Result<Option<StoredReading>, IngestError> {
-    load(c, "idx = ?1", &(index as i64))
+    match i64::try_from(index) {
+        Ok(i) => load(c, "idx = ?1", &i),
+        Err(_) => Ok(None),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitmote_device::batch::reading_leaf_hash;
     use bitmote_device::merkle::verify_inclusion;
     use bitmote_device::reading::{sensor, unit};
-    use bitmote_device::{SigningKey, Value};
+    use bitmote_device::SigningKey;
 
     fn reading(k: &SigningKey, seq: u64) -> Reading {
         Reading {
@@ -594,8 +799,16 @@ mod tests {
         }
     }
 
+    fn signed(k: &SigningKey, seq: u64) -> SignedReading {
+        SignedReading::sign(k, reading(k, seq)).unwrap()
+    }
+
     fn one(k: &SigningKey, seq: u64) -> Submission {
-        Submission::Reading(SignedReading::sign(k, reading(k, seq)).unwrap())
+        Submission::Reading(signed(k, seq))
+    }
+
+    fn key(i: u8) -> SigningKey {
+        if i % 2 == 0 { SigningKey::p256_from_secret(&[i; 32]) } else { SigningKey::schnorr_from_secret(&[i; 32]) }.unwrap()
     }
 
     #[test]
@@ -603,33 +816,71 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.sqlite");
         let ing = Arc::new(Ingestor::start(&path, IngestConfig::default()).unwrap());
-        let keys: Vec<SigningKey> = (1..=8u8)
-            .map(|i| if i % 2 == 0 { SigningKey::p256_from_secret(&[i; 32]) } else { SigningKey::schnorr_from_secret(&[i; 32]) }.unwrap())
-            .collect();
+        let keys: Vec<SigningKey> = (1..=8u8).map(key).collect();
         for k in &keys {
             ing.enroll(&k.public_key(), None).unwrap();
         }
         let threads: Vec<_> = keys
             .into_iter()
-            .map(|k| {
+            .enumerate()
+            .map(|(t, k)| {
                 let ing = ing.clone();
-                std::thread::spawn(move || (1..=125u64).flat_map(|s| ing.submit(one(&k, s)).unwrap()).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    let mut out = vec![];
+                    let mut s = 1u64;
+                    while s <= 125 {
+                        // Three ways in: blocking, handle, and a handle kept while the next is sent.
+                        match (t + s as usize) % 3 {
+                            0 => out.extend(ing.submit_reading(signed(&k, s)).unwrap()),
+                            1 => out.extend(ing.submit_nowait(one(&k, s)).wait().unwrap()),
+                            _ if s < 125 => {
+                                let a = ing.submit_nowait(one(&k, s));
+                                let b = ing.submit_nowait(one(&k, s + 1));
+                                out.extend(a.wait().unwrap());
+                                out.extend(b.wait().unwrap());
+                                s += 1;
+                            }
+                            _ => out.extend(ing.submit(one(&k, s)).unwrap()),
+                        }
+                        s += 1;
+                    }
+                    out
+                })
             })
             .collect();
         let receipts: Vec<Receipt> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
         assert_eq!(receipts.len(), 1000);
         let stats = ing.stats();
+        eprintln!("{stats:?}");
         assert_eq!(stats.accepted, 1000);
         assert!(stats.groups < 1000, "group commit grouped: {} groups", stats.groups);
+        assert!(stats.mean_group > 1.0);
+        assert!(stats.rejected.is_empty(), "{:?}", stats.rejected);
+        let mut indices: Vec<u64> = receipts.iter().map(|r| r.leaf_index).collect();
+        indices.sort();
+        assert_eq!(indices, (0..1000).collect::<Vec<_>>());
+        assert_eq!(ing.head().unwrap().0, 1000);
         let c = registry::open_db(&path).unwrap();
         let log = MerkleLog::new(&c);
         assert_eq!(log.size().unwrap(), 1000);
-        let root = log.root_at(1000).unwrap();
+        log.audit().unwrap();
         for r in &receipts {
-            let stored = reading_by_id(&c, &r.reading_id).unwrap().unwrap();
+            let stored = ing.reading(&r.reading_id).unwrap().unwrap();
             assert_eq!(stored.leaf_index, r.leaf_index);
-            let p = log.inclusion_proof(r.leaf_index, 1000).unwrap();
-            verify_inclusion(r.leaf_index, 1000, &reading_leaf_hash(&stored.reading), &p, &root).unwrap();
+            assert!(r.leaf_index < r.tree_size && r.tree_size <= 1000);
+            let leaf = bitmote_device::merkle::leaf_hash(&stored.leaf());
+            assert_eq!(leaf, reading_leaf_hash(&stored.reading));
+            // Provable in the tree of its receipt and in the final tree.
+            for size in [r.tree_size, 1000] {
+                let p = log.inclusion_proof(r.leaf_index, size).unwrap();
+                verify_inclusion(r.leaf_index, size, &leaf, &p, &log.root_at(size).unwrap()).unwrap();
+            }
+            let dev = ing.device(&stored.reading.device).unwrap();
+            stored.evidence.verify(&dev.pubkey, &stored.reading).unwrap();
+        }
+        // Sequence numbers are durable too.
+        for d in registry::list(&c).unwrap() {
+            assert_eq!(d.last_seq, Some(125));
         }
     }
 
@@ -661,6 +912,7 @@ mod tests {
         let c = registry::open_db(&path).unwrap();
         let log = MerkleLog::new(&c);
         assert_eq!(log.size().unwrap(), acked.len() as u64);
+        log.audit().unwrap();
         let root = log.root_at(acked.len() as u64).unwrap();
         for r in &acked {
             let s = reading_by_id(&c, &r.reading_id).unwrap().unwrap();
@@ -675,47 +927,124 @@ mod tests {
     #[test]
     fn refusals_are_clear_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let ing = Ingestor::start(&dir.path().join("n.sqlite"), IngestConfig::default()).unwrap();
+        let cfg = IngestConfig { max_batch: 10, max_payload: 16, ..Default::default() };
+        let ing = Ingestor::start(&dir.path().join("n.sqlite"), cfg).unwrap();
         let k = SigningKey::schnorr_from_secret(&[9; 32]).unwrap();
         let stranger = SigningKey::schnorr_from_secret(&[8; 32]).unwrap();
         assert_eq!(ing.submit(one(&k, 1)), Err(IngestError::UnknownDevice(k.public_key().device_id())));
         ing.enroll(&k.public_key(), Some("t")).unwrap();
-        let first = SignedReading::sign(&k, reading(&k, 1)).unwrap();
-        let r1 = ing.submit(Submission::Reading(first.clone())).unwrap();
+        let first = signed(&k, 1);
+        let r1 = ing.submit_reading(first.clone()).unwrap();
         // The device missed the acknowledgement and sends the same reading again: same receipt.
-        assert_eq!(ing.submit(Submission::Reading(first)).unwrap()[0].leaf_index, r1[0].leaf_index);
+        assert_eq!(ing.submit_reading(first).unwrap()[0].leaf_index, r1[0].leaf_index);
+        assert_eq!(ing.stats().reacknowledged, 1);
         // Another reading with a used sequence number is a replay.
         let mut other = reading(&k, 1);
         other.value = Value::Scaled { mantissa: -7, exponent: 0 };
         let other = Submission::Reading(SignedReading::sign(&k, other).unwrap());
         assert_eq!(ing.submit(other), Err(IngestError::Replay { last: 1, got: 1 }));
         // A forged signature: a stranger's signature over k's reading.
-        let mut forged = SignedReading::sign(&k, reading(&k, 2)).unwrap();
+        let mut forged = signed(&k, 2);
         forged.signature = stranger.sign(&forged.reading.id());
-        assert!(matches!(ing.submit(Submission::Reading(forged)), Err(IngestError::BadSignature(_))));
+        assert!(matches!(ing.submit_reading(forged), Err(IngestError::BadSignature(_))));
+        // A stranger's own reading, and k's reading under the stranger's signature claims.
+        assert!(matches!(ing.submit(one(&stranger, 2)), Err(IngestError::UnknownDevice(_))));
+        // Clock: in the future, before 2020.
         let mut future = reading(&k, 3);
         future.timestamp_ms += 3_600_000;
-        let s = Submission::Reading(SignedReading::sign(&k, future).unwrap());
-        assert!(matches!(ing.submit(s), Err(IngestError::ClockSkew { .. })));
-        assert!(matches!(Submission::decode(b"Rxx"), Err(IngestError::Malformed(_))));
+        assert!(matches!(ing.submit_reading(SignedReading::sign(&k, future).unwrap()), Err(IngestError::ClockSkew { .. })));
+        let mut past = reading(&k, 3);
+        past.timestamp_ms = 1_000;
+        assert!(matches!(ing.submit_reading(SignedReading::sign(&k, past).unwrap()), Err(IngestError::ClockSkew { .. })));
+        // Sizes and shapes.
+        assert!(matches!(Submission::decode(b"R\x00\x05abc"), Err(IngestError::Malformed(_))));
+        assert!(matches!(Submission::decode(b"Rxx"), Err(IngestError::TooLarge(_)))); // claims 30 KB
+        assert!(matches!(Submission::decode(b""), Err(IngestError::Malformed(_))));
+        assert!(matches!(Submission::decode(&vec![b'B'; MAX_SUBMISSION_BYTES + 1]), Err(IngestError::TooLarge(_))));
+        let mut big = reading(&k, 3);
+        big.value = Value::Bytes(vec![0; 17]);
+        assert!(matches!(ing.submit_reading(SignedReading::sign(&k, big).unwrap()), Err(IngestError::TooLarge(_))));
+        let mut huge = signed(&k, 3);
+        huge.reading.value = Value::Bytes(vec![0; MAX_PAYLOAD + 1]);
+        assert!(matches!(ing.submit_reading(huge), Err(IngestError::TooLarge(_))));
+        let mut nan = signed(&k, 3);
+        nan.reading.value = Value::Float(f64::NAN);
+        assert!(matches!(ing.submit_reading(nan), Err(IngestError::Malformed(_))));
+        assert!(matches!(ing.submit_reading(signed(&k, 1 << 63)), Err(IngestError::Malformed(_))));
+        let sig = signed(&k, 3).signature;
+        assert!(matches!(ing.submit_batch(SignedBatch { readings: vec![], signature: sig }), Err(IngestError::Malformed(_))));
+        let eleven = SignedBatch::sign(&k, (3..14).map(|s| reading(&k, s)).collect()).unwrap();
+        assert!(matches!(ing.submit_batch(eleven), Err(IngestError::TooLarge(_))));
         // A batch, then a replay of one of its sequence numbers.
         let b = SignedBatch::sign(&k, (2..12).map(|s| reading(&k, s)).collect()).unwrap();
-        let r = ing.submit(Submission::Batch(b.clone())).unwrap();
+        let r = ing.submit_batch(b.clone()).unwrap();
         assert_eq!(r.len(), 10);
         assert_eq!(r[9].tree_size, 11);
+        assert_eq!(ing.submit_batch(b).unwrap(), r.iter().map(|x| Receipt { tree_size: 11, ..*x }).collect::<Vec<_>>());
         // (A different reading with a used number; the very same reading would be re-acknowledged.)
         let mut seven = reading(&k, 7);
         seven.value = Value::Scaled { mantissa: -77, exponent: 0 };
         let seven = Submission::Reading(SignedReading::sign(&k, seven).unwrap());
         assert!(matches!(ing.submit(seven), Err(IngestError::Replay { last: 11, .. })));
+        // Re-enrolling does not lower the sequence number.
+        assert_eq!(ing.enroll(&k.public_key(), None).unwrap().last_seq, Some(11));
         ing.revoke(&k.public_key().device_id(), "lost").unwrap();
         assert!(matches!(ing.submit(one(&k, 20)), Err(IngestError::Revoked(_))));
+        assert!(ing.device(&k.public_key().device_id()).unwrap().is_revoked());
         // Nothing accepted was lost; batch evidence is rebuilt and verifies.
-        let c = registry::open_db(ing.db_path()).unwrap();
-        assert_eq!(MerkleLog::new(&c).size().unwrap(), 11);
-        let s = reading_at(&c, 5).unwrap().unwrap();
+        assert_eq!(ing.head().unwrap().0, 11);
+        let s = ing.reading_at(5).unwrap().unwrap();
         assert!(matches!(s.evidence, Evidence::Batch(_)));
+        assert_eq!(s.encoded, s.reading.encode());
         s.evidence.verify(&k.public_key(), &s.reading).unwrap();
-        assert_eq!(ing.stats().rejected.get("replay"), Some(&2));
+        assert!(ing.reading_at(11).unwrap().is_none());
+        assert!(ing.reading_at(u64::MAX).unwrap().is_none());
+        assert!(ing.reading(&[0; 32]).unwrap().is_none());
+        let st = ing.stats();
+        assert_eq!(st.accepted, 11);
+        assert_eq!(st.rejected.get("replay"), Some(&2));
+        assert_eq!(st.rejected.get("too_large"), Some(&3));
+        assert_eq!(st.rejected.get("clock_skew"), Some(&2));
+        assert_eq!(st.rejected.get("unknown_device"), Some(&2));
+        assert_eq!(st.rejected.get("revoked"), Some(&1));
+        assert_eq!(st.rejected.get("bad_signature"), Some(&1));
+    }
+
+    #[test]
+    fn a_submission_sent_twice_at_once_gets_one_entry_and_the_same_receipt() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = Ingestor::start(&dir.path().join("n.sqlite"), IngestConfig::default()).unwrap();
+        let k = key(3);
+        ing.enroll(&k.public_key(), None).unwrap();
+        for seq in 1..=20 {
+            let s = signed(&k, seq);
+            let a = ing.submit_nowait(Submission::Reading(s.clone()));
+            let b = ing.submit_nowait(Submission::Reading(s));
+            let (a, b) = (a.wait().unwrap(), b.wait().unwrap());
+            assert_eq!((a[0].reading_id, a[0].leaf_index), (b[0].reading_id, b[0].leaf_index));
+        }
+        assert_eq!(ing.head().unwrap().0, 20);
+        assert_eq!(ing.stats().reacknowledged, 20);
+        assert!(ing.stats().rejected.is_empty());
+    }
+
+    #[test]
+    fn shutdown_answers_everything_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sqlite");
+        let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
+        let k = key(5);
+        ing.enroll(&k.public_key(), None).unwrap();
+        let mut pending: Vec<Pending> = (1..=300).map(|s| ing.submit_nowait(one(&k, s))).collect();
+        ing.shutdown();
+        for p in &mut pending {
+            assert!(matches!(p.try_wait(), Some(Ok(_))));
+        }
+        assert_eq!(ing.submit(one(&k, 301)), Err(IngestError::ShuttingDown));
+        drop(ing);
+        let c = registry::open_db(&path).unwrap();
+        assert_eq!(MerkleLog::new(&c).size().unwrap(), 300);
+        let mut p = Ingestor::start(&path, IngestConfig::default()).unwrap().submit_nowait(one(&k, 301));
+        assert!(matches!(p.wait_timeout(Duration::from_secs(60)), Some(Ok(r)) if r[0].leaf_index == 300));
     }
 }

@@ -1,18 +1,25 @@
 //! The append-only RFC 9162 Merkle log, stored in SQLite.
 //!
-//! Every complete, aligned subtree (level `k`, index `i`, covering leaves
-//! `[i·2^k, (i+1)·2^k)`) has its hash in `nodes`, written as leaves are appended
-//! (each append writes the leaf and the subtrees it completes: amortised 2 rows).
+//! A leaf is the 32-byte SHA-256 digest of a reading's encoding; the tree hashes it
+//! as `merkle::leaf_hash(leaf)`. Every complete, aligned subtree (level `k`, index
+//! `i`, covering leaves `[i·2^k, (i+1)·2^k)`) has its hash in `log_nodes`, written as
+//! leaves are appended (each leaf writes itself and the subtrees it completes:
+//! amortised 2 rows; parents come from the in-memory right edge, never a read-back).
 //! Any root, inclusion proof or consistency proof, for the current or any earlier
 //! tree size, decomposes into O(log n) such subtrees, so nothing ever scans the log:
-//! proofs cost the same at a billion leaves as at a thousand.
+//! a proof costs the same at a billion leaves as at a thousand.
+//!
+//! [`MerkleLog`] is a view over a connection or transaction (the database, its
+//! schema and pragmas belong to [`crate::registry::Store`]); an append runs inside a
+//! savepoint, so it is atomic on its own and commits together with the caller's
+//! transaction when there is one (ingest's group commit).
 
 use std::cell::Cell;
 
 use bitmote_device::merkle::{self, node_hash, split_point, Hash};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-/// Errors of the log.
+/// Errors of the log. Out-of-range arguments are errors, never panics.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("leaf index {index} is not in a tree of size {size}")]
@@ -25,10 +32,16 @@ pub enum LogError {
     Db(#[from] rusqlite::Error),
     #[error("log storage is inconsistent: missing subtree ({level}, {index})")]
     Missing { level: u32, index: u64 },
+    #[error("log storage is inconsistent: {0}")]
+    Corrupt(String),
 }
 
 pub type Result<T, E = LogError> = std::result::Result<T, E>;
 
+/// A log leaf: SHA-256 of a reading's canonical encoding.
+pub type Leaf = [u8; 32];
+
+/// Tables of the log (created by [`crate::registry::open_db`]).
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log_nodes (
     level INTEGER NOT NULL,
@@ -43,6 +56,9 @@ CREATE TABLE IF NOT EXISTS log_meta (
 INSERT OR IGNORE INTO log_meta (k, v) VALUES ('size', 0);
 ";
 
+/// Largest tree size the log accepts (SQLite integers are signed 64-bit).
+const MAX_SIZE: u64 = i64::MAX as u64;
+
 /// Read and append operations on the log tables of a connection (or transaction).
 pub struct MerkleLog<'c> {
     conn: &'c Connection,
@@ -51,33 +67,81 @@ pub struct MerkleLog<'c> {
 
 impl<'c> MerkleLog<'c> {
     /// The log in `conn` (whose schema [`crate::registry::open_db`] created).
+    /// A `&Transaction` works too: it dereferences to its connection.
     pub fn new(conn: &'c Connection) -> Self {
         MerkleLog { conn, reads: Cell::new(0) }
     }
 
-    /// Subtree rows read so far (to show proofs touch O(log n) rows).
+    /// Subtree rows read so far by this view (to show proofs touch O(log n) rows).
     pub fn rows_read(&self) -> u64 {
         self.reads.get()
     }
 
+    /// Number of leaves.
     pub fn size(&self) -> Result<u64> {
-        Ok(self.conn.query_row("SELECT v FROM log_meta WHERE k = 'size'", [], |r| r.get(0))?)
+        let v: i64 = self.conn.prepare_cached("SELECT v FROM log_meta WHERE k = 'size'")?.query_row([], |r| r.get(0))?;
+        u64::try_from(v).map_err(|_| LogError::Corrupt(format!("negative log size {v}")))
+    }
+
+    /// Current size and root, read in one snapshot.
+    pub fn head(&self) -> Result<(u64, Hash)> {
+        let size = self.size()?;
+        // Stored subtrees never change, so the root of `size` is the same in any later
+        // snapshot: no transaction needed.
+        Ok((size, self.range_root(0, size)?))
+    }
+
+    /// Root of the current tree.
+    pub fn root(&self) -> Result<Hash> {
+        Ok(self.head()?.1)
     }
 
     fn node(&self, level: u32, index: u64) -> Result<Hash> {
         self.reads.set(self.reads.get() + 1);
+        let idx = i64::try_from(index).map_err(|_| LogError::Missing { level, index })?;
         let h: Option<Vec<u8>> = self
             .conn
             .prepare_cached("SELECT hash FROM log_nodes WHERE level = ?1 AND idx = ?2")?
-            .query_row(params![level, index as i64], |r| r.get(0))
+            .query_row(params![level, idx], |r| r.get(0))
             .optional()?;
         h.and_then(|v| v.try_into().ok()).ok_or(LogError::Missing { level, index })
     }
 
-    /// Append leaf hashes (already `leaf_hash`ed) at the end; returns the first index.
-    /// Run it inside the caller's transaction so readings and log commit together.
-    pub fn append(&self, leaf_hashes: &[Hash]) -> Result<u64> {
+    /// Append leaves (SHA-256 digests of reading encodings) at the end; returns the
+    /// index of the first. Atomic (a savepoint); inside the caller's transaction it
+    /// commits or rolls back with it.
+    pub fn append(&self, leaves: &[Leaf]) -> Result<u64> {
+        let hashes: Vec<Hash> = leaves.iter().map(|l| merkle::leaf_hash(l)).collect();
+        self.append_leaf_hashes(&hashes)
+    }
+
+    /// [`append`](Self::append) inside `tx` (the group commit of ingest).
+    pub fn append_batch(tx: &Transaction<'_>, leaves: &[Leaf]) -> Result<u64> {
+        MerkleLog::new(tx).append(leaves)
+    }
+
+    /// Append leaf hashes (already `merkle::leaf_hash`ed); returns the first index.
+    pub fn append_leaf_hashes(&self, leaf_hashes: &[Hash]) -> Result<u64> {
+        self.conn.execute_batch("SAVEPOINT log_append")?;
+        match self.append_inner(leaf_hashes) {
+            Ok(first) => {
+                self.conn.execute_batch("RELEASE log_append")?;
+                Ok(first)
+            }
+            Err(e) => {
+                // Undo the partial append; keep the first error.
+                let _ = self.conn.execute_batch("ROLLBACK TO log_append; RELEASE log_append");
+                Err(e)
+            }
+        }
+    }
+
+    fn append_inner(&self, leaf_hashes: &[Hash]) -> Result<u64> {
         let first = self.size()?;
+        let end = first
+            .checked_add(leaf_hashes.len() as u64)
+            .filter(|&e| e <= MAX_SIZE)
+            .ok_or(LogError::SizeOutOfRange { size: u64::MAX, log_size: first })?;
         let mut ins = self.conn.prepare_cached("INSERT INTO log_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")?;
         // The right edge of the tree: for each set bit of the size, the perfect subtree
         // it stands for (read once, O(log n)); new parents are computed in memory.
@@ -93,7 +157,9 @@ impl<'c> MerkleLog<'c> {
             // Each odd index completes its parent with the subtree to its left.
             while idx % 2 == 1 {
                 let (l, left) = edge.pop().ok_or(LogError::Missing { level, index: idx - 1 })?;
-                debug_assert_eq!(l, level);
+                if l != level {
+                    return Err(LogError::Corrupt(format!("right edge has level {l} where {level} was expected")));
+                }
                 h = node_hash(&left, &h);
                 level += 1;
                 idx /= 2;
@@ -101,14 +167,12 @@ impl<'c> MerkleLog<'c> {
             }
             edge.push((level, h));
         }
-        self.conn.execute(
-            "UPDATE log_meta SET v = ?1 WHERE k = 'size'",
-            [(first + leaf_hashes.len() as u64) as i64],
-        )?;
+        self.conn.prepare_cached("UPDATE log_meta SET v = ?1 WHERE k = 'size'")?.execute([end as i64])?;
         Ok(first)
     }
 
-    /// Leaf hash at `index`.
+    /// Leaf hash (`merkle::leaf_hash` of the leaf) at `index`. The leaf itself is the
+    /// SHA-256 of the stored reading ([`crate::ingest::reading_at`]).
     pub fn leaf_hash(&self, index: u64) -> Result<Hash> {
         let size = self.size()?;
         if index >= size {
@@ -138,13 +202,13 @@ impl<'c> MerkleLog<'c> {
         Ok(())
     }
 
-    /// Root of the tree of the first `size` leaves.
+    /// Root of the tree of the first `size` leaves (any size up to the current one).
     pub fn root_at(&self, size: u64) -> Result<Hash> {
         self.check_size(size)?;
         self.range_root(0, size)
     }
 
-    /// Inclusion proof of leaf `index` in the tree of size `size`.
+    /// Inclusion proof of leaf `index` in the tree of size `size` (RFC 9162 §2.1.3.1).
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>> {
         self.check_size(size)?;
         if index >= size {
@@ -171,7 +235,8 @@ impl<'c> MerkleLog<'c> {
         Ok(())
     }
 
-    /// Consistency proof between tree sizes `old` and `new`.
+    /// Consistency proof between tree sizes `old` and `new`, `0 < old <= new`
+    /// (RFC 9162 §2.1.4.1; empty when `old == new`).
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>> {
         self.check_size(new)?;
         if old == 0 || old > new {
@@ -200,6 +265,53 @@ impl<'c> MerkleLog<'c> {
         }
         Ok(())
     }
+
+    /// Full integrity check (O(n): for maintenance and tests, never on a request path):
+    /// every level holds exactly the subtrees the size implies, and every stored parent
+    /// is the hash of its two children.
+    pub fn audit(&self) -> Result<()> {
+        let size = self.size()?;
+        let levels = if size == 0 { 0 } else { 64 - size.leading_zeros() };
+        let shape = self
+            .conn
+            .prepare("SELECT level, COUNT(*), MIN(idx), MAX(idx) FROM log_nodes GROUP BY level ORDER BY level")?
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let expected: Vec<(i64, i64, i64, i64)> = (0..levels)
+            .map(|l| {
+                let n = (size >> l) as i64;
+                (l as i64, n, 0, n - 1)
+            })
+            .collect();
+        if shape != expected {
+            return Err(LogError::Corrupt(format!(
+                "stored subtrees (level, count, min, max) {shape:?} do not fit a log of {size} leaves"
+            )));
+        }
+        fn blob(row: Option<&rusqlite::Row<'_>>, level: u32) -> Result<Hash> {
+            let row = row.ok_or_else(|| LogError::Corrupt(format!("level {level} ends early")))?;
+            let v: Vec<u8> = row.get(0)?;
+            v.try_into().map_err(|_| LogError::Corrupt(format!("a hash at level {level} is not 32 bytes")))
+        }
+        // Each parent against its two children, streaming both levels in index order.
+        let mut kids = self.conn.prepare("SELECT hash FROM log_nodes WHERE level = ?1 ORDER BY idx")?;
+        let mut pars = self.conn.prepare("SELECT hash FROM log_nodes WHERE level = ?1 ORDER BY idx")?;
+        for level in 1..levels {
+            let mut k = kids.query([level - 1])?;
+            let mut p = pars.query([level])?;
+            let mut idx = 0u64;
+            while let Some(row) = p.next()? {
+                let parent = blob(Some(row), level)?;
+                let left = blob(k.next()?, level - 1)?;
+                let right = blob(k.next()?, level - 1)?;
+                if parent != node_hash(&left, &right) {
+                    return Err(LogError::Corrupt(format!("subtree ({level}, {idx}) is not the hash of its children")));
+                }
+                idx += 1;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -213,8 +325,12 @@ mod tests {
         c
     }
 
-    fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(&(i as u64).to_be_bytes())).collect()
+    fn leaves(n: usize) -> Vec<Leaf> {
+        (0..n).map(|i| bitmote_device::sha256(&(i as u64).to_be_bytes())).collect()
+    }
+
+    fn hashes(l: &[Leaf]) -> Vec<Hash> {
+        l.iter().map(|x| leaf_hash(x)).collect()
     }
 
     #[test]
@@ -222,33 +338,128 @@ mod tests {
         let c = db();
         let log = MerkleLog::new(&c);
         let all = leaves(100);
-        // Appends in uneven chunks.
+        let h = hashes(&all);
+        assert_eq!(log.root_at(0).unwrap(), merkle::empty_root());
+        assert_eq!(log.head().unwrap(), (0, merkle::empty_root()));
+        // Appends in uneven chunks, checking the head after each.
         let mut at = 0;
         for chunk in [1usize, 2, 3, 10, 17, 30, 37] {
             assert_eq!(log.append(&all[at..at + chunk]).unwrap(), at as u64);
             at += chunk;
+            assert_eq!(log.head().unwrap(), (at as u64, merkle::root(&h[..at])));
         }
         assert_eq!(log.size().unwrap(), 100);
+        log.audit().unwrap();
         for size in 1..=100u64 {
-            let l = &all[..size as usize];
+            let l = &h[..size as usize];
             let root = merkle::root(l);
             assert_eq!(log.root_at(size).unwrap(), root);
             for i in 0..size {
                 let p = log.inclusion_proof(i, size).unwrap();
                 assert_eq!(p, merkle::inclusion_proof(l, i).unwrap());
                 verify_inclusion(i, size, &l[i as usize], &p, &root).unwrap();
+                assert_eq!(merkle::root_from_inclusion_proof(i, size, &log.leaf_hash(i).unwrap(), &p).unwrap(), root);
             }
             for old in 1..=size {
                 let p = log.consistency_proof(old, size).unwrap();
                 assert_eq!(p, merkle::consistency_proof(l, old).unwrap());
-                verify_consistency(old, size, &merkle::root(&all[..old as usize]), &root, &p).unwrap();
+                verify_consistency(old, size, &merkle::root(&h[..old as usize]), &root, &p).unwrap();
             }
         }
-        assert!(matches!(log.inclusion_proof(100, 100), Err(LogError::IndexOutOfRange { .. })));
-        assert!(matches!(log.root_at(101), Err(LogError::SizeOutOfRange { .. })));
+    }
+
+    #[test]
+    fn out_of_range_arguments_are_errors() {
+        let c = db();
+        let log = MerkleLog::new(&c);
+        assert!(matches!(log.inclusion_proof(0, 0), Err(LogError::IndexOutOfRange { .. })));
+        assert!(matches!(log.leaf_hash(0), Err(LogError::IndexOutOfRange { index: 0, size: 0 })));
+        log.append(&leaves(5)).unwrap();
+        assert!(matches!(log.inclusion_proof(5, 5), Err(LogError::IndexOutOfRange { .. })));
+        assert!(matches!(log.inclusion_proof(u64::MAX, 5), Err(LogError::IndexOutOfRange { .. })));
+        assert!(matches!(log.inclusion_proof(0, 6), Err(LogError::SizeOutOfRange { size: 6, log_size: 5 })));
+        assert!(matches!(log.root_at(6), Err(LogError::SizeOutOfRange { .. })));
+        assert!(matches!(log.root_at(u64::MAX), Err(LogError::SizeOutOfRange { .. })));
         assert!(matches!(log.consistency_proof(0, 5), Err(LogError::BadSizes { .. })));
-        assert!(matches!(log.consistency_proof(6, 5), Err(LogError::BadSizes { .. })));
-        assert_eq!(log.root_at(0).unwrap(), merkle::empty_root());
+        assert!(matches!(log.consistency_proof(4, 3), Err(LogError::BadSizes { .. })));
+        assert!(matches!(log.consistency_proof(1, 6), Err(LogError::SizeOutOfRange { .. })));
+        assert!(matches!(log.leaf_hash(5), Err(LogError::IndexOutOfRange { .. })));
+        assert_eq!(log.consistency_proof(5, 5).unwrap(), Vec::<Hash>::new());
+        assert_eq!(log.append(&[]).unwrap(), 5);
+        assert_eq!(log.size().unwrap(), 5);
+    }
+
+    #[test]
+    fn a_failed_append_leaves_the_log_as_it_was() {
+        let c = db();
+        let log = MerkleLog::new(&c);
+        log.append(&leaves(3)).unwrap();
+        let before = log.head().unwrap();
+        // A stray row where the 5th leaf goes makes the next append fail midway.
+        c.execute("INSERT INTO log_nodes (level, idx, hash) VALUES (0, 4, x'00')", []).unwrap();
+        assert!(matches!(log.append(&leaves(4)), Err(LogError::Db(_))));
+        c.execute("DELETE FROM log_nodes WHERE level = 0 AND idx = 4", []).unwrap();
+        assert_eq!(log.head().unwrap(), before);
+        log.audit().unwrap();
+        // And it goes on normally.
+        let all: Vec<Leaf> = leaves(3).into_iter().chain(leaves(4)).collect();
+        assert_eq!(log.append(&leaves(4)).unwrap(), 3);
+        assert_eq!(log.root().unwrap(), merkle::root(&hashes(&all)));
+    }
+
+    #[test]
+    fn append_batch_commits_and_rolls_back_with_the_callers_transaction() {
+        let mut c = db();
+        let tx = c.transaction().unwrap();
+        assert_eq!(MerkleLog::append_batch(&tx, &leaves(7)).unwrap(), 0);
+        drop(tx); // rolled back
+        assert_eq!(MerkleLog::new(&c).size().unwrap(), 0);
+        let tx = c.transaction().unwrap();
+        MerkleLog::append_batch(&tx, &leaves(7)).unwrap();
+        tx.commit().unwrap();
+        let log = MerkleLog::new(&c);
+        assert_eq!(log.head().unwrap(), (7, merkle::root(&hashes(&leaves(7)))));
+        log.audit().unwrap();
+    }
+
+    #[test]
+    fn the_log_survives_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let all = leaves(77);
+        {
+            let c = crate::registry::open_db(&path).unwrap();
+            let log = MerkleLog::new(&c);
+            log.append(&all[..40]).unwrap();
+            log.append(&all[40..]).unwrap();
+        }
+        let c = crate::registry::open_db(&path).unwrap();
+        let log = MerkleLog::new(&c);
+        let h = hashes(&all);
+        assert_eq!(log.head().unwrap(), (77, merkle::root(&h)));
+        for size in [1u64, 40, 64, 77] {
+            assert_eq!(log.root_at(size).unwrap(), merkle::root(&h[..size as usize]));
+            assert_eq!(log.inclusion_proof(size - 1, size).unwrap(), merkle::inclusion_proof(&h[..size as usize], size - 1).unwrap());
+        }
+        log.audit().unwrap();
+        // Appending after the reopen continues the same tree.
+        log.append(&leaves(3)).unwrap();
+        let h2: Vec<Hash> = h.iter().copied().chain(hashes(&leaves(3))).collect();
+        assert_eq!(log.root().unwrap(), merkle::root(&h2));
+    }
+
+    #[test]
+    fn audit_finds_a_corrupted_subtree() {
+        let c = db();
+        let log = MerkleLog::new(&c);
+        log.append(&leaves(13)).unwrap();
+        log.audit().unwrap();
+        c.execute("UPDATE log_nodes SET hash = zeroblob(32) WHERE level = 2 AND idx = 1", []).unwrap();
+        assert!(matches!(log.audit(), Err(LogError::Corrupt(_))));
+        // (The root of 13 leaves is made of subtrees (3, 0), (2, 2) and (0, 12).)
+        c.execute("DELETE FROM log_nodes WHERE level = 2 AND idx = 2", []).unwrap();
+        assert!(matches!(log.audit(), Err(LogError::Corrupt(_))));
+        assert!(matches!(log.root(), Err(LogError::Missing { level: 2, index: 2 })));
     }
 
     #[test]
@@ -264,22 +475,30 @@ mod tests {
             f.push(h);
             batch.push(h);
             if batch.len() == 10_000 {
-                log.append(&batch).unwrap();
+                log.append_leaf_hashes(&batch).unwrap();
                 batch.clear();
             }
         }
-        log.append(&batch).unwrap();
+        log.append_leaf_hashes(&batch).unwrap();
         tx.commit().unwrap();
         assert_eq!(log.root_at(n).unwrap(), f.root());
-        let before = log.rows_read();
-        let index = 777_777;
-        let p = log.inclusion_proof(index, n).unwrap();
-        let read = log.rows_read() - before;
-        verify_inclusion(index, n, &leaf_hash(&index.to_be_bytes()), &p, &f.root()).unwrap();
         // log2(1e6) = 20: a proof touches a few dozen rows, not a million.
-        assert!(read <= 2 * 20 * 2, "{read} rows read for one proof");
+        for index in [0u64, 777_777, 999_999, n - 1] {
+            let before = log.rows_read();
+            let p = log.inclusion_proof(index, n).unwrap();
+            let read = log.rows_read() - before;
+            verify_inclusion(index, n, &leaf_hash(&index.to_be_bytes()), &p, &f.root()).unwrap();
+            assert!(read <= 2 * 20, "{read} rows read for the proof of {index}");
+        }
+        // A historical size too.
+        let old = 500_001u64;
         let before = log.rows_read();
-        log.consistency_proof(500_000, n).unwrap();
-        assert!(log.rows_read() - before <= 80);
+        let old_root = log.root_at(old).unwrap();
+        let p = log.consistency_proof(old, n).unwrap();
+        assert!(log.rows_read() - before <= 3 * 20, "{} rows", log.rows_read() - before);
+        verify_consistency(old, n, &old_root, &f.root(), &p).unwrap();
+        let before = log.rows_read();
+        log.inclusion_proof(123_456, old).unwrap();
+        assert!(log.rows_read() - before <= 2 * 20);
     }
 }

@@ -1,0 +1,170 @@
+//! End to end against a real regtest bitcoind, with no notary database: 13 signed
+//! readings (single and batched) form an RFC 9162 log; a hand-built transaction
+//! spending a mature OP_TRUE coinbase commits the log's root in an OP_RETURN; once it
+//! is mined, the proofs of the first, an odd, a batched and the last reading verify with
+//! bitmote's verifier (the node as header source) and with the standard OpenTimestamps
+//! client `ots` (PyPI `opentimestamps-client`); a tampered reading fails both.
+
+use std::path::Path;
+use std::process::Command;
+
+use bitmote_chain::bitcoin::absolute::LockTime;
+use bitmote_chain::bitcoin::script::PushBytesBuf;
+use bitmote_chain::bitcoin::transaction::Version;
+use bitmote_chain::bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness};
+use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
+use bitmote_chain::ChainClient;
+use bitmote_device::merkle::{self, Hash};
+use bitmote_device::reading::{sensor, unit};
+use bitmote_device::{Evidence, Reading, SignedBatch, SignedReading, SigningKey, Value};
+use bitmote_notary::ots::DetachedTimestampFile;
+use bitmote_notary::proof::{anchor_payload, AnchorEvidence, AnchorJson, ProofBundle};
+use bitmote_notary::verify::{verify_bundle, verify_ots, Policy, Step};
+
+const N: usize = 13;
+
+/// The `ots` client: required, not skipped.
+fn ots_client() -> Command {
+    match Command::new("ots").arg("--version").output() {
+        Ok(o) if o.status.success() => Command::new("ots"),
+        _ => panic!("the OpenTimestamps client `ots` is not on PATH: pip install opentimestamps-client"),
+    }
+}
+
+/// `ots --no-cache --btc-regtest --bitcoin-node http://USER:PASS@127.0.0.1:PORT/ verify -f FILE OTS`:
+/// (exit status success, output).
+fn ots_verify(node: &RegtestNode, file: &Path, ots: &Path) -> (bool, String) {
+    let cookie = std::fs::read_to_string(node.cookie_path()).expect("the node's cookie file");
+    let url = format!("{}/", node.rpc_url().replacen("http://", &format!("http://{}@", cookie.trim()), 1));
+    let out = ots_client()
+        .args(["--no-cache", "--btc-regtest", "--bitcoin-node", &url, "verify", "-f"])
+        .arg(file)
+        .arg(ots)
+        .output()
+        .expect("running ots");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn reading(key: &SigningKey, seq: u64) -> Reading {
+    Reading {
+        device: key.public_key().device_id(),
+        seq,
+        timestamp_ms: 1_750_000_000_000 + seq * 2_000,
+        sensor: sensor::TEMPERATURE,
+        unit: unit::CELSIUS,
+        value: Value::Scaled { mantissa: 2150 + seq as i64, exponent: -2 },
+    }
+}
+
+/// A transaction spending the OP_TRUE output of `coinbase` (P2WSH: the witness is the
+/// script `OP_TRUE` itself) to `outputs`, paying `fee` sat, change back to OP_TRUE.
+fn spend_op_true(coinbase: &Transaction, mut outputs: Vec<TxOut>, fee: u64) -> Transaction {
+    let spk = op_true_address().script_pubkey();
+    let vout = coinbase.output.iter().position(|o| o.script_pubkey == spk).expect("coinbase pays the OP_TRUE address");
+    let value = coinbase.output[vout].value.to_sat();
+    outputs.push(TxOut { value: Amount::from_sat(value - fee), script_pubkey: spk });
+    Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint { txid: coinbase.compute_txid(), vout: vout as u32 },
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+            witness: Witness::from_slice(&[vec![0x51u8]]),
+        }],
+        output: outputs,
+    }
+}
+
+fn coinbase_at(c: &ChainClient, height: u32) -> Transaction {
+    let hash = c.block_hash(height).unwrap().expect("block");
+    c.block(&hash).unwrap().txdata.remove(0)
+}
+
+#[test]
+fn anchored_readings_verify_with_bitmote_and_the_ots_client() {
+    let _ = ots_client(); // fail early, before starting a node, if `ots` is missing
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let c = node.client();
+    c.mine(105, &op_true_address()).unwrap();
+
+    // The log: 6 readings signed one by one, then a signed batch of 7.
+    let key = SigningKey::schnorr_from_secret(&[21; 32]).unwrap();
+    let readings: Vec<Reading> = (1..=N as u64).map(|s| reading(&key, s)).collect();
+    let mut evidence: Vec<Evidence> =
+        readings[..6].iter().map(|r| Evidence::Single(SignedReading::sign(&key, r.clone()).unwrap().signature)).collect();
+    let batch = SignedBatch::sign(&key, readings[6..].to_vec()).unwrap();
+    evidence.extend((0..N - 6).map(|i| Evidence::Batch(batch.membership(i).unwrap())));
+    let leaves: Vec<Hash> = readings.iter().map(|r| merkle::leaf_hash(&r.digest())).collect();
+    let root = merkle::root(&leaves);
+
+    // The anchor: OP_RETURN first (vout 0), change second; plus a few unrelated
+    // transactions so the block's Merkle tree has several levels.
+    let payload = PushBytesBuf::try_from(anchor_payload(N as u64, &root).to_vec()).unwrap();
+    let op_return = TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return(payload) };
+    let anchor = spend_op_true(&coinbase_at(c, 1), vec![op_return], 2_000);
+    let anchor_txid: Txid = c.broadcast(&anchor).unwrap();
+    assert_eq!(anchor_txid, anchor.compute_txid());
+    for h in 2..=5 {
+        let filler = spend_op_true(&coinbase_at(c, h), vec![], 1_000 + 700 * h as u64);
+        c.broadcast(&filler).unwrap();
+    }
+
+    // Before the block: the proof is pending, and says so.
+    let path = merkle::inclusion_proof(&leaves, 12).unwrap();
+    let pending = ProofBundle::build(&readings[12], &key.public_key(), &evidence[12], 12, N as u64, &path, None, None, "anchor broadcast").unwrap();
+    assert!(pending.is_pending());
+    let e = verify_bundle(&pending, c, &Policy::default()).unwrap_err();
+    assert_eq!(e.step, Step::Anchored, "{e}");
+    assert!(pending.to_ots().is_err());
+
+    let block_hash = c.mine(1, &op_true_address()).unwrap()[0];
+    let block = c.block(&block_hash).unwrap();
+    let height = c.tip().unwrap().height;
+    assert_eq!(block.txdata.len(), 6, "coinbase, the anchor and 4 others");
+
+    let dir = tempfile::tempdir().unwrap();
+    for i in [0usize, 5, 9, 12] {
+        let path = merkle::inclusion_proof(&leaves, i as u64).unwrap();
+        let ev = AnchorEvidence::from_block(&block, anchor_txid, height).unwrap();
+        let bundle =
+            ProofBundle::build(&readings[i], &key.public_key(), &evidence[i], i as u64, N as u64, &path, None, Some(&ev), "").unwrap();
+        assert!(matches!(bundle.anchor, AnchorJson::Confirmed { vout: 0, .. }));
+        let file = readings[i].encode();
+
+        // (a) bitmote's verifier, with the node as the header source (via JSON, as shipped).
+        let bundle: ProofBundle = serde_json::from_str(&serde_json::to_string(&bundle).unwrap()).unwrap();
+        let v = verify_bundle(&bundle, c, &Policy { reading_file: Some(&file), ..Default::default() }).unwrap();
+        assert_eq!((v.leaf_index, v.tree_size, v.block_height), (i as u64, N as u64, height));
+        assert_eq!(v.block_hash, block_hash.to_string());
+
+        // (b) the .ots: ours, then the OpenTimestamps client.
+        let ots_bytes = bundle.to_ots().unwrap().serialize().unwrap();
+        let ots = DetachedTimestampFile::deserialize(&ots_bytes).unwrap();
+        assert_eq!(verify_ots(&file, &ots, c).unwrap().0, height);
+        let fp = dir.path().join(format!("reading-{i}.bin"));
+        let op = dir.path().join(format!("reading-{i}.bin.ots"));
+        std::fs::write(&fp, &file).unwrap();
+        std::fs::write(&op, &ots_bytes).unwrap();
+        let (ok, text) = ots_verify(&node, &fp, &op);
+        eprintln!("leaf {i}: ots verify: {}", text.trim());
+        assert!(ok, "ots verify failed for leaf {i}: {text}");
+        assert!(text.contains(&format!("Success! Bitcoin block {height} attests existence as of")), "{text}");
+
+        // (c) one byte of the reading changed: both verifiers refuse it.
+        let mut tampered = file.clone();
+        tampered[45] ^= 1;
+        let e = verify_bundle(&bundle, c, &Policy { reading_file: Some(&tampered), ..Default::default() }).unwrap_err();
+        assert_eq!(e.step, Step::ReadingMatches, "{e}");
+        let mut t = bundle.clone();
+        t.reading = hex::encode(&tampered);
+        assert_eq!(verify_bundle(&t, c, &Policy::default()).unwrap_err().step, Step::DeviceSignature);
+        assert_eq!(verify_ots(&tampered, &ots, c).unwrap_err().step, Step::ReadingMatches);
+        std::fs::write(&fp, &tampered).unwrap();
+        let (ok, text) = ots_verify(&node, &fp, &op);
+        assert!(!ok && !text.contains("Success!"), "ots accepted a tampered reading: {text}");
+        eprintln!("leaf {i}: tampered: {}", text.trim());
+    }
+}
