@@ -2,25 +2,16 @@
 //! rules file, a simulated lock (`bitmote device actuator`) on the embedded MQTT broker,
 //! a real payment on regtest, the lock's acknowledgement in the action log.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
+mod common;
+use common::{bitmote, up};
 use std::time::{Duration, Instant};
 
 use bitmote_chain::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
 use bitmote_chain::regtest::{op_true_address, RegtestNode};
 use bitmote_chain::wallet::GatewayWallet;
 use serde_json::Value as Json;
-
-fn bitmote(data_dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitmote"));
-    c.env("BITMOTE_DATA_DIR", data_dir)
-        .env_remove("BITMOTE_CONFIG")
-        .env("RUST_LOG", "warn")
-        .env("BITMOTE_GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        .env("BITMOTE_GATEWAY_MQTT_LISTEN", "127.0.0.1:0");
-    c
-}
 
 #[test]
 fn a_lock_opens_once_when_its_payment_confirms() {
@@ -35,23 +26,8 @@ fn a_lock_opens_once_when_its_payment_confirms() {
         ),
     )
     .unwrap();
-    let mut up = KillOnDrop(bitmote(d).args(["up", "--block-interval", "1"]).stdout(Stdio::piped()).spawn().unwrap());
-    let mut out = BufReader::new(up.0.stdout.take().unwrap());
-    let (mut http, mut mqtt) = (String::new(), String::new());
-    loop {
-        let mut l = String::new();
-        assert!(out.read_line(&mut l).unwrap() > 0, "up exited early");
-        if let Some(r) = l.trim().strip_prefix("http api : ") {
-            http = r.split_whitespace().next().unwrap().to_string();
-        }
-        if let Some(r) = l.trim().strip_prefix("mqtt     : mqtt://") {
-            mqtt = r.split_whitespace().next().unwrap().to_string();
-        }
-        if l.starts_with("ready") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in out.lines() {});
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
 
     // The lock, online before anyone pays.
     let lock = bitmote(d)
@@ -103,19 +79,5 @@ fn a_lock_opens_once_when_its_payment_confirms() {
     assert_eq!(state["done"].as_array().unwrap().len(), 1);
     assert_eq!(state["output"], "open");
 
-    // SAFETY: SIGINT to our own child, as Ctrl-C would.
-    unsafe { libc::kill(up.0.id() as i32, libc::SIGINT) };
-    assert!(up.0.wait().unwrap().success());
-}
-
-/// Stops `bitmote up` (and so its node) even when an assertion fails.
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            // SAFETY: SIGINT to our own child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-            let _ = self.0.wait();
-        }
-    }
+    assert!(u.interrupt().success());
 }

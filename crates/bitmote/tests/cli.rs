@@ -1,19 +1,11 @@
 //! The `bitmote` binary end to end, as a user runs it, against a real regtest bitcoind.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-fn bitmote(data_dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitmote"));
-    c.env("BITMOTE_DATA_DIR", data_dir)
-        .env_remove("BITMOTE_CONFIG")
-        .env("RUST_LOG", "warn")
-        .env("BITMOTE_GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        .env("BITMOTE_GATEWAY_MQTT_LISTEN", "127.0.0.1:0");
-    c
-}
+mod common;
+use common::{bitmote, up};
 
 fn run(data_dir: &Path, args: &[&str]) -> Output {
     let out = bitmote(data_dir).args(args).output().unwrap();
@@ -26,41 +18,11 @@ fn status(data_dir: &Path) -> (i32, serde_json::Value) {
     (out.status.code().unwrap_or(-1), serde_json::from_slice(&out.stdout).unwrap())
 }
 
-/// Start `bitmote up` and wait for its "ready" line.
-fn up(data_dir: &Path, args: &[&str]) -> (Child, Vec<String>) {
-    let mut child = bitmote(data_dir).arg("up").args(args).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = vec![];
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    loop {
-        let mut l = String::new();
-        assert!(out.read_line(&mut l).unwrap() > 0, "bitmote up exited before it was ready: {lines:?}");
-        lines.push(l.trim_end().to_string());
-        if l.starts_with("ready") {
-            break;
-        }
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
-    (child, lines)
-}
-
-fn interrupt_and_wait(mut child: Child) -> std::process::ExitStatus {
-    // SAFETY: plain kill(2) with SIGINT, as Ctrl-C would send, to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "bitmote up did not stop within 60 s of Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn up_runs_a_regtest_node_mines_and_stops_cleanly_on_ctrl_c_then_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, lines) = up(dir.path(), &["--block-interval", "1"]);
+    let u = up(dir.path(), &["--block-interval", "1"]);
+    let lines = u.lines.clone();
     assert!(lines.iter().any(|l| l.contains("bitcoind") && l.contains("regtest")), "{lines:?}");
     // A second `up` on the same data dir is refused while the first runs.
     let second = run(dir.path(), &["up"]);
@@ -76,17 +38,17 @@ fn up_runs_a_regtest_node_mines_and_stops_cleanly_on_ctrl_c_then_resumes() {
     let h2 = status(dir.path()).1["blocks"].as_u64().unwrap();
     assert!(h2 > h1, "up mines a block every second: {h1} -> {h2}");
 
-    let exit = interrupt_and_wait(child);
+    let exit = u.interrupt();
     assert!(exit.success(), "{exit}");
     let (code, s) = status(dir.path());
     assert_eq!(code, 3, "the node is stopped with bitmote: {s}");
     assert_eq!(s["running"], false);
 
     // Up again on the same data: the chain is still there.
-    let (child, _) = up(dir.path(), &["--block-interval", "0"]);
+    let u = up(dir.path(), &["--block-interval", "0"]);
     let h3 = status(dir.path()).1["blocks"].as_u64().unwrap();
     assert!(h3 >= h2, "chain kept across restarts: {h2} -> {h3}");
-    assert!(interrupt_and_wait(child).success());
+    assert!(u.interrupt().success());
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! simulated sensors over MQTT and HTTP, proofs and offline verification, and a
 //! `kill -9` of the gateway under load that loses no acknowledged reading.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
+
+mod common;
+use common::{bitmote, up, Up};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,54 +16,14 @@ use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedReading, SigningKey, Value};
 use serde_json::Value as Json;
 
-fn bitmote(data_dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bitmote"));
-    c.env("BITMOTE_DATA_DIR", data_dir)
-        .env_remove("BITMOTE_CONFIG")
-        .env("RUST_LOG", "warn")
-        .env("BITMOTE_GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
-        .env("BITMOTE_GATEWAY_MQTT_LISTEN", "127.0.0.1:0")
-        .env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "1");
-    c
-}
-
-struct Up {
-    child: Child,
-    http: String,
-    mqtt: String,
-}
-
-fn up(data_dir: &Path) -> Up {
-    let mut child = bitmote(data_dir).args(["up", "--block-interval", "1"]).stdout(Stdio::piped()).spawn().unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let (mut http, mut mqtt) = (String::new(), String::new());
-    loop {
-        let mut l = String::new();
-        assert!(out.read_line(&mut l).unwrap() > 0, "bitmote up exited early");
-        if let Some(rest) = l.trim().strip_prefix("http api : ") {
-            http = rest.split_whitespace().next().unwrap().to_string();
-        }
-        if let Some(rest) = l.trim().strip_prefix("mqtt     : mqtt://") {
-            mqtt = rest.split_whitespace().next().unwrap().to_string();
-        }
-        if l.starts_with("ready") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in out.lines() {});
-    Up { child, http, mqtt }
-}
-
 fn run(data_dir: &Path, gw: &str, args: &[&str]) -> Output {
     let out = bitmote(data_dir).env("BITMOTE_GATEWAY_URL", gw).args(args).output().unwrap();
     eprintln!("bitmote {args:?}: {}\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
 }
 
-fn stop(mut up: Up) {
-    // SAFETY: SIGINT to our own child, as Ctrl-C would.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
-    assert!(up.child.wait().unwrap().success());
+fn stop(up: Up) {
+    assert!(up.interrupt().success());
 }
 
 fn wait_confirmed(gw: &str, tree_size: u64) {
@@ -81,7 +43,7 @@ fn wait_confirmed(gw: &str, tree_size: u64) {
 fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let u = up(d);
+    let u = up(d, &["--block-interval", "1"]);
     let gw = u.http.clone();
     let key_a = d.join("a.key");
     let key_b = d.join("b.key");
@@ -147,7 +109,7 @@ impl SigningKeyFile {
 fn kill_9_under_load_loses_no_acknowledged_reading() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let u = up(d);
+    let u = up(d, &["--block-interval", "1"]);
     let gw = u.http.clone();
     let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
     let keys: Vec<SigningKey> = (1..=4u8).map(|i| SigningKey::schnorr_from_secret(&[40 + i; 32]).unwrap()).collect();
@@ -189,10 +151,11 @@ fn kill_9_under_load_loses_no_acknowledged_reading() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    let mut child = u.child;
+    let mut u = u;
     // SAFETY: SIGKILL to our own child: a crash, no cleanup.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
+    u.child.wait().unwrap();
+    drop(u);
     stop_flag.store(true, Ordering::SeqCst);
     for w in workers {
         w.join().unwrap();
@@ -201,7 +164,7 @@ fn kill_9_under_load_loses_no_acknowledged_reading() {
     assert!(acked.len() > 50, "load was applied: {} readings acknowledged", acked.len());
 
     // Restart on the same data: every acknowledged reading is there and provable.
-    let u = up(d);
+    let u = up(d, &["--block-interval", "1"]);
     let gw = u.http.clone();
     let log: Json = ureq::get(&format!("{gw}/v1/log")).call().unwrap().into_json().unwrap();
     assert!(log["tree_size"].as_u64().unwrap() >= acked.len() as u64);
