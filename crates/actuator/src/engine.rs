@@ -42,6 +42,11 @@ CREATE TABLE IF NOT EXISTS act_payments (
     height INTEGER NOT NULL, block_hash TEXT NOT NULL,
     PRIMARY KEY (rule_id, txid, vout)
 );
+CREATE TABLE IF NOT EXISTS act_commands (
+    rule_id TEXT NOT NULL, seq INTEGER NOT NULL, txid TEXT NOT NULL, command TEXT NOT NULL,
+    height INTEGER NOT NULL, block_hash TEXT NOT NULL,
+    PRIMARY KEY (rule_id, seq)
+);
 CREATE TABLE IF NOT EXISTS act_outbox (
     event_id TEXT PRIMARY KEY,
     rule_id TEXT NOT NULL,
@@ -135,6 +140,8 @@ pub enum EngineEvent {
     PaymentSeen { rule_id: String, txid: String, vout: u32, amount: u64, height: u32 },
     /// An action became due.
     Due { event_id: String },
+    /// An on-chain command for a rule was refused (bad signature, replay, not allowed).
+    CommandRefused { rule_id: String, txid: String, reason: String },
     /// A pending trigger was reorged away before firing: it never fires.
     Cancelled { event_id: String },
     /// A trigger was reorged away after its action was delivered: an alert (and a revert, if any).
@@ -203,6 +210,34 @@ impl Engine {
                         }
                     }
                 }
+                // Authenticated commands for the rules' devices.
+                for t in &block.txdata {
+                    for o in &t.output {
+                        let Some(cmd) = crate::command::decode(&o.script_pubkey) else { continue };
+                        let txid = t.compute_txid().to_string();
+                        for w in &self.watched {
+                            let Trigger::Command { key, .. } = &w.rule.trigger else { continue };
+                            let Ok(key) = key.parse::<bitmote_device::PublicKey>() else { continue };
+                            if !cmd.verify(&key, &w.rule.device) {
+                                continue; // not for this rule (or forged): only its key counts
+                            }
+                            let refuse = |reason: String| EngineEvent::CommandRefused { rule_id: w.rule.id.clone(), txid: txid.clone(), reason };
+                            if w.rule.action.command != "*" && w.rule.action.command != cmd.command {
+                                out.push(refuse(format!("command {:?} is not allowed by the rule (allowed: {:?})", cmd.command, w.rule.action.command)));
+                                continue;
+                            }
+                            let last: Option<u32> = tx.query_row("SELECT MAX(seq) FROM act_commands WHERE rule_id = ?1", [&w.rule.id], |r| r.get(0))?;
+                            if last.is_some_and(|l| cmd.seq <= l) {
+                                out.push(refuse(format!("replayed or out-of-order sequence number {} (last {})", cmd.seq, last.unwrap_or(0))));
+                                continue;
+                            }
+                            tx.execute(
+                                "INSERT INTO act_commands (rule_id, seq, txid, command, height, block_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                                params![w.rule.id, cmd.seq, txid, cmd.command, id.height, id.hash.to_string()],
+                            )?;
+                        }
+                    }
+                }
                 // Fire what is now deep enough.
                 for w in &self.watched {
                     match &w.rule.trigger {
@@ -227,6 +262,21 @@ impl Engine {
                             }
                         }
                         Trigger::Height { .. } => {}
+                        Trigger::Command { confirmations, .. } => {
+                            let max_height = id.height as i64 - *confirmations as i64 + 1;
+                            let due: Vec<(u32, String, String)> = {
+                                let mut st = tx.prepare_cached("SELECT seq, txid, command FROM act_commands WHERE rule_id = ?1 AND height <= ?2")?;
+                                let rows = st.query_map(params![w.rule.id, max_height], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                                rows.collect::<Result<_, _>>()?
+                            };
+                            for (seq, txid, command) in due {
+                                let event_id = format!("{}:cmd:{seq}", w.rule.id);
+                                let action = Action { command, args: w.rule.action.args.clone() };
+                                if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height)? {
+                                    out.push(EngineEvent::Due { event_id });
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -237,8 +287,17 @@ impl Engine {
                     rows.collect::<Result<_, _>>()?
                 };
                 tx.execute("DELETE FROM act_payments WHERE block_hash = ?1", [id.hash.to_string()])?;
-                for (rule_id, txid, vout) in gone {
-                    let event_id = format!("{rule_id}:{txid}:{vout}");
+                let gone_cmds: Vec<(String, String, u32)> = {
+                    let mut st = tx.prepare_cached("SELECT rule_id, txid, seq FROM act_commands WHERE block_hash = ?1")?;
+                    let rows = st.query_map([id.hash.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                tx.execute("DELETE FROM act_commands WHERE block_hash = ?1", [id.hash.to_string()])?;
+                let gone = gone
+                    .into_iter()
+                    .map(|(r, t, v)| (format!("{r}:{t}:{v}"), r, t.clone(), format!("payment {t}:{v}")))
+                    .chain(gone_cmds.into_iter().map(|(r, t, s)| (format!("{r}:cmd:{s}"), r, t.clone(), format!("command {t} (seq {s})"))));
+                for (event_id, rule_id, txid, what) in gone {
                     // The same payment may confirm again in the new branch: then the entry
                     // stays as it is (same event id, no second firing).
                     let state: Option<String> =
@@ -258,7 +317,7 @@ impl Engine {
                                 [&event_id],
                             )?;
                             let rule = self.watched.iter().find(|w| w.rule.id == rule_id).map(|w| w.rule.clone());
-                            let mut message = format!("payment {txid}:{vout} that triggered {event_id} was reorged out after the action");
+                            let mut message = format!("{what} that triggered {event_id} was reorged out after the action");
                             if let Some(rule) = rule {
                                 if let Some(revert) = &rule.revert {
                                     let revert_id = format!("{event_id}:revert");

@@ -45,6 +45,16 @@ pub enum Trigger {
     },
     /// The chain reaching `height` (leases, timeouts).
     Height { height: u32 },
+    /// An authenticated on-chain command for this rule's device: an OP_RETURN
+    /// `"BMC" 0x01 || seq u32 || len u8 || command || BIP340 signature` by `key`
+    /// (see [`crate::command`]), buried under `confirmations` blocks. Sequence numbers
+    /// only go up, so a command can never be replayed.
+    Command {
+        /// The authorized key (hex, bitmote encoding `01 || x-only key`).
+        key: String,
+        #[serde(default = "one")]
+        confirmations: u32,
+    },
 }
 
 fn one() -> u32 {
@@ -100,7 +110,7 @@ impl Rule {
                     .map_err(|_| self.invalid(format!("address {address} is not a {network} address")))?;
                 Ok(Some(a.script_pubkey()))
             }
-            Trigger::Height { .. } => Ok(None),
+            Trigger::Height { .. } | Trigger::Command { .. } => Ok(None),
         }
     }
 
@@ -122,6 +132,15 @@ impl Rule {
             }
             if *min_sat == 0 {
                 return Err(self.invalid("min_sat must be positive".into()));
+            }
+        }
+        if let Trigger::Command { key, confirmations } = &self.trigger {
+            let k: bitmote_device::PublicKey = key.parse().map_err(|e| self.invalid(format!("key: {e}")))?;
+            if !matches!(k, bitmote_device::PublicKey::Schnorr(_)) {
+                return Err(self.invalid("on-chain commands are signed with BIP340 keys (01…)".into()));
+            }
+            if *confirmations == 0 {
+                return Err(self.invalid("confirmations = 0 is not supported; use at least 1".into()));
             }
         }
         self.watched_script(network)?;

@@ -147,3 +147,68 @@ fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
     let log = r.engine.log().unwrap();
     assert!(log.iter().any(|i| i.event_id == fired[0] && i.state == OutboxState::Due));
 }
+
+#[test]
+fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_do_not() {
+    use bitmote_actuator::command;
+    use bitmote_device::SigningKey;
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let c = node.client();
+    let dir = tempfile::tempdir().unwrap();
+    let mut wallet = GatewayWallet::open(&dir.path().join("wallet"), c).unwrap();
+    let fund = wallet.new_address().unwrap();
+    c.mine(1, &fund).unwrap();
+    node.mine(100).unwrap();
+    wallet.sync(c).unwrap();
+    let operator = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
+    let intruder = SigningKey::schnorr_from_secret(&[6; 32]).unwrap();
+    let rules = RuleSet::parse(
+        &format!(
+            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{pk}\" }}\naction = {{ command = \"*\" }}\n\n\
+             [[rule]]\nid = \"relay-cmd\"\ndevice = \"relay-1\"\ntrigger = {{ kind = \"command\", key = \"{pk}\" }}\naction = {{ command = \"on\" }}\n",
+            pk = operator.public_key()
+        ),
+        Network::Regtest,
+    )
+    .unwrap();
+    let mut r = Runner::open(&dir.path().join("act.sqlite"), &rules, c);
+    let send = |w: &mut GatewayWallet, payload: Vec<u8>| {
+        let tx = w.op_return_tx(&payload, FeeRate::from_sat_per_vb_u32(2)).unwrap();
+        c.broadcast(&tx).unwrap();
+        tx.compute_txid().to_string()
+    };
+    let refused = |evs: &[EngineEvent]| -> Vec<String> {
+        evs.iter().filter_map(|e| if let EngineEvent::CommandRefused { reason, .. } = e { Some(reason.clone()) } else { None }).collect()
+    };
+
+    let unlock = command::encode(&operator, "lock-9", 1, "unlock").unwrap();
+    send(&mut wallet, unlock.clone());
+    node.mine(1).unwrap();
+    let evs = r.drain();
+    assert_eq!(dues(&evs), vec!["door-cmd:cmd:1".to_string()], "{evs:?}");
+    assert_eq!(r.engine.get("door-cmd:cmd:1").unwrap().unwrap().command, "unlock");
+
+    // The same signed command again (a replay), a forgery, the right key for another device,
+    // and a command the relay's rule does not allow: none fires.
+    send(&mut wallet, unlock);
+    send(&mut wallet, command::encode(&intruder, "lock-9", 7, "unlock").unwrap());
+    send(&mut wallet, command::encode(&operator, "lock-8", 9, "unlock").unwrap());
+    send(&mut wallet, command::encode(&operator, "relay-1", 1, "off").unwrap());
+    node.mine(1).unwrap();
+    let evs = r.drain();
+    assert!(dues(&evs).is_empty(), "{evs:?}");
+    let reasons = refused(&evs);
+    assert!(reasons.iter().any(|m| m.contains("replayed")), "{reasons:?}");
+    assert!(reasons.iter().any(|m| m.contains("not allowed")), "{reasons:?}");
+    assert_eq!(reasons.len(), 2, "forgeries and other devices' commands are simply not ours: {reasons:?}");
+
+    // The next number works, and carries its own command word.
+    send(&mut wallet, command::encode(&operator, "lock-9", 2, "lock").unwrap());
+    send(&mut wallet, command::encode(&operator, "relay-1", 2, "on").unwrap());
+    node.mine(1).unwrap();
+    let mut d = dues(&r.drain());
+    d.sort();
+    assert_eq!(d, vec!["door-cmd:cmd:2".to_string(), "relay-cmd:cmd:2".to_string()]);
+    assert_eq!(r.engine.get("door-cmd:cmd:2").unwrap().unwrap().command, "lock");
+}

@@ -63,6 +63,22 @@ pub enum DeviceCommand {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Sign an on-chain command for a device: prints the OP_RETURN data (hex) to put in any
+    /// transaction, e.g. `bitcoin-cli send '{"data":"<hex>"}'`.
+    Command {
+        /// The operator's BIP340 key file (authorized by the rule's `key`).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The target device's name.
+        #[arg(long)]
+        device: String,
+        /// Sequence number: greater than any earlier command under this rule.
+        #[arg(long)]
+        seq: u32,
+        /// The command word (at most 7 bytes), e.g. unlock.
+        #[arg(long)]
+        command: String,
+    },
     /// Run a simulated actuator (a lock or relay): receive commands over MQTT, act once per
     /// command, acknowledge, report presence.
     Actuator {
@@ -186,6 +202,12 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             sensor(&url, &key, transport, &mqtt, Duration::from_millis(interval_ms), batch.max(1), count)
         }
         DeviceCommand::Actuator { name, mqtt, state, count } => actuator(&name, &mqtt, &state, count),
+        DeviceCommand::Command { key, device, seq, command } => {
+            let k = read_key(&key)?;
+            let payload = bitmote_actuator::command::encode(&k, &device, seq, &command).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{}", hex::encode(payload));
+            Ok(())
+        }
     }
 }
 
