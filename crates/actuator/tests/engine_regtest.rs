@@ -43,21 +43,27 @@ impl Runner {
     }
 }
 
+/// A regtest node and a wallet holding one mature coinbase.
+fn funded_node() -> (RegtestNode, tempfile::TempDir, GatewayWallet) {
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut wallet = GatewayWallet::open(&dir.path().join("wallet"), node.client()).unwrap();
+    let fund = wallet.new_address().unwrap();
+    node.client().mine(1, &fund).unwrap();
+    node.mine(100).unwrap();
+    wallet.sync(node.client()).unwrap();
+    (node, dir, wallet)
+}
+
 fn dues(evs: &[EngineEvent]) -> Vec<String> {
     evs.iter().filter_map(|e| if let EngineEvent::Due { event_id } = e { Some(event_id.clone()) } else { None }).collect()
 }
 
 #[test]
 fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
-    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
-    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let (node, dir, mut wallet) = funded_node();
     let c = node.client();
-    let dir = tempfile::tempdir().unwrap();
-    let mut wallet = GatewayWallet::open(&dir.path().join("wallet"), c).unwrap();
-    let fund = wallet.new_address().unwrap();
-    c.mine(1, &fund).unwrap();
-    node.mine(100).unwrap();
-    wallet.sync(c).unwrap();
     let lease_height = c.tip().unwrap().height + 6;
     let rules = RuleSet::parse(
         &format!(
@@ -152,15 +158,8 @@ fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
 fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_do_not() {
     use bitmote_actuator::command;
     use bitmote_device::SigningKey;
-    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
-    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let (node, dir, mut wallet) = funded_node();
     let c = node.client();
-    let dir = tempfile::tempdir().unwrap();
-    let mut wallet = GatewayWallet::open(&dir.path().join("wallet"), c).unwrap();
-    let fund = wallet.new_address().unwrap();
-    c.mine(1, &fund).unwrap();
-    node.mine(100).unwrap();
-    wallet.sync(c).unwrap();
     let operator = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
     let intruder = SigningKey::schnorr_from_secret(&[6; 32]).unwrap();
     let rules = RuleSet::parse(
