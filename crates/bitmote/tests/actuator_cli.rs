@@ -37,6 +37,17 @@ fn a_lock_opens_once_when_its_payment_confirms() {
         .spawn()
         .unwrap();
 
+    // The lock reports itself online (its MQTT presence, with a last will for going offline).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p: Json = ureq::get(&format!("{http}/v1/presence")).call().unwrap().into_json().unwrap();
+        if p["devices"]["lock-7"]["state"] == "online" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lock-7 never came online: {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // A customer pays from their own wallet on the same chain.
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
     let c = node.client();
@@ -72,6 +83,16 @@ fn a_lock_opens_once_when_its_payment_confirms() {
             break;
         }
         assert!(Instant::now() < deadline, "no acknowledgement recorded: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The lock process is gone: its last will marks it offline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p: Json = ureq::get(&format!("{http}/v1/presence")).call().unwrap().into_json().unwrap();
+        if p["devices"]["lock-7"]["state"] == "offline" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lock-7 still online after it exited: {p}");
         std::thread::sleep(Duration::from_millis(200));
     }
     // A restarted lock with the same state does not act again on a redelivery.

@@ -67,6 +67,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/devices/{id}/revoke", post(revoke))
         .route("/v1/stats", get(stats))
         .route("/v1/actions", get(actions))
+        .route("/v1/presence", get(presence))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
 }
@@ -334,6 +335,13 @@ async fn actions(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let actions = s.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let alerts = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Json(json!({ "actions": actions, "alerts": alerts }))
+}
+
+async fn presence(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let p = s.presence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let devices: serde_json::Map<String, serde_json::Value> =
+        p.into_iter().map(|(d, (state, since))| (d, json!({ "state": state, "since_ms": since }))).collect();
+    Json(json!({ "devices": devices }))
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -99,6 +99,8 @@ pub struct Shared {
     /// The action log (latest snapshot) and alerts, for the API.
     pub actions: Mutex<Vec<bitmote_actuator::OutboxItem>>,
     pub alerts: Mutex<Vec<String>>,
+    /// Last presence each device reported (`online`/`offline`, from its MQTT last will), with the time.
+    pub presence: Mutex<std::collections::BTreeMap<String, (String, u64)>>,
 }
 
 impl Shared {
@@ -155,6 +157,7 @@ impl Gateway {
             acks: Mutex::new(None),
             actions: Mutex::new(vec![]),
             alerts: Mutex::new(vec![]),
+            presence: Mutex::new(Default::default()),
         });
         let mut threads = vec![];
 

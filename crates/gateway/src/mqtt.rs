@@ -84,6 +84,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
     let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     link_tx.subscribe("bitmote/+/readings").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     link_tx.subscribe("bitmote/+/acks").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    link_tx.subscribe("bitmote/+/presence").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     // The broker runs until the process exits (rumqttd has no stop); it holds no state of ours.
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -183,7 +184,7 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
                 match ev {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         // (Re)subscribe on every connection; the session keeps what arrived meanwhile.
-                        for topic in ["bitmote/+/readings", "bitmote/+/acks"] {
+                        for topic in ["bitmote/+/readings", "bitmote/+/acks", "bitmote/+/presence"] {
                             if let Err(e) = client.try_subscribe(topic, rumqttc::QoS::AtLeastOnce) {
                                 tracing::warn!("MQTT subscribe failed: {e}");
                             }
@@ -203,6 +204,12 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
 }
 
 fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {
+    if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/presence")) {
+        let state = if payload == b"online" { "online" } else { "offline" };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        shared.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(device.to_string(), (state.to_string(), now));
+        return;
+    }
     if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/acks")) {
         let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
         if let Some(tx) = shared.acks.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
