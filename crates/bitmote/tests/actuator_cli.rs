@@ -38,15 +38,7 @@ fn a_lock_opens_once_when_its_payment_confirms() {
         .unwrap();
 
     // The lock reports itself online (its MQTT presence, with a last will for going offline).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let p: Json = ureq::get(&format!("{http}/v1/presence")).call().unwrap().into_json().unwrap();
-        if p["devices"]["lock-7"]["state"] == "online" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lock-7 never came online: {p}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_presence(&http, "lock-7", "online");
 
     // A customer pays from their own wallet on the same chain.
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
@@ -86,19 +78,24 @@ fn a_lock_opens_once_when_its_payment_confirms() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // The lock process is gone: its last will marks it offline.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let p: Json = ureq::get(&format!("{http}/v1/presence")).call().unwrap().into_json().unwrap();
-        if p["devices"]["lock-7"]["state"] == "offline" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "lock-7 still online after it exited: {p}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_presence(&http, "lock-7", "offline");
     // A restarted lock with the same state does not act again on a redelivery.
     let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
     assert_eq!(state["done"].as_array().unwrap().len(), 1);
     assert_eq!(state["output"], "open");
 
     assert!(u.interrupt().success());
+}
+
+/// Wait until the gateway reports `device` in presence `state`.
+fn wait_presence(http: &str, device: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p: Json = ureq::get(&format!("{http}/v1/presence")).call().unwrap().into_json().unwrap();
+        if p["devices"][device]["state"] == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{device} never became {state}: {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
