@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use crate::rules::{Action, Rule, RuleSet, Trigger};
+use bitmote_chain::now_ms;
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +67,6 @@ CREATE TABLE IF NOT EXISTS act_outbox (
 CREATE INDEX IF NOT EXISTS act_outbox_state ON act_outbox(state);
 ";
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// State of an outbox entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -19,12 +19,10 @@ use bitmote_notary::proof::assemble;
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, HeadersFile, Policy};
 use serde_json::json;
+use bitmote_chain::now_ms;
 
 const THREADS: usize = 2;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
     Reading {

@@ -16,6 +16,7 @@ use serde_json::{json, Value as Json};
 
 use crate::config::Config;
 use crate::Global;
+use bitmote_chain::now_ms;
 
 #[derive(Subcommand, Debug)]
 pub enum DeviceCommand {
@@ -142,9 +143,6 @@ fn api_err(e: ureq::Error) -> anyhow::Error {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
     let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;

@@ -132,7 +132,7 @@ fn kill_9_under_load_loses_no_acknowledged_reading() {
                     let r = Reading {
                         device: k.public_key().device_id(),
                         seq,
-                        timestamp_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64,
+                        timestamp_ms: bitmote_chain::now_ms(),
                         sensor: sensor::POWER,
                         unit: unit::WATT,
                         value: Value::Scaled { mantissa: seq as i64, exponent: 0 },

@@ -21,3 +21,13 @@ pub use bitcoin;
 pub use error::{ChainError, Result};
 pub use rpc::{BlockId, ChainClient, HeaderState, NodeInfo, RpcAuth, RpcConfig};
 pub use stream::{BlockEvent, BlockSource, BlockStream, Cursor, CursorStore, FileCursorStore, Start, StreamConfig};
+
+/// Unix time in milliseconds (0 if the clock is before 1970). One clock for every crate.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}

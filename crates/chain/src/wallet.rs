@@ -22,6 +22,7 @@ use bitcoin::{Address, Amount, Block, FeeRate, Network, Transaction, Txid};
 use crate::error::{ChainError, Result};
 use crate::rpc::{BlockId, ChainClient};
 use crate::stream::{BlockEvent, BlockStream, StreamConfig};
+use crate::now_secs;
 
 fn werr(context: &str, e: impl std::fmt::Display) -> ChainError {
     ChainError::Wallet(format!("{context}: {e}"))
@@ -104,9 +105,6 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| ChainError::io(ctx(), e))
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 impl GatewayWallet {
     /// Open the wallet in `dir` (`wallet.seed`, `wallet.sqlite`), creating it on first use.

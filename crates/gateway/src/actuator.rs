@@ -18,13 +18,11 @@ use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
 use serde_json::json;
 
 use crate::{GatewayError, Shared};
+use bitmote_chain::now_ms;
 
 /// Resend an unacknowledged command after this long.
 const REDELIVER_MS: u64 = 5_000;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 pub fn start(shared: Arc<Shared>, data_dir: &Path, client: ChainClient, rules: RuleSet) -> Result<JoinHandle<()>, GatewayError> {
     let engine = Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network)

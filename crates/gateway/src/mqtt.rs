@@ -44,6 +44,39 @@ pub fn errors_topic(device: &str) -> String {
     format!("bitmote/{device}/errors")
 }
 
+/// What the gateway listens to: readings, actuator acknowledgements, device presence.
+const GATEWAY_TOPICS: [&str; 3] = ["bitmote/+/readings", "bitmote/+/acks", "bitmote/+/presence"];
+
+/// The one thread that publishes the gateway's messages (receipts, errors, commands)
+/// through `publish`, until the gateway stops; then `finish`. Returns the queue to it,
+/// also installed as `shared.mqtt_out`.
+fn spawn_publisher(
+    shared: Arc<Shared>,
+    mut publish: impl FnMut(String, Vec<u8>) -> Result<(), String> + Send + 'static,
+    finish: impl FnOnce() + Send + 'static,
+) -> Result<(mpsc::Sender<(String, Vec<u8>)>, JoinHandle<()>), GatewayError> {
+    let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
+    *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
+    let handle = std::thread::Builder::new()
+        .name("mqtt-publish".into())
+        .spawn(move || {
+            while !shared.stop.load(Ordering::SeqCst) {
+                match out_rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok((topic, payload)) => {
+                        if let Err(e) = publish(topic, payload) {
+                            tracing::warn!("MQTT publish failed: {e}");
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            finish();
+        })
+        .map_err(|e| GatewayError::Io { context: "spawning the MQTT publisher".into(), source: e })?;
+    Ok((out_tx, handle))
+}
+
 /// Configuration of an rumqttd broker listening on `addr` (MQTT 3.1.1).
 pub fn broker_config(addr: SocketAddr) -> Result<rumqttd::Config, GatewayError> {
     let text = format!(
@@ -82,9 +115,9 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
     };
     let mut broker = Broker::new(broker_config(addr)?);
     let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
-    link_tx.subscribe("bitmote/+/readings").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
-    link_tx.subscribe("bitmote/+/acks").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
-    link_tx.subscribe("bitmote/+/presence").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    for topic in GATEWAY_TOPICS {
+        link_tx.subscribe(topic).map_err(|e| GatewayError::Mqtt(e.to_string()))?;
+    }
     // The broker runs until the process exits (rumqttd has no stop); it holds no state of ours.
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -95,28 +128,11 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
         })
         .map_err(|e| GatewayError::Io { context: "spawning the MQTT broker".into(), source: e })?;
 
-    // Replies go through one publisher thread that owns the link's sender.
-    let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
-    *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
-    let publisher = {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("mqtt-publish".into())
-            .spawn(move || {
-                while !shared.stop.load(Ordering::SeqCst) {
-                    match out_rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok((topic, payload)) => {
-                            if let Err(e) = link_tx.publish(topic, payload) {
-                                tracing::warn!("MQTT publish failed: {e}");
-                            }
-                        }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-            })
-            .map_err(|e| GatewayError::Io { context: "spawning the MQTT publisher".into(), source: e })?
-    };
+    let (out_tx, publisher) = spawn_publisher(
+        shared.clone(),
+        move |topic, payload| link_tx.publish(topic, payload).map(|_| ()).map_err(|e| e.to_string()),
+        || {},
+    )?;
     let bridge = std::thread::Builder::new()
         .name("mqtt-ingest".into())
         .spawn(move || {
@@ -151,28 +167,15 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
     opts.set_clean_session(false);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut conn) = rumqttc::Client::new(opts, 1024);
-    let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
-    *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
-    let publisher = {
-        let shared = shared.clone();
-        let client = client.clone();
-        std::thread::Builder::new()
-            .name("mqtt-publish".into())
-            .spawn(move || {
-                while !shared.stop.load(Ordering::SeqCst) {
-                    match out_rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok((topic, payload)) => {
-                            if let Err(e) = client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload) {
-                                tracing::warn!("MQTT publish failed: {e}");
-                            }
-                        }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-                let _ = client.disconnect();
-            })
-            .map_err(|e| GatewayError::Io { context: "spawning the MQTT publisher".into(), source: e })?
+    let (out_tx, publisher) = {
+        let (c1, c2) = (client.clone(), client.clone());
+        spawn_publisher(
+            shared.clone(),
+            move |topic, payload| c1.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).map_err(|e| e.to_string()),
+            move || {
+                let _ = c2.disconnect();
+            },
+        )?
     };
     let bridge = std::thread::Builder::new()
         .name("mqtt-ingest".into())
@@ -184,7 +187,7 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
                 match ev {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         // (Re)subscribe on every connection; the session keeps what arrived meanwhile.
-                        for topic in ["bitmote/+/readings", "bitmote/+/acks", "bitmote/+/presence"] {
+                        for topic in GATEWAY_TOPICS {
                             if let Err(e) = client.try_subscribe(topic, rumqttc::QoS::AtLeastOnce) {
                                 tracing::warn!("MQTT subscribe failed: {e}");
                             }
@@ -206,7 +209,7 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
 fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {
     if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/presence")) {
         let state = if payload == b"online" { "online" } else { "offline" };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = bitmote_chain::now_ms();
         shared.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(device.to_string(), (state.to_string(), now));
         return;
     }

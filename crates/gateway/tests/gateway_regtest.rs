@@ -15,10 +15,8 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
 use serde_json::{json, Value as Json};
+use bitmote_chain::now_ms;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
     Reading {
@@ -53,6 +51,27 @@ fn post_bytes(url: &str, body: &[u8]) -> (u16, Json) {
 
 fn get(url: &str) -> ureq::Response {
     ureq::get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// An MQTT device session (persistent) on `broker`, and the (topic, JSON) of what it receives.
+fn mqtt_device(id: &str, broker: SocketAddr) -> (rumqttc::Client, mpsc::Receiver<(String, Json)>) {
+    let mut opts = rumqttc::MqttOptions::new(id, broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(false);
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), serde_json::from_slice::<Json>(&p.payload).unwrap()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    (client, rx)
 }
 
 #[test]
@@ -107,22 +126,7 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
 
     // MQTT: a batch from device a, receipts on its topic; a publish on another device's topic is refused.
     let mqtt = gw.mqtt_addr.unwrap();
-    let mut opts = rumqttc::MqttOptions::new("device-a", mqtt.ip().to_string(), mqtt.port());
-    opts.set_keep_alive(Duration::from_secs(5));
-    opts.set_clean_session(false);
-    let (client, mut conn) = rumqttc::Client::new(opts, 16);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), serde_json::from_slice::<Json>(&p.payload).unwrap()));
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    });
+    let (client, rx) = mqtt_device("device-a", mqtt);
     let ida = a.public_key().device_id().to_string();
     let idb = b.public_key().device_id().to_string();
     client.subscribe(format!("bitmote/{ida}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
@@ -221,21 +225,7 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
     gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
 
-    let mut opts = rumqttc::MqttOptions::new("sensor-x", "127.0.0.1", port);
-    opts.set_clean_session(false);
-    let (client, mut conn) = rumqttc::Client::new(opts, 16);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let _ = tx.send(serde_json::from_slice::<Json>(&p.payload).unwrap());
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    });
+    let (client, rx) = mqtt_device("sensor-x", addr);
     let id = k.public_key().device_id().to_string();
     client.subscribe(format!("bitmote/{id}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
     // Publish until the gateway's subscription is in place and a receipt comes back.
@@ -243,7 +233,7 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let receipt = loop {
         client.publish(format!("bitmote/{id}/readings"), rumqttc::QoS::AtLeastOnce, false, r.encode()).unwrap();
-        if let Ok(v) = rx.recv_timeout(Duration::from_millis(500)) {
+        if let Ok((_, v)) = rx.recv_timeout(Duration::from_millis(500)) {
             break v;
         }
         assert!(Instant::now() < deadline, "no receipt through the external broker");

@@ -10,7 +10,7 @@
 //! Every transaction is kept, so the cost per anchor and per reading is exact.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bitcoin::consensus::encode::{deserialize, serialize};
 use bitcoin::{BlockHash, FeeRate, Transaction, Txid};
@@ -19,6 +19,7 @@ use bitmote_chain::{BlockStream, ChainClient, ChainError, StreamConfig};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{ANCHOR_PAYLOAD_LEN, ANCHOR_TAG};
+use bitmote_chain::now_secs;
 
 /// Errors of the anchoring engine.
 #[derive(Debug, thiserror::Error)]
@@ -163,9 +164,6 @@ pub struct ConfirmedAnchor {
     pub block_height: u32,
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS anchors (
@@ -349,17 +347,10 @@ impl Anchorer {
             return Ok(());
         }
         let tx = self.wallet.bump_fee(old, rate)?;
-        if let Err(e) = self.client.broadcast(&tx) {
-            self.wallet.forget(&tx)?;
-            return Err(e.into());
-        }
-        let fee = self.wallet.fee(&tx)?.to_sat();
+        let fee = self.broadcast_built(&tx)?;
         let txid = tx.compute_txid();
         let t = self.db.unchecked_transaction()?;
-        t.execute(
-            "INSERT INTO anchor_txs (txid, anchor_id, raw, fee_sat, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![txid.to_string(), id, serialize(&tx), fee, now_secs()],
-        )?;
+        record_tx(&t, id, &tx, fee)?;
         t.execute(
             "UPDATE anchors SET txid=?2, broadcast_height=?3, bumps=bumps+1 WHERE id=?1",
             params![id, txid.to_string(), self.tip_height],
@@ -368,6 +359,16 @@ impl Anchorer {
         tracing::info!(id, %old, new = %txid, fee, "anchor {id} fee bumped");
         events.push(AnchorEvent::Bumped { id, old, new: txid, fee_sat: fee });
         Ok(())
+    }
+
+    /// Broadcast a transaction the wallet just built; if the node refuses it, the wallet
+    /// forgets it (its coins are free again). Returns the fee paid.
+    fn broadcast_built(&mut self, tx: &Transaction) -> Result<u64> {
+        if let Err(e) = self.client.broadcast(tx) {
+            self.wallet.forget(tx)?;
+            return Err(e.into());
+        }
+        Ok(self.wallet.fee(tx)?.to_sat())
     }
 
     fn maybe_anchor(&mut self, head: LogHead, events: &mut Vec<AnchorEvent>) -> Result<()> {
@@ -396,11 +397,7 @@ impl Anchorer {
             }
             Err(e) => return Err(e.into()),
         };
-        if let Err(e) = self.client.broadcast(&tx) {
-            self.wallet.forget(&tx)?;
-            return Err(e.into());
-        }
-        let fee = self.wallet.fee(&tx)?.to_sat();
+        let fee = self.broadcast_built(&tx)?;
         let txid = tx.compute_txid();
         let t = self.db.unchecked_transaction()?;
         t.execute(
@@ -408,10 +405,7 @@ impl Anchorer {
             params![head.size, head.root.to_vec(), txid.to_string(), self.tip_height, now_secs()],
         )?;
         let id = t.last_insert_rowid();
-        t.execute(
-            "INSERT INTO anchor_txs (txid, anchor_id, raw, fee_sat, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![txid.to_string(), id, serialize(&tx), fee, now_secs()],
-        )?;
+        record_tx(&t, id, &tx, fee)?;
         t.commit()?;
         tracing::info!(id, %txid, tree_size = head.size, fee, "anchor broadcast");
         events.push(AnchorEvent::Broadcast { id, txid, tree_size: head.size, fee_sat: fee });
@@ -486,6 +480,15 @@ impl Anchorer {
     pub fn tip_height(&self) -> u32 {
         self.tip_height
     }
+}
+
+/// Keep every version of an anchor transaction (for proofs and for the cost).
+fn record_tx(t: &rusqlite::Transaction<'_>, anchor_id: i64, tx: &Transaction, fee: u64) -> Result<()> {
+    t.execute(
+        "INSERT INTO anchor_txs (txid, anchor_id, raw, fee_sat, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![tx.compute_txid().to_string(), anchor_id, serialize(tx), fee, now_secs()],
+    )?;
+    Ok(())
 }
 
 /// Anchors are also read from other connections (HTTP handlers, the proof builder).

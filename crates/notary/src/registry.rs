@@ -15,6 +15,7 @@ use bitmote_device::{DeviceId, PublicKey};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::log::MerkleLog;
+pub(crate) use bitmote_chain::now_ms;
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -113,9 +114,6 @@ fn migrate(c: &Connection, path: &Path) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// The notary database: owns one connection; hands out views of the log and the
 /// registry over it. (Ingest opens its own connections to the same file.)

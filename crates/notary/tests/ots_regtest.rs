@@ -5,9 +5,6 @@
 //! bitmote's verifier (the node as header source) and with the standard OpenTimestamps
 //! client `ots` (PyPI `opentimestamps-client`); a tampered reading fails both.
 
-use std::path::Path;
-use std::process::Command;
-
 use bitmote_chain::bitcoin::absolute::LockTime;
 use bitmote_chain::bitcoin::script::PushBytesBuf;
 use bitmote_chain::bitcoin::transaction::Version;
@@ -22,29 +19,10 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::{anchor_payload, AnchorEvidence, AnchorJson, ProofBundle};
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy, Step};
 
+mod common;
+use common::{ots_command, ots_verify};
+
 const N: usize = 13;
-
-/// The `ots` client: required, not skipped.
-fn ots_client() -> Command {
-    match Command::new("ots").arg("--version").output() {
-        Ok(o) if o.status.success() => Command::new("ots"),
-        _ => panic!("the OpenTimestamps client `ots` is not on PATH: pip install opentimestamps-client"),
-    }
-}
-
-/// `ots --no-cache --btc-regtest --bitcoin-node http://USER:PASS@127.0.0.1:PORT/ verify -f FILE OTS`:
-/// (exit status success, output).
-fn ots_verify(node: &RegtestNode, file: &Path, ots: &Path) -> (bool, String) {
-    let cookie = std::fs::read_to_string(node.cookie_path()).expect("the node's cookie file");
-    let url = format!("{}/", node.rpc_url().replacen("http://", &format!("http://{}@", cookie.trim()), 1));
-    let out = ots_client()
-        .args(["--no-cache", "--btc-regtest", "--bitcoin-node", &url, "verify", "-f"])
-        .arg(file)
-        .arg(ots)
-        .output()
-        .expect("running ots");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
 
 fn reading(key: &SigningKey, seq: u64) -> Reading {
     Reading {
@@ -84,7 +62,7 @@ fn coinbase_at(c: &ChainClient, height: u32) -> Transaction {
 
 #[test]
 fn anchored_readings_verify_with_bitmote_and_the_ots_client() {
-    let _ = ots_client(); // fail early, before starting a node, if `ots` is missing
+    let _ = ots_command(); // fail early, before starting a node, if `ots` is missing
     let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
     let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
     let c = node.client();

@@ -4,12 +4,10 @@
 //! OpenTimestamps client (`ots`, from PyPI) — while tampering fails at the right step.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
-use bitmote_chain::RpcAuth;
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedBatch, SignedReading, SigningKey, Value};
 use bitmote_notary::anchor::{AnchorConfig, AnchorEvent, Anchorer, LogHead};
@@ -20,10 +18,10 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::{assemble, AnchorJson};
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, verify_ots, HeadersFile, Policy, Step};
+use bitmote_chain::now_ms;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
+mod common;
+
 
 fn reading(k: &SigningKey, seq: u64, v: i64) -> Reading {
     Reading {
@@ -36,29 +34,10 @@ fn reading(k: &SigningKey, seq: u64, v: i64) -> Reading {
     }
 }
 
-/// The OpenTimestamps client, installed from PyPI on first use (like bitcoind, the
-/// test suite provisions what it needs).
-fn ots_command() -> Command {
-    let present = Command::new("ots").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !present {
-        let st = Command::new("python3").args(["-m", "pip", "install", "-q", "opentimestamps-client"]).status();
-        assert!(st.is_ok_and(|s| s.success()), "cannot install the OpenTimestamps client: pip install opentimestamps-client");
-    }
-    Command::new("ots")
-}
-
-fn ots_verify(node: &RegtestNode, file: &Path, ots: &Path) -> (bool, String) {
-    let RpcAuth::Cookie(cookie) = &node.rpc_config().auth else { unreachable!() };
-    let creds = std::fs::read_to_string(cookie).unwrap();
-    let url = node.rpc_url().replace("http://", &format!("http://{}@", creds.trim()));
-    let out = ots_command()
-        .args(["--no-cache", "--btc-regtest", "--bitcoin-node", &url, "verify", "-f"])
-        .arg(file)
-        .arg(ots)
-        .output()
-        .expect("the OpenTimestamps client `ots` is installed (pip install opentimestamps-client)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success() && text.contains("Success!"), text)
+/// `ots verify` succeeded and said so.
+fn ots_verified(node: &RegtestNode, file: &Path, ots: &Path) -> (bool, String) {
+    let (ok, text) = common::ots_verify(node, file, ots);
+    (ok && text.contains("Success!"), text)
 }
 
 #[test]
@@ -138,7 +117,7 @@ fn every_reading_gets_a_proof_that_bitmote_and_the_ots_client_verify() {
             let op = work.join(format!("reading-{i}.bin.ots"));
             std::fs::write(&fp, &file).unwrap();
             std::fs::write(&op, &ots_bytes).unwrap();
-            let (ok, text) = ots_verify(&node, &fp, &op);
+            let (ok, text) = ots_verified(&node, &fp, &op);
             assert!(ok, "ots verify failed for leaf {}: {text}", rc.leaf_index);
             eprintln!("ots verify (leaf {}): {}", rc.leaf_index, text.trim());
             assert!(text.contains(&format!("Bitcoin block {}", v.block_height)), "{text}");
@@ -147,7 +126,7 @@ fn every_reading_gets_a_proof_that_bitmote_and_the_ots_client_verify() {
             let last = t.len() - 1;
             t[last] ^= 1;
             std::fs::write(&fp, &t).unwrap();
-            let (ok, text) = ots_verify(&node, &fp, &op);
+            let (ok, text) = ots_verified(&node, &fp, &op);
             assert!(!ok, "ots accepted a tampered file: {text}");
         }
     }
