@@ -7,6 +7,7 @@ mod bench_notary;
 mod config;
 mod device;
 mod node;
+mod pay;
 
 use std::path::PathBuf;
 
@@ -92,6 +93,12 @@ pub enum Command {
         #[arg(long, value_name = "DEVICE_ID")]
         revoked: Vec<String>,
     },
+    /// The energy provider of streaming Lightning micropayments.
+    #[command(subcommand)]
+    Provider(pay::ProviderCommand),
+    /// The prepaid energy meter: pays the provider tick by tick over Lightning.
+    #[command(subcommand)]
+    Meter(pay::MeterCommand),
     /// Measure performance (a report, not a pass/fail test).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -124,6 +131,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(c) => node::node(&g, c),
         Command::Chain(c) => node::chain(&g, c),
         Command::Bench(c) => bench::run(&g, c),
+        Command::Provider(c) => pay::provider(&g, c),
+        Command::Meter(c) => pay::meter(&g, c),
         Command::Device(c) => device::device(&g, c),
         Command::Proof { reading_id, out, ots, reading } => device::proof(&g, &reading_id, out, ots, reading),
         Command::Verify { proof, reading, headers, checkpoint_key, revoked } => {

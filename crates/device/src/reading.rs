@@ -58,6 +58,7 @@ const VERSION: u8 = 0x01;
 /// | 5    | energy      | Wh (5)            |
 /// | 6    | voltage     | V (6)             |
 /// | 7    | current     | A (7)             |
+/// | 8    | meter tick  | Wh (5)            |
 pub mod sensor {
     /// Anything else (an opaque or application-defined measurement).
     pub const GENERIC: u16 = 0;
@@ -69,6 +70,8 @@ pub mod sensor {
     pub const ENERGY: u16 = 5;
     pub const VOLTAGE: u16 = 6;
     pub const CURRENT: u16 = 7;
+    /// An energy meter's paid tick (opaque payload, see `bitmote-pay`'s tick record).
+    pub const METER_TICK: u16 = 8;
     /// First code free for applications.
     pub const APPLICATION: u16 = 0x8000;
 }

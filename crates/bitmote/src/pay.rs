@@ -1,0 +1,242 @@
+//! `bitmote provider` and `bitmote meter`: the two machines of a streaming energy
+//! session, each a separate process with its own Lightning node under
+//! `<data-dir>/<name>/`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bitmote_chain::ChainClient;
+use bitmote_pay::ldk_node::Node;
+use bitmote_pay::meter::Meter;
+use bitmote_pay::node::{self as ln, NodeConfig};
+use bitmote_pay::provider::Provider;
+use bitmote_pay::tariff::{Mode, Tariff};
+use clap::{Args, Subcommand};
+
+use crate::config::Config;
+use crate::Global;
+
+#[derive(Subcommand, Debug)]
+pub enum ProviderCommand {
+    /// Run the energy provider until Ctrl-C.
+    Run(ProviderArgs),
+    /// Print the provider's status (JSON).
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:8660")]
+        url: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MeterCommand {
+    /// Run the meter: fund it and open a channel if needed, then stream payments for
+    /// one session (resuming an interrupted one first) and print both accounts.
+    Run(MeterArgs),
+    /// Print the meter's status (JSON).
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:8661")]
+        url: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Machine {
+    /// Name of this machine: its state lives in `<data-dir>/<name>/`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Lightning P2P address.
+    #[arg(long, value_name = "ADDR")]
+    ln_listen: Option<SocketAddr>,
+    /// JSON API address.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+pub struct ProviderArgs {
+    #[command(flatten)]
+    machine: Machine,
+    /// Price per Wh in millisatoshis.
+    #[arg(long, default_value_t = 250)]
+    price_msat_per_wh: u64,
+    /// Tick length in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    tick_ms: u64,
+    /// `prepaid` or `postpaid`.
+    #[arg(long, default_value = "prepaid")]
+    mode: Mode,
+    /// How late a payment may be before the supply is cut (ms).
+    #[arg(long, default_value_t = 2000)]
+    grace_ms: u64,
+    /// Contracted power (W).
+    #[arg(long, default_value_t = 7000)]
+    max_power_w: u64,
+    /// A session ends after this much is paid (msat).
+    #[arg(long, default_value_t = 100_000_000)]
+    session_limit_msat: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MeterArgs {
+    #[command(flatten)]
+    machine: Machine,
+    /// The provider's JSON API.
+    #[arg(long, default_value = "http://127.0.0.1:8660")]
+    provider_url: String,
+    /// Pin the provider's node id (otherwise taken from its API on first use).
+    #[arg(long)]
+    provider_node: Option<String>,
+    /// Channel size when a channel must be opened (sat).
+    #[arg(long, default_value_t = 500_000)]
+    channel_sat: u64,
+    /// Stop after this many ticks (default: until the session limit or Ctrl-C).
+    #[arg(long)]
+    ticks: Option<u64>,
+}
+
+fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
+    let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
+    let client = crate::node::connect(g, &cfg)?;
+    let name = m.name.clone().unwrap_or_else(|| role.to_string());
+    let dir = g.data_dir().join(&name);
+    let ncfg = NodeConfig {
+        dir: ln::node_dir(&dir),
+        listen: m.ln_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], default_ln))),
+        rpc: client.config().clone(),
+        alias: name,
+        announce: false,
+    };
+    let node = ln::start(&ncfg).context("starting the Lightning node")?;
+    tracing::info!("{role} node {} listening on {}", node.node_id(), ncfg.listen);
+    Ok((node, dir, client))
+}
+
+fn print_status(url: &str) -> Result<()> {
+    let v: serde_json::Value = ureq::get(&format!("{}/v1/status", url.trim_end_matches('/')))
+        .call()
+        .with_context(|| format!("{url} does not answer"))?
+        .into_json()?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
+    let a = match cmd {
+        ProviderCommand::Status { url } => return print_status(&url),
+        ProviderCommand::Run(a) => a,
+    };
+    let stop = crate::node::stop_flag()?;
+    let (node, dir, _client) = start_node(g, &a.machine, "provider", 9735)?;
+    let tariff = Tariff {
+        provider: String::new(),
+        price_msat_per_wh: a.price_msat_per_wh,
+        tick_ms: a.tick_ms,
+        mode: a.mode,
+        grace_ms: a.grace_ms,
+        max_power_w: a.max_power_w,
+        session_limit_msat: a.session_limit_msat,
+        valid_until: bitmote_chain::now_secs() + 365 * 86400,
+    };
+    let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8660)));
+    let p = Provider::start(node.clone(), &dir, tariff, http)?;
+    println!("provider {} ready: API http://{} (tariff {})", node.node_id(), p.http_addr, p.tariff().id());
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p.shutdown();
+    node.stop().ok();
+    Ok(())
+}
+
+/// Mine to the meter's wallet on regtest if it has nothing; open a channel to the
+/// provider if there is none; wait until it is usable.
+fn ensure_channel(client: &ChainClient, node: &Node, provider: &str, addr: &str, sat: u64) -> Result<()> {
+    let pk = ln::parse_node_id(provider)?;
+    if node.list_channels().iter().any(|c| c.counterparty_node_id == pk) {
+        return wait_usable(client, node, pk);
+    }
+    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
+    let _ = node.sync_wallets();
+    if node.list_balances().spendable_onchain_balance_sats < sat + 50_000 {
+        if !regtest {
+            bail!("the meter's wallet needs {} sat: send them to {}", sat + 50_000, node.onchain_payment().new_address()?);
+        }
+        client.mine(1, &node.onchain_payment().new_address()?)?;
+        client.mine(100, &bitmote_chain::regtest::op_true_address())?;
+        ln::wait_until(node, "meter funds", Duration::from_secs(60), || {}, |n| {
+            n.list_balances().spendable_onchain_balance_sats >= sat + 50_000
+        })?;
+    }
+    let addr = addr.parse().map_err(|_| anyhow::anyhow!("bad provider address {addr}"))?;
+    node.open_channel(pk, addr, sat, None, None).context("opening the channel")?;
+    println!("opened a {sat} sat channel to {provider}");
+    wait_usable(client, node, pk)
+}
+
+fn wait_usable(client: &ChainClient, node: &Node, pk: bitmote_pay::ldk_node::bitcoin::secp256k1::PublicKey) -> Result<()> {
+    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
+    let mine = || {
+        if regtest {
+            let _ = client.mine(1, &bitmote_chain::regtest::op_true_address());
+        }
+    };
+    ln::wait_until(node, "a usable channel", Duration::from_secs(600), mine, |n| {
+        n.list_channels().iter().any(|c| c.counterparty_node_id == pk && c.is_usable)
+    })?;
+    Ok(())
+}
+
+pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
+    let a = match cmd {
+        MeterCommand::Status { url } => return print_status(&url),
+        MeterCommand::Run(a) => a,
+    };
+    let stop = crate::node::stop_flag()?;
+    let (node, dir, client) = start_node(g, &a.machine, "meter", 9736)?;
+    let url = a.provider_url.trim_end_matches('/').to_string();
+    let status: serde_json::Value = ureq::get(&format!("{url}/v1/status"))
+        .call()
+        .with_context(|| format!("the provider at {url} is offline"))?
+        .into_json()?;
+    let pnode = status["node"]["node_id"].as_str().context("provider status without node id")?.to_string();
+    if let Some(pin) = &a.provider_node {
+        if pin != &pnode {
+            bail!("the provider at {url} is node {pnode}, not the pinned {pin}");
+        }
+    }
+    let paddr = status["node"]["listening"][0].as_str().context("provider has no Lightning address")?.to_string();
+    ensure_channel(&client, &node, &pnode, &paddr, a.channel_sat)?;
+    let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));
+    let m = Meter::start(node.clone(), &dir, &url, http)?;
+    let s = match m.open_sessions()?.pop() {
+        Some(s) => {
+            println!("resuming session {} at tick {}", bitmote_device::hex_encode(&s.id), s.account.ticks);
+            s
+        }
+        None => m.open_session(&pnode)?,
+    };
+    println!("session {} open; meter API http://{}", bitmote_device::hex_encode(&s.id), m.http_addr);
+    let m2 = m.clone();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m2.shutdown();
+    });
+    let s = m.run(&s.id, a.ticks)?;
+    let out = m.close(&s.id)?;
+    println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+        "session": bitmote_device::hex_encode(&s.id),
+        "state": out.session.state,
+        "reason": out.session.reason,
+        "meter": out.session.account,
+        "provider": out.provider.as_ref().map(|p| &p.session.account),
+        "reconciled": out.reconciled,
+    }))?);
+    m.shutdown();
+    node.stop().ok();
+    Ok(())
+}

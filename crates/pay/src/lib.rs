@@ -1,0 +1,76 @@
+//! Machine-to-machine streaming micropayments over Lightning: the prepaid energy
+//! meter and the energy provider, each a machine with an embedded ldk-node.
+//!
+//! - [`tariff`]: the provider's price list, signed with its node key.
+//! - [`tick`]: what each keysend carries (a TLV with the meter's signed register) and
+//!   the per-session [`tick::Account`] arithmetic both sides share.
+//! - [`load`]: the simulated meter hardware (a household load profile and a
+//!   cumulative Wh register).
+//! - [`store`]: durable sessions and ticks.
+//! - [`provider`] and [`meter`]: the two roles, each serving a small JSON API.
+//! - [`node`]: building the Lightning node on the bitcoind RPC chain source.
+//!
+//! The session protocol, in one paragraph: the meter fetches the signed tariff over
+//! HTTP, checks the signature against the provider's node id, and opens a session
+//! naming the tariff id and its own device key. Every tick it measures the register
+//! and pays by keysend exactly what the register makes due (postpaid: after the
+//! tick; prepaid: in advance, keeping one tick plus grace at the contracted power
+//! paid ahead, refunded at the end). The provider credits each payment only if the
+//! signature, tick number, register and amounts check out, and cuts the supply when
+//! a payment is late past the grace period or short. Both keep the same
+//! [`tick::Account`]; at the end the provider signs its statement and the meter
+//! compares it with its own, to the millisatoshi.
+
+pub mod load;
+mod machine;
+pub mod meter;
+pub mod node;
+pub mod provider;
+pub mod store;
+pub mod tariff;
+pub mod tick;
+
+pub use ldk_node;
+
+use std::path::PathBuf;
+
+/// Errors of the payment machines.
+#[derive(Debug, thiserror::Error)]
+pub enum PayError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("Lightning node: {0}")]
+    Node(String),
+    #[error("session store: {0}")]
+    Store(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("provider at {url}: {why}")]
+    Provider { url: String, why: String },
+    #[error(transparent)]
+    Tariff(#[from] tariff::TariffError),
+    #[error("session: {0}")]
+    Session(String),
+}
+
+/// Hex (de)serialization of fixed-size byte arrays.
+pub(crate) mod hexs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&bitmote_device::hex_encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+        let s = String::deserialize(d)?;
+        bitmote_device::hex_decode(&s)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom(format!("expected {} hex digits", 2 * N)))
+    }
+}
+
+/// Parse a session id (32 hex digits).
+pub fn parse_session(s: &str) -> Option<tick::SessionId> {
+    bitmote_device::hex_decode(s)?.try_into().ok()
+}
+pub use machine::{node_json, session_json};

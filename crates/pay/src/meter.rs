@@ -1,0 +1,351 @@
+//! The buyer's secure energy meter: measures the energy the provider delivers and
+//! pays for it tick by tick by keysend, never more than the register makes due
+//! (prepaid: plus one tick of cover), and stops paying the moment energy stops.
+//!
+//! Crash safety: each tick is written to the store (with the signed register and the
+//! payment hash) before it is sent, and its preimage is derived from a secret of the
+//! meter and (session, tick); after a restart the pending tick is sent again with the
+//! same preimage, which ldk-node and the provider both recognise, so a tick is never
+//! paid twice. HTTP: `GET /v1/status`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State as AxState;
+use axum::routing::get;
+use axum::{Json, Router};
+use bitmote_chain::now_ms;
+use bitmote_device::sign::SigningKey;
+use ldk_node::lightning::ln::channelmanager::PaymentId;
+use ldk_node::lightning_types::payment::PaymentPreimage;
+use ldk_node::payment::PaymentStatus;
+use ldk_node::{CustomTlvRecord, Event, Node, NodeError};
+use serde::Serialize;
+
+use crate::load::SimMeter;
+use crate::node::parse_node_id;
+use crate::provider::{OpenRequest, Statement, TLV_REFUND};
+use crate::store::{Session, State, Store, TickRow};
+use crate::tariff::{Mode, SignedTariff};
+use crate::tick::{Account, SessionId, TLV_TICK};
+use crate::PayError;
+
+/// How a session ended, and whether both accounts agree.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub session: Session,
+    /// The provider's signed statement (None if the provider could not be reached).
+    pub provider: Option<Statement>,
+    /// Both accounts equal, to the millisatoshi, and the statement's signature valid.
+    pub reconciled: bool,
+}
+
+/// The running meter.
+pub struct Meter {
+    pub node: Arc<Node>,
+    store: Mutex<Store>,
+    key: SigningKey,
+    secret: [u8; 32],
+    provider_url: String,
+    stop: Arc<AtomicBool>,
+    waiters: Mutex<HashMap<[u8; 32], mpsc::Sender<bool>>>,
+    sim: Mutex<Option<SimMeter>>,
+    pub http_addr: SocketAddr,
+}
+
+fn http_get<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, PayError> {
+    let err = |why: String| PayError::Provider { url: url.to_string(), why };
+    ureq::get(url)
+        .timeout(Duration::from_secs(5))
+        .call()
+        .map_err(|e| err(e.to_string()))?
+        .into_json()
+        .map_err(|e| err(e.to_string()))
+}
+
+fn http_post<T: serde::de::DeserializeOwned>(url: &str, body: &impl Serialize) -> Result<T, PayError> {
+    let err = |why: String| PayError::Provider { url: url.to_string(), why };
+    let resp = ureq::post(url).timeout(Duration::from_secs(30)).send_json(body).map_err(|e| match e {
+        ureq::Error::Status(code, r) => err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+        e => err(e.to_string()),
+    })?;
+    resp.into_json().map_err(|e| err(e.to_string()))
+}
+
+impl Meter {
+    /// Start on a running node. The device key and the preimage secret live in
+    /// `<data>/meter.key` (0600), created on first start.
+    pub fn start(node: Arc<Node>, data: &Path, provider_url: &str, http: SocketAddr) -> Result<Arc<Self>, PayError> {
+        let key_path = data.join("meter.key");
+        let secret: [u8; 32] = match std::fs::read(&key_path) {
+            Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes", key_path.display())))?,
+            Err(_) => {
+                let k = SigningKey::generate_schnorr().map_err(|e| PayError::Config(format!("{e:?}")))?;
+                bitmote_chain::wallet::write_secret(&key_path, &k.secret_bytes())
+                    .map_err(|e| PayError::Config(e.to_string()))?;
+                k.secret_bytes()
+            }
+        };
+        let key = SigningKey::schnorr_from_secret(&secret).map_err(|e| PayError::Config(format!("{e:?}")))?;
+        let listener = std::net::TcpListener::bind(http).map_err(|e| PayError::Config(format!("HTTP {http}: {e}")))?;
+        let m = Arc::new(Meter {
+            node,
+            store: Mutex::new(Store::open(&data.join("meter.db"))?),
+            secret: bitmote_device::tagged_hash(b"bitmote/meter/preimage", &[&secret]),
+            key,
+            provider_url: provider_url.trim_end_matches('/').to_string(),
+            stop: Arc::new(AtomicBool::new(false)),
+            waiters: Mutex::new(HashMap::new()),
+            sim: Mutex::new(None),
+            http_addr: listener.local_addr().map_err(|e| PayError::Config(e.to_string()))?,
+        });
+        let ev = m.clone();
+        std::thread::Builder::new().name("meter-events".into()).spawn(move || ev.event_loop()).expect("thread");
+        listener.set_nonblocking(true).map_err(|e| PayError::Config(e.to_string()))?;
+        let router = Router::new()
+            .route("/v1/status", get(|AxState(m): AxState<Arc<Meter>>| async move { Json(m.status()) }))
+            .with_state(m.clone());
+        crate::machine::serve(listener, router, &m.stop);
+        Ok(m)
+    }
+
+    /// The meter's device key (its signed registers are notary readings).
+    pub fn device_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn event_loop(self: Arc<Self>) {
+        crate::machine::event_loop(&self.node, &self.stop, |ev| {
+            let (hash, ok) = match ev {
+                Event::PaymentSuccessful { payment_hash, .. } => (payment_hash.0, true),
+                Event::PaymentFailed { payment_hash: Some(h), reason, .. } => {
+                    tracing::warn!("payment {} failed: {reason:?}", bitmote_device::hex_encode(&h.0));
+                    (h.0, false)
+                }
+                Event::PaymentReceived { amount_msat, custom_records, .. } => {
+                    if let Some(r) = custom_records.iter().find(|r| r.type_num == TLV_REFUND) {
+                        self.on_refund(&r.value, *amount_msat)?;
+                    }
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            };
+            if let Some(tx) = self.waiters.lock().unwrap().remove(&hash) {
+                let _ = tx.send(ok);
+            }
+            Ok(())
+        });
+    }
+
+    fn on_refund(&self, session: &[u8], amount: u64) -> Result<(), PayError> {
+        let Ok(id) = <SessionId>::try_from(session) else { return Ok(()) };
+        let store = self.store.lock().unwrap();
+        if let Some(mut s) = store.session(&id)? {
+            if s.account.refunded_msat == 0 {
+                s.account.refunded_msat = amount;
+                store.put_session(&s)?;
+                tracing::info!(session = bitmote_device::hex_encode(&id), "refund of {amount} msat received");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetch and check the provider's tariff, and open a session under it.
+    pub fn open_session(&self, provider_node: &str) -> Result<Session, PayError> {
+        let st: SignedTariff = http_get(&format!("{}/v1/tariff", self.provider_url))?;
+        let pk = parse_node_id(provider_node)?;
+        st.check(provider_node, bitmote_chain::now_secs(), |m, sig| self.node.verify_signature(m, sig, &pk))?;
+        let req = OpenRequest {
+            tariff_id: st.id(),
+            meter_key: bitmote_device::hex_encode(&self.key.public_key().encode()),
+            meter_node: self.node.node_id().to_string(),
+        };
+        let s: Session = http_post(&format!("{}/v1/sessions", self.provider_url), &req)?;
+        if s.tariff != st.tariff || s.meter_key != req.meter_key {
+            return Err(PayError::Session("the provider opened the session under other terms".into()));
+        }
+        self.store.lock().unwrap().put_session(&s)?;
+        tracing::info!(session = bitmote_device::hex_encode(&s.id), "session opened");
+        Ok(s)
+    }
+
+    /// The most recent open session in the store (to resume after a restart).
+    pub fn open_sessions(&self) -> Result<Vec<Session>, PayError> {
+        Ok(self.store.lock().unwrap().sessions()?.into_iter().filter(|s| s.state == State::Open).collect())
+    }
+
+    fn preimage(&self, id: &SessionId, tick: u64) -> [u8; 32] {
+        bitmote_device::tagged_hash(b"bitmote/meter/tick", &[&self.secret, id, &tick.to_be_bytes()])
+    }
+
+    /// The provider's view of the session: for the simulation, also "the line"
+    /// (whether energy flows). None if the provider cannot be reached.
+    fn line(&self, id: &SessionId) -> Option<Session> {
+        http_get(&format!("{}/v1/sessions/{}", self.provider_url, bitmote_device::hex_encode(id))).ok()
+    }
+
+    /// Stream payments for session `id` until `max_ticks` ticks are paid, the
+    /// provider ends the session or cuts the supply, or [`Meter::shutdown`].
+    pub fn run(&self, id: &SessionId, max_ticks: Option<u64>) -> Result<Session, PayError> {
+        let mut s = self.store.lock().unwrap().session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+        let t = s.tariff.clone();
+        let seed = u64::from_be_bytes(id[..8].try_into().unwrap());
+        // Energy is measured from now: while the meter was down its contactor was open.
+        *self.sim.lock().unwrap() = Some(SimMeter::new(seed, t.max_power_w, s.account.register_mwh, now_ms()));
+        // A tick written but not confirmed before a restart is sent again, unchanged.
+        if let Some(row) = self.store.lock().unwrap().ticks(id)?.into_iter().find(|r| r.done_ms.is_none()) {
+            self.pay(&mut s, row)?;
+        }
+        let mut next = if t.mode == Mode::Prepaid && s.account.ticks == 0 { now_ms() } else { now_ms() + t.tick_ms };
+        while s.state == State::Open && !self.stop.load(Ordering::Relaxed) && max_ticks.is_none_or(|m| s.account.ticks < m) {
+            let wait = next.saturating_sub(now_ms());
+            std::thread::sleep(Duration::from_millis(wait));
+            next += t.tick_ms;
+            let line = self.line(id);
+            if let Some(p) = &line {
+                if p.state != State::Open {
+                    s.state = p.state;
+                    s.reason = p.reason.clone();
+                    s.supply = false;
+                    tracing::warn!(session = bitmote_device::hex_encode(id), "provider ended the session: {:?}", p.reason);
+                    break;
+                }
+            }
+            let supply = line.map(|p| p.supply).unwrap_or(s.supply);
+            let register = {
+                let mut sim = self.sim.lock().unwrap();
+                sim.as_mut().unwrap().advance(now_ms(), supply)
+            };
+            // Energy stopped flowing (supply cut) after it had flowed: stop paying.
+            if !supply && s.account.ticks > 0 {
+                s.state = State::Cut;
+                s.reason = Some("no energy: the supply is off".into());
+                break;
+            }
+            s.supply = supply;
+            let tick = s.account.next_tick(&t, *id, register);
+            let seq = self.store.lock().unwrap().next("reading_seq")?;
+            let sr = tick.sign(&self.key, seq, now_ms());
+            let row = TickRow {
+                tick,
+                payment_hash: bitmote_device::sha256(&self.preimage(id, tick.tick)),
+                reading: bitmote_device::hex_encode(&sr.encode()),
+                sent_ms: now_ms(),
+                done_ms: None,
+                latency_us: None,
+            };
+            self.store.lock().unwrap().put_tick(&s, &row)?;
+            self.pay(&mut s, row)?;
+        }
+        self.store.lock().unwrap().put_session(&s)?;
+        Ok(s)
+    }
+
+    /// Send one tick (again, after a restart) and wait for its outcome; a failed
+    /// attempt (peer disconnected, no route) is retried with the same preimage until
+    /// the provider's grace period would be over.
+    fn pay(&self, s: &mut Session, row: TickRow) -> Result<(), PayError> {
+        let provider = parse_node_id(&s.tariff.provider)?;
+        let preimage = PaymentPreimage(self.preimage(&s.id, row.tick.tick));
+        let tlv = bitmote_device::hex_decode(&row.reading).unwrap_or_default();
+        let give_up = Instant::now() + Duration::from_millis(s.tariff.tick_ms + s.tariff.grace_ms);
+        loop {
+            let started = Instant::now();
+            let (tx, rx) = mpsc::channel();
+            self.waiters.lock().unwrap().insert(row.payment_hash, tx);
+            let rec = CustomTlvRecord { type_num: TLV_TICK, value: tlv.clone() };
+            let sent = self.node.spontaneous_payment().send_with_preimage_and_custom_tlvs(
+                row.tick.amount_msat,
+                provider,
+                vec![rec],
+                preimage,
+                None,
+            );
+            let ok = match sent {
+                Ok(_) => rx.recv_timeout(give_up.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))).unwrap_or(false),
+                // Sent before a restart: its fate is in ldk-node's payment store.
+                Err(NodeError::DuplicatePayment) => loop {
+                    match self.node.payment(&PaymentId(row.payment_hash)).map(|p| p.status) {
+                        Some(PaymentStatus::Succeeded) => break true,
+                        Some(PaymentStatus::Pending) => std::thread::sleep(Duration::from_millis(20)),
+                        _ => break false,
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("tick {}: {e}", row.tick.tick);
+                    false
+                }
+            };
+            self.waiters.lock().unwrap().remove(&row.payment_hash);
+            if ok {
+                s.account.record(&row.tick);
+                s.last_paid_ms = now_ms();
+                let lat = started.elapsed().as_micros() as u64;
+                self.store.lock().unwrap().tick_done(s, row.tick.tick, s.last_paid_ms, lat)?;
+                return Ok(());
+            }
+            if Instant::now() > give_up || self.stop.load(Ordering::Relaxed) {
+                return Err(PayError::Session(format!("tick {} could not be paid", row.tick.tick)));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// End the session: ask the provider for its signed statement, wait for a prepaid
+    /// refund, and compare both accounts.
+    pub fn close(&self, id: &SessionId) -> Result<Outcome, PayError> {
+        let url = format!("{}/v1/sessions/{}/close", self.provider_url, bitmote_device::hex_encode(id));
+        let statement: Option<Statement> = http_post(&url, &()).ok();
+        let want_refund = statement.as_ref().map_or(0, |st| st.session.account.refunded_msat);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let session = loop {
+            let s = self.store.lock().unwrap().session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+            if s.account.refunded_msat >= want_refund || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut session = session;
+        if session.state == State::Open {
+            session.state = State::Closed;
+            session.reason = Some("closed by the meter".into());
+        }
+        session.supply = false;
+        self.store.lock().unwrap().put_session(&session)?;
+        let reconciled = statement.as_ref().is_some_and(|st| st.verify(&self.node) && st.session.account == session.account);
+        Ok(Outcome { session, provider: statement, reconciled })
+    }
+
+    /// Account of a session.
+    pub fn account(&self, id: &SessionId) -> Result<Option<Account>, PayError> {
+        Ok(self.store.lock().unwrap().session(id)?.map(|s| s.account))
+    }
+
+    /// The signed tick readings of a session (notary receipts).
+    pub fn ticks(&self, id: &SessionId) -> Result<Vec<TickRow>, PayError> {
+        self.store.lock().unwrap().ticks(id)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let sessions = self.store.lock().unwrap().sessions().unwrap_or_default();
+        let sim = self.sim.lock().unwrap().clone();
+        serde_json::json!({
+            "role": "meter",
+            "node": crate::machine::node_json(&self.node),
+            "provider_url": self.provider_url,
+            "device_key": bitmote_device::hex_encode(&self.key.public_key().encode()),
+            "power_w": sim.as_ref().map_or(0, |m| m.power_w),
+            "register_mwh": sim.as_ref().map_or(0, |m| m.register_mwh),
+            "sessions": sessions.iter().map(crate::machine::session_json).collect::<Vec<_>>(),
+        })
+    }
+}

@@ -1,0 +1,117 @@
+//! The Lightning node inside a machine: ldk-node on the bitcoind RPC chain source,
+//! stored in the machine's data directory, listening on loopback TCP.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bitcoin::secp256k1::PublicKey;
+use bitmote_chain::{RpcAuth, RpcConfig};
+use ldk_node::config::Config;
+use ldk_node::lightning::ln::msgs::SocketAddress;
+use ldk_node::logger::LogLevel;
+use ldk_node::{Builder, ChannelDetails, Node};
+
+use crate::PayError;
+
+/// Where a machine's node lives and how it reaches the chain.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// `<data>/ldk`: keys seed, channel state (SQLite), logs.
+    pub dir: PathBuf,
+    /// Lightning P2P listening address (loopback by default).
+    pub listen: std::net::SocketAddr,
+    pub rpc: RpcConfig,
+    pub alias: String,
+    /// Announce our address so channels opened with `announced = true` enter the
+    /// public graph (a routing hub needs this).
+    pub announce: bool,
+}
+
+/// Read the user and password of a bitcoind RPC config (a cookie is read now).
+fn rpc_credentials(rpc: &RpcConfig) -> Result<(String, u16, String, String), PayError> {
+    let url = rpc.url.trim_start_matches("http://").trim_end_matches('/');
+    let (host, port) = url.rsplit_once(':').ok_or_else(|| PayError::Config(format!("RPC URL {} has no port", rpc.url)))?;
+    let port = port.parse().map_err(|_| PayError::Config(format!("bad RPC port in {}", rpc.url)))?;
+    let (user, pass) = match &rpc.auth {
+        RpcAuth::UserPass { user, password } => (user.clone(), password.clone()),
+        RpcAuth::Cookie(p) => {
+            let c = std::fs::read_to_string(p).map_err(|e| PayError::Config(format!("cookie {}: {e}", p.display())))?;
+            let (u, p) = c.trim().split_once(':').ok_or_else(|| PayError::Config("malformed cookie".into()))?;
+            (u.to_string(), p.to_string())
+        }
+    };
+    Ok((host.to_string(), port, user, pass))
+}
+
+/// Build and start the node.
+pub fn start(cfg: &NodeConfig) -> Result<Arc<Node>, PayError> {
+    std::fs::create_dir_all(&cfg.dir).map_err(|e| PayError::Io(cfg.dir.clone(), e))?;
+    let addr = SocketAddress::from(cfg.listen);
+    let mut config = Config {
+        storage_dir_path: cfg.dir.to_string_lossy().into_owned(),
+        network: cfg.rpc.network,
+        listening_addresses: Some(vec![addr.clone()]),
+        ..Config::default()
+    };
+    if cfg.announce {
+        config.announcement_addresses = Some(vec![addr]);
+    }
+    let mut b = Builder::from_config(config);
+    let (host, port, user, pass) = rpc_credentials(&cfg.rpc)?;
+    b.set_chain_source_bitcoind_rpc(host, port, user, pass);
+    b.set_gossip_source_p2p();
+    b.set_filesystem_logger(Some(cfg.dir.join("ldk_node.log").to_string_lossy().into_owned()), Some(LogLevel::Info));
+    let alias = ldk_node::lightning::routing::gossip::NodeAlias({
+        let mut a = [0u8; 32];
+        let n = cfg.alias.len().min(32);
+        a[..n].copy_from_slice(&cfg.alias.as_bytes()[..n]);
+        a
+    });
+    b.set_node_alias(alias.to_string()).map_err(|e| PayError::Node(format!("alias: {e}")))?;
+    let node = b.build().map_err(|e| PayError::Node(format!("building the Lightning node: {e}")))?;
+    node.start().map_err(|e| PayError::Node(format!("starting the Lightning node: {e}")))?;
+    Ok(Arc::new(node))
+}
+
+/// Parse a node id.
+pub fn parse_node_id(s: &str) -> Result<PublicKey, PayError> {
+    s.parse().map_err(|_| PayError::Config(format!("{s:?} is not a node id")))
+}
+
+/// The usable channels with `peer`.
+pub fn channels_with(node: &Node, peer: &PublicKey) -> Vec<ChannelDetails> {
+    node.list_channels().into_iter().filter(|c| &c.counterparty_node_id == peer).collect()
+}
+
+/// Wait until `ok(node)` holds, syncing wallets in between; `mine` is called once per
+/// second so that regtest chains advance (pass a no-op on real networks).
+pub fn wait_until(
+    node: &Node,
+    what: &str,
+    timeout: Duration,
+    mut mine: impl FnMut(),
+    ok: impl Fn(&Node) -> bool,
+) -> Result<(), PayError> {
+    let start = Instant::now();
+    let mut last_mine = Instant::now();
+    loop {
+        if ok(node) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(PayError::Timeout(format!("{what} after {timeout:?}")));
+        }
+        if last_mine.elapsed() > Duration::from_secs(1) {
+            mine();
+            let _ = node.sync_wallets();
+            last_mine = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The directory of the node under a machine's data directory.
+pub fn node_dir(data: &Path) -> PathBuf {
+    data.join("ldk")
+}

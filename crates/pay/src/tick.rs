@@ -1,0 +1,275 @@
+//! One tick's payment record and the per-session account both sides keep.
+//!
+//! Every keysend of a session carries one custom TLV record, [`TLV_TICK`] (odd, so a
+//! node that does not know it ignores it, as BOLT 1 requires), whose value is a
+//! bitmote [`SignedReading`] of the meter's device key. The reading's payload is
+//!
+//! ```text
+//! session   [16]    session id
+//! tick      u64 BE  0, 1, 2, … (one payment per tick, never repeated)
+//! register  u64 BE  cumulative energy of the session, milli-watt-hours
+//! amount    u64 BE  this payment, msat (must equal the HTLC amount received)
+//! paid      u64 BE  cumulative payments of the session including this one, msat
+//! ```
+//!
+//! so the meter's signature covers the session, the tick number, the register and the
+//! money; the same signed reading is a notary receipt that proves the bill later.
+//!
+//! Both sides run the same arithmetic ([`Account`]): the money due for a register is
+//! `register × price / 1000` rounded down on the *cumulative* register, so the
+//! sub-millisatoshi remainder stays in the register and is never lost to rounding.
+
+use bitmote_device::batch::SignedReading;
+use bitmote_device::reading::{sensor, unit, Reading, Value};
+use bitmote_device::sign::SigningKey;
+use serde::{Deserialize, Serialize};
+
+use crate::tariff::Tariff;
+
+/// Custom TLV type of a tick record ("btk" 01; odd = optional).
+pub const TLV_TICK: u64 = 0x6274_6B01;
+const PAYLOAD_LEN: usize = 16 + 4 * 8;
+
+/// A session id.
+pub type SessionId = [u8; 16];
+
+/// What one payment says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tick {
+    #[serde(with = "crate::hexs")]
+    pub session: SessionId,
+    pub tick: u64,
+    pub register_mwh: u64,
+    pub amount_msat: u64,
+    pub paid_msat: u64,
+}
+
+/// Why a payment is not credited to a session.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize)]
+pub enum Refusal {
+    #[error("no bitmote tick record in the payment")]
+    Missing,
+    #[error("malformed tick record: {0}")]
+    Malformed(String),
+    #[error("unknown session {0}")]
+    UnknownSession(String),
+    #[error("session {0} has ended")]
+    Ended(String),
+    #[error("register signature does not verify with the session's meter key")]
+    BadSignature,
+    #[error("tick {got} replayed or out of order (expected {expected})")]
+    WrongTick { got: u64, expected: u64 },
+    #[error("register went backwards ({got} mWh < {last} mWh)")]
+    RegisterBackwards { got: u64, last: u64 },
+    #[error("register grew {grew} mWh, more than the contracted power allows ({cap} mWh)")]
+    Implausible { grew: u64, cap: u64 },
+    #[error("record says {declared} msat but the payment carried {received} msat")]
+    AmountMismatch { declared: u64, received: u64 },
+    #[error("record says {declared} msat paid in total, the account says {account} msat")]
+    PaidMismatch { declared: u64, account: u64 },
+}
+
+/// The result of a credited payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Verdict {
+    /// Paid in full.
+    Paid,
+    /// Credited, but less than the register requires: the supply must be cut.
+    Short { required_msat: u64, paid_msat: u64 },
+}
+
+impl Tick {
+    fn payload(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(PAYLOAD_LEN);
+        v.extend_from_slice(&self.session);
+        for x in [self.tick, self.register_mwh, self.amount_msat, self.paid_msat] {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v
+    }
+
+    /// The meter's signed reading for this tick (`seq` = the meter's reading counter).
+    pub fn sign(&self, key: &SigningKey, seq: u64, time_ms: u64) -> SignedReading {
+        let reading = Reading {
+            device: key.public_key().device_id(),
+            seq,
+            timestamp_ms: time_ms,
+            sensor: sensor::METER_TICK,
+            unit: unit::WATT_HOUR,
+            value: Value::Bytes(self.payload()),
+        };
+        SignedReading::sign(key, reading).expect("a tick reading is always valid for its own key")
+    }
+
+    /// The tick a reading carries (the signature is checked separately).
+    pub fn from_reading(r: &Reading) -> Result<Self, Refusal> {
+        let b = match (&r.value, r.sensor) {
+            (Value::Bytes(b), sensor::METER_TICK) if b.len() == PAYLOAD_LEN => b,
+            _ => return Err(Refusal::Malformed("not a meter tick reading".into())),
+        };
+        let n = |i: usize| u64::from_be_bytes(b[16 + 8 * i..24 + 8 * i].try_into().unwrap());
+        Ok(Tick {
+            session: b[..16].try_into().unwrap(),
+            tick: n(0),
+            register_mwh: n(1),
+            amount_msat: n(2),
+            paid_msat: n(3),
+        })
+    }
+
+    /// Decode the TLV value (a signed reading).
+    pub fn decode_record(value: &[u8]) -> Result<(SignedReading, Tick), Refusal> {
+        let sr = SignedReading::decode(value).map_err(|e| Refusal::Malformed(format!("{e:?}")))?;
+        let t = Tick::from_reading(&sr.reading)?;
+        Ok((sr, t))
+    }
+}
+
+/// The account of one session, identical on both sides when they agree.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// Ticks paid.
+    pub ticks: u64,
+    /// Cumulative energy, mWh (the last register paid for).
+    pub register_mwh: u64,
+    /// Money paid, msat.
+    pub paid_msat: u64,
+    /// Credit returned to the meter at the end, msat.
+    pub refunded_msat: u64,
+}
+
+impl Account {
+    /// Money due for the energy so far, msat.
+    pub fn due_msat(&self, t: &Tariff) -> u64 {
+        t.due_msat(self.register_mwh)
+    }
+
+    /// Paid beyond the energy (a prepaid deposit, or 1-msat keep-alives), minus refunds.
+    pub fn credit_msat(&self, t: &Tariff) -> i128 {
+        self.paid_msat as i128 - self.refunded_msat as i128 - self.due_msat(t) as i128
+    }
+
+    /// The meter's next payment at `register_mwh`: exactly what the register makes due
+    /// (plus, prepaid, the cover for the next tick), and at least 1 msat so every tick
+    /// is paid and the provider can tell a live meter from a dead one.
+    pub fn next_tick(&self, t: &Tariff, session: SessionId, register_mwh: u64) -> Tick {
+        let amount = t.required_msat(register_mwh).saturating_sub(self.paid_msat).max(1);
+        Tick { session, tick: self.ticks, register_mwh, amount_msat: amount, paid_msat: self.paid_msat + amount }
+    }
+
+    /// Provider side: check a received payment and credit it. `elapsed_ms` is the
+    /// time since the previous payment (or since the session opened).
+    pub fn accept(&mut self, t: &Tariff, tick: &Tick, received_msat: u64, elapsed_ms: u64) -> Result<Verdict, Refusal> {
+        if tick.tick != self.ticks {
+            return Err(Refusal::WrongTick { got: tick.tick, expected: self.ticks });
+        }
+        if tick.register_mwh < self.register_mwh {
+            return Err(Refusal::RegisterBackwards { got: tick.register_mwh, last: self.register_mwh });
+        }
+        // Leave room for clock jitter between the two machines: one extra tick.
+        let cap = t.cap_mwh(elapsed_ms + t.tick_ms + t.grace_ms);
+        let grew = tick.register_mwh - self.register_mwh;
+        if grew > cap {
+            return Err(Refusal::Implausible { grew, cap });
+        }
+        if tick.amount_msat != received_msat {
+            return Err(Refusal::AmountMismatch { declared: tick.amount_msat, received: received_msat });
+        }
+        if tick.paid_msat != self.paid_msat + received_msat {
+            return Err(Refusal::PaidMismatch { declared: tick.paid_msat, account: self.paid_msat + received_msat });
+        }
+        self.record(tick);
+        let required = t.required_msat(tick.register_mwh);
+        Ok(if self.paid_msat < required {
+            Verdict::Short { required_msat: required, paid_msat: self.paid_msat }
+        } else {
+            Verdict::Paid
+        })
+    }
+
+    /// Credit a tick (the meter does this once its payment succeeded).
+    pub fn record(&mut self, tick: &Tick) {
+        self.ticks = tick.tick + 1;
+        self.register_mwh = tick.register_mwh;
+        self.paid_msat = tick.paid_msat;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tariff::{test_tariff, Mode};
+
+    fn key() -> SigningKey {
+        SigningKey::schnorr_from_secret(&[7; 32]).unwrap()
+    }
+
+    #[test]
+    fn record_round_trips_and_is_signed() {
+        let t = Tick { session: [9; 16], tick: 3, register_mwh: 1234, amount_msat: 56, paid_msat: 789 };
+        let sr = t.sign(&key(), 42, 1000);
+        sr.verify(&key().public_key()).unwrap();
+        let (back_sr, back) = Tick::decode_record(&sr.encode()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(back_sr, sr);
+        let other = SigningKey::schnorr_from_secret(&[8; 32]).unwrap();
+        assert!(sr.verify(&other.public_key()).is_err());
+        assert!(matches!(Tick::decode_record(&sr.encode()[..20]), Err(Refusal::Malformed(_))));
+    }
+
+    /// Meter and provider running the same arithmetic over a long session agree to
+    /// the millisatoshi, in both modes, with energies that never divide evenly.
+    #[test]
+    fn both_sides_agree_and_never_lose_a_millisatoshi() {
+        for mode in [Mode::Postpaid, Mode::Prepaid] {
+            let t = test_tariff(mode);
+            let (mut meter, mut provider) = (Account::default(), Account::default());
+            let mut register = 0;
+            for i in 0..500u64 {
+                let tick = meter.next_tick(&t, [1; 16], register);
+                assert_eq!(provider.accept(&t, &tick, tick.amount_msat, t.tick_ms), Ok(Verdict::Paid));
+                meter.record(&tick);
+                assert_eq!(meter, provider);
+                let credit = meter.credit_msat(&t);
+                match mode {
+                    // Postpaid: never ahead by more than the 1-msat keep-alives of ticks
+                    // whose energy was worth less than 1 msat.
+                    Mode::Postpaid => assert!((0..=i as i128 + 1).contains(&credit), "credit {credit}"),
+                    // Prepaid: always at least the cover ahead.
+                    Mode::Prepaid => assert!(credit >= t.prepaid_cover_msat() as i128),
+                }
+                register += (i * 7919) % 1999 + 1; // 1..2 Wh per tick, awkward numbers
+            }
+            let last = meter.next_tick(&t, [1; 16], register);
+            provider.accept(&t, &last, last.amount_msat, t.tick_ms).unwrap();
+            meter.record(&last);
+            assert_eq!(meter.paid_msat, t.required_msat(register).max(meter.paid_msat));
+            assert!(meter.paid_msat >= t.due_msat(register));
+        }
+    }
+
+    #[test]
+    fn provider_refuses_replays_lies_and_detects_short_payments() {
+        let t = test_tariff(Mode::Postpaid);
+        let mut acct = Account::default();
+        let t0 = acct.next_tick(&t, [1; 16], 1000);
+        acct.accept(&t, &t0, t0.amount_msat, 2000).unwrap();
+        // The same tick again.
+        assert_eq!(acct.accept(&t, &t0, t0.amount_msat, 2000), Err(Refusal::WrongTick { got: 0, expected: 1 }));
+        let mut t1 = acct.next_tick(&t, [1; 16], 2000);
+        assert!(matches!(acct.accept(&t, &t1, t1.amount_msat - 1, 2000), Err(Refusal::AmountMismatch { .. })));
+        let mut back = t1;
+        back.register_mwh = 10;
+        assert!(matches!(acct.accept(&t, &back, back.amount_msat, 2000), Err(Refusal::RegisterBackwards { .. })));
+        let mut huge = acct.next_tick(&t, [1; 16], 1_000_000);
+        huge.paid_msat = acct.paid_msat + huge.amount_msat;
+        assert!(matches!(acct.accept(&t, &huge, huge.amount_msat, 2000), Err(Refusal::Implausible { .. })));
+        let before = acct.clone();
+        // A short payment is credited and reported.
+        t1.amount_msat -= 100;
+        t1.paid_msat -= 100;
+        let v = acct.accept(&t, &t1, t1.amount_msat, 2000).unwrap();
+        assert_eq!(v, Verdict::Short { required_msat: 500, paid_msat: 400 });
+        assert_eq!(acct.paid_msat, before.paid_msat + t1.amount_msat);
+    }
+}

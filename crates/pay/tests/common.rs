@@ -1,0 +1,82 @@
+//! A regtest chain and Lightning machines on loopback, for the payment tests.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
+use bitmote_pay::ldk_node::bitcoin::Address;
+use bitmote_pay::ldk_node::Node;
+use bitmote_pay::node::{self, NodeConfig};
+use bitmote_pay::tariff::{Mode, Tariff};
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+pub fn regtest() -> RegtestNode {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let n = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    n.mine(101).unwrap();
+    n
+}
+
+pub fn machine(chain: &RegtestNode, dir: &Path, alias: &str, announce: bool) -> Arc<Node> {
+    let cfg = NodeConfig {
+        dir: dir.join("ldk"),
+        listen: free_addr(),
+        rpc: chain.rpc_config().clone(),
+        alias: alias.into(),
+        announce,
+    };
+    node::start(&cfg).unwrap()
+}
+
+/// Mine `sat`-rich coinbases to the node's wallet and wait until it sees them.
+pub fn fund(chain: &RegtestNode, n: &Node, blocks: u32) {
+    let a: Address = n.onchain_payment().new_address().unwrap();
+    chain.client().mine(blocks, &a).unwrap();
+    chain.mine(100).unwrap();
+    node::wait_until(n, "funds", Duration::from_secs(60), || {}, |n| n.list_balances().spendable_onchain_balance_sats > 0).unwrap();
+}
+
+/// Open a channel from `a` to `b` (pushing `push_msat` to `b`, so it is above its
+/// reserve and can send) and wait until both can use it.
+pub fn channel(chain: &RegtestNode, a: &Node, b: &Node, sat: u64, push_msat: Option<u64>, announced: bool) {
+    let addr = b.listening_addresses().unwrap()[0].clone();
+    if announced {
+        a.open_announced_channel(b.node_id(), addr, sat, push_msat, None).unwrap();
+    } else {
+        a.open_channel(b.node_id(), addr, sat, push_msat, None).unwrap();
+    }
+    let usable = |x: &Node, peer| x.list_channels().iter().any(|c| c.counterparty_node_id == peer && c.is_usable);
+    let mine = || {
+        chain.mine(1).unwrap();
+    };
+    node::wait_until(a, "channel usable", Duration::from_secs(120), mine, |x| usable(x, b.node_id())).unwrap();
+    node::wait_until(b, "channel usable", Duration::from_secs(60), || {}, |x| usable(x, a.node_id())).unwrap();
+}
+
+pub fn tariff(mode: Mode) -> Tariff {
+    Tariff {
+        provider: String::new(),
+        price_msat_per_wh: 250,
+        tick_ms: 500,
+        mode,
+        grace_ms: 5000,
+        max_power_w: 3000,
+        session_limit_msat: 100_000_000,
+        valid_until: u64::MAX,
+    }
+}
+
+/// Stop nodes before their directories go away.
+pub fn stop(nodes: &[&Arc<Node>]) {
+    for n in nodes {
+        n.stop().ok();
+    }
+}
