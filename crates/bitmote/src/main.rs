@@ -7,6 +7,7 @@ mod bench_notary;
 mod config;
 mod device;
 mod node;
+mod rules;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,9 @@ pub enum Command {
     /// Device keys, enrolment, and a simulated sensor.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Actuator rules on the running gateway (admin).
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
     /// Fetch the proof of a reading from the gateway (JSON bundle, optionally .ots).
     Proof {
         /// Reading id (64 hex digits, as in the receipt).
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chain(c) => node::chain(&g, c),
         Command::Bench(c) => bench::run(&g, c),
         Command::Device(c) => device::device(&g, c),
+        Command::Rules(c) => rules::rules(&g, c),
         Command::Proof { reading_id, out, ots, reading } => device::proof(&g, &reading_id, out, ots, reading),
         Command::Verify { proof, reading, headers, checkpoint_key, revoked } => {
             device::verify(&g, &proof, reading, headers, checkpoint_key, revoked)
