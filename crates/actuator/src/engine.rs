@@ -236,7 +236,8 @@ impl Engine {
             // API rules were checked when added; a secret file gone since then must not stop
             // the gateway (delivery reports it), so only the id and the script count here.
             if engine.watched.iter().any(|w| w.rule.id == rule.id) {
-                return Err(EngineError::RuleExists(rule.id));
+                let why = "is in the rules file and was also added over the API: rename it in the file".into();
+                return Err(crate::RuleError::Invalid { id: rule.id, why }.into());
             }
             engine.watch(rule, source)?;
         }

@@ -270,4 +270,14 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
     c.broadcast(&tx).unwrap();
     node.mine(1).unwrap();
     assert!(matches!(&dues(&r.drain())[..], [e] if e.starts_with("order-3:")));
+
+    // A file rule with the id of an API rule is refused at start, saying what to do.
+    drop(r);
+    let clash = RuleSet::parse(
+        "[[rule]]\nid = \"order-1\"\ndevice = \"x\"\ntrigger = { kind = \"height\", height = 5 }\naction = { command = \"on\" }\n",
+        Network::Regtest,
+    )
+    .unwrap();
+    let err = Engine::open(&db, clash, Network::Regtest).err().expect("refused").to_string();
+    assert!(err.contains("order-1") && err.contains("rename it in the file"), "{err}");
 }

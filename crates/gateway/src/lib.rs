@@ -325,12 +325,11 @@ fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wal
         }
         // Until the next poll, serve the wallet to the API.
         let end = Instant::now() + cfg.anchor_poll;
-        while let (Some(left), Some(a)) = (end.checked_duration_since(Instant::now()), anchorer.as_mut()) {
-            if shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Ok(job) = wallet_jobs.recv_timeout(left.min(Duration::from_millis(50))) {
-                job(a.wallet());
+        while let Some(left) = end.checked_duration_since(Instant::now()).filter(|_| !shared.stop.load(Ordering::SeqCst)) {
+            let wait = left.min(Duration::from_millis(50));
+            match anchorer.as_mut() {
+                Some(a) => wallet_jobs.recv_timeout(wait).into_iter().for_each(|job| job(a.wallet())),
+                None => std::thread::sleep(wait),
             }
         }
     }
