@@ -11,6 +11,13 @@
 //! a reorg removes before that never fires (its pending entry is cancelled); one removed
 //! after the action was delivered raises an alert and, if the rule has one, a
 //! compensating `revert` action (`<event id>:revert`).
+//!
+//! Rules come from the operator's `rules.toml` (given to [`Engine::open`]) and from the
+//! API ([`Engine::add_rule`]). API rules are stored in this database, not written back
+//! to `rules.toml`: that file is the operator's, with their comments and layout, and
+//! may be edited by hand at any time; the database is already the engine's durable state
+//! (written with `synchronous=FULL`), so an added rule is durable the moment it is
+//! watched, and the file is never rewritten under the operator's feet.
 
 use std::path::Path;
 use std::time::Duration;
@@ -20,7 +27,7 @@ use bitmote_chain::{BlockEvent, BlockId};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
-use crate::rules::{Action, Rule, RuleSet, Trigger};
+use crate::rules::{Action, Delivery, Rule, RuleSet, Trigger};
 use bitmote_chain::now_ms;
 
 /// Errors of the engine.
@@ -32,6 +39,12 @@ pub enum EngineError {
     Rules(#[from] crate::rules::RuleError),
     #[error("corrupt actuator record: {0}")]
     Corrupt(String),
+    #[error("a rule {0:?} exists already")]
+    RuleExists(String),
+    #[error("no rule {0:?}")]
+    NoSuchRule(String),
+    #[error("rule {0:?} is defined in the rules file: edit the file to change it")]
+    FileRule(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -65,7 +78,11 @@ CREATE TABLE IF NOT EXISTS act_outbox (
     note TEXT
 );
 CREATE INDEX IF NOT EXISTS act_outbox_state ON act_outbox(state);
+CREATE TABLE IF NOT EXISTS act_rules (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, rule TEXT NOT NULL);
 ";
+
+/// Columns added to `act_outbox` after its first release (`delivery` NULL = MQTT).
+const OUTBOX_COLUMNS: [(&str, &str); 2] = [("delivery", "TEXT"), ("confirmations", "INTEGER")];
 
 
 /// State of an outbox entry.
@@ -128,7 +145,42 @@ pub struct OutboxItem {
     pub attempts: u32,
     pub delivered_ms: Option<u64>,
     pub acked_ms: Option<u64>,
+    /// Why it was expired, cancelled or reverted, or why the last delivery attempt failed.
     pub note: Option<String>,
+    pub delivery: Delivery,
+    /// Blocks the trigger was buried under when it became due (none for heights).
+    pub confirmations: Option<u32>,
+}
+
+impl OutboxItem {
+    /// What the device (or webhook, or program) receives. The event id is the same on
+    /// every attempt, so receivers deduplicate by it.
+    pub fn payload(&self) -> serde_json::Value {
+        serde_json::json!({
+            "event_id": self.event_id, "rule": self.rule_id, "device": self.device,
+            "command": self.command, "args": self.args,
+            "txid": self.txid, "height": self.height, "confirmations": self.confirmations,
+            "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
+        })
+    }
+}
+
+/// Where a rule comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleSource {
+    /// `rules.toml`
+    File,
+    /// Added over the API, kept in the database.
+    Api,
+}
+
+/// A rule as the engine watches it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleEntry {
+    #[serde(flatten)]
+    pub rule: Rule,
+    pub source: RuleSource,
 }
 
 /// What applying a block event did.
@@ -149,27 +201,89 @@ pub enum EngineEvent {
 struct Watched {
     rule: Rule,
     script: Option<ScriptBuf>,
+    source: RuleSource,
 }
 
 /// The engine over one database.
 pub struct Engine {
     db: Connection,
     watched: Vec<Watched>,
+    network: Network,
 }
 
 impl Engine {
+    /// Open the database and watch the file's `rules` and the rules added over the API.
     pub fn open(path: &Path, rules: RuleSet, network: Network) -> Result<Self> {
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(Duration::from_secs(30))?;
         db.execute_batch(SCHEMA)?;
-        let watched = rules
-            .rules
-            .into_iter()
-            .map(|r| Ok(Watched { script: r.watched_script(network)?, rule: r }))
-            .collect::<Result<_>>()?;
-        Ok(Engine { db, watched })
+        for (col, ty) in OUTBOX_COLUMNS {
+            let have: bool = db.prepare("SELECT 1 FROM pragma_table_info('act_outbox') WHERE name = ?1")?.exists([col])?;
+            if !have {
+                db.execute_batch(&format!("ALTER TABLE act_outbox ADD COLUMN {col} {ty}"))?;
+            }
+        }
+        let stored: Vec<Rule> = {
+            let mut st = db.prepare("SELECT rule FROM act_rules ORDER BY n")?;
+            let rows = st.query_map([], |r| json_col(r, 0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut engine = Engine { db, watched: vec![], network };
+        let sources = rules.rules.into_iter().map(|r| (r, RuleSource::File)).chain(stored.into_iter().map(|r| (r, RuleSource::Api)));
+        for (rule, source) in sources {
+            // API rules were checked when added; a secret file gone since then must not stop
+            // the gateway (delivery reports it), so only the id and the script count here.
+            if engine.watched.iter().any(|w| w.rule.id == rule.id) {
+                let why = "is in the rules file and was also added over the API: rename it in the file".into();
+                return Err(crate::RuleError::Invalid { id: rule.id, why }.into());
+            }
+            engine.watch(rule, source)?;
+        }
+        Ok(engine)
+    }
+
+    fn watch(&mut self, rule: Rule, source: RuleSource) -> Result<()> {
+        self.watched.push(Watched { script: rule.watched_script(self.network)?, rule, source });
+        Ok(())
+    }
+
+    /// The rules watched now.
+    pub fn rules(&self) -> Vec<RuleEntry> {
+        self.watched.iter().map(|w| RuleEntry { rule: w.rule.clone(), source: w.source }).collect()
+    }
+
+    /// Check, store and watch a rule made by `make` from its number (unique, never reused:
+    /// a rule id like `order-<n>` can be derived from it). It applies from the next block.
+    pub fn add_rule_with(&mut self, make: impl FnOnce(u64) -> Rule) -> Result<Rule> {
+        let last: Option<u64> =
+            self.db.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'act_rules'", [], |r| r.get(0)).optional()?;
+        let n = last.unwrap_or(0) + 1;
+        let rule = make(n);
+        rule.check(self.network)?;
+        if self.watched.iter().any(|w| w.rule.id == rule.id) {
+            return Err(EngineError::RuleExists(rule.id));
+        }
+        let json = serde_json::to_string(&rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        self.db.execute("INSERT INTO act_rules (n, id, rule) VALUES (?1, ?2, ?3)", params![n, rule.id, json])?;
+        self.watch(rule.clone(), RuleSource::Api)?;
+        Ok(rule)
+    }
+
+    pub fn add_rule(&mut self, rule: Rule) -> Result<Rule> {
+        self.add_rule_with(|_| rule)
+    }
+
+    /// Stop watching an API rule and forget it. Actions it already made due stay in the
+    /// outbox and are still delivered; its payments not yet buried never fire.
+    pub fn remove_rule(&mut self, id: &str) -> Result<Rule> {
+        let i = self.watched.iter().position(|w| w.rule.id == id).ok_or_else(|| EngineError::NoSuchRule(id.into()))?;
+        if self.watched[i].source == RuleSource::File {
+            return Err(EngineError::FileRule(id.into()));
+        }
+        self.db.execute("DELETE FROM act_rules WHERE id = ?1", [id])?;
+        Ok(self.watched.remove(i).rule)
     }
 
     /// The last block applied (`None` = none yet: start the stream where you like).
@@ -269,7 +383,7 @@ impl Engine {
                             };
                             for (seq, txid, command) in due {
                                 let event_id = format!("{}:cmd:{seq}", w.rule.id);
-                                let action = Action { command, args: w.rule.action.args.clone() };
+                                let action = Action { command, ..w.rule.action.clone() };
                                 if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height)? {
                                     out.push(EngineEvent::Due { event_id });
                                 }
@@ -347,48 +461,31 @@ impl Engine {
 
     fn items(&self, where_: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<OutboxItem>> {
         let mut st = self.db.prepare(&format!(
-            "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note, delivered_ms
+            "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, delivered_ms, acked_ms, note,
+                    COALESCE(delivery, '\"mqtt\"'), confirmations
              FROM act_outbox {where_} ORDER BY due_ms, event_id"
         ))?;
         let rows = st.query_map(p, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, u32>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, u64>(8)?,
-                r.get::<_, Option<u64>>(9)?,
-                r.get::<_, u32>(10)?,
-                r.get::<_, Option<u64>>(11)?,
-                r.get::<_, Option<String>>(12)?,
-                r.get::<_, Option<u64>>(13)?,
-            ))
+            Ok(OutboxItem {
+                event_id: r.get(0)?,
+                rule_id: r.get(1)?,
+                device: r.get(2)?,
+                command: r.get(3)?,
+                args: json_col(r, 4)?,
+                txid: r.get(5)?,
+                height: r.get(6)?,
+                state: OutboxState::parse(&r.get::<_, String>(7)?).map_err(|e| conversion(7, e))?,
+                due_ms: r.get(8)?,
+                ttl_ms: r.get(9)?,
+                attempts: r.get(10)?,
+                delivered_ms: r.get(11)?,
+                acked_ms: r.get(12)?,
+                note: r.get(13)?,
+                delivery: json_col(r, 14)?,
+                confirmations: r.get(15)?,
+            })
         })?;
-        let mut out = vec![];
-        for row in rows {
-            let (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, acked_ms, note, delivered_ms) = row?;
-            out.push(OutboxItem {
-                event_id,
-                rule_id,
-                device,
-                command,
-                args: serde_json::from_str(&args).map_err(|e| EngineError::Corrupt(e.to_string()))?,
-                txid,
-                height,
-                state: OutboxState::parse(&state)?,
-                due_ms,
-                ttl_ms,
-                attempts,
-                delivered_ms,
-                acked_ms,
-                note,
-            });
-        }
-        Ok(out)
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Actions to deliver (due, or delivered and not yet acknowledged).
@@ -424,6 +521,12 @@ impl Engine {
         Ok(true)
     }
 
+    /// A delivery attempt failed (it is retried): say why in the log.
+    pub fn mark_failed(&self, event_id: &str, why: &str) -> Result<()> {
+        self.db.execute("UPDATE act_outbox SET note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')", params![event_id, why])?;
+        Ok(())
+    }
+
     /// The device reports it did not act because the command arrived after its TTL.
     pub fn mark_expired(&self, event_id: &str, note: &str) -> Result<bool> {
         let n = self.db.execute(
@@ -446,8 +549,8 @@ impl Engine {
 /// Put an action in the outbox once; returns whether it is new.
 fn insert_due(tx: &rusqlite::Transaction<'_>, event_id: &str, rule: &Rule, action: &Action, txid: Option<&str>, height: u32) -> Result<bool> {
     let n = tx.execute(
-        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9)",
+        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, delivery, confirmations)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9, ?10, ?11)",
         params![
             event_id,
             rule.id,
@@ -458,9 +561,20 @@ fn insert_due(tx: &rusqlite::Transaction<'_>, event_id: &str, rule: &Rule, actio
             height,
             now_ms(),
             rule.ttl_secs.map(|s| s * 1000),
+            serde_json::to_string(&action.delivery()).map_err(|e| EngineError::Corrupt(e.to_string()))?,
+            rule.trigger.confirmations(),
         ],
     )?;
     Ok(n > 0)
+}
+
+fn conversion(col: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+}
+
+/// A JSON text column.
+fn json_col<T: serde::de::DeserializeOwned>(r: &rusqlite::Row<'_>, col: usize) -> rusqlite::Result<T> {
+    serde_json::from_str(&r.get::<_, String>(col)?).map_err(|e| conversion(col, e))
 }
 
 impl OutboxState {

@@ -5,15 +5,14 @@
 //! * [`command`]: the signed, numbered OP_RETURN command format;
 //! * [`engine`]: applies reorg-aware block events to the rules, atomically with its
 //!   cursor, and keeps the exactly-once outbox of actions (due → delivered → acked, or
-//!   cancelled / expired / reverted with alerts).
+//!   cancelled / expired / reverted with alerts), and the rules added over the API.
 //!
-//! Delivery to devices (MQTT commands with acknowledgements, webhooks), the device-side
-//! actuator program, authenticated on-chain commands and the light-client mode build
-//! on this outbox.
+//! Delivery (MQTT commands with acknowledgements, signed webhooks, local programs) is
+//! the gateway's: it reads the outbox and records attempts and acknowledgements in it.
 
 pub mod command;
 pub mod engine;
 pub mod rules;
 
-pub use engine::{Engine, EngineError, EngineEvent, OutboxItem, OutboxState};
-pub use rules::{Action, Rule, RuleError, RuleSet, Trigger};
+pub use engine::{Engine, EngineError, EngineEvent, OutboxItem, OutboxState, RuleEntry, RuleSource};
+pub use rules::{Action, Delivery, Exec, Rule, RuleError, RuleSet, Trigger, Webhook};

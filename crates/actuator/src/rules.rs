@@ -14,10 +14,20 @@
 //! device = "relay-2"
 //! trigger = { kind = "height", height = 900000 }
 //! action = { command = "off" }
+//!
+//! [[rule]]
+//! id = "notify"
+//! device = "door-7"
+//! trigger = { kind = "height", height = 900000 }
+//! # delivered by an HTTP POST signed with HMAC-SHA256 instead of MQTT …
+//! action = { command = "unlock", webhook = { url = "http://127.0.0.1:9000/hook", secret_file = "/etc/bitmote/hook.secret" } }
+//! # … or by running a local program: action = { command = "unlock", exec = { program = "/usr/local/bin/open-door", args = ["7"] } }
 //! ```
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use bitcoin::{Address, Network, ScriptBuf};
 use serde::{Deserialize, Serialize};
@@ -61,13 +71,146 @@ fn one() -> u32 {
     1
 }
 
-/// A command for the device.
+/// A command for the device, and how it reaches it: over MQTT (the default), a
+/// webhook, or a local program.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Action {
     pub command: String,
     #[serde(default)]
     pub args: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<Webhook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Exec>,
+}
+
+/// Deliver an action by an HTTP POST of its JSON, signed with HMAC-SHA256; any 2xx
+/// answer acknowledges it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    /// `http://…` (this build has no TLS: put a TLS-terminating proxy in front of remote receivers).
+    pub url: String,
+    /// Absolute path of the file holding the HMAC secret (mode 0600; surrounding whitespace
+    /// is ignored). It is read again on every attempt, so it can be rotated.
+    pub secret_file: PathBuf,
+    /// Seconds to wait for the answer (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Deliver an action by running a local program with the action JSON on its standard
+/// input and `BITMOTE_EVENT_ID` in its environment; exit status 0 acknowledges it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exec {
+    /// Absolute path of an executable file.
+    pub program: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Seconds before the program is killed and the attempt counts as failed (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How an action is delivered (recorded with each outbox entry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    Mqtt,
+    Webhook(Webhook),
+    Exec(Exec),
+}
+
+/// Timeout of a webhook or program when the rule gives none.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn timeout(secs: Option<u64>) -> Duration {
+    secs.map(Duration::from_secs).unwrap_or(DEFAULT_DELIVERY_TIMEOUT)
+}
+
+/// The file's mode bits, refusing paths that are relative or not regular files.
+fn file_mode(path: &Path, what: &str) -> Result<u32, String> {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.is_absolute() {
+        return Err(format!("{what} {} must be an absolute path", path.display()));
+    }
+    let m = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if !m.is_file() {
+        return Err(format!("{what} {} is not a file", path.display()));
+    }
+    Ok(m.permissions().mode())
+}
+
+impl Webhook {
+    pub fn timeout(&self) -> Duration {
+        timeout(self.timeout_secs)
+    }
+
+    /// The HMAC secret, from a file only its owner can read.
+    pub fn secret(&self) -> Result<Vec<u8>, String> {
+        if file_mode(&self.secret_file, "secret_file")? & 0o077 != 0 {
+            return Err(format!("secret_file {} must be readable by its owner only (chmod 600)", self.secret_file.display()));
+        }
+        let text = std::fs::read_to_string(&self.secret_file).map_err(|e| format!("secret_file {}: {e}", self.secret_file.display()))?;
+        match text.trim() {
+            "" => Err(format!("secret_file {} is empty", self.secret_file.display())),
+            t => Ok(t.as_bytes().to_vec()),
+        }
+    }
+}
+
+impl Exec {
+    pub fn timeout(&self) -> Duration {
+        timeout(self.timeout_secs)
+    }
+}
+
+impl Action {
+    pub fn delivery(&self) -> Delivery {
+        match (&self.webhook, &self.exec) {
+            (Some(w), _) => Delivery::Webhook(w.clone()),
+            (_, Some(e)) => Delivery::Exec(e.clone()),
+            _ => Delivery::Mqtt,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.command.is_empty() {
+            return Err("the command is empty".into());
+        }
+        match (&self.webhook, &self.exec) {
+            (Some(_), Some(_)) => return Err("an action has a webhook or an exec, not both".into()),
+            (Some(w), None) => {
+                if !w.url.starts_with("http://") {
+                    return Err(format!("webhook url {:?} must start with http:// (no TLS in this build)", w.url));
+                }
+                w.secret()?;
+            }
+            (None, Some(e)) => {
+                if file_mode(&e.program, "program")? & 0o111 == 0 {
+                    return Err(format!("program {} is not executable", e.program.display()));
+                }
+            }
+            (None, None) => {}
+        }
+        let t = self.webhook.as_ref().and_then(|w| w.timeout_secs).or(self.exec.as_ref().and_then(|e| e.timeout_secs));
+        if t == Some(0) {
+            return Err("timeout_secs must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+impl Trigger {
+    /// Blocks the triggering transaction must be buried under (none for heights).
+    pub fn confirmations(&self) -> Option<u32> {
+        match self {
+            Trigger::Payment { confirmations, .. } | Trigger::Command { confirmations, .. } => Some(*confirmations),
+            Trigger::Height { .. } => None,
+        }
+    }
 }
 
 /// One rule.
@@ -143,6 +286,11 @@ impl Rule {
                 return Err(self.invalid("confirmations = 0 is not supported; use at least 1".into()));
             }
         }
+        for (what, a) in [("action", Some(&self.action)), ("revert", self.revert.as_ref())] {
+            if let Some(a) = a {
+                a.check().map_err(|why| self.invalid(format!("{what}: {why}")))?;
+            }
+        }
         self.watched_script(network)?;
         Ok(())
     }
@@ -188,5 +336,45 @@ mod tests {
         assert!(matches!(RuleSet::parse("[[rule]]\nid = 1\n", Network::Regtest), Err(RuleError::Parse(_))));
         let typo = text.replace("ttl_secs", "ttl_sec");
         assert!(RuleSet::parse(&typo, Network::Regtest).is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn webhooks_need_a_private_secret_file_and_programs_must_be_executable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("hook.secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let rule = |action: &str| {
+            format!("[[rule]]\nid = \"r\"\ndevice = \"d\"\ntrigger = {{ kind = \"height\", height = 5 }}\naction = {action}\n")
+        };
+        let hook = rule(&format!(
+            "{{ command = \"on\", webhook = {{ url = \"http://127.0.0.1:9/h\", secret_file = \"{}\" }} }}",
+            secret.display()
+        ));
+        let chmod = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        chmod(&secret, 0o644);
+        let err = RuleSet::parse(&hook, Network::Regtest).unwrap_err().to_string();
+        assert!(err.contains("owner only"), "{err}");
+        chmod(&secret, 0o600);
+        let rs = RuleSet::parse(&hook, Network::Regtest).unwrap();
+        let Delivery::Webhook(w) = rs.rules[0].action.delivery() else { panic!("a webhook") };
+        assert_eq!(w.secret().unwrap(), b"s3cret", "trimmed");
+        assert_eq!(w.timeout(), DEFAULT_DELIVERY_TIMEOUT);
+        assert!(RuleSet::parse(&hook.replace("http://", "ftp://"), Network::Regtest).is_err());
+        let relative = hook.replace(&secret.display().to_string(), "hook.secret");
+        assert!(RuleSet::parse(&relative, Network::Regtest).unwrap_err().to_string().contains("absolute"));
+
+        let program = dir.path().join("act.sh");
+        std::fs::write(&program, "#!/bin/sh\nexit 0\n").unwrap();
+        chmod(&program, 0o644);
+        let exec =
+            rule(&format!("{{ command = \"on\", exec = {{ program = \"{}\", args = [\"7\"], timeout_secs = 2 }} }}", program.display()));
+        assert!(RuleSet::parse(&exec, Network::Regtest).unwrap_err().to_string().contains("not executable"));
+        chmod(&program, 0o755);
+        let rs = RuleSet::parse(&exec, Network::Regtest).unwrap();
+        assert!(matches!(rs.rules[0].action.delivery(), Delivery::Exec(e) if e.args == ["7"] && e.timeout() == Duration::from_secs(2)));
+        assert!(RuleSet::parse(&exec.replace("timeout_secs = 2", "timeout_secs = 0"), Network::Regtest).is_err());
+        let both = hook.replace("} }", &format!("}}, exec = {{ program = \"{}\" }} }}", program.display()));
+        assert!(RuleSet::parse(&both, Network::Regtest).unwrap_err().to_string().contains("not both"), "{both}");
     }
 }

@@ -211,3 +211,73 @@ fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_
     assert_eq!(d, vec!["door-cmd:cmd:2".to_string(), "relay-cmd:cmd:2".to_string()]);
     assert_eq!(r.engine.get("door-cmd:cmd:2").unwrap().unwrap().command, "lock");
 }
+
+#[test]
+fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart() {
+    use bitmote_actuator::{Action, EngineError, Rule, RuleSource, Trigger};
+    let (node, dir, mut wallet) = funded_node();
+    let c = node.client();
+    let file = RuleSet::parse(
+        "[[rule]]\nid = \"lease\"\ndevice = \"relay-2\"\ntrigger = { kind = \"height\", height = 100000 }\naction = { command = \"off\" }\n",
+        Network::Regtest,
+    )
+    .unwrap();
+    let db = dir.path().join("actuator.sqlite");
+    let mut r = Runner::open(&db, &file, c);
+    let order = |n: u64, to: &Address| Rule {
+        id: format!("order-{n}"),
+        device: "lock-7".into(),
+        trigger: Trigger::Payment { address: to.to_string(), min_sat: 20_000, confirmations: 1 },
+        action: Action { command: "unlock".into(), args: json!({ "seconds": 60 }), webhook: None, exec: None },
+        revert: None,
+        ttl_secs: None,
+    };
+
+    // Numbered, checked, unique across the file and the database.
+    let added = r.engine.add_rule_with(|n| order(n, &addr(3))).unwrap();
+    assert_eq!(added.id, "order-1");
+    assert_eq!(r.engine.add_rule_with(|n| order(n, &addr(4))).unwrap().id, "order-2");
+    let mut dup = order(9, &addr(5));
+    dup.id = "lease".into();
+    assert!(matches!(r.engine.add_rule(dup), Err(EngineError::RuleExists(id)) if id == "lease"));
+    let mut zero_conf = order(9, &addr(5));
+    zero_conf.trigger = Trigger::Payment { address: addr(5).to_string(), min_sat: 1, confirmations: 0 };
+    assert!(matches!(r.engine.add_rule(zero_conf), Err(EngineError::Rules(_))));
+    assert!(matches!(r.engine.remove_rule("lease"), Err(EngineError::FileRule(_))), "file rules are the file's");
+    assert!(matches!(r.engine.remove_rule("nope"), Err(EngineError::NoSuchRule(_))));
+    assert_eq!(r.engine.remove_rule("order-2").unwrap().id, "order-2");
+
+    // The added rule fires on the next payment, without reopening the engine.
+    let tx = wallet.pay(&addr(3), Amount::from_sat(25_000), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    c.broadcast(&tx).unwrap();
+    node.mine(1).unwrap();
+    let fired = dues(&r.drain());
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert!(fired[0].starts_with(&format!("order-1:{}:", tx.compute_txid())));
+    let item = r.engine.get(&fired[0]).unwrap().unwrap();
+    assert_eq!(item.confirmations, Some(1));
+    let p = item.payload();
+    assert_eq!((p["rule"].as_str(), p["device"].as_str(), p["args"]["seconds"].as_u64()), (Some("order-1"), Some("lock-7"), Some(60)));
+
+    // After a restart the API rules are still watched (the removed one is not), numbering goes on.
+    drop(r);
+    let mut r = Runner::open(&db, &file, c);
+    let rules = r.engine.rules();
+    let ids: Vec<(&str, RuleSource)> = rules.iter().map(|e| (e.rule.id.as_str(), e.source)).collect();
+    assert_eq!(ids, vec![("lease", RuleSource::File), ("order-1", RuleSource::Api)]);
+    assert_eq!(r.engine.add_rule_with(|n| order(n, &addr(6))).unwrap().id, "order-3", "numbers are never reused");
+    let tx = wallet.pay(&addr(6), Amount::from_sat(30_000), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    c.broadcast(&tx).unwrap();
+    node.mine(1).unwrap();
+    assert!(matches!(&dues(&r.drain())[..], [e] if e.starts_with("order-3:")));
+
+    // A file rule with the id of an API rule is refused at start, saying what to do.
+    drop(r);
+    let clash = RuleSet::parse(
+        "[[rule]]\nid = \"order-1\"\ndevice = \"x\"\ntrigger = { kind = \"height\", height = 5 }\naction = { command = \"on\" }\n",
+        Network::Regtest,
+    )
+    .unwrap();
+    let err = Engine::open(&db, clash, Network::Regtest).err().expect("refused").to_string();
+    assert!(err.contains("order-1") && err.contains("rename it in the file"), "{err}");
+}

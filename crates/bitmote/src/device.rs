@@ -125,15 +125,15 @@ fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
     Ok(())
 }
 
-fn admin_token(g: &Global) -> Result<String> {
+/// A request to an admin endpoint, with the token from the gateway's data directory.
+pub fn admin_request(g: &Global, method: &str, url: &str) -> Result<ureq::Request> {
     let p = g.data_dir().join("gateway").join("admin.token");
-    Ok(std::fs::read_to_string(&p)
-        .with_context(|| format!("reading the admin token {} (is this the gateway's data dir?)", p.display()))?
-        .trim()
-        .to_string())
+    let token = std::fs::read_to_string(&p)
+        .with_context(|| format!("reading the admin token {} (is this the gateway's data dir?)", p.display()))?;
+    Ok(ureq::request(method, url).set("Authorization", &format!("Bearer {}", token.trim())))
 }
 
-fn api_err(e: ureq::Error) -> anyhow::Error {
+pub fn api_err(e: ureq::Error) -> anyhow::Error {
     match e {
         ureq::Error::Status(code, r) => {
             let body: Json = r.into_json().unwrap_or(Json::Null);
@@ -171,8 +171,7 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
                 (None, Some(f)) => read_key(&f)?.public_key(),
                 _ => bail!("give either a public key or --key FILE"),
             };
-            let r: Json = ureq::post(&format!("{url}/v1/devices"))
-                .set("Authorization", &format!("Bearer {}", admin_token(g)?))
+            let r: Json = admin_request(g, "POST", &format!("{url}/v1/devices"))?
                 .send_json(json!({ "public_key": pk.to_string(), "name": name }))
                 .map_err(api_err)?
                 .into_json()?;
@@ -181,8 +180,7 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
         }
         DeviceCommand::Revoke { device_id, reason } => {
             let _: DeviceId = device_id.parse().map_err(|e| anyhow::anyhow!("device id: {e}"))?;
-            ureq::post(&format!("{url}/v1/devices/{device_id}/revoke"))
-                .set("Authorization", &format!("Bearer {}", admin_token(g)?))
+            admin_request(g, "POST", &format!("{url}/v1/devices/{device_id}/revoke"))?
                 .send_json(json!({ "reason": reason }))
                 .map_err(api_err)?;
             println!("revoked {device_id}");

@@ -8,6 +8,7 @@ mod config;
 mod device;
 mod node;
 mod pay;
+mod rules;
 
 use std::path::PathBuf;
 
@@ -62,6 +63,9 @@ pub enum Command {
     /// Device keys, enrolment, and a simulated sensor.
     #[command(subcommand)]
     Device(device::DeviceCommand),
+    /// Actuator rules on the running gateway (admin).
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
     /// Fetch the proof of a reading from the gateway (JSON bundle, optionally .ots).
     Proof {
         /// Reading id (64 hex digits, as in the receipt).
@@ -134,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Provider(c) => pay::provider(&g, c),
         Command::Meter(c) => pay::meter(&g, c),
         Command::Device(c) => device::device(&g, c),
+        Command::Rules(c) => rules::rules(&g, c),
         Command::Proof { reading_id, out, ots, reading } => device::proof(&g, &reading_id, out, ots, reading),
         Command::Verify { proof, reading, headers, checkpoint_key, revoked } => {
             device::verify(&g, &proof, reading, headers, checkpoint_key, revoked)

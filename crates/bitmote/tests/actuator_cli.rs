@@ -30,26 +30,13 @@ fn a_lock_opens_once_when_its_payment_confirms() {
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
 
     // The lock, online before anyone pays.
-    let lock = bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--count", "1", "--state"])
-        .arg(d.join("lock-7.json"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let lock = lock_7(d, &mqtt);
 
     // The lock reports itself online (its MQTT presence, with a last will for going offline).
     wait_presence(&http, "lock-7", "online");
 
     // A customer pays from their own wallet on the same chain.
-    let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
-    let c = node.client();
-    let mut w = GatewayWallet::open(&d.join("customer-wallet"), c).unwrap();
-    let a = w.new_address().unwrap();
-    c.mine(1, &a).unwrap();
-    c.mine(100, &op_true_address()).unwrap();
-    w.sync(c).unwrap();
-    let tx = w.pay(&pay_to, Amount::from_sat(25_000), FeeRate::from_sat_per_vb_u32(2)).unwrap();
-    c.broadcast(&tx).unwrap();
+    let txid = customer_pays(d, &pay_to);
     let paid = Instant::now();
 
     // `up` mines a block within a second; the lock acts and exits after one command.
@@ -61,22 +48,11 @@ fn a_lock_opens_once_when_its_payment_confirms() {
     assert_eq!(v["command"], "unlock");
     assert_eq!(v["output"], "open");
     let event = v["event_id"].as_str().unwrap().to_string();
-    assert!(event.starts_with(&format!("rental:{}:", tx.compute_txid())));
+    assert!(event.starts_with(&format!("rental:{txid}:")));
 
     // The action log shows it acknowledged, exactly once.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
-        let actions = log["actions"].as_array().unwrap();
-        assert_eq!(actions.len(), 1, "{log}");
-        if actions[0]["state"] == "acked" {
-            assert_eq!(actions[0]["device"], "lock-7");
-            assert_eq!(actions[0]["attempts"], 1);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no acknowledgement recorded: {log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let acked = the_one_action_acked(&http);
+    assert_eq!((acked["device"].as_str(), acked["attempts"].as_u64()), (Some("lock-7"), Some(1)));
     // The lock process is gone: its last will marks it offline.
     wait_presence(&http, "lock-7", "offline");
     // A restarted lock with the same state does not act again on a redelivery.
@@ -85,6 +61,109 @@ fn a_lock_opens_once_when_its_payment_confirms() {
     assert_eq!(state["output"], "open");
 
     assert!(u.interrupt().success());
+}
+
+#[test]
+fn an_order_needs_its_lock_online_gets_a_fresh_address_and_its_payment_opens_the_lock_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
+    let order = || {
+        let r = ureq::post(&format!("{http}/v1/devices/lock-7/orders"))
+            .set("Authorization", &format!("Bearer {}", token.trim()))
+            .send_json(serde_json::json!({ "min_sat": 20000, "confirmations": 1, "action": { "command": "unlock" }, "ttl_secs": 600 }));
+        match r {
+            Ok(r) => (r.status(), r.into_json::<Json>().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json::<Json>().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let cli = |args: &[&str]| {
+        let out = bitmote(d).env("BITMOTE_GATEWAY_URL", &http).args(args).output().unwrap();
+        assert!(out.status.success(), "bitmote {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // No payment address while the lock cannot act.
+    let (code, body) = order();
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"], "device lock-7 is offline");
+
+    // Rules from the command line: added, listed, removed (through the admin API).
+    std::fs::write(d.join("extra.toml"), "[[rule]]\nid = \"lease\"\ndevice = \"relay-2\"\ntrigger = { kind = \"height\", height = 100000 }\naction = { command = \"off\" }\n").unwrap();
+    assert_eq!(cli(&["rules", "add", d.join("extra.toml").to_str().unwrap()]).trim(), "added lease");
+    assert!(cli(&["rules", "list"]).lines().any(|l| l.starts_with("lease") && l.contains("relay-2") && l.ends_with("api")));
+    assert_eq!(cli(&["rules", "remove", "lease"]).trim(), "removed lease");
+    assert!(cli(&["rules", "list"]).trim().is_empty());
+
+    let lock = lock_7(d, &mqtt);
+    wait_presence(&http, "lock-7", "online");
+
+    // Each order gets its own fresh address from the gateway's wallet.
+    let (code, first) = order();
+    assert_eq!(code, 201, "{first}");
+    let (_, second) = order();
+    assert_ne!(first["address"], second["address"]);
+    assert_ne!(first["order_id"], second["order_id"]);
+    assert_eq!((first["amount"].as_u64(), first["confirmations"].as_u64()), (Some(20000), Some(1)));
+    let pay_to: Address = first["address"].as_str().unwrap().parse::<Address<_>>().unwrap().require_network(Network::Regtest).unwrap();
+    let order_id = first["order_id"].as_str().unwrap().to_string();
+
+    let txid = customer_pays(d, &pay_to);
+
+    let output = lock.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let acted = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(acted.lines().count(), 1, "{acted}");
+    let v: Json = serde_json::from_str(acted.trim()).unwrap();
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")));
+    assert!(v["event_id"].as_str().unwrap().starts_with(&format!("{order_id}:{txid}:")), "{v}");
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!(state["done"].as_array().unwrap().len(), 1);
+    let acked = the_one_action_acked(&http);
+    assert_eq!((acked["rule_id"].as_str(), acked["attempts"].as_u64()), (Some(order_id.as_str()), Some(1)));
+    assert!(u.interrupt().success());
+}
+
+/// The simulated lock `lock-7`, which exits after acting once.
+fn lock_7(d: &std::path::Path, mqtt: &str) -> std::process::Child {
+    bitmote(d)
+        .args(["device", "actuator", "--name", "lock-7", "--mqtt", mqtt, "--count", "1", "--state"])
+        .arg(d.join("lock-7.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A customer pays 25,000 sat to `to` from their own wallet on `up`'s chain; the txid.
+fn customer_pays(d: &std::path::Path, to: &Address) -> String {
+    let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
+    let c = node.client();
+    let mut w = GatewayWallet::open(&d.join("customer-wallet"), c).unwrap();
+    let a = w.new_address().unwrap();
+    c.mine(1, &a).unwrap();
+    c.mine(100, &op_true_address()).unwrap();
+    w.sync(c).unwrap();
+    let tx = w.pay(to, Amount::from_sat(25_000), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    c.broadcast(&tx).unwrap();
+    tx.compute_txid().to_string()
+}
+
+/// Wait until the action log's only action is acknowledged; that action.
+fn the_one_action_acked(http: &str) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        let actions = log["actions"].as_array().unwrap();
+        assert_eq!(actions.len(), 1, "one action, exactly: {log}");
+        if actions[0]["state"] == "acked" {
+            return actions[0].clone();
+        }
+        assert!(Instant::now() < deadline, "no acknowledgement recorded: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Wait until the gateway reports `device` in presence `state`.

@@ -1,42 +1,92 @@
-//! The actuator loop: block events into the trigger engine, due actions out to the
-//! devices over MQTT (`bitmote/<device>/commands`), acknowledgements back
-//! (`bitmote/<device>/acks`), redelivery until acknowledged.
+//! The actuator loop: block events into the trigger engine, due actions out — to the
+//! devices over MQTT (`bitmote/<device>/commands`, acknowledged on `bitmote/<device>/acks`),
+//! or by a signed webhook or a local program ([`crate::deliver`]) — and retries with
+//! exponential backoff until acknowledged or past their time-to-live (then expired, with
+//! an alert). The loop also runs the API's jobs on the engine (rules added or removed
+//! apply from the next block, without a restart).
 //!
-//! A command is `{"event_id", "command", "args", "due_ms", "ttl_ms"}`; the device acts at
-//! most once per event id (it keeps the ids it executed) and answers
+//! An MQTT command is the action JSON ([`OutboxItem::payload`]); the device acts at most
+//! once per event id (it keeps the ids it executed) and answers
 //! `{"event_id", "result": "done" | "expired"}`. Redelivery after a lost message or a
-//! reconnect is therefore harmless.
+//! reconnect is therefore harmless; webhook receivers and programs get the same event id
+//! on every attempt for the same reason.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bitmote_actuator::{Engine, EngineEvent, OutboxState, RuleSet};
+use bitmote_actuator::{Delivery, Engine, EngineEvent, OutboxItem, RuleSet};
 use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
-use serde_json::json;
 
-use crate::{GatewayError, Shared};
+use crate::{deliver, GatewayError, Job, Shared};
 use bitmote_chain::now_ms;
 
-/// Resend an unacknowledged command after this long.
-const REDELIVER_MS: u64 = 5_000;
+/// Webhook and program attempts running at once, at most.
+const MAX_IN_FLIGHT: usize = 16;
 
+/// When unacknowledged actions are tried again: `first` after the first attempt, then
+/// twice as long after each further one, at most `max`.
+#[derive(Clone, Copy, Debug)]
+pub struct Retry {
+    pub first: Duration,
+    pub max: Duration,
+}
 
-pub fn start(shared: Arc<Shared>, data_dir: &Path, client: ChainClient, rules: RuleSet) -> Result<JoinHandle<()>, GatewayError> {
-    let engine = Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network)
-        .map_err(|e| GatewayError::Actuator(e.to_string()))?;
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { first: Duration::from_secs(5), max: Duration::from_secs(300) }
+    }
+}
+
+impl Retry {
+    /// Whether `item` is to be (re)tried at `now`.
+    fn due(&self, item: &OutboxItem, now: u64) -> bool {
+        let Some(last) = item.delivered_ms else {
+            return true;
+        };
+        let wait = self.first.saturating_mul(1 << item.attempts.saturating_sub(1).min(20)).min(self.max);
+        now >= last + wait.as_millis() as u64
+    }
+}
+
+fn alert(shared: &Shared, message: String) {
+    tracing::warn!("{message}");
+    shared.alerts.lock().unwrap_or_else(|p| p.into_inner()).push(message);
+}
+
+pub fn start(
+    shared: Arc<Shared>,
+    data_dir: &Path,
+    client: ChainClient,
+    rules: RuleSet,
+    retry: Retry,
+    jobs: mpsc::Receiver<Job<Engine>>,
+) -> Result<JoinHandle<()>, GatewayError> {
+    let engine =
+        Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
     let (ack_tx, ack_rx) = mpsc::channel();
     *shared.acks.lock().unwrap_or_else(|p| p.into_inner()) = Some(ack_tx);
     std::thread::Builder::new()
         .name("actuator".into())
-        .spawn(move || run(shared, engine, client, ack_rx))
+        .spawn(move || run(shared, engine, client, ack_rx, retry, jobs))
         .map_err(|e| GatewayError::Io { context: "spawning the actuator loop".into(), source: e })
 }
 
-fn run(shared: Arc<Shared>, mut engine: Engine, client: ChainClient, acks: mpsc::Receiver<(String, serde_json::Value)>) {
+fn run(
+    shared: Arc<Shared>,
+    mut engine: Engine,
+    client: ChainClient,
+    acks: mpsc::Receiver<(String, serde_json::Value)>,
+    retry: Retry,
+    jobs: mpsc::Receiver<Job<Engine>>,
+) {
     let mut stream: Option<BlockStream<ChainClient>> = None;
+    // Outcomes of webhook and program attempts, from their threads.
+    let (done_tx, done_rx) = mpsc::channel::<(String, Result<(), String>)>();
+    let mut in_flight = HashSet::new();
     while !shared.stop.load(Ordering::SeqCst) {
         // 1. Chain events.
         if stream.is_none() {
@@ -62,10 +112,10 @@ fn run(shared: Arc<Shared>, mut engine: Engine, client: ChainClient, acks: mpsc:
             Ok(Some(ev)) => match engine.apply(&ev) {
                 Ok(events) => {
                     for e in events {
-                        if let EngineEvent::Alert { message, .. } = &e {
-                            shared.alerts.lock().unwrap_or_else(|p| p.into_inner()).push(message.clone());
-                        }
                         tracing::info!("actuator: {e:?}");
+                        if let EngineEvent::Alert { message, .. } = e {
+                            alert(&shared, message);
+                        }
                     }
                 }
                 Err(e) => {
@@ -80,42 +130,80 @@ fn run(shared: Arc<Shared>, mut engine: Engine, client: ChainClient, acks: mpsc:
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        // 2. Acknowledgements.
+        // 2. The API's jobs (rules added and removed).
+        while let Ok(job) = jobs.try_recv() {
+            job(&mut engine);
+        }
+        // 3. Acknowledgements: MQTT acks, and the outcomes of webhook and program attempts.
         while let Ok((device, v)) = acks.try_recv() {
             let Some(id) = v["event_id"].as_str() else { continue };
-            let belongs = engine.get(id).ok().flatten().is_some_and(|i| i.device == device);
+            let belongs = engine.get(id).ok().flatten().is_some_and(|i| i.device == device && i.delivery == Delivery::Mqtt);
             if !belongs {
                 tracing::warn!("ack for {id} from {device}, which it was not sent to; ignored");
                 continue;
             }
             let r = match v["result"].as_str() {
-                Some("expired") => engine.mark_expired(id, "the device received it after its time-to-live and did not act"),
+                Some("expired") => {
+                    alert(&shared, format!("{id}: {device} received it after its time-to-live and did not act"));
+                    engine.mark_expired(id, "the device received it after its time-to-live and did not act")
+                }
                 _ => engine.mark_acked(id),
             };
             if let Err(e) = r {
                 tracing::error!("actuator: recording ack {id}: {e}");
             }
         }
-        // 3. Deliveries.
+        while let Ok((id, outcome)) = done_rx.try_recv() {
+            in_flight.remove(&id);
+            let r = match outcome {
+                Ok(()) => engine.mark_acked(&id).map(drop),
+                Err(why) => {
+                    tracing::warn!("{id}: delivery failed: {why}; will retry");
+                    engine.mark_failed(&id, &format!("last attempt failed: {why}"))
+                }
+            };
+            if let Err(e) = r {
+                tracing::error!("actuator: recording the outcome of {id}: {e}");
+            }
+        }
+        // 4. Deliveries.
         let out = shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let (Some(out), Ok(pending)) = (out, engine.pending()) {
-            let now = now_ms();
-            for item in pending {
-                let resend = item.state == OutboxState::Due || item.delivered_ms.is_some_and(|d| now > d + REDELIVER_MS);
-                if !resend {
+        let now = now_ms();
+        for item in engine.pending().unwrap_or_default() {
+            let mqtt = item.delivery == Delivery::Mqtt;
+            if in_flight.contains(&item.event_id)
+                || !retry.due(&item, now)
+                || (mqtt && out.is_none())
+                || (!mqtt && in_flight.len() >= MAX_IN_FLIGHT)
+            {
+                continue;
+            }
+            match engine.mark_delivered(&item.event_id) {
+                Ok(true) => {}
+                Ok(false) => {
+                    alert(&shared, format!("{} expired before it could be delivered; not executed", item.event_id));
                     continue;
                 }
-                match engine.mark_delivered(&item.event_id) {
-                    Ok(true) => {
-                        let msg = json!({
-                            "event_id": item.event_id, "command": item.command, "args": item.args,
-                            "due_ms": item.due_ms, "ttl_ms": item.ttl_ms,
-                        });
-                        let _ = out.send((crate::mqtt::commands_topic(&item.device), msg.to_string().into_bytes()));
-                    }
-                    Ok(false) => tracing::warn!("{} expired before it could be delivered", item.event_id),
-                    Err(e) => tracing::error!("actuator: {e}"),
+                Err(e) => {
+                    tracing::error!("actuator: {e}");
+                    continue;
                 }
+            }
+            let (id, payload) = (item.event_id.clone(), item.payload());
+            let attempt: Box<dyn FnOnce() -> Result<(), String> + Send> = match item.delivery {
+                Delivery::Mqtt => {
+                    if let Some(out) = &out {
+                        let _ = out.send((crate::mqtt::commands_topic(&item.device), payload.to_string().into_bytes()));
+                    }
+                    continue;
+                }
+                Delivery::Webhook(w) => Box::new(move || deliver::webhook(&w, &id, &payload)),
+                Delivery::Exec(e) => Box::new(move || deliver::exec(&e, &id, &payload)),
+            };
+            let (done, id) = (done_tx.clone(), item.event_id.clone());
+            match std::thread::Builder::new().name("deliver".into()).spawn(move || done.send((id, attempt()))) {
+                Ok(_) => drop(in_flight.insert(item.event_id)),
+                Err(e) => tracing::error!("actuator: cannot start a delivery: {e}"),
             }
         }
         if let Ok(log) = engine.log() {

@@ -1,22 +1,26 @@
 //! The HTTP API: ingest (binary wire format or JSON), readings, proofs and `.ots`
 //! files, the signed checkpoint, consistency proofs, anchors, devices (admin), stats,
-//! and the OpenAPI description at `/openapi.json`.
+//! actuator rules and payment orders (admin), the action log, device presence, and the
+//! OpenAPI description at `/openapi.json`.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use bitmote_actuator::{Action, EngineError, Rule, Trigger};
+use bitmote_chain::bitcoin::{Address, ScriptBuf};
 use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value};
 use bitmote_notary::ingest::{IngestError, Receipt, Submission};
 use bitmote_notary::log::MerkleLog;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::Shared;
+use crate::{Job, Shared};
 
 /// Largest request body (a full batch of 4096 readings with payloads fits).
 pub const MAX_BODY: usize = 8 << 20;
@@ -68,6 +72,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/actions", get(actions))
         .route("/v1/presence", get(presence))
+        .route("/v1/rules", get(list_rules).post(add_rule))
+        .route("/v1/rules/{id}", delete(remove_rule))
+        .route("/v1/devices/{id}/orders", post(order))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared)
 }
@@ -346,4 +353,123 @@ async fn presence(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "ingest": s.ingest.stats() }))
+}
+
+/// How long an API call waits for the loop that owns the engine or the wallet.
+const JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Rule ids of payment orders: `order-<n>`, reserved for them.
+pub const ORDER_PREFIX: &str = "order-";
+
+/// Run `f` on what a loop owns (the actuator engine, the wallet) and wait for the answer.
+async fn call<T: 'static, R: Send + 'static>(
+    jobs: &mpsc::Sender<Job<T>>,
+    what: &str,
+    f: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> Result<R, ApiError> {
+    let unavailable = || ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is not available now; try again"), "unavailable");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    jobs.send(Box::new(move |t: &mut T| drop(tx.send(f(t))))).map_err(|_| unavailable())?;
+    match tokio::time::timeout(JOB_TIMEOUT, rx).await {
+        Ok(Ok(r)) => Ok(r),
+        _ => Err(unavailable()),
+    }
+}
+
+fn engine_err(e: EngineError) -> ApiError {
+    let (status, code) = match &e {
+        EngineError::Rules(_) => (StatusCode::BAD_REQUEST, "invalid_rule"),
+        EngineError::RuleExists(_) | EngineError::FileRule(_) => (StatusCode::CONFLICT, "conflict"),
+        EngineError::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
+        _ => return internal(e),
+    };
+    ApiError(status, e.to_string(), code)
+}
+
+/// A JSON body, refused with a 400 that says what is wrong.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid request: {e}")))
+}
+
+async fn list_rules(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&s, &headers)?;
+    let rules = call(&s.actuator_jobs, "the actuator", |e| e.rules()).await?;
+    Ok(Json(json!({ "rules": rules })))
+}
+
+async fn add_rule(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    require_admin(&s, &headers)?;
+    let rule: Rule = json_body(&body)?;
+    if rule.id.starts_with(ORDER_PREFIX) {
+        return Err(bad(format!("rule ids starting with {ORDER_PREFIX:?} are reserved for payment orders")));
+    }
+    let rule = call(&s.actuator_jobs, "the actuator", move |e| e.add_rule(rule)).await?.map_err(engine_err)?;
+    Ok((StatusCode::CREATED, Json(json!({ "rule": rule }))))
+}
+
+async fn remove_rule(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&s, &headers)?;
+    let rule = call(&s.actuator_jobs, "the actuator", move |e| e.remove_rule(&id)).await?.map_err(engine_err)?;
+    Ok(Json(json!({ "removed": rule })))
+}
+
+/// A payment order: pay at least `min_sat` to a fresh address, and the device does `action`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Order {
+    min_sat: u64,
+    /// Default 1, as in rules.
+    confirmations: Option<u32>,
+    action: Action,
+    revert: Option<Action>,
+    ttl_secs: Option<u64>,
+}
+
+impl Order {
+    fn rule(&self, id: String, device: &str, address: String) -> Rule {
+        Rule {
+            id,
+            device: device.into(),
+            trigger: Trigger::Payment { address, min_sat: self.min_sat, confirmations: self.confirmations.unwrap_or(1) },
+            action: self.action.clone(),
+            revert: self.revert.clone(),
+            ttl_secs: self.ttl_secs,
+        }
+    }
+}
+
+async fn order(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    require_admin(&s, &headers)?;
+    let o: Order = json_body(&body)?;
+    // Check everything but the address before taking one from the wallet.
+    let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();
+    o.rule(format!("{ORDER_PREFIX}0"), &device, placeholder).check(s.network).map_err(|e| bad(e.to_string()))?;
+    // No one is asked to pay for a device that cannot act now.
+    let online = s.presence.lock().unwrap_or_else(|p| p.into_inner()).get(&device).is_some_and(|(state, _)| state == "online");
+    if !online {
+        return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
+    }
+    let address = call(&s.wallet_jobs, "the gateway wallet", |w| w.new_address()).await?.map_err(internal)?.to_string();
+    let (min_sat, a) = (o.min_sat, address.clone());
+    let rule = call(&s.actuator_jobs, "the actuator", move |e| e.add_rule_with(|n| o.rule(format!("{ORDER_PREFIX}{n}"), &device, a)))
+        .await?
+        .map_err(engine_err)?;
+    let confirmations = rule.trigger.confirmations();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "order_id": rule.id, "device": rule.device, "address": address, "amount": min_sat, "confirmations": confirmations })),
+    ))
 }

@@ -7,18 +7,20 @@
 //! unless configured otherwise; admin calls need the token in `<data>/admin.token`.
 
 pub mod actuator;
+pub mod deliver;
 pub mod http;
 pub mod mqtt;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bitmote_chain::bitcoin::Network;
 use bitmote_chain::regtest::op_true_address;
+use bitmote_chain::wallet::GatewayWallet;
 use bitmote_chain::ChainClient;
 use bitmote_notary::anchor::{AnchorConfig, AnchorError, AnchorInfo, Anchorer, LogHead};
 use bitmote_notary::checkpoint::CheckpointSigner;
@@ -62,6 +64,8 @@ pub struct GatewayConfig {
     pub regtest_autofund: bool,
     /// Origin line of signed checkpoints.
     pub log_origin: String,
+    /// When unacknowledged actions are delivered again.
+    pub actuator_retry: actuator::Retry,
 }
 
 impl GatewayConfig {
@@ -76,6 +80,7 @@ impl GatewayConfig {
             anchor_poll: Duration::from_secs(1),
             regtest_autofund: true,
             log_origin: "bitmote.local/log".into(),
+            actuator_retry: actuator::Retry::default(),
         }
     }
 }
@@ -101,7 +106,14 @@ pub struct Shared {
     pub alerts: Mutex<Vec<String>>,
     /// Last presence each device reported (`online`/`offline`, from its MQTT last will), with the time.
     pub presence: Mutex<std::collections::BTreeMap<String, (String, u64)>>,
+    /// Work for the actuator loop, which owns the engine (rules added or removed over the API).
+    pub actuator_jobs: mpsc::Sender<Job<bitmote_actuator::Engine>>,
+    /// Work for the anchoring loop, which owns the wallet (fresh payment addresses).
+    pub wallet_jobs: mpsc::Sender<Job<GatewayWallet>>,
 }
+
+/// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
+pub type Job<T> = Box<dyn FnOnce(&mut T) + Send>;
 
 impl Shared {
     /// A fresh read connection to the notary database.
@@ -142,6 +154,8 @@ impl Gateway {
         let signer = CheckpointSigner::load_or_create(&cfg.data_dir.join("checkpoint.key"), &cfg.log_origin)?;
         let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
         let network = client.network();
+        let (actuator_jobs, actuator_rx) = mpsc::channel();
+        let (wallet_jobs, wallet_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             ingest,
             db_path: db_path.clone(),
@@ -158,6 +172,8 @@ impl Gateway {
             actions: Mutex::new(vec![]),
             alerts: Mutex::new(vec![]),
             presence: Mutex::new(Default::default()),
+            actuator_jobs,
+            wallet_jobs,
         });
         let mut threads = vec![];
 
@@ -169,7 +185,7 @@ impl Gateway {
             threads.push(
                 std::thread::Builder::new()
                     .name("anchor".into())
-                    .spawn(move || anchor_loop(shared, cfg, client))
+                    .spawn(move || anchor_loop(shared, cfg, client, wallet_rx))
                     .map_err(|e| GatewayError::Io { context: "spawning the anchor thread".into(), source: e })?,
             );
         }
@@ -211,15 +227,16 @@ impl Gateway {
             }
             (None, None) => None,
         };
-        // Actuators, when a rules file is present.
+        // Actuators: the rules file (optional) and the rules added over the API.
         let rules_path = cfg.data_dir.join("rules.toml");
+        let mut rules = bitmote_actuator::RuleSet::default();
         if rules_path.is_file() {
             let text = std::fs::read_to_string(&rules_path)
                 .map_err(|e| GatewayError::Io { context: format!("reading {}", rules_path.display()), source: e })?;
-            let rules = bitmote_actuator::RuleSet::parse(&text, network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
+            rules = bitmote_actuator::RuleSet::parse(&text, network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
             tracing::info!("{} actuator rules from {}", rules.rules.len(), rules_path.display());
-            threads.push(actuator::start(shared.clone(), &cfg.data_dir, client.fresh()?, rules)?);
         }
+        threads.push(actuator::start(shared.clone(), &cfg.data_dir, client.fresh()?, rules, cfg.actuator_retry, actuator_rx)?);
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
         Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })
     }
@@ -258,7 +275,7 @@ fn log_head(shared: &Shared) -> Option<LogHead> {
     Some(LogHead { size, root: log.root_at(size).ok()? })
 }
 
-fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient) {
+fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wallet_jobs: mpsc::Receiver<Job<GatewayWallet>>) {
     let mut anchorer: Option<Anchorer> = None;
     while !shared.stop.load(Ordering::SeqCst) {
         if anchorer.is_none() {
@@ -306,7 +323,15 @@ fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient) {
             }
             *shared.tip_height.lock().unwrap_or_else(|p| p.into_inner()) = a.tip_height();
         }
-        sleep_unless_stopped(&shared, cfg.anchor_poll);
+        // Until the next poll, serve the wallet to the API.
+        let end = Instant::now() + cfg.anchor_poll;
+        while let Some(left) = end.checked_duration_since(Instant::now()).filter(|_| !shared.stop.load(Ordering::SeqCst)) {
+            let wait = left.min(Duration::from_millis(50));
+            match anchorer.as_mut() {
+                Some(a) => wallet_jobs.recv_timeout(wait).into_iter().for_each(|job| job(a.wallet())),
+                None => std::thread::sleep(wait),
+            }
+        }
     }
 }
 
