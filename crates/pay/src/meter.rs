@@ -201,10 +201,6 @@ impl Meter {
         let seed = u64::from_be_bytes(id[..8].try_into().unwrap());
         // Energy is measured from now: while the meter was down its contactor was open.
         *self.sim.lock().unwrap() = Some(SimMeter::new(seed, t.max_power_w, s.account.register_mwh, now_ms()));
-        // A tick written but not confirmed before a restart is sent again, unchanged.
-        if let Some(row) = self.store.lock().unwrap().ticks(id)?.into_iter().find(|r| r.done_ms.is_none()) {
-            self.pay(&mut s, row)?;
-        }
         let mut next = if t.mode == Mode::Prepaid && s.account.ticks == 0 { now_ms() } else { now_ms() + t.tick_ms };
         while s.state == State::Open && !self.stop.load(Ordering::Relaxed) && max_ticks.is_none_or(|m| s.account.ticks < m) {
             let wait = next.saturating_sub(now_ms());
@@ -232,6 +228,14 @@ impl Meter {
                 break;
             }
             s.supply = supply;
+            // A tick written but not paid (before a restart, or while the provider was
+            // unreachable) is sent again unchanged: same record, same preimage.
+            if let Some(row) = self.store.lock().unwrap().pending_tick(id)? {
+                if let Err(e) = self.pay(&mut s, row) {
+                    tracing::warn!("{e}");
+                }
+                continue;
+            }
             let tick = s.account.next_tick(&t, *id, register);
             let seq = self.store.lock().unwrap().next("reading_seq")?;
             let sr = tick.sign(&self.key, seq, now_ms());
@@ -244,7 +248,11 @@ impl Meter {
                 latency_us: None,
             };
             self.store.lock().unwrap().put_tick(&s, &row)?;
-            self.pay(&mut s, row)?;
+            if let Err(e) = self.pay(&mut s, row) {
+                // Unpaid past the grace period: the provider will cut the supply, which
+                // the next look at the line shows; the tick stays pending in the store.
+                tracing::warn!("{e}");
+            }
         }
         self.store.lock().unwrap().put_session(&s)?;
         Ok(s)
@@ -295,6 +303,13 @@ impl Meter {
             }
             if Instant::now() > give_up || self.stop.load(Ordering::Relaxed) {
                 return Err(PayError::Session(format!("tick {} could not be paid", row.tick.tick)));
+            }
+            // ldk-node reconnects to peers only once a minute: a provider that restarted
+            // is called back at once.
+            if let Some(peer) = self.node.list_peers().into_iter().find(|p| p.node_id == provider && !p.is_connected) {
+                if let Err(e) = self.node.connect(provider, peer.address, true) {
+                    tracing::debug!("reconnecting to the provider: {e}");
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
         }

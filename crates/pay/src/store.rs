@@ -168,12 +168,22 @@ impl Store {
     }
 
     pub fn ticks(&self, session: &SessionId) -> Result<Vec<TickRow>, PayError> {
+        self.query_ticks(session, "")
+    }
+
+    /// The tick written but not yet confirmed paid, if any (at most one: the meter
+    /// pays tick by tick).
+    pub fn pending_tick(&self, session: &SessionId) -> Result<Option<TickRow>, PayError> {
+        Ok(self.query_ticks(session, "AND done_ms IS NULL")?.pop())
+    }
+
+    fn query_ticks(&self, session: &SessionId, filter: &str) -> Result<Vec<TickRow>, PayError> {
         let mut st = self
             .db
-            .prepare(
+            .prepare(&format!(
                 "SELECT payment_hash, reading, sent_ms, done_ms, latency_us, tick, register_mwh, amount_msat, paid_msat
-                 FROM ticks WHERE session = ?1 ORDER BY tick",
-            )
+                 FROM ticks WHERE session = ?1 {filter} ORDER BY tick"
+            ))
             .map_err(db_err)?;
         let rows = st
             .query_map([&session[..]], |r| {
