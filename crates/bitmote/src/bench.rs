@@ -42,10 +42,35 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Lightning streaming payments: raw keysend throughput (the limit), the session
+    /// protocol's throughput as a ratio of it, per-payment latency, and how many
+    /// concurrent 2-second-tick meter sessions one provider keeps on time.
+    Pay {
+        /// Raw keysends for the limit.
+        #[arg(long, default_value_t = 1000)]
+        raw: u64,
+        /// Concurrent sessions paying back to back.
+        #[arg(long, default_value_t = 40)]
+        concurrent: usize,
+        /// Ticks per session in that run.
+        #[arg(long, default_value_t = 25)]
+        ticks: u64,
+        /// Concurrent session counts to hold at a 2 s tick.
+        #[arg(long, value_delimiter = ',', default_value = "100,200")]
+        load: Vec<usize>,
+        /// Seconds each load step lasts.
+        #[arg(long, default_value_t = 30)]
+        load_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Pay { raw, concurrent, ticks, load, load_secs, json } => {
+            crate::bench_pay::run(raw, concurrent, ticks, &load, load_secs, json)
+        }
         BenchCommand::Chain { blocks, json } => chain(blocks, json),
         BenchCommand::Notary { readings, batched, batch_size, json } => crate::bench_notary::run(readings, batched, batch_size, json),
     }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_notary;
+mod bench_pay;
 mod config;
 mod device;
 mod node;

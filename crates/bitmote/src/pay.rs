@@ -151,41 +151,23 @@ pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
     Ok(())
 }
 
-/// Mine to the meter's wallet on regtest if it has nothing; open a channel to the
+/// Mine to the meter's wallet on regtest if it has too little; open a channel to the
 /// provider if there is none; wait until it is usable.
 fn ensure_channel(client: &ChainClient, node: &Node, provider: &str, addr: &str, sat: u64) -> Result<()> {
     let pk = ln::parse_node_id(provider)?;
-    if node.list_channels().iter().any(|c| c.counterparty_node_id == pk) {
-        return wait_usable(client, node, pk);
+    if !ln::channels_with(node, &pk).is_empty() {
+        return Ok(ln::wait_usable(client, node, pk)?);
     }
-    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
     let _ = node.sync_wallets();
     if node.list_balances().spendable_onchain_balance_sats < sat + 50_000 {
-        if !regtest {
+        if client.network() != bitmote_chain::bitcoin::Network::Regtest {
             bail!("the meter's wallet needs {} sat: send them to {}", sat + 50_000, node.onchain_payment().new_address()?);
         }
-        client.mine(1, &node.onchain_payment().new_address()?)?;
-        client.mine(100, &bitmote_chain::regtest::op_true_address())?;
-        ln::wait_until(node, "meter funds", Duration::from_secs(60), || {}, |n| {
-            n.list_balances().spendable_onchain_balance_sats >= sat + 50_000
-        })?;
+        ln::fund_on_regtest(client, node, 1)?;
     }
     let addr = addr.parse().map_err(|_| anyhow::anyhow!("bad provider address {addr}"))?;
-    node.open_channel(pk, addr, sat, None, None).context("opening the channel")?;
+    ln::open_channel(client, node, pk, addr, sat, None, false)?;
     println!("opened a {sat} sat channel to {provider}");
-    wait_usable(client, node, pk)
-}
-
-fn wait_usable(client: &ChainClient, node: &Node, pk: bitmote_pay::ldk_node::bitcoin::secp256k1::PublicKey) -> Result<()> {
-    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
-    let mine = || {
-        if regtest {
-            let _ = client.mine(1, &bitmote_chain::regtest::op_true_address());
-        }
-    };
-    ln::wait_until(node, "a usable channel", Duration::from_secs(600), mine, |n| {
-        n.list_channels().iter().any(|c| c.counterparty_node_id == pk && c.is_usable)
-    })?;
     Ok(())
 }
 

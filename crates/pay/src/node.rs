@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::PublicKey;
-use bitmote_chain::{RpcAuth, RpcConfig};
+use bitmote_chain::regtest::op_true_address;
+use bitmote_chain::{ChainClient, RpcAuth, RpcConfig};
 use ldk_node::config::Config;
 use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::logger::LogLevel;
@@ -114,4 +115,47 @@ pub fn wait_until(
 /// The directory of the node under a machine's data directory.
 pub fn node_dir(data: &Path) -> PathBuf {
     data.join("ldk")
+}
+
+/// Regtest only: mine `blocks` coinbases to the node's wallet, mature them, and wait
+/// until the wallet sees them.
+pub fn fund_on_regtest(client: &ChainClient, node: &Node, blocks: u32) -> Result<(), PayError> {
+    let err = |e: bitmote_chain::ChainError| PayError::Node(format!("mining: {e}"));
+    let addr = node.onchain_payment().new_address().map_err(|e| PayError::Node(e.to_string()))?;
+    client.mine(blocks, &addr).map_err(err)?;
+    client.mine(100, &op_true_address()).map_err(err)?;
+    wait_until(node, "funds", Duration::from_secs(120), || {}, |n| n.list_balances().spendable_onchain_balance_sats > 0)
+}
+
+/// Open a channel to `peer` (pushing `push_msat` to it) and wait until it is usable,
+/// mining a block a second on regtest.
+pub fn open_channel(
+    client: &ChainClient,
+    node: &Node,
+    peer: PublicKey,
+    addr: SocketAddress,
+    sat: u64,
+    push_msat: Option<u64>,
+    announced: bool,
+) -> Result<(), PayError> {
+    let opened = if announced {
+        node.open_announced_channel(peer, addr, sat, push_msat, None)
+    } else {
+        node.open_channel(peer, addr, sat, push_msat, None)
+    };
+    opened.map_err(|e| PayError::Node(format!("opening a channel to {peer}: {e}")))?;
+    wait_usable(client, node, peer)
+}
+
+/// Wait until a channel with `peer` is usable, mining a block a second on regtest.
+pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<(), PayError> {
+    let regtest = client.network() == bitcoin::Network::Regtest;
+    let mine = || {
+        if regtest {
+            let _ = client.mine(1, &op_true_address());
+        }
+    };
+    wait_until(node, "a usable channel", Duration::from_secs(600), mine, |n| {
+        channels_with(n, &peer).iter().any(|c| c.is_usable)
+    })
 }

@@ -73,8 +73,8 @@ impl Tariff {
 
     /// Sanity of the numbers (a provider publishing nonsense is refused).
     pub fn check(&self, now_secs: u64) -> Result<(), TariffError> {
-        if self.tick_ms < 50 || self.tick_ms > 3_600_000 {
-            return Err(TariffError::Invalid("tick length must be 50 ms to 1 h"));
+        if self.tick_ms < 10 || self.tick_ms > 3_600_000 {
+            return Err(TariffError::Invalid("tick length must be 10 ms to 1 h"));
         }
         if self.price_msat_per_wh == 0 || self.max_power_w == 0 || self.session_limit_msat == 0 {
             return Err(TariffError::Invalid("price, power and session limit must be positive"));

@@ -4,11 +4,9 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
-use bitmote_pay::ldk_node::bitcoin::Address;
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::node::{self, NodeConfig};
 use bitmote_pay::tariff::{Mode, Tariff};
@@ -36,29 +34,17 @@ pub fn machine(chain: &RegtestNode, dir: &Path, alias: &str, announce: bool) -> 
     node::start(&cfg).unwrap()
 }
 
-/// Mine `sat`-rich coinbases to the node's wallet and wait until it sees them.
+/// Mine coinbases to the node's wallet and wait until it sees them.
 pub fn fund(chain: &RegtestNode, n: &Node, blocks: u32) {
-    let a: Address = n.onchain_payment().new_address().unwrap();
-    chain.client().mine(blocks, &a).unwrap();
-    chain.mine(100).unwrap();
-    node::wait_until(n, "funds", Duration::from_secs(60), || {}, |n| n.list_balances().spendable_onchain_balance_sats > 0).unwrap();
+    node::fund_on_regtest(chain.client(), n, blocks).unwrap();
 }
 
 /// Open a channel from `a` to `b` (pushing `push_msat` to `b`, so it is above its
 /// reserve and can send) and wait until both can use it.
 pub fn channel(chain: &RegtestNode, a: &Node, b: &Node, sat: u64, push_msat: Option<u64>, announced: bool) {
     let addr = b.listening_addresses().unwrap()[0].clone();
-    if announced {
-        a.open_announced_channel(b.node_id(), addr, sat, push_msat, None).unwrap();
-    } else {
-        a.open_channel(b.node_id(), addr, sat, push_msat, None).unwrap();
-    }
-    let usable = |x: &Node, peer| x.list_channels().iter().any(|c| c.counterparty_node_id == peer && c.is_usable);
-    let mine = || {
-        chain.mine(1).unwrap();
-    };
-    node::wait_until(a, "channel usable", Duration::from_secs(120), mine, |x| usable(x, b.node_id())).unwrap();
-    node::wait_until(b, "channel usable", Duration::from_secs(60), || {}, |x| usable(x, a.node_id())).unwrap();
+    node::open_channel(chain.client(), a, b.node_id(), addr, sat, push_msat, announced).unwrap();
+    node::wait_usable(chain.client(), b, a.node_id()).unwrap();
 }
 
 pub fn tariff(mode: Mode) -> Tariff {
