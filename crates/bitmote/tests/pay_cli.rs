@@ -91,6 +91,12 @@ fn a_session_survives_kill_9_of_either_machine_and_both_accounts_agree() {
     let murl = format!("http://{m_http}");
     let meter_args = ["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl, "--ticks", "40"];
 
+    // A provider that is offline at session start: a clear error, nothing paid.
+    let out = bitmote(d).args(meter_args).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("the provider at {purl} is offline")), "{err}");
+
     let mut provider = Proc::spawn(d, &provider_args);
     provider.expect("ready");
     let mut meter = Proc::spawn(d, &meter_args);

@@ -284,7 +284,7 @@ impl Meter {
                 Err(NodeError::DuplicatePayment) => loop {
                     match self.node.payment(&PaymentId(row.payment_hash)).map(|p| p.status) {
                         Some(PaymentStatus::Succeeded) => break true,
-                        Some(PaymentStatus::Pending) => std::thread::sleep(Duration::from_millis(20)),
+                        Some(PaymentStatus::Pending) if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(20)),
                         _ => break false,
                     }
                 },
