@@ -230,7 +230,9 @@ impl Meter {
             s.supply = supply;
             // A tick written but not paid (before a restart, or while the provider was
             // unreachable) is sent again unchanged: same record, same preimage.
-            if let Some(row) = self.store.lock().unwrap().pending_tick(id)? {
+            // (Bound first: a guard in the `if let` would live through `pay`.)
+            let pending = self.store.lock().unwrap().pending_tick(id)?;
+            if let Some(row) = pending {
                 if let Err(e) = self.pay(&mut s, row) {
                     tracing::warn!("{e}");
                 }
