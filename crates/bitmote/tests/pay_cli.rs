@@ -84,8 +84,10 @@ fn a_session_survives_kill_9_of_either_machine_and_both_accounts_agree() {
     let d = dir.path();
     assert!(bitmote(d).args(["node", "start"]).status().unwrap().success());
     let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
+    // A generous grace period: this test is about recovery, and restarting a machine
+    // (Lightning node, peer reconnection) takes seconds on a busy 2-core CI box.
     let provider_args = [
-        "provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "6000",
+        "provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000",
     ];
     let purl = format!("http://{p_http}");
     let murl = format!("http://{m_http}");

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_pay::ldk_node::Node;
+use bitmote_pay::meter::Meter;
 use bitmote_pay::node::{self, NodeConfig};
+use bitmote_pay::provider::Provider;
 use bitmote_pay::tariff::{Mode, Tariff};
 
 pub fn free_addr() -> SocketAddr {
@@ -64,5 +66,33 @@ pub fn tariff(mode: Mode) -> Tariff {
 pub fn stop(nodes: &[&Arc<Node>]) {
     for n in nodes {
         n.stop().ok();
+    }
+}
+
+/// A regtest chain, a provider and a meter machine under a temporary directory (kept
+/// when `KEEP` is set), the meter funded.
+pub struct Pair {
+    pub chain: RegtestNode,
+    pub dir: tempfile::TempDir,
+    pub pn: Arc<Node>,
+    pub mn: Arc<Node>,
+}
+
+pub fn pair(announce_provider: bool) -> Pair {
+    let chain = regtest();
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().unwrap();
+    eprintln!("data in {}", dir.path().display());
+    let pn = machine(&chain, &dir.path().join("provider"), "provider", announce_provider);
+    let mn = machine(&chain, &dir.path().join("meter"), "meter", false);
+    fund(&chain, &mn, 2);
+    Pair { chain, dir, pn, mn }
+}
+
+impl Pair {
+    /// Start the provider role with `tariff` (on `http`) and the meter role talking to it.
+    pub fn roles(&self, tariff: Tariff, http: SocketAddr) -> (Arc<Provider>, Arc<Meter>) {
+        let provider = Provider::start(self.pn.clone(), &self.dir.path().join("provider"), tariff, http).unwrap();
+        let meter = Meter::start(self.mn.clone(), &self.dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+        (provider, meter)
     }
 }

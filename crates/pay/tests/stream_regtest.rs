@@ -7,8 +7,6 @@ use std::time::Duration;
 use bitmote_pay::ldk_node::lightning_types::payment::PaymentPreimage;
 use bitmote_pay::ldk_node::payment::{PaymentDirection, PaymentStatus};
 use bitmote_pay::ldk_node::{CustomTlvRecord, Node};
-use bitmote_pay::meter::Meter;
-use bitmote_pay::provider::Provider;
 use bitmote_pay::store::State;
 use bitmote_pay::tariff::Mode;
 use bitmote_pay::tick::{Tick, TLV_TICK};
@@ -36,21 +34,16 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 
 #[test]
 fn sixty_tick_sessions_reconcile_in_both_modes() {
-    let chain = regtest();
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().unwrap();
-    eprintln!("data in {}", dir.path().display());
-    let pn = machine(&chain, &dir.path().join("provider"), "provider", false);
-    let mn = machine(&chain, &dir.path().join("meter"), "meter", false);
-    fund(&chain, &mn, 1);
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
     // The provider starts with 20,000 sat on its side, above its channel reserve, so
     // it can refund the prepaid cover at the end.
-    channel(&chain, &mn, &pn, 1_000_000, Some(20_000_000), false);
+    channel(chain, mn, pn, 1_000_000, Some(20_000_000), false);
 
     let http = free_addr();
     let mut paid_total = 0;
     for mode in [Mode::Postpaid, Mode::Prepaid] {
-        let provider = Provider::start(pn.clone(), &dir.path().join("provider"), tariff(mode), http).unwrap();
-        let meter = Meter::start(mn.clone(), &dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+        let (provider, meter) = p.roles(tariff(mode), http);
         let s = meter.open_session(&pn.node_id().to_string()).unwrap();
         let s = meter.run(&s.id, Some(60)).unwrap();
         assert_eq!(s.state, State::Open, "{:?}", s.reason);
@@ -84,21 +77,16 @@ fn sixty_tick_sessions_reconcile_in_both_modes() {
         meter.shutdown();
         std::thread::sleep(Duration::from_millis(500));
     }
-    stop(&[&pn, &mn]);
+    stop(&[pn, mn]);
 }
 
 #[test]
 fn late_forged_replayed_and_short_payments_are_caught() {
-    let chain = regtest();
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().unwrap();
-    eprintln!("data in {}", dir.path().display());
-    let pn = machine(&chain, &dir.path().join("provider"), "provider", false);
-    let mn = machine(&chain, &dir.path().join("meter"), "meter", false);
-    fund(&chain, &mn, 1);
-    channel(&chain, &mn, &pn, 1_000_000, None, false);
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    channel(chain, mn, pn, 1_000_000, None, false);
     let http = free_addr();
-    let provider = Provider::start(pn.clone(), &dir.path().join("provider"), tariff(Mode::Postpaid), http).unwrap();
-    let meter = Meter::start(mn.clone(), &dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+    let (provider, meter) = p.roles(tariff(Mode::Postpaid), http);
 
     // A meter that stops paying: the provider cuts it after the grace period.
     let s = meter.open_session(&pn.node_id().to_string()).unwrap();
@@ -154,32 +142,27 @@ fn late_forged_replayed_and_short_payments_are_caught() {
     assert_eq!(ps.account.paid_msat, short.paid_msat);
     provider.shutdown();
     meter.shutdown();
-    stop(&[&pn, &mn]);
+    stop(&[pn, mn]);
 }
 
 #[test]
 fn a_routed_session_pays_through_a_hub() {
-    let chain = regtest();
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().unwrap();
-    eprintln!("data in {}", dir.path().display());
-    let pn = machine(&chain, &dir.path().join("provider"), "provider", true);
-    let hub = machine(&chain, &dir.path().join("hub"), "hub", true);
-    let mn = machine(&chain, &dir.path().join("meter"), "meter", false);
-    fund(&chain, &hub, 1);
-    fund(&chain, &mn, 1);
-    channel(&chain, &hub, &pn, 1_000_000, None, true);
-    channel(&chain, &mn, &hub, 1_000_000, None, false);
+    let p = pair(true);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    let hub = machine(chain, &p.dir.path().join("hub"), "hub", true);
+    fund(chain, &hub, 1);
+    channel(chain, &hub, pn, 1_000_000, None, true);
+    channel(chain, mn, &hub, 1_000_000, None, false);
     // Wait until the meter knows the hub–provider channel from gossip.
     let mine = || {
         chain.mine(1).unwrap();
     };
-    bitmote_pay::node::wait_until(&mn, "gossip", Duration::from_secs(120), mine, |n| {
+    bitmote_pay::node::wait_until(mn, "gossip", Duration::from_secs(120), mine, |n| {
         n.network_graph().list_channels().len() >= 1
     })
     .unwrap();
     let http = free_addr();
-    let provider = Provider::start(pn.clone(), &dir.path().join("provider"), tariff(Mode::Postpaid), http).unwrap();
-    let meter = Meter::start(mn.clone(), &dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+    let (provider, meter) = p.roles(tariff(Mode::Postpaid), http);
     let s = meter.open_session(&pn.node_id().to_string()).unwrap();
     let s = meter.run(&s.id, Some(10)).unwrap();
     assert_eq!(s.account.ticks, 10, "{:?}", s.reason);
@@ -196,7 +179,7 @@ fn a_routed_session_pays_through_a_hub() {
     eprintln!("routed: {} ticks, {} msat to the provider, {fees} msat routing fees", s.account.ticks, s.account.paid_msat);
     provider.shutdown();
     meter.shutdown();
-    stop(&[&pn, &mn, &hub]);
+    stop(&[pn, mn, &hub]);
 }
 
 /// On-chain balance, sat.
@@ -206,17 +189,13 @@ fn onchain(n: &Node) -> u64 {
 
 #[test]
 fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
-    let chain = regtest();
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("KEEP").is_some()).tempdir().unwrap();
-    let pn = machine(&chain, &dir.path().join("provider"), "provider", false);
-    let mn = machine(&chain, &dir.path().join("meter"), "meter", false);
-    fund(&chain, &mn, 2);
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
     let http = free_addr();
     // A dear tariff, so the provider's side ends above the dust limit.
     let mut t = tariff(Mode::Postpaid);
     t.price_msat_per_wh = 20_000_000;
-    let provider = Provider::start(pn.clone(), &dir.path().join("provider"), t, http).unwrap();
-    let meter = Meter::start(mn.clone(), &dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+    let (provider, meter) = p.roles(t, http);
     let mine = || {
         chain.mine(1).unwrap();
     };
@@ -230,15 +209,15 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
 
     // Cooperative close: the provider gets exactly what it was paid (rounded down to
     // the satoshi), the meter the rest minus the closing fee, which it pays as funder.
-    channel(&chain, &mn, &pn, 500_000, None, false);
+    channel(chain, mn, pn, 500_000, None, false);
     let paid = session(10);
     assert!(paid > 1_000_000, "paid {paid} msat");
     let (m0, p0) = (onchain(&mn), onchain(&pn));
     let ch = mn.list_channels().remove(0);
     let local_sat = ch.outbound_capacity_msat / 1000 + ch.unspendable_punishment_reserve.unwrap_or(0);
     mn.close_channel(&ch.user_channel_id, pn.node_id()).unwrap();
-    bitmote_pay::node::wait_until(&pn, "provider paid out", Duration::from_secs(120), mine, |n| onchain(n) > p0).unwrap();
-    bitmote_pay::node::wait_until(&mn, "meter paid out", Duration::from_secs(60), mine, |n| onchain(n) > m0).unwrap();
+    bitmote_pay::node::wait_until(pn, "provider paid out", Duration::from_secs(120), mine, |n| onchain(n) > p0).unwrap();
+    bitmote_pay::node::wait_until(mn, "meter paid out", Duration::from_secs(60), mine, |n| onchain(n) > m0).unwrap();
     assert_eq!(onchain(&pn) - p0, paid / 1000, "provider's close output");
     let back = onchain(&mn) - m0;
     assert!(back <= 500_000 - paid / 1000 && back + 5_000 >= local_sat.min(500_000 - paid / 1000), "meter got {back} sat back");
@@ -246,7 +225,7 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
 
     // Force close: the provider vanishes mid-life; the meter closes alone and gets its
     // balance after the to_self_delay timelock.
-    channel(&chain, &mn, &pn, 300_000, None, false);
+    channel(chain, mn, pn, 300_000, None, false);
     let paid = session(5);
     provider.shutdown();
     pn.stop().unwrap();
@@ -258,7 +237,7 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     let mine10 = || {
         chain.mine(10).unwrap();
     };
-    bitmote_pay::node::wait_until(&mn, "timelocked funds swept", Duration::from_secs(240), mine10, |n| {
+    bitmote_pay::node::wait_until(mn, "timelocked funds swept", Duration::from_secs(240), mine10, |n| {
         let b = n.list_balances();
         // (ldk-node keeps listing the sweep as "awaiting threshold confirmations" for a
         // while after the money is back in the wallet; the wallet is what counts.)
@@ -269,5 +248,5 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     assert!(back <= 300_000 - paid / 1000 && back + 10_000 >= 300_000 - paid / 1000, "meter recovered {back} sat");
     eprintln!("force close: meter recovered {back} sat of {} after the timelock", 300_000 - paid / 1000);
     meter.shutdown();
-    stop(&[&mn]);
+    stop(&[mn]);
 }
