@@ -14,7 +14,7 @@ use bitmote_notary::anchor::AnchorInfo;
 use bitmote_notary::log::MerkleLog;
 use serde_json::{json, Value};
 
-use crate::http::{call_with_timeout, internal, ApiError};
+use crate::http::{blocking, call_with_timeout, internal, ApiError};
 use crate::Shared;
 
 /// How long `/v1/pay` waits for each status URL.
@@ -54,7 +54,7 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
             })
             .collect()
     });
-    let body = tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let c = s.db().map_err(internal)?;
         let log = MerkleLog::new(&c);
         let size = log.size().map_err(internal)?;
@@ -87,7 +87,7 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
         devices.extend(presence.into_iter().map(|(name, p)| json!({ "name": name, "presence": presence_json(p) })));
         let actions: Vec<_> = s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
         let alerts: Vec<_> = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
-        Ok::<_, ApiError>(json!({
+        Ok(Json(json!({
             "now_ms": bitmote_chain::now_ms(),
             "log": { "tree_size": size, "root": hex::encode(root), "checkpoint": s.signer.sign(size, root) },
             "ingest": s.ingest.stats(),
@@ -100,11 +100,9 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
             "rules": rules,
             "actions": actions,
             "alerts": alerts,
-        }))
+        })))
     })
     .await
-    .map_err(internal)??;
-    Ok(Json(body))
 }
 
 /// `url`'s status endpoint: `url` itself if it names one, else `<url>/v1/status`.

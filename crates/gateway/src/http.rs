@@ -200,16 +200,19 @@ fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
     hex::decode(id).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("a reading id is 64 hex digits"))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+fn stored_reading(s: &Shared, id: &[u8; 32]) -> Result<bitmote_notary::ingest::StoredReading, ApiError> {
+    let c = s.db().map_err(internal)?;
+    bitmote_notary::ingest::reading_by_id(&c, id)?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))
 }
 
 async fn get_reading(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let id = parse_id(&id)?;
     blocking(move || {
-        let c = s.db().map_err(internal)?;
-        let r = bitmote_notary::ingest::reading_by_id(&c, &id)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))?;
+        let r = stored_reading(&s, &id)?;
         Ok(Json(json!({
             "id": hex::encode(id),
             "leaf_index": r.leaf_index,
@@ -260,9 +263,7 @@ async fn get_ots(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result
 async fn verify(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let idb = parse_id(&id)?;
     blocking(move || {
-        let c = s.db().map_err(internal)?;
-        let stored = bitmote_notary::ingest::reading_by_id(&c, &idb)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))?;
+        let stored = stored_reading(&s, &idb)?;
         let bundle = proof_of(&s, idb)?;
         let revoked: Vec<DeviceId> = s.ingest.devices().into_iter().filter(|d| d.revoked_ms.is_some()).map(|d| d.id).collect();
         let key = s.signer.verifier_key();
