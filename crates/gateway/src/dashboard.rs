@@ -59,7 +59,8 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
         let log = MerkleLog::new(&c);
         let size = log.size().map_err(internal)?;
         let root = log.root_at(size).map_err(internal)?;
-        let anchors: Vec<AnchorInfo> = s.anchors.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
+        // Newest first (as listed by the anchorer), like the actions and alerts below.
+        let anchors: Vec<AnchorInfo> = s.anchors.lock().unwrap_or_else(|p| p.into_inner()).iter().take(SHOWN).cloned().collect();
         // Each anchor with the last reading it covers, whose proof and .ots the page links to.
         let anchors: Vec<Value> = anchors
             .into_iter()
