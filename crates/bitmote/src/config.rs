@@ -33,6 +33,9 @@ pub struct GatewaySection {
     pub mqtt_broker: Option<String>,
     /// The gateway's URL for CLI commands (default `http://<http_listen>`).
     pub url: Option<String>,
+    /// Lightning meters and providers whose `/v1/status` the dashboard shows.
+    #[serde(default)]
+    pub pay_status_urls: Vec<String>,
 }
 
 /// `[notary]`: anchoring policy.

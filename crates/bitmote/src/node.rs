@@ -211,6 +211,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         _ => {}
     }
     println!("  http api : http://{}  (OpenAPI: /openapi.json)", gateway.http_addr);
+    println!("  dashboard: http://{}/  (metrics: /metrics)", gateway.http_addr);
     match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
         (Some(url), _) => println!("  mqtt     : external broker {url}"),
         (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
@@ -257,6 +258,7 @@ fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<
     g.http_listen = cfg.http_listen();
     g.mqtt_listen = cfg.mqtt_listen()?;
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
+    g.pay_status_urls = cfg.gateway.pay_status_urls.clone();
     let regtest = client.network() == Network::Regtest;
     let n = &cfg.notary;
     g.anchor.interval = Duration::from_secs(n.anchor_interval_secs.unwrap_or(if regtest { 10 } else { 600 }));

@@ -1,7 +1,8 @@
 //! The HTTP API: ingest (binary wire format or JSON), readings, proofs and `.ots`
 //! files, the signed checkpoint, consistency proofs, anchors, devices (admin), stats,
-//! actuator rules and payment orders (admin), the action log, device presence, and the
-//! OpenAPI description at `/openapi.json`.
+//! actuator rules and payment orders (admin), the action log, device presence, the
+//! verifier run against the gateway's node, the dashboard ([`crate::dashboard`]), Prometheus
+//! metrics ([`crate::metrics`]) and the OpenAPI description at `/openapi.json`.
 
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use bitmote_chain::bitcoin::{Address, ScriptBuf};
 use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value};
 use bitmote_notary::ingest::{IngestError, Receipt, Submission};
 use bitmote_notary::log::MerkleLog;
+use bitmote_notary::verify::{verify_bundle, verify_ots, Policy, Step};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -52,18 +54,25 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into(), "bad_request")
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "internal")
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(crate::dashboard::page))
+        .route("/dashboard.js", get(crate::dashboard::script))
+        .route("/dashboard.css", get(crate::dashboard::style))
+        .route("/v1/dashboard", get(crate::dashboard::dashboard))
+        .route("/v1/pay", get(crate::dashboard::pay))
+        .route("/metrics", get(crate::metrics::metrics))
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
         .route("/v1/readings", post(post_readings))
         .route("/v1/readings/{id}", get(get_reading))
         .route("/v1/readings/{id}/proof", get(get_proof))
         .route("/v1/readings/{id}/proof.ots", get(get_ots))
+        .route("/v1/readings/{id}/verify", post(verify))
         .route("/v1/log", get(get_log))
         .route("/v1/log/consistency", get(get_consistency))
         .route("/v1/anchors", get(get_anchors))
@@ -76,6 +85,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rules/{id}", delete(remove_rule))
         .route("/v1/devices/{id}/orders", post(order))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::metrics::count_requests))
         .with_state(shared)
 }
 
@@ -190,16 +200,19 @@ fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
     hex::decode(id).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| bad("a reading id is 64 hex digits"))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(internal)?
+}
+
+fn stored_reading(s: &Shared, id: &[u8; 32]) -> Result<bitmote_notary::ingest::StoredReading, ApiError> {
+    let c = s.db().map_err(internal)?;
+    bitmote_notary::ingest::reading_by_id(&c, id)?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))
 }
 
 async fn get_reading(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let id = parse_id(&id)?;
     blocking(move || {
-        let c = s.db().map_err(internal)?;
-        let r = bitmote_notary::ingest::reading_by_id(&c, &id)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))?;
+        let r = stored_reading(&s, &id)?;
         Ok(Json(json!({
             "id": hex::encode(id),
             "leaf_index": r.leaf_index,
@@ -241,6 +254,49 @@ async fn get_ots(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result
             bytes,
         )
             .into_response())
+    })
+    .await
+}
+
+/// Run the verifier on a reading's proof bundle and `.ots`, against the gateway's node,
+/// with the stored reading, the revoked keys and the checkpoint key; report every step.
+async fn verify(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let idb = parse_id(&id)?;
+    blocking(move || {
+        let stored = stored_reading(&s, &idb)?;
+        let bundle = proof_of(&s, idb)?;
+        let revoked: Vec<DeviceId> = s.ingest.devices().into_iter().filter(|d| d.revoked_ms.is_some()).map(|d| d.id).collect();
+        let key = s.signer.verifier_key();
+        let policy = Policy { reading_file: Some(&stored.encoded), revoked: &revoked, checkpoint_key: Some(&key) };
+        let result = verify_bundle(&bundle, &s.client, &policy);
+        let failed = result.as_ref().err();
+        let pos = |step: Step| Step::ALL.iter().position(|&x| x == step);
+        let steps: Vec<_> = Step::ALL
+            .iter()
+            .map(|&step| {
+                let (state, detail) = match failed {
+                    Some(e) if e.step == step => (if e.is_pending() { "pending" } else { "failed" }, Some(e.detail.clone())),
+                    Some(e) if pos(e.step) < pos(step) => ("not_run", None),
+                    _ => ("ok", None),
+                };
+                json!({ "step": step, "name": step.to_string(), "result": state, "detail": detail })
+            })
+            .collect();
+        let ots = match bundle.to_ots() {
+            Ok(ots) => match verify_ots(&stored.encoded, &ots, &s.client) {
+                Ok((height, time)) => json!({ "result": "ok", "block_height": height, "block_time": time }),
+                Err(e) => json!({ "result": if e.is_pending() { "pending" } else { "failed" }, "detail": e.to_string() }),
+            },
+            Err(e) => json!({ "result": "pending", "detail": e.to_string() }),
+        };
+        Ok(Json(json!({
+            "reading_id": id,
+            "result": match failed { None => "verified", Some(e) if e.is_pending() => "pending", Some(_) => "failed" },
+            "verified": result.as_ref().ok(),
+            "error": failed.map(|e| e.to_string()),
+            "steps": steps,
+            "ots": ots,
+        })))
     })
     .await
 }
@@ -367,12 +423,22 @@ async fn call<T: 'static, R: Send + 'static>(
     what: &str,
     f: impl FnOnce(&mut T) -> R + Send + 'static,
 ) -> Result<R, ApiError> {
-    let unavailable = || ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is not available now; try again"), "unavailable");
+    call_with_timeout(jobs, JOB_TIMEOUT, f)
+        .await
+        .map_err(|()| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is not available now; try again"), "unavailable"))
+}
+
+/// [`call`], waiting at most `timeout`; `Err` if the loop is gone or busy.
+pub(crate) async fn call_with_timeout<T: 'static, R: Send + 'static>(
+    jobs: &mpsc::Sender<Job<T>>,
+    timeout: Duration,
+    f: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> Result<R, ()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    jobs.send(Box::new(move |t: &mut T| drop(tx.send(f(t))))).map_err(|_| unavailable())?;
-    match tokio::time::timeout(JOB_TIMEOUT, rx).await {
+    jobs.send(Box::new(move |t: &mut T| drop(tx.send(f(t))))).map_err(drop)?;
+    match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(r)) => Ok(r),
-        _ => Err(unavailable()),
+        _ => Err(()),
     }
 }
 

@@ -3,12 +3,15 @@
 //! It composes the capability crates: HTTP ([`http`]) and MQTT ([`mqtt`]) ingest into
 //! the notary's group-commit pipeline, the anchoring loop that commits the log to
 //! Bitcoin, and the read side (readings, proofs, `.ots`, checkpoints, consistency
-//! proofs, anchors) with an OpenAPI description. Everything binds to 127.0.0.1
-//! unless configured otherwise; admin calls need the token in `<data>/admin.token`.
+//! proofs, anchors) with an OpenAPI description, a live dashboard ([`dashboard`]) and
+//! Prometheus metrics ([`metrics`]). Everything binds to 127.0.0.1 unless configured
+//! otherwise; admin calls need the token in `<data>/admin.token`.
 
 pub mod actuator;
+pub mod dashboard;
 pub mod deliver;
 pub mod http;
+pub mod metrics;
 pub mod mqtt;
 
 use std::net::SocketAddr;
@@ -51,7 +54,7 @@ pub enum GatewayError {
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub data_dir: PathBuf,
-    /// HTTP API (and later the dashboard).
+    /// HTTP API and the dashboard (`/`).
     pub http_listen: SocketAddr,
     /// Embedded MQTT broker; `None` = no embedded broker.
     pub mqtt_listen: Option<SocketAddr>,
@@ -66,6 +69,8 @@ pub struct GatewayConfig {
     pub log_origin: String,
     /// When unacknowledged actions are delivered again.
     pub actuator_retry: actuator::Retry,
+    /// Lightning meter and provider processes whose `/v1/status` the dashboard shows.
+    pub pay_status_urls: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -81,6 +86,7 @@ impl GatewayConfig {
             regtest_autofund: true,
             log_origin: "bitmote.local/log".into(),
             actuator_retry: actuator::Retry::default(),
+            pay_status_urls: vec![],
         }
     }
 }
@@ -110,6 +116,10 @@ pub struct Shared {
     pub actuator_jobs: mpsc::Sender<Job<bitmote_actuator::Engine>>,
     /// Work for the anchoring loop, which owns the wallet (fresh payment addresses).
     pub wallet_jobs: mpsc::Sender<Job<GatewayWallet>>,
+    /// Status URLs of Lightning meters and providers (see [`GatewayConfig::pay_status_urls`]).
+    pub pay_status_urls: Vec<String>,
+    /// HTTP requests answered, by status code (for `/metrics`).
+    pub http_requests: Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -174,6 +184,8 @@ impl Gateway {
             presence: Mutex::new(Default::default()),
             actuator_jobs,
             wallet_jobs,
+            pay_status_urls: cfg.pay_status_urls.clone(),
+            http_requests: Mutex::new(Default::default()),
         });
         let mut threads = vec![];
 

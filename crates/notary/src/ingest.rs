@@ -780,6 +780,16 @@ pub fn reading_at(c: &Connection, index: u64) -> Result<Option<StoredReading>, I
     }
 }
 
+/// The id of the reading at a leaf index (without loading its evidence).
+pub fn reading_id_at(c: &Connection, index: u64) -> Result<Option<[u8; 32]>, IngestError> {
+    let Ok(i) = i64::try_from(index) else { return Ok(None) };
+    let id: Option<Vec<u8>> = c
+        .prepare_cached("SELECT id FROM readings WHERE idx = ?1")
+        .and_then(|mut q| q.query_row([i], |r| r.get(0)).optional())
+        .map_err(|e| IngestError::Storage(e.to_string()))?;
+    id.map(|v| v.try_into().map_err(|_| IngestError::Storage(format!("corrupt id of reading {index}")))).transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

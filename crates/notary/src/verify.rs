@@ -129,6 +129,23 @@ pub enum Step {
     BlockOnChain,
 }
 
+impl Step {
+    /// Every step, in the order [`verify_bundle`] runs them (the bundle is decoded first,
+    /// its anchor part just before the anchor steps).
+    pub const ALL: [Step; 10] = [
+        Step::Decode,
+        Step::ReadingMatches,
+        Step::DeviceSignature,
+        Step::KeyNotRevoked,
+        Step::LogInclusion,
+        Step::Checkpoint,
+        Step::Anchored,
+        Step::AnchorCommitsRoot,
+        Step::BlockOnChain,
+        Step::TxInBlock,
+    ];
+}
+
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
@@ -138,7 +155,7 @@ impl fmt::Display for Step {
             Step::KeyNotRevoked => "the device key's status",
             Step::LogInclusion => "the log inclusion proof",
             Step::Checkpoint => "the signed checkpoint",
-            Step::Anchored => "the anchor (pending)",
+            Step::Anchored => "the anchor's confirmation",
             Step::AnchorCommitsRoot => "the anchor transaction's commitment",
             Step::TxInBlock => "the transaction's Merkle path",
             Step::BlockOnChain => "the block on the chain",
