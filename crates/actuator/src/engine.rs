@@ -19,6 +19,7 @@
 //! (written with `synchronous=FULL`), so an added rule is durable the moment it is
 //! watched, and the file is never rewritten under the operator's feet.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -319,19 +320,27 @@ impl Engine {
         let id = ev.id();
         match ev {
             BlockEvent::Connected { block, .. } => {
+                // Payment rules by the script they watch: one lookup per output.
+                let mut by_script: HashMap<&ScriptBuf, Vec<&Watched>> = HashMap::new();
+                for w in &self.watched {
+                    if let Some(script) = &w.script {
+                        by_script.entry(script).or_default().push(w);
+                    }
+                }
                 for t in &block.txdata {
-                    let txid = t.compute_txid().to_string();
+                    let mut txid = None;
                     for (vout, o) in t.output.iter().enumerate() {
-                        for w in &self.watched {
-                            let (Some(script), Trigger::Payment { min_sat, .. }) = (&w.script, &w.rule.trigger) else { continue };
-                            if o.script_pubkey == *script && o.value.to_sat() >= *min_sat {
+                        for w in by_script.get(&o.script_pubkey).into_iter().flatten() {
+                            let Trigger::Payment { min_sat, .. } = &w.rule.trigger else { continue };
+                            if o.value.to_sat() >= *min_sat {
+                                let txid: &str = txid.get_or_insert_with(|| t.compute_txid().to_string());
                                 tx.execute(
                                     "INSERT OR REPLACE INTO act_payments (rule_id, txid, vout, amount, height, block_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                                     params![w.rule.id, txid, vout as u32, o.value.to_sat() as i64, id.height, id.hash.to_string()],
                                 )?;
                                 out.push(EngineEvent::PaymentSeen {
                                     rule_id: w.rule.id.clone(),
-                                    txid: txid.clone(),
+                                    txid: txid.to_string(),
                                     vout: vout as u32,
                                     amount: o.value.to_sat(),
                                     height: id.height,
@@ -368,26 +377,35 @@ impl Engine {
                         }
                     }
                 }
-                // Fire what is now deep enough.
+                // Fire what is now deep enough: payments not fired yet (one query for all rules) …
+                let waiting: Vec<(String, Payment)> = {
+                    let mut st = tx.prepare_cached(
+                        "SELECT rule_id, txid, vout, amount, height FROM act_payments p
+                         WHERE NOT EXISTS (SELECT 1 FROM act_outbox o WHERE o.event_id = p.rule_id || ':' || p.txid || ':' || p.vout)",
+                    )?;
+                    let rows = st.query_map([], |r| {
+                        let p = Payment { txid: r.get(1)?, vout: r.get(2)?, address: String::new(), amount_sat: r.get(3)?, height: r.get(4)? };
+                        Ok((r.get(0)?, p))
+                    })?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                let by_id: HashMap<&str, &Watched> = self.watched.iter().map(|w| (w.rule.id.as_str(), w)).collect();
+                for (rule_id, mut p) in waiting {
+                    let Some(w) = by_id.get(rule_id.as_str()) else { continue };
+                    let Trigger::Payment { confirmations, address, .. } = &w.rule.trigger else { continue };
+                    if id.height + 1 < p.height + confirmations {
+                        continue;
+                    }
+                    p.address = address.clone();
+                    let event_id = format!("{rule_id}:{}:{}", p.txid, p.vout);
+                    if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&p.txid), id.height, Some(&p))? {
+                        out.push(EngineEvent::Due { event_id });
+                    }
+                }
+                // … heights reached and commands buried deep enough.
                 for w in &self.watched {
                     match &w.rule.trigger {
-                        Trigger::Payment { confirmations, address, .. } => {
-                            let max_height = id.height as i64 - *confirmations as i64 + 1;
-                            let due: Vec<Payment> = {
-                                let mut st =
-                                    tx.prepare_cached("SELECT txid, vout, amount, height FROM act_payments WHERE rule_id = ?1 AND height <= ?2")?;
-                                let rows = st.query_map(params![w.rule.id, max_height], |r| {
-                                    Ok(Payment { txid: r.get(0)?, vout: r.get(1)?, address: address.clone(), amount_sat: r.get(2)?, height: r.get(3)? })
-                                })?;
-                                rows.collect::<Result<_, _>>()?
-                            };
-                            for p in due {
-                                let event_id = format!("{}:{}:{}", w.rule.id, p.txid, p.vout);
-                                if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&p.txid), id.height, Some(&p))? {
-                                    out.push(EngineEvent::Due { event_id });
-                                }
-                            }
-                        }
+                        Trigger::Payment { .. } => {}
                         Trigger::Height { height } if id.height >= *height => {
                             let event_id = format!("{}:height:{height}", w.rule.id);
                             if insert_due(&tx, &event_id, &w.rule, &w.rule.action, None, id.height, None)? {
