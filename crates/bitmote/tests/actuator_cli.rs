@@ -18,15 +18,7 @@ use serde_json::Value as Json;
 fn a_lock_opens_once_when_its_payment_confirms() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pay_to = Address::p2wsh(&ScriptBuf::from(vec![0x61, 0x87]), Network::Regtest);
-    std::fs::create_dir_all(d.join("gateway")).unwrap();
-    std::fs::write(
-        d.join("gateway/rules.toml"),
-        format!(
-            "[[rule]]\nid = \"rental\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{pay_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\nttl_secs = 600\n"
-        ),
-    )
-    .unwrap();
+    let pay_to = rental_rule(d);
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
 
@@ -132,13 +124,7 @@ fn an_order_needs_its_lock_online_gets_a_fresh_address_and_its_payment_opens_the
 fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pay_to = Address::p2wsh(&ScriptBuf::from(vec![0x61, 0x87]), Network::Regtest);
-    std::fs::create_dir_all(d.join("gateway")).unwrap();
-    std::fs::write(
-        d.join("gateway/rules.toml"),
-        format!("[[rule]]\nid = \"rental\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{pay_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\n"),
-    )
-    .unwrap();
+    let pay_to = rental_rule(d);
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
@@ -190,6 +176,20 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     assert_eq!((state["output"].as_str(), state["done"].as_array().unwrap().len()), (Some("open"), 1));
     assert_eq!(state["paid"][0].as_str().unwrap(), format!("{txid}:{}", acked["payment"]["vout"]));
     assert!(u.interrupt().success());
+}
+
+/// The gateway's rules file: `rental` opens lock-7 on 20,000 sat to a fixed address (returned).
+fn rental_rule(d: &std::path::Path) -> Address {
+    let pay_to = Address::p2wsh(&ScriptBuf::from(vec![0x61, 0x87]), Network::Regtest);
+    std::fs::create_dir_all(d.join("gateway")).unwrap();
+    std::fs::write(
+        d.join("gateway/rules.toml"),
+        format!(
+            "[[rule]]\nid = \"rental\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{pay_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\nttl_secs = 600\n"
+        ),
+    )
+    .unwrap();
+    pay_to
 }
 
 /// The simulated lock `lock-7`, which exits after acting once.
