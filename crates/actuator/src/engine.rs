@@ -19,6 +19,7 @@
 //! (written with `synchronous=FULL`), so an added rule is durable the moment it is
 //! watched, and the file is never rewritten under the operator's feet.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS act_rules (n INTEGER PRIMARY KEY AUTOINCREMENT, id TE
 ";
 
 /// Columns added to `act_outbox` after its first release (`delivery` NULL = MQTT).
-const OUTBOX_COLUMNS: [(&str, &str); 2] = [("delivery", "TEXT"), ("confirmations", "INTEGER")];
+/// `payment` is the triggering payment as JSON ([`Payment`]).
+const OUTBOX_COLUMNS: [(&str, &str); 3] = [("delivery", "TEXT"), ("confirmations", "INTEGER"), ("payment", "TEXT")];
 
 
 /// State of an outbox entry.
@@ -101,6 +103,8 @@ pub enum OutboxState {
     Cancelled,
     /// Its trigger was reorged away after delivery (see the revert entry and the alert).
     Reverted,
+    /// The device refused it: its own check of the trigger failed (see the note).
+    Refused,
 }
 
 impl OutboxState {
@@ -112,6 +116,7 @@ impl OutboxState {
             OutboxState::Expired => "expired",
             OutboxState::Cancelled => "cancelled",
             OutboxState::Reverted => "reverted",
+            OutboxState::Refused => "refused",
         }
     }
     fn parse(s: &str) -> Result<Self> {
@@ -122,6 +127,7 @@ impl OutboxState {
             "expired" => OutboxState::Expired,
             "cancelled" => OutboxState::Cancelled,
             "reverted" => OutboxState::Reverted,
+            "refused" => OutboxState::Refused,
             other => return Err(EngineError::Corrupt(format!("outbox state {other:?}"))),
         })
     }
@@ -150,6 +156,19 @@ pub struct OutboxItem {
     pub delivery: Delivery,
     /// Blocks the trigger was buried under when it became due (none for heights).
     pub confirmations: Option<u32>,
+    /// The payment that triggered it (payment rules), for devices that check it themselves.
+    pub payment: Option<Payment>,
+}
+
+/// A payment that triggered an action: where it is, what it pays to whom.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Payment {
+    pub txid: String,
+    pub vout: u32,
+    pub address: String,
+    pub amount_sat: u64,
+    /// Height of the block that holds it.
+    pub height: u32,
 }
 
 impl OutboxItem {
@@ -160,7 +179,7 @@ impl OutboxItem {
             "event_id": self.event_id, "rule": self.rule_id, "device": self.device,
             "command": self.command, "args": self.args,
             "txid": self.txid, "height": self.height, "confirmations": self.confirmations,
-            "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
+            "payment": self.payment, "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
         })
     }
 }
@@ -301,19 +320,27 @@ impl Engine {
         let id = ev.id();
         match ev {
             BlockEvent::Connected { block, .. } => {
+                // Payment rules by the script they watch: one lookup per output.
+                let mut by_script: HashMap<&ScriptBuf, Vec<&Watched>> = HashMap::new();
+                for w in &self.watched {
+                    if let Some(script) = &w.script {
+                        by_script.entry(script).or_default().push(w);
+                    }
+                }
                 for t in &block.txdata {
-                    let txid = t.compute_txid().to_string();
+                    let mut txid = None;
                     for (vout, o) in t.output.iter().enumerate() {
-                        for w in &self.watched {
-                            let (Some(script), Trigger::Payment { min_sat, .. }) = (&w.script, &w.rule.trigger) else { continue };
-                            if o.script_pubkey == *script && o.value.to_sat() >= *min_sat {
+                        for w in by_script.get(&o.script_pubkey).into_iter().flatten() {
+                            let Trigger::Payment { min_sat, .. } = &w.rule.trigger else { continue };
+                            if o.value.to_sat() >= *min_sat {
+                                let txid: &str = txid.get_or_insert_with(|| t.compute_txid().to_string());
                                 tx.execute(
                                     "INSERT OR REPLACE INTO act_payments (rule_id, txid, vout, amount, height, block_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                                     params![w.rule.id, txid, vout as u32, o.value.to_sat() as i64, id.height, id.hash.to_string()],
                                 )?;
                                 out.push(EngineEvent::PaymentSeen {
                                     rule_id: w.rule.id.clone(),
-                                    txid: txid.clone(),
+                                    txid: txid.to_string(),
                                     vout: vout as u32,
                                     amount: o.value.to_sat(),
                                     height: id.height,
@@ -350,26 +377,38 @@ impl Engine {
                         }
                     }
                 }
-                // Fire what is now deep enough.
+                // Fire what is now deep enough: payments not fired yet (one query for all rules) …
+                let waiting: Vec<(String, Payment)> = {
+                    let mut st = tx.prepare_cached(
+                        "SELECT rule_id, txid, vout, amount, height FROM act_payments p
+                         WHERE NOT EXISTS (SELECT 1 FROM act_outbox o WHERE o.event_id = p.rule_id || ':' || p.txid || ':' || p.vout)",
+                    )?;
+                    let rows = st.query_map([], |r| {
+                        let p = Payment { txid: r.get(1)?, vout: r.get(2)?, address: String::new(), amount_sat: r.get(3)?, height: r.get(4)? };
+                        Ok((r.get(0)?, p))
+                    })?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                let by_id: HashMap<&str, &Watched> = self.watched.iter().map(|w| (w.rule.id.as_str(), w)).collect();
+                for (rule_id, mut p) in waiting {
+                    let Some(w) = by_id.get(rule_id.as_str()) else { continue };
+                    let Trigger::Payment { confirmations, address, .. } = &w.rule.trigger else { continue };
+                    if id.height + 1 < p.height + confirmations {
+                        continue;
+                    }
+                    p.address = address.clone();
+                    let event_id = format!("{rule_id}:{}:{}", p.txid, p.vout);
+                    if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&p.txid), id.height, Some(&p))? {
+                        out.push(EngineEvent::Due { event_id });
+                    }
+                }
+                // … heights reached and commands buried deep enough.
                 for w in &self.watched {
                     match &w.rule.trigger {
-                        Trigger::Payment { confirmations, .. } => {
-                            let max_height = id.height as i64 - *confirmations as i64 + 1;
-                            let due: Vec<(String, u32)> = {
-                                let mut st = tx.prepare_cached("SELECT txid, vout FROM act_payments WHERE rule_id = ?1 AND height <= ?2")?;
-                                let rows = st.query_map(params![w.rule.id, max_height], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                                rows.collect::<Result<_, _>>()?
-                            };
-                            for (txid, vout) in due {
-                                let event_id = format!("{}:{txid}:{vout}", w.rule.id);
-                                if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&txid), id.height)? {
-                                    out.push(EngineEvent::Due { event_id });
-                                }
-                            }
-                        }
+                        Trigger::Payment { .. } => {}
                         Trigger::Height { height } if id.height >= *height => {
                             let event_id = format!("{}:height:{height}", w.rule.id);
-                            if insert_due(&tx, &event_id, &w.rule, &w.rule.action, None, id.height)? {
+                            if insert_due(&tx, &event_id, &w.rule, &w.rule.action, None, id.height, None)? {
                                 out.push(EngineEvent::Due { event_id });
                             }
                         }
@@ -384,7 +423,7 @@ impl Engine {
                             for (seq, txid, command) in due {
                                 let event_id = format!("{}:cmd:{seq}", w.rule.id);
                                 let action = Action { command, ..w.rule.action.clone() };
-                                if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height)? {
+                                if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height, None)? {
                                     out.push(EngineEvent::Due { event_id });
                                 }
                             }
@@ -433,7 +472,7 @@ impl Engine {
                             if let Some(rule) = rule {
                                 if let Some(revert) = &rule.revert {
                                     let revert_id = format!("{event_id}:revert");
-                                    if insert_due(&tx, &revert_id, &rule, revert, Some(&txid), id.height)? {
+                                    if insert_due(&tx, &revert_id, &rule, revert, Some(&txid), id.height, None)? {
                                         message.push_str("; revert action queued");
                                         tracing::warn!("{message}");
                                         out.push(EngineEvent::Alert { event_id, message });
@@ -462,7 +501,7 @@ impl Engine {
     fn items(&self, where_: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<OutboxItem>> {
         let mut st = self.db.prepare(&format!(
             "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, delivered_ms, acked_ms, note,
-                    COALESCE(delivery, '\"mqtt\"'), confirmations
+                    COALESCE(delivery, '\"mqtt\"'), confirmations, payment
              FROM act_outbox {where_} ORDER BY due_ms, event_id"
         ))?;
         let rows = st.query_map(p, |r| {
@@ -483,6 +522,7 @@ impl Engine {
                 note: r.get(13)?,
                 delivery: json_col(r, 14)?,
                 confirmations: r.get(15)?,
+                payment: r.get::<_, Option<String>>(16)?.map(|t| serde_json::from_str(&t).map_err(|e| conversion(16, e))).transpose()?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -529,9 +569,18 @@ impl Engine {
 
     /// The device reports it did not act because the command arrived after its TTL.
     pub fn mark_expired(&self, event_id: &str, note: &str) -> Result<bool> {
+        self.close(event_id, OutboxState::Expired, note)
+    }
+
+    /// The device reports it did not act because its own check of the trigger failed.
+    pub fn mark_refused(&self, event_id: &str, note: &str) -> Result<bool> {
+        self.close(event_id, OutboxState::Refused, note)
+    }
+
+    fn close(&self, event_id: &str, state: OutboxState, note: &str) -> Result<bool> {
         let n = self.db.execute(
-            "UPDATE act_outbox SET state = 'expired', note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')",
-            params![event_id, note],
+            "UPDATE act_outbox SET state = ?3, note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')",
+            params![event_id, note, state.as_str()],
         )?;
         Ok(n > 0)
     }
@@ -547,10 +596,19 @@ impl Engine {
 }
 
 /// Put an action in the outbox once; returns whether it is new.
-fn insert_due(tx: &rusqlite::Transaction<'_>, event_id: &str, rule: &Rule, action: &Action, txid: Option<&str>, height: u32) -> Result<bool> {
+fn insert_due(
+    tx: &rusqlite::Transaction<'_>,
+    event_id: &str,
+    rule: &Rule,
+    action: &Action,
+    txid: Option<&str>,
+    height: u32,
+    payment: Option<&Payment>,
+) -> Result<bool> {
+    let corrupt = |e: serde_json::Error| EngineError::Corrupt(e.to_string());
     let n = tx.execute(
-        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, delivery, confirmations)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9, ?10, ?11)",
+        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, delivery, confirmations, payment)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9, ?10, ?11, ?12)",
         params![
             event_id,
             rule.id,
@@ -561,8 +619,9 @@ fn insert_due(tx: &rusqlite::Transaction<'_>, event_id: &str, rule: &Rule, actio
             height,
             now_ms(),
             rule.ttl_secs.map(|s| s * 1000),
-            serde_json::to_string(&action.delivery()).map_err(|e| EngineError::Corrupt(e.to_string()))?,
+            serde_json::to_string(&action.delivery()).map_err(corrupt)?,
             rule.trigger.confirmations(),
+            payment.map(serde_json::to_string).transpose().map_err(corrupt)?,
         ],
     )?;
     Ok(n > 0)

@@ -14,5 +14,5 @@ pub mod command;
 pub mod engine;
 pub mod rules;
 
-pub use engine::{Engine, EngineError, EngineEvent, OutboxItem, OutboxState, RuleEntry, RuleSource};
+pub use engine::{Engine, EngineError, EngineEvent, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource};
 pub use rules::{Action, Delivery, Exec, Rule, RuleError, RuleSet, Trigger, Webhook};

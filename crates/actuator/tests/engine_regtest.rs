@@ -132,6 +132,7 @@ fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
     assert_eq!(r.engine.get(&door_event).unwrap().unwrap().state, OutboxState::Reverted);
     let revert = r.engine.get(&format!("{door_event}:revert")).unwrap().unwrap();
     assert_eq!(revert.command, "lock");
+    assert!(revert.payment.is_none(), "a revert is not a payment's action");
 
     // A new payment reorged out before its confirmations does not fire while it is out.
     let _: Vec<String> = c.raw("getrawmempool", &[]).unwrap();
@@ -258,6 +259,16 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
     assert_eq!(item.confirmations, Some(1));
     let p = item.payload();
     assert_eq!((p["rule"].as_str(), p["device"].as_str(), p["args"]["seconds"].as_u64()), (Some("order-1"), Some("lock-7"), Some(60)));
+    // The command carries the payment, for devices that check it themselves.
+    let paid = item.payment.clone().expect("a payment rule's action names its payment");
+    let txid = tx.compute_txid().to_string();
+    assert_eq!((paid.txid.as_str(), paid.address.as_str(), paid.height), (txid.as_str(), addr(3).to_string().as_str(), c.tip().unwrap().height));
+    assert_eq!(tx.output[paid.vout as usize].value.to_sat(), paid.amount_sat);
+    assert_eq!(p["payment"]["txid"], txid.as_str());
+    // A device that refuses it closes it: never delivered again.
+    assert!(r.engine.mark_refused(&fired[0], "the device refused it: no such payment").unwrap());
+    assert_eq!(r.engine.get(&fired[0]).unwrap().unwrap().state, OutboxState::Refused);
+    assert!(r.engine.pending().unwrap().iter().all(|i| i.event_id != fired[0]));
 
     // After a restart the API rules are still watched (the removed one is not), numbering goes on.
     drop(r);

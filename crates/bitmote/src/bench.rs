@@ -61,6 +61,21 @@ pub enum BenchCommand {
         /// Seconds each load step lasts.
         #[arg(long, default_value_t = 30)]
         load_secs: u64,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Actuators: block-to-action latency (payment mined -> device acknowledgement at the
+    /// gateway) for a plain and a light-client device, rules applied per block with many
+    /// watched addresses, and the device program's memory.
+    Actuator {
+        /// Payments per device, each mined in its own block.
+        #[arg(long, default_value_t = 100)]
+        triggers: u32,
+        /// Payment rules (watched addresses) for the per-block rules measurement.
+        #[arg(long, default_value_t = 10_000)]
+        rules: u32,
+        /// Also print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -73,6 +88,7 @@ pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Chain { blocks, json } => chain(blocks, json),
         BenchCommand::Notary { readings, batched, batch_size, json } => crate::bench_notary::run(readings, batched, batch_size, json),
+        BenchCommand::Actuator { triggers, rules, json } => crate::bench_actuator::run(triggers, rules, json),
     }
 }
 
@@ -85,7 +101,7 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1].as_secs_f64() * 1e3
 }
 
-fn summary(mut v: Vec<Duration>) -> Value {
+pub(crate) fn summary(mut v: Vec<Duration>) -> Value {
     v.sort();
     serde_json::json!({
         "n": v.len(), "p50_ms": pct(&v, 50.0), "p90_ms": pct(&v, 90.0), "p99_ms": pct(&v, 99.0), "max_ms": pct(&v, 100.0),

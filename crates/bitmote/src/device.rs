@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, SigningKey, Value};
+use bitmote_light::{LightClient, PaymentClaim};
 use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, HeaderSource, HeadersFile, Policy};
@@ -94,7 +95,34 @@ pub enum DeviceCommand {
         /// Exit after acting on this many commands.
         #[arg(long)]
         count: Option<u64>,
+        #[command(flatten)]
+        light: LightArgs,
     },
+}
+
+/// Trust-minimized mode: the device checks payments itself with a BIP157/158 light client.
+#[derive(clap::Args, Debug)]
+pub struct LightArgs {
+    /// P2P address of a Bitcoin node serving compact block filters. The device then acts
+    /// on an opening command (unlock, open, on) only when the payment it claims is in the
+    /// device's own chain, deep enough; closing commands (lock, close, off) need none.
+    #[arg(long, value_name = "HOST:PORT")]
+    light_client: Option<std::net::SocketAddr>,
+    /// The chain the light client follows.
+    #[arg(long, default_value = "regtest")]
+    network: bitmote_chain::bitcoin::Network,
+    /// How long to wait for the device's own chain to bury a payment deep enough before refusing.
+    #[arg(long, default_value_t = 30)]
+    light_wait_secs: u64,
+    /// The device's own floor on the amount, whatever the command claims.
+    #[arg(long, default_value_t = 0)]
+    min_sat: u64,
+    /// The device's own floor on confirmations, whatever the command claims.
+    #[arg(long, default_value_t = 1)]
+    min_confirmations: u32,
+    /// Accept payments only to these addresses (default: the address the command names).
+    #[arg(long, value_name = "ADDRESS")]
+    pay_to: Vec<String>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -197,7 +225,7 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
         DeviceCommand::Sensor { key, transport, mqtt, interval_ms, batch, count } => {
             sensor(&url, &key, transport, &mqtt, Duration::from_millis(interval_ms), batch.max(1), count)
         }
-        DeviceCommand::Actuator { name, mqtt, state, count } => actuator(&name, &mqtt, &state, count),
+        DeviceCommand::Actuator { name, mqtt, state, count, light } => actuator(&name, &mqtt, &state, count, light),
         DeviceCommand::Command { key, device, seq, command } => {
             let k = read_key(&key)?;
             let payload = bitmote_actuator::command::encode(&k, &device, seq, &command).map_err(|e| anyhow::anyhow!(e))?;
@@ -395,12 +423,65 @@ struct ActuatorState {
     output: String,
     /// Event ids already handled, so a redelivered command is acknowledged, not repeated.
     done: Vec<String>,
+    /// Payments (`txid:vout`) already acted on in light-client mode: each opens once.
+    #[serde(default)]
+    paid: Vec<String>,
 }
 
-fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Result<()> {
+/// Whether a command opens (and so, in light-client mode, needs a checked payment).
+fn opens(command: &str) -> bool {
+    matches!(command, "unlock" | "open" | "on")
+}
+
+/// A light-client device's check of the payment a command claims; the outpoint, or why not.
+fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]) -> std::result::Result<String, String> {
+    let p = &cmd["payment"];
+    if p.is_null() {
+        return Err("the command claims no payment: this device acts only on payments it checks itself".into());
+    }
+    let field = |k: &str| p[k].as_u64().ok_or_else(|| format!("the payment has no {k}"));
+    let txid: bitmote_chain::bitcoin::Txid = p["txid"].as_str().unwrap_or("").parse().map_err(|e| format!("payment txid: {e}"))?;
+    let address = p["address"].as_str().unwrap_or("");
+    let script = address
+        .parse::<bitmote_chain::bitcoin::Address<_>>()
+        .ok()
+        .and_then(|x| x.require_network(a.network).ok())
+        .ok_or_else(|| format!("payment address {address:?} is not a {} address", a.network))?
+        .script_pubkey();
+    if !a.pay_to.is_empty() && !a.pay_to.iter().any(|x| x == address) {
+        return Err(format!("{address} is not an address this device accepts payments to"));
+    }
+    let vout = u32::try_from(field("vout")?).map_err(|_| "payment vout out of range".to_string())?;
+    let outpoint = format!("{txid}:{vout}");
+    if paid.contains(&outpoint) {
+        return Err(format!("payment {outpoint} was already used"));
+    }
+    let claim = PaymentClaim {
+        txid,
+        vout,
+        script_pubkey: script,
+        min_sat: field("amount_sat")?.max(a.min_sat),
+        height: u32::try_from(field("height")?).map_err(|_| "payment height out of range".to_string())?,
+        confirmations: (cmd["confirmations"].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32).max(a.min_confirmations),
+    };
+    let ok = light.verify_payment(&claim, Duration::from_secs(a.light_wait_secs)).map_err(|e| e.to_string())?;
+    eprintln!("payment {outpoint}: {} sat in block {} ({}), {} confirmations", ok.value_sat, ok.height, ok.block_hash, ok.confirmations);
+    Ok(outpoint)
+}
+
+fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>, la: LightArgs) -> Result<()> {
     let mut state: ActuatorState = match std::fs::read(state_path) {
         Ok(b) => serde_json::from_slice(&b).context("corrupt actuator state file")?,
-        Err(_) => ActuatorState { output: "closed".into(), done: vec![] },
+        Err(_) => ActuatorState { output: "closed".into(), ..Default::default() },
+    };
+    let light = match la.light_client {
+        Some(peer) => {
+            let l = LightClient::start(peer, la.network)?;
+            let tip = l.wait_synced(Duration::from_secs(120))?;
+            eprintln!("actuator {name}: light client synced with {peer} to block {tip}");
+            Some(l)
+        }
+        None => None,
     };
     let (host, port) = mqtt.rsplit_once(':').context("--mqtt must be host:port")?;
     let presence = format!("bitmote/{name}/presence");
@@ -409,12 +490,26 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Re
     opts.set_clean_session(false); // the broker keeps commands sent while we were away
     opts.set_last_will(rumqttc::LastWill::new(&presence, "offline", rumqttc::QoS::AtLeastOnce, true));
     let (client, mut conn) = rumqttc::Client::new(opts, 64);
+    // The connection runs on its own thread, so a payment check waiting for the chain
+    // never stalls keep-alives.
+    let (ev_tx, events) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            let failed = ev.is_err();
+            if ev_tx.send(ev).is_err() {
+                return;
+            }
+            if failed {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    });
     let commands = bitmote_gateway::mqtt::commands_topic(name);
     let acks = bitmote_gateway::mqtt::acks_topic(name);
     eprintln!("actuator {name}: output {} ({} commands done before)", state.output, state.done.len());
     let mut acted = 0u64;
     let mut finishing = false;
-    for ev in conn.iter() {
+    for ev in events {
         match ev {
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                 client.try_subscribe(&commands, rumqttc::QoS::AtLeastOnce)?;
@@ -429,6 +524,17 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Re
                     }
                 };
                 let Some(id) = cmd["event_id"].as_str().map(str::to_string) else { continue };
+                let command = cmd["command"].as_str().unwrap_or("");
+                let checked = match &light {
+                    Some(l) if opens(command) && !state.done.contains(&id) => Some(check_payment(l, &la, &cmd, &state.paid)),
+                    _ => None,
+                };
+                if let Some(Err(reason)) = &checked {
+                    println!("{}", json!({ "event_id": id, "command": command, "refused": reason }));
+                    let ack = json!({ "event_id": id, "result": "refused", "reason": reason });
+                    client.try_publish(&acks, rumqttc::QoS::AtLeastOnce, false, ack.to_string())?;
+                    continue;
+                }
                 let result = if state.done.contains(&id) {
                     "done" // already executed: acknowledge again, do not act again
                 } else {
@@ -440,7 +546,7 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Re
                         eprintln!("{id}: arrived after its time-to-live; not executed");
                         "expired"
                     } else {
-                        state.output = match cmd["command"].as_str().unwrap_or("") {
+                        state.output = match command {
                             "unlock" | "open" => "open",
                             "lock" | "close" => "closed",
                             "on" => "on",
@@ -453,6 +559,7 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Re
                         .replace("unchanged", &state.output);
                         println!("{}", json!({ "event_id": id, "command": cmd["command"], "output": state.output }));
                         acted += 1;
+                        state.paid.extend(checked.and_then(Result::ok));
                         "done"
                     };
                     state.done.push(id.clone());
@@ -467,10 +574,7 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>) -> Re
             }
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) if finishing => return Ok(()),
             Ok(_) => {}
-            Err(e) => {
-                eprintln!("mqtt: {e}; reconnecting");
-                std::thread::sleep(Duration::from_secs(1));
-            }
+            Err(e) => eprintln!("mqtt: {e}; reconnecting"),
         }
     }
     Ok(())

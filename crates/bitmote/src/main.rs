@@ -3,6 +3,7 @@
 //! land, the notary, actuator, payment and gateway crates), report errors.
 
 mod bench;
+mod bench_actuator;
 mod bench_notary;
 mod bench_pay;
 mod config;

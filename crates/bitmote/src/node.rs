@@ -142,6 +142,8 @@ pub struct Node {
     pub client: ChainClient,
     /// Set when this process started the node and must stop it.
     pub owned: Option<RegtestNode>,
+    /// The embedded node's P2P address (for light clients).
+    pub p2p: Option<std::net::SocketAddr>,
 }
 
 /// Connect to the configured node; on the embedded target, start it when `start` is true.
@@ -149,11 +151,11 @@ fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
     match cfg.chain_target(&g.data_dir())? {
         ChainTarget::External(rpc) => {
             let client = ChainClient::connect(rpc, Duration::from_secs(60))?;
-            Ok(Some(Node { client, owned: None }))
+            Ok(Some(Node { client, owned: None, p2p: None }))
         }
         ChainTarget::Embedded { data_dir } => {
             if let Some(n) = RegtestNode::attach(&data_dir)? {
-                return Ok(Some(Node { client: n.client().fresh()?, owned: None }));
+                return Ok(Some(Node { client: n.client().fresh()?, owned: None, p2p: Some(n.p2p_addr()) }));
             }
             if !start {
                 return Ok(None);
@@ -162,7 +164,7 @@ fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
             let mut opts = RegtestOptions::new(exe.bitcoind);
             opts.data_dir = Some(data_dir);
             let n = RegtestNode::start(opts)?;
-            Ok(Some(Node { client: n.client().fresh()?, owned: Some(n) }))
+            Ok(Some(Node { client: n.client().fresh()?, p2p: Some(n.p2p_addr()), owned: Some(n) }))
         }
     }
 }
@@ -202,6 +204,9 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     println!("  data dir : {}", data_dir.display());
     println!("  bitcoind : {} on {network}, height {} ({})", info.version, info.blocks, info.best_block_hash);
     println!("  rpc      : {}", rpc.url);
+    if let Some(p2p) = node.p2p {
+        println!("  p2p      : {p2p}  (compact block filters, for device actuator --light-client)");
+    }
     if let bitmote_chain::RpcAuth::Cookie(p) = &rpc.auth {
         println!("  cookie   : {}", p.display());
     }

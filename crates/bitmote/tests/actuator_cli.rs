@@ -1,6 +1,7 @@
 //! A rental lock that opens when its payment confirms, end to end: `bitmote up` with a
 //! rules file, a simulated lock (`bitmote device actuator`) on the embedded MQTT broker,
-//! a real payment on regtest, the lock's acknowledgement in the action log.
+//! a real payment on regtest, the lock's acknowledgement in the action log; and a lock that
+//! checks payments itself with its light client, refusing fake ones published to its topic.
 
 use std::process::Stdio;
 
@@ -17,15 +18,7 @@ use serde_json::Value as Json;
 fn a_lock_opens_once_when_its_payment_confirms() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pay_to = Address::p2wsh(&ScriptBuf::from(vec![0x61, 0x87]), Network::Regtest);
-    std::fs::create_dir_all(d.join("gateway")).unwrap();
-    std::fs::write(
-        d.join("gateway/rules.toml"),
-        format!(
-            "[[rule]]\nid = \"rental\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{pay_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\nttl_secs = 600\n"
-        ),
-    )
-    .unwrap();
+    let pay_to = rental_rule(d);
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
 
@@ -125,6 +118,78 @@ fn an_order_needs_its_lock_online_gets_a_fresh_address_and_its_payment_opens_the
     let acked = the_one_action_acked(&http);
     assert_eq!((acked["rule_id"].as_str(), acked["attempts"].as_u64()), (Some(order_id.as_str()), Some(1)));
     assert!(u.interrupt().success());
+}
+
+#[test]
+fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pay_to = rental_rule(d);
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
+    let mut lock = bitmote(d)
+        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--count", "1", "--light-wait-secs", "3"])
+        .args(["--light-client", &node.p2p_addr().to_string(), "--state"])
+        .arg(d.join("lock-7.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(lock.stdout.take().unwrap()));
+    let mut lines = lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap());
+    wait_presence(&http, "lock-7", "online");
+
+    // Someone with access to the broker (or a compromised gateway) claims payments.
+    let (fake, mut conn) = rumqttc::Client::new(rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap()), 10);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    let c = node.client();
+    let tip = c.tip().unwrap();
+    let coinbase = c.block(&tip.hash).unwrap().txdata.remove(0).compute_txid();
+    let claim = |id: &str, txid: String, address: String, height: u32, confirmations: u32| {
+        let cmd = serde_json::json!({ "event_id": id, "command": "unlock", "confirmations": confirmations,
+            "payment": { "txid": txid, "vout": 0, "address": address, "amount_sat": 25000, "height": height } });
+        fake.publish("bitmote/lock-7/commands", rumqttc::QoS::AtLeastOnce, false, cmd.to_string()).unwrap();
+    };
+    // A payment that does not exist …
+    claim("fake-1", "11".repeat(32), pay_to.to_string(), tip.height, 1);
+    // … and a real output (the tip's coinbase) claimed with confirmations it does not have.
+    claim("fake-2", coinbase.to_string(), op_true_address().to_string(), tip.height, 1000);
+    let mut refused = |id: &str| {
+        let v = lines.next().expect("the lock printed a line");
+        assert_eq!((v["event_id"].as_str(), v["output"].as_str()), (Some(id), None), "{v}");
+        v["refused"].as_str().unwrap().to_string()
+    };
+    let r1 = refused("fake-1");
+    assert!(r1.contains(&format!("compact filter of block {}", tip.height)), "{r1}");
+    let r2 = refused("fake-2");
+    assert!(r2.starts_with("under-confirmed") && r2.ends_with("1000 required"), "{r2}");
+
+    // The real payment, through the gateway, opens the lock.
+    let txid = customer_pays(d, &pay_to);
+    let v = lines.next().expect("the lock acted");
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")), "{v}");
+    assert!(v["event_id"].as_str().unwrap().starts_with(&format!("rental:{txid}:")));
+    assert!(lock.wait().unwrap().success());
+    let acked = the_one_action_acked(&http);
+    assert_eq!(acked["payment"]["txid"].as_str(), Some(txid.as_str()), "the command carried the payment: {acked}");
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!((state["output"].as_str(), state["done"].as_array().unwrap().len()), (Some("open"), 1));
+    assert_eq!(state["paid"][0].as_str().unwrap(), format!("{txid}:{}", acked["payment"]["vout"]));
+    assert!(u.interrupt().success());
+}
+
+/// The gateway's rules file: `rental` opens lock-7 on 20,000 sat to a fixed address (returned).
+fn rental_rule(d: &std::path::Path) -> Address {
+    let pay_to = Address::p2wsh(&ScriptBuf::from(vec![0x61, 0x87]), Network::Regtest);
+    std::fs::create_dir_all(d.join("gateway")).unwrap();
+    std::fs::write(
+        d.join("gateway/rules.toml"),
+        format!(
+            "[[rule]]\nid = \"rental\"\ndevice = \"lock-7\"\ntrigger = {{ kind = \"payment\", address = \"{pay_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\nttl_secs = 600\n"
+        ),
+    )
+    .unwrap();
+    pay_to
 }
 
 /// The simulated lock `lock-7`, which exits after acting once.

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitcoin::{Address, BlockHash, Network, ScriptBuf};
+use bitcoin::absolute::LockTime;
+use bitcoin::transaction::Version;
+use bitcoin::{Address, Amount, BlockHash, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ChainError, Result};
@@ -82,6 +84,34 @@ pub struct RegtestNode {
 pub fn op_true_address() -> Address {
     let script = ScriptBuf::from(vec![0x51]);
     Address::p2wsh(&script, Network::Regtest)
+}
+
+/// A transaction spending the OP_TRUE output of `coinbase` (P2WSH: the witness is the
+/// script `OP_TRUE` itself) to `outputs`, paying `fee` sat, change back to OP_TRUE.
+/// `None` if the coinbase does not pay [`op_true_address`] enough.
+pub fn spend_op_true(coinbase: &Transaction, mut outputs: Vec<TxOut>, fee: u64) -> Option<Transaction> {
+    let spk = op_true_address().script_pubkey();
+    let vout = coinbase.output.iter().position(|o| o.script_pubkey == spk)?;
+    let spent: u64 = outputs.iter().map(|o| o.value.to_sat()).sum::<u64>() + fee;
+    let change = coinbase.output[vout].value.to_sat().checked_sub(spent)?;
+    outputs.push(TxOut { value: Amount::from_sat(change), script_pubkey: spk });
+    Some(Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint { txid: coinbase.compute_txid(), vout: vout as u32 },
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+            witness: Witness::from_slice(&[vec![0x51u8]]),
+        }],
+        output: outputs,
+    })
+}
+
+/// The coinbase transaction of the block at `height` of the active chain.
+pub fn coinbase_at(c: &ChainClient, height: u32) -> Result<Transaction> {
+    let hash = c.block_hash(height)?.ok_or_else(|| ChainError::Process(format!("no block at height {height}")))?;
+    Ok(c.block(&hash)?.txdata.remove(0))
 }
 
 fn free_port() -> Result<u16> {

@@ -7,7 +7,8 @@
 //!
 //! An MQTT command is the action JSON ([`OutboxItem::payload`]); the device acts at most
 //! once per event id (it keeps the ids it executed) and answers
-//! `{"event_id", "result": "done" | "expired"}`. Redelivery after a lost message or a
+//! `{"event_id", "result": "done" | "expired" | "refused", "reason"?}` ("refused": a device
+//! that checks payments itself found the claimed one wrong; never retried). Redelivery after a lost message or a
 //! reconnect is therefore harmless; webhook receivers and programs get the same event id
 //! on every attempt for the same reason.
 
@@ -146,6 +147,11 @@ fn run(
                 Some("expired") => {
                     alert(&shared, format!("{id}: {device} received it after its time-to-live and did not act"));
                     engine.mark_expired(id, "the device received it after its time-to-live and did not act")
+                }
+                Some("refused") => {
+                    let note = format!("the device refused it: {}", v["reason"].as_str().unwrap_or("no reason given"));
+                    alert(&shared, format!("{id}: {device}: {note}"));
+                    engine.mark_refused(id, &note)
                 }
                 _ => engine.mark_acked(id),
             };

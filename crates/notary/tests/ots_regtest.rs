@@ -5,13 +5,10 @@
 //! bitmote's verifier (the node as header source) and with the standard OpenTimestamps
 //! client `ots` (PyPI `opentimestamps-client`); a tampered reading fails both.
 
-use bitmote_chain::bitcoin::absolute::LockTime;
 use bitmote_chain::bitcoin::script::PushBytesBuf;
-use bitmote_chain::bitcoin::transaction::Version;
-use bitmote_chain::bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness};
+use bitmote_chain::bitcoin::{Amount, ScriptBuf, TxOut, Txid};
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
-use bitmote_chain::ChainClient;
+use bitmote_chain::regtest::{coinbase_at, op_true_address, spend_op_true, RegtestNode, RegtestOptions};
 use bitmote_device::merkle::{self, Hash};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Evidence, Reading, SignedBatch, SignedReading, SigningKey, Value};
@@ -33,31 +30,6 @@ fn reading(key: &SigningKey, seq: u64) -> Reading {
         unit: unit::CELSIUS,
         value: Value::Scaled { mantissa: 2150 + seq as i64, exponent: -2 },
     }
-}
-
-/// A transaction spending the OP_TRUE output of `coinbase` (P2WSH: the witness is the
-/// script `OP_TRUE` itself) to `outputs`, paying `fee` sat, change back to OP_TRUE.
-fn spend_op_true(coinbase: &Transaction, mut outputs: Vec<TxOut>, fee: u64) -> Transaction {
-    let spk = op_true_address().script_pubkey();
-    let vout = coinbase.output.iter().position(|o| o.script_pubkey == spk).expect("coinbase pays the OP_TRUE address");
-    let value = coinbase.output[vout].value.to_sat();
-    outputs.push(TxOut { value: Amount::from_sat(value - fee), script_pubkey: spk });
-    Transaction {
-        version: Version::TWO,
-        lock_time: LockTime::ZERO,
-        input: vec![TxIn {
-            previous_output: OutPoint { txid: coinbase.compute_txid(), vout: vout as u32 },
-            script_sig: ScriptBuf::new(),
-            sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-            witness: Witness::from_slice(&[vec![0x51u8]]),
-        }],
-        output: outputs,
-    }
-}
-
-fn coinbase_at(c: &ChainClient, height: u32) -> Transaction {
-    let hash = c.block_hash(height).unwrap().expect("block");
-    c.block(&hash).unwrap().txdata.remove(0)
 }
 
 #[test]
@@ -82,11 +54,11 @@ fn anchored_readings_verify_with_bitmote_and_the_ots_client() {
     // transactions so the block's Merkle tree has several levels.
     let payload = PushBytesBuf::try_from(anchor_payload(N as u64, &root).to_vec()).unwrap();
     let op_return = TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return(payload) };
-    let anchor = spend_op_true(&coinbase_at(c, 1), vec![op_return], 2_000);
+    let anchor = spend_op_true(&coinbase_at(c, 1).unwrap(), vec![op_return], 2_000).unwrap();
     let anchor_txid: Txid = c.broadcast(&anchor).unwrap();
     assert_eq!(anchor_txid, anchor.compute_txid());
     for h in 2..=5 {
-        let filler = spend_op_true(&coinbase_at(c, h), vec![], 1_000 + 700 * h as u64);
+        let filler = spend_op_true(&coinbase_at(c, h).unwrap(), vec![], 1_000 + 700 * h as u64).unwrap();
         c.broadcast(&filler).unwrap();
     }
 
