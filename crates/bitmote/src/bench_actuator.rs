@@ -62,9 +62,20 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     cfg.regtest_autofund = false;
     let gw = bitmote_gateway::Gateway::start(cfg, c.fresh()?)?;
     let mqtt = gw.mqtt_addr.context("the gateway has no MQTT broker")?;
+    // Each device is enrolled under its name, its MQTT password beside its key.
+    for (i, (name, _)) in devices.iter().enumerate() {
+        let key = bitmote_device::SigningKey::schnorr_from_secret(&[0x40 + i as u8; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let path = dir.path().join(format!("{name}.key"));
+        crate::device::write_key(&path, &key)?;
+        let d = gw.shared().ingest.enroll(&key.public_key(), Some(name))?;
+        let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &gw.shared().db()?, &d.id)?;
+        bitmote_chain::wallet::write_secret(&crate::device::mqtt_file(&path), creds.password.as_bytes())?;
+    }
 
-    // The gateway's broker tells us each acknowledgement as it arrives (and each presence).
+    // The gateway's broker tells us each acknowledgement as it arrives (and each presence):
+    // the operator's MQTT identity may read every device's topics.
     let mut opts = rumqttc::MqttOptions::new("bitmote-bench", mqtt.ip().to_string(), mqtt.port());
+    opts.set_credentials(bitmote_gateway::mqtt_front::ADMIN_USER, gw.shared().admin_token.clone());
     opts.set_keep_alive(Duration::from_secs(30));
     let (watcher, mut conn) = rumqttc::Client::new(opts, 64);
     watcher.subscribe("bitmote/+/acks", rumqttc::QoS::AtMostOnce)?;
@@ -138,7 +149,8 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
 fn device(dir: &Path, name: &str, mqtt: &str, light: Option<std::net::SocketAddr>) -> Result<Child> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--state"]).arg(dir.join(format!("{name}.json")));
+    cmd.args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--key"]).arg(dir.join(format!("{name}.key")));
+    cmd.arg("--state").arg(dir.join(format!("{name}.json")));
     if let Some(peer) = light {
         cmd.args(["--light-client", &peer.to_string()]);
     }

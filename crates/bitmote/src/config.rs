@@ -31,6 +31,10 @@ pub struct GatewaySection {
     pub mqtt_listen: Option<String>,
     /// An external MQTT broker (`mqtt://host:port`) instead of the embedded one.
     pub mqtt_broker: Option<String>,
+    /// The gateway's username on the external broker (if it wants a login).
+    pub mqtt_username: Option<String>,
+    /// File holding the gateway's password on the external broker (keep it 0600).
+    pub mqtt_password_file: Option<std::path::PathBuf>,
     /// The gateway's URL for CLI commands (default `http://<http_listen>`).
     pub url: Option<String>,
     /// Lightning meters and providers whose `/v1/status` the dashboard shows.
@@ -120,6 +124,12 @@ impl Config {
         if let Some(v) = get("BITMOTE_GATEWAY_MQTT_BROKER") {
             self.gateway.mqtt_broker = Some(v);
         }
+        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_USERNAME") {
+            self.gateway.mqtt_username = Some(v);
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_PASSWORD_FILE") {
+            self.gateway.mqtt_password_file = Some(v.into());
+        }
         if let Some(v) = get("BITMOTE_GATEWAY_URL") {
             self.gateway.url = Some(v);
         }
@@ -139,6 +149,18 @@ impl Config {
     }
 
     /// The embedded MQTT broker's address, `None` when disabled.
+    /// The gateway's login on an external broker: `mqtt_username` and the password in `mqtt_password_file`.
+    pub fn mqtt_broker_login(&self) -> Result<Option<(String, String)>> {
+        match (&self.gateway.mqtt_username, &self.gateway.mqtt_password_file) {
+            (None, None) => Ok(None),
+            (Some(u), Some(f)) => {
+                let p = std::fs::read_to_string(f).with_context(|| format!("reading [gateway] mqtt_password_file {}", f.display()))?;
+                Ok(Some((u.clone(), p.trim().to_string())))
+            }
+            _ => anyhow::bail!("[gateway] mqtt_username and mqtt_password_file go together"),
+        }
+    }
+
     pub fn mqtt_listen(&self) -> Result<Option<std::net::SocketAddr>> {
         match self.gateway.mqtt_listen.as_deref() {
             None => Ok(Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1883)))),

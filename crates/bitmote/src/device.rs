@@ -29,7 +29,8 @@ pub enum DeviceCommand {
         #[arg(long)]
         p256: bool,
     },
-    /// Enroll a device with the gateway (admin).
+    /// Enroll a device with the gateway (admin). Writes the device's new MQTT password
+    /// (0600) to --mqtt-password-file, by default next to the key (`<key>.mqtt`).
     Enroll {
         /// The device's public key (hex), or use --key.
         public_key: Option<String>,
@@ -37,6 +38,10 @@ pub enum DeviceCommand {
         key: Option<PathBuf>,
         #[arg(long)]
         name: Option<String>,
+        /// Where to write the MQTT password (default: the key file with extension `.mqtt`;
+        /// with a bare public key and no file, it is printed).
+        #[arg(long, value_name = "FILE")]
+        mqtt_password_file: Option<PathBuf>,
     },
     /// Revoke a device (admin).
     Revoke {
@@ -64,6 +69,9 @@ pub enum DeviceCommand {
         /// Stop after this many readings (default: run until killed).
         #[arg(long)]
         count: Option<u64>,
+        /// The MQTT password issued at enrolment (default: `<key>.mqtt` if it exists).
+        #[arg(long, value_name = "FILE")]
+        mqtt_password_file: Option<PathBuf>,
     },
     /// Sign an on-chain command for a device: prints the OP_RETURN data (hex) to put in any
     /// transaction, e.g. `bitcoin-cli send '{"data":"<hex>"}'`.
@@ -95,6 +103,14 @@ pub enum DeviceCommand {
         /// Exit after acting on this many commands.
         #[arg(long)]
         count: Option<u64>,
+        /// The device's key file, enrolled under --name: the MQTT username is its device id
+        /// and the password is read from `<key>.mqtt` (unless --mqtt-password-file).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The MQTT password issued at enrolment (the username is then the device id of
+        /// --key, or else --name).
+        #[arg(long, value_name = "FILE")]
+        mqtt_password_file: Option<PathBuf>,
         #[command(flatten)]
         light: LightArgs,
     },
@@ -144,7 +160,7 @@ pub fn read_key(path: &Path) -> Result<SigningKey> {
     .map_err(|e| anyhow::anyhow!("{e}"))?)
 }
 
-fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
+pub fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
     let kind = match k {
         SigningKey::Schnorr(_) => "schnorr",
         SigningKey::P256(_) => "p256",
@@ -193,10 +209,10 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             println!("device id : {}", k.public_key().device_id());
             Ok(())
         }
-        DeviceCommand::Enroll { public_key, key, name } => {
-            let pk = match (public_key, key) {
+        DeviceCommand::Enroll { public_key, key, name, mqtt_password_file } => {
+            let pk = match (public_key, &key) {
                 (Some(p), None) => p.parse::<PublicKey>().map_err(|e| anyhow::anyhow!("public key: {e}"))?,
-                (None, Some(f)) => read_key(&f)?.public_key(),
+                (None, Some(f)) => read_key(f)?.public_key(),
                 _ => bail!("give either a public key or --key FILE"),
             };
             let r: Json = admin_request(g, "POST", &format!("{url}/v1/devices"))?
@@ -204,6 +220,14 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
                 .map_err(api_err)?
                 .into_json()?;
             println!("enrolled {} as {}", r["device"]["id"].as_str().unwrap_or(""), r["device"]["name"].as_str().unwrap_or(""));
+            let password = r["mqtt"]["password"].as_str().context("the gateway returned no MQTT credentials")?;
+            match mqtt_password_file.or_else(|| key.as_deref().map(mqtt_file)) {
+                Some(f) => {
+                    bitmote_chain::wallet::write_secret(&f, format!("{password}\n").as_bytes())?;
+                    println!("mqtt user {} (password in {}, 0600)", r["mqtt"]["username"].as_str().unwrap_or(""), f.display());
+                }
+                None => println!("mqtt user {} password {password} (shown once; keep it secret)", r["mqtt"]["username"].as_str().unwrap_or("")),
+            }
             Ok(())
         }
         DeviceCommand::Revoke { device_id, reason } => {
@@ -222,10 +246,18 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             }
             Ok(())
         }
-        DeviceCommand::Sensor { key, transport, mqtt, interval_ms, batch, count } => {
-            sensor(&url, &key, transport, &mqtt, Duration::from_millis(interval_ms), batch.max(1), count)
+        DeviceCommand::Sensor { key, transport, mqtt, interval_ms, batch, count, mqtt_password_file } => {
+            let password = mqtt_password(mqtt_password_file.as_deref(), Some(&key))?;
+            sensor(&url, &key, transport, &mqtt, password, Duration::from_millis(interval_ms), batch.max(1), count)
         }
-        DeviceCommand::Actuator { name, mqtt, state, count, light } => actuator(&name, &mqtt, &state, count, light),
+        DeviceCommand::Actuator { name, mqtt, state, count, key, mqtt_password_file, light } => {
+            let user = match &key {
+                Some(k) => read_key(k)?.public_key().device_id().to_string(),
+                None => name.clone(),
+            };
+            let login = mqtt_password(mqtt_password_file.as_deref(), key.as_deref())?.map(|p| (user, p));
+            actuator(&name, &mqtt, login, &state, count, light)
+        }
         DeviceCommand::Command { key, device, seq, command } => {
             let k = read_key(&key)?;
             let payload = bitmote_actuator::command::encode(&k, &device, seq, &command).map_err(|e| anyhow::anyhow!(e))?;
@@ -235,12 +267,37 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
     }
 }
 
+/// Where `device enroll --key K` writes the MQTT password: beside the key, `K` with extension `.mqtt`.
+pub fn mqtt_file(key: &Path) -> PathBuf {
+    key.with_extension("mqtt")
+}
+
+/// The device's MQTT password: from `file`, or else from beside its key if there is one.
+fn mqtt_password(file: Option<&Path>, key: Option<&Path>) -> Result<Option<String>> {
+    let path = match (file, key) {
+        (Some(f), _) => f.to_path_buf(),
+        (None, Some(k)) if mqtt_file(k).exists() => mqtt_file(k),
+        _ => return Ok(None),
+    };
+    let p = std::fs::read_to_string(&path).with_context(|| format!("reading the MQTT password {}", path.display()))?;
+    Ok(Some(p.trim().to_string()))
+}
+
+/// Why the broker refused a login, and what to do about it.
+fn refused_login(code: rumqttc::ConnectReturnCode) -> String {
+    format!(
+        "the MQTT broker refused the login ({code:?}): enrol the device (`bitmote device enroll --key FILE --name NAME` writes \
+         its password to FILE.mqtt) and give its password (--mqtt-password-file, or --key for actuators)"
+    )
+}
+
 /// The next sequence number is kept beside the key, so a restarted device never reuses one.
 fn seq_file(key: &Path) -> PathBuf {
     key.with_extension("seq")
 }
 
-fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, interval: Duration, batch: usize, count: Option<u64>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Option<String>, interval: Duration, batch: usize, count: Option<u64>) -> Result<()> {
     let k = read_key(key)?;
     let id = k.public_key().device_id();
     let mut seq: u64 = std::fs::read_to_string(seq_file(key)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
@@ -257,7 +314,7 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, interval: Dur
         Reading { device: id, seq, timestamp_ms: t, sensor: sensor::TEMPERATURE, unit: unit::CELSIUS, value: Value::Scaled { mantissa: centi as i64, exponent: -2 } }
     };
     let mut link = match transport {
-        Transport::Mqtt => Some(MqttLink::connect(mqtt, &id.to_string())?),
+        Transport::Mqtt => Some(MqttLink::connect(mqtt, &id.to_string(), password)?),
         Transport::Http => None,
     };
     eprintln!("sensor {id} sending over {transport:?} from seq {seq}");
@@ -309,9 +366,12 @@ struct MqttLink {
 }
 
 impl MqttLink {
-    fn connect(addr: &str, device: &str) -> Result<Self> {
+    fn connect(addr: &str, device: &str, password: Option<String>) -> Result<Self> {
         let (host, port) = addr.rsplit_once(':').context("--mqtt must be host:port")?;
         let mut opts = rumqttc::MqttOptions::new(format!("bitmote-{}", &device[..16]), host, port.parse().context("MQTT port")?);
+        if let Some(p) = password {
+            opts.set_credentials(device, p);
+        }
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_clean_session(false);
         opts.set_max_packet_size(1 << 20, 1 << 20);
@@ -327,6 +387,10 @@ impl MqttLink {
                         }
                     }
                     Ok(_) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        let _ = tx.send(("$refused".into(), Json::String(refused_login(code))));
+                        return;
+                    }
                     Err(e) => {
                         eprintln!("mqtt: {e}; reconnecting");
                         std::thread::sleep(Duration::from_secs(1));
@@ -345,6 +409,9 @@ impl MqttLink {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let (topic, v) = self.rx.recv_timeout(left).context("no receipt within 10 s")?;
+            if topic == "$refused" {
+                bail!("refused: {}", v.as_str().unwrap_or("?"));
+            }
             if topic.ends_with("/receipts") {
                 return Ok(v);
             }
@@ -469,7 +536,7 @@ fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]
     Ok(outpoint)
 }
 
-fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>, la: LightArgs) -> Result<()> {
+fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path: &Path, count: Option<u64>, la: LightArgs) -> Result<()> {
     let mut state: ActuatorState = match std::fs::read(state_path) {
         Ok(b) => serde_json::from_slice(&b).context("corrupt actuator state file")?,
         Err(_) => ActuatorState { output: "closed".into(), ..Default::default() },
@@ -486,6 +553,9 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>, la: L
     let (host, port) = mqtt.rsplit_once(':').context("--mqtt must be host:port")?;
     let presence = format!("bitmote/{name}/presence");
     let mut opts = rumqttc::MqttOptions::new(format!("bitmote-act-{name}"), host, port.parse().context("MQTT port")?);
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
+    }
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false); // the broker keeps commands sent while we were away
     opts.set_last_will(rumqttc::LastWill::new(&presence, "offline", rumqttc::QoS::AtLeastOnce, true));
@@ -574,6 +644,7 @@ fn actuator(name: &str, mqtt: &str, state_path: &Path, count: Option<u64>, la: L
             }
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) if finishing => return Ok(()),
             Ok(_) => {}
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => bail!("{}", refused_login(code)),
             Err(e) => eprintln!("mqtt: {e}; reconnecting"),
         }
     }

@@ -263,6 +263,7 @@ fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<
     g.http_listen = cfg.http_listen();
     g.mqtt_listen = cfg.mqtt_listen()?;
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
+    g.mqtt_broker_login = cfg.mqtt_broker_login()?;
     g.pay_status_urls = cfg.gateway.pay_status_urls.clone();
     let regtest = client.network() == Network::Regtest;
     let n = &cfg.notary;

@@ -349,6 +349,18 @@ async fn get_anchors(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({ "status": status, "tip_height": tip, "anchors": anchors }))
 }
 
+/// An admin call: the extractor refuses the request (401) unless it carries the admin token,
+/// before its body is even read.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<Shared>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, s: &Arc<Shared>) -> Result<Self, ApiError> {
+        require_admin(s, &parts.headers).map(|()| Admin)
+    }
+}
+
 fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Compare in constant time.
@@ -356,7 +368,7 @@ fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <data-dir>/admin.token)".into(), "unauthorized"))
+        Err(ApiError(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <contents of <data-dir>/gateway/admin.token>)".into(), "unauthorized"))
     }
 }
 
@@ -370,11 +382,19 @@ struct Enroll {
     name: Option<String>,
 }
 
-async fn enroll(State(s): State<Arc<Shared>>, headers: HeaderMap, Json(e): Json<Enroll>) -> Result<Json<serde_json::Value>, ApiError> {
-    require_admin(&s, &headers)?;
+/// Enrol a device (idempotent) and issue it new MQTT credentials, returned only here.
+async fn enroll(State(s): State<Arc<Shared>>, _: Admin, Json(e): Json<Enroll>) -> Result<Json<serde_json::Value>, ApiError> {
     let key: PublicKey = e.public_key.parse().map_err(|err| bad(format!("public_key: {err}")))?;
-    let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
-    Ok(Json(json!({ "device": d })))
+    if let Some(n) = e.name.as_deref().filter(|n| !crate::mqtt_front::topic_safe(n)) {
+        return Err(bad(format!("device name {n:?} cannot be used in MQTT topics (no '/', '+', '#', not 64 hex digits, not \"admin\")")));
+    }
+    blocking(move || {
+        let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
+        let c = s.db().map_err(internal)?;
+        let mqtt = crate::mqtt_front::issue(&s, &c, &d.id).map_err(internal)?;
+        Ok(Json(json!({ "device": d, "mqtt": mqtt })))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -384,13 +404,14 @@ struct Revoke {
 
 async fn revoke(
     State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
     Json(r): Json<Revoke>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require_admin(&s, &headers)?;
     let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
     let d = s.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))?;
+    // Its MQTT connections are closed now; new ones are refused (the device is revoked).
+    s.mqtt_auth.kick(&id);
     Ok(Json(json!({ "device": d })))
 }
 
@@ -457,18 +478,12 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
     serde_json::from_slice(body).map_err(|e| bad(format!("invalid request: {e}")))
 }
 
-async fn list_rules(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Result<Json<serde_json::Value>, ApiError> {
-    require_admin(&s, &headers)?;
+async fn list_rules(State(s): State<Arc<Shared>>, _: Admin) -> Result<Json<serde_json::Value>, ApiError> {
     let rules = call(&s.actuator_jobs, "the actuator", |e| e.rules()).await?;
     Ok(Json(json!({ "rules": rules })))
 }
 
-async fn add_rule(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    require_admin(&s, &headers)?;
+async fn add_rule(State(s): State<Arc<Shared>>, _: Admin, body: Bytes) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let rule: Rule = json_body(&body)?;
     if rule.id.starts_with(ORDER_PREFIX) {
         return Err(bad(format!("rule ids starting with {ORDER_PREFIX:?} are reserved for payment orders")));
@@ -477,12 +492,7 @@ async fn add_rule(
     Ok((StatusCode::CREATED, Json(json!({ "rule": rule }))))
 }
 
-async fn remove_rule(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    require_admin(&s, &headers)?;
+async fn remove_rule(State(s): State<Arc<Shared>>, _: Admin, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
     let rule = call(&s.actuator_jobs, "the actuator", move |e| e.remove_rule(&id)).await?.map_err(engine_err)?;
     Ok(Json(json!({ "removed": rule })))
 }
@@ -514,11 +524,10 @@ impl Order {
 
 async fn order(
     State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(device): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    require_admin(&s, &headers)?;
     let o: Order = json_body(&body)?;
     // Check everything but the address before taking one from the wallet.
     let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();

@@ -13,6 +13,7 @@ pub mod deliver;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_front;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,8 @@ pub struct GatewayConfig {
     pub mqtt_listen: Option<SocketAddr>,
     /// An external MQTT broker (`mqtt://host:port`) to use instead of the embedded one.
     pub mqtt_broker: Option<String>,
+    /// Username and password of the gateway's client on the external broker, if it wants them.
+    pub mqtt_broker_login: Option<(String, String)>,
     pub anchor: AnchorConfig,
     /// How often the anchoring loop looks at the chain and the log.
     pub anchor_poll: Duration,
@@ -81,6 +84,7 @@ impl GatewayConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8650)),
             mqtt_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             mqtt_broker: None,
+            mqtt_broker_login: None,
             anchor: AnchorConfig::default(),
             anchor_poll: Duration::from_secs(1),
             regtest_autofund: true,
@@ -120,6 +124,8 @@ pub struct Shared {
     pub pay_status_urls: Vec<String>,
     /// HTTP requests answered, by status code (for `/metrics`).
     pub http_requests: Mutex<std::collections::BTreeMap<u16, u64>>,
+    /// Devices' MQTT credentials and open connections (see [`mqtt_front`]).
+    pub mqtt_auth: mqtt_front::MqttAuth,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -186,6 +192,7 @@ impl Gateway {
             wallet_jobs,
             pay_status_urls: cfg.pay_status_urls.clone(),
             http_requests: Mutex::new(Default::default()),
+            mqtt_auth: mqtt_front::MqttAuth::load(&open_db(&db_path)?)?,
         });
         let mut threads = vec![];
 
@@ -229,7 +236,7 @@ impl Gateway {
 
         let mqtt_addr = match (&cfg.mqtt_broker, cfg.mqtt_listen) {
             (Some(url), _) => {
-                threads.extend(mqtt::start_external(shared.clone(), url)?);
+                threads.extend(mqtt::start_external(shared.clone(), url, cfg.mqtt_broker_login.clone())?);
                 None
             }
             (None, Some(addr)) => {

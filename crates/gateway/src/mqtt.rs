@@ -7,6 +7,13 @@
 //!   `{"receipts":[{"reading_id","leaf_index","tree_size"}]}`;
 //! * `bitmote/<id>/errors` — or says why it refused them: `{"error","code"}`.
 //!
+//! * `bitmote/<name>/commands`, `bitmote/<name>/acks`, `bitmote/<name>/presence` — an
+//!   actuator's commands, its acknowledgements and its presence (`online`, retained; the
+//!   last will says `offline`).
+//!
+//! Devices log in with the credentials issued at enrolment and may only use their own
+//! topics: the embedded broker is served through [`crate::mqtt_front`].
+//!
 //! The broker's own PUBACK only means the broker has the message; a device treats a
 //! reading as stored when its receipt arrives, and resends otherwise (resending an
 //! already stored reading returns the same receipt, so this is safe).
@@ -103,17 +110,30 @@ dynamic_filters = true
     toml::from_str(&text).map_err(|e| GatewayError::Mqtt(format!("broker configuration: {e}")))
 }
 
-/// Start the embedded broker on `addr` (port 0 = a free port) and the bridge to ingest.
+/// Start the embedded broker with its authenticating front on `addr` (port 0 = a free
+/// port; see [`crate::mqtt_front`]) and the bridge to ingest. The broker itself listens on
+/// a free loopback port and accepts only the front, with a secret held in memory.
 pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<JoinHandle<()>>), GatewayError> {
-    let addr = if addr.port() == 0 {
-        let l = TcpListener::bind(addr).map_err(|e| GatewayError::Io { context: "finding a port for MQTT".into(), source: e })?;
-        l.local_addr().map_err(|e| GatewayError::Io { context: "MQTT address".into(), source: e })?
-    } else {
-        // Fail early and clearly if the port is taken (rumqttd would only log it).
-        drop(TcpListener::bind(addr).map_err(|e| GatewayError::Io { context: format!("binding MQTT on {addr}"), source: e })?);
-        addr
+    let public = TcpListener::bind(addr).map_err(|e| GatewayError::Io { context: format!("binding MQTT on {addr}"), source: e })?;
+    let addr = public.local_addr().map_err(|e| GatewayError::Io { context: "MQTT address".into(), source: e })?;
+    let backend = {
+        let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .map_err(|e| GatewayError::Io { context: "finding a port for the MQTT broker".into(), source: e })?;
+        l.local_addr().map_err(|e| GatewayError::Io { context: "MQTT broker address".into(), source: e })?
     };
-    let mut broker = Broker::new(broker_config(addr)?);
+    let mut secret = [0u8; 32];
+    getrandom::getrandom(&mut secret).map_err(|e| GatewayError::Io { context: "random broker secret".into(), source: e.into() })?;
+    let secret = hex::encode(secret);
+    let mut config = broker_config(backend)?;
+    for server in config.v4.iter_mut().flat_map(|m| m.values_mut()) {
+        let secret = secret.clone();
+        server.set_auth_handler(move |_client: String, user: String, pass: String| {
+            let ok = user == "bitmote-front" && pass.len() == secret.len() && pass.bytes().zip(secret.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+            async move { ok }
+        });
+    }
+    let front = crate::mqtt_front::start(shared.clone(), public, backend, secret)?;
+    let mut broker = Broker::new(config);
     let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     for topic in GATEWAY_TOPICS {
         link_tx.subscribe(topic).map_err(|e| GatewayError::Mqtt(e.to_string()))?;
@@ -152,13 +172,15 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
             }
         })
         .map_err(|e| GatewayError::Io { context: "spawning the MQTT bridge".into(), source: e })?;
-    Ok((addr, vec![publisher, bridge]))
+    Ok((addr, vec![front, publisher, bridge]))
 }
 
 /// Connect to an external broker at `url` (`mqtt://host:port` or `host:port`) as the
-/// gateway's client, subscribe to every device's readings topic (QoS 1, persistent
-/// session), and answer on the receipts and errors topics.
-pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<()>>, GatewayError> {
+/// gateway's client (with `login`, a username and password, if the broker wants one),
+/// subscribe to every device's readings, acks and presence topics (QoS 1, persistent
+/// session), and answer on the receipts and errors topics. Authenticating devices and
+/// confining them to their topics is then that broker's job (see `docs/mqtt.md`).
+pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<(String, String)>) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let hp = url.strip_prefix("mqtt://").unwrap_or(url);
     let (host, port) = hp.rsplit_once(':').ok_or_else(|| GatewayError::Mqtt(format!("broker URL {url:?} must be mqtt://host:port")))?;
     let port: u16 = port.parse().map_err(|_| GatewayError::Mqtt(format!("bad port in broker URL {url:?}")))?;
@@ -166,6 +188,9 @@ pub fn start_external(shared: Arc<Shared>, url: &str) -> Result<Vec<JoinHandle<(
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(false);
     opts.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some((user, password)) = login {
+        opts.set_credentials(user, password);
+    }
     let (client, mut conn) = rumqttc::Client::new(opts, 1024);
     let (out_tx, publisher) = {
         let (c1, c2) = (client.clone(), client.clone());

@@ -1,0 +1,417 @@
+//! MQTT security for the embedded broker: per-device credentials and per-device topics.
+//!
+//! rumqttd 0.20 can authenticate a CONNECT (a username/password table or an external
+//! handler), but it has no hook to authorize a PUBLISH or a SUBSCRIBE: any client it lets
+//! in may publish to and subscribe to any topic. So the public MQTT port is served by a
+//! thin MQTT-aware front ([`start`]) and the broker itself listens on a private loopback
+//! port:
+//!
+//! * the front reads the client's CONNECT and authenticates it: the username is a device
+//!   id (64 hex digits) or an enrolled device name, the password the one issued at
+//!   enrolment ([`issue`]; the gateway keeps only its SHA-256). A revoked device, a
+//!   device without credentials, a wrong or missing password get CONNACK 4 or 5 and the
+//!   connection is closed. The user `admin` with the admin token as password may use
+//!   every topic (the operator's tools; anyone who holds the token can already command
+//!   every device through rules);
+//! * it then opens a connection to the broker with a CONNECT rewritten to the broker's
+//!   own credentials (a random secret held only in memory, so nothing but the front can
+//!   connect to the private port) and a client id prefixed with the device id (so one
+//!   device cannot take over another's persistent session by reusing its client id);
+//! * from then on every packet from the client is framed and checked before it is
+//!   forwarded: a PUBLISH (and the CONNECT's last will) only to the device's own
+//!   device-to-gateway topics `bitmote/<id or name>/readings|acks|presence`, a SUBSCRIBE
+//!   only to filters under `bitmote/<id or name>/`. Anything else closes the connection
+//!   (MQTT 3.1.1 has no way to refuse a single PUBLISH) and is logged. What the broker
+//!   sends to the client is copied unchanged.
+//!
+//! Revoking a device, or issuing it new credentials, closes its open connections
+//! ([`MqttAuth::kick`]). Names are used in topics only when they are topic-safe (no `/`,
+//! `+`, `#`, not 64 hex digits, not `admin`); the enrolment API refuses other names.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bitmote_device::DeviceId;
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{Connect, Login, Publish, Subscribe};
+use rumqttc::mqttbytes::{check, FixedHeader, PacketType, Protocol};
+use rusqlite::{params, Connection};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{GatewayError, Shared};
+
+/// The username of the operator's MQTT identity (password: the admin token).
+pub const ADMIN_USER: &str = "admin";
+/// Largest MQTT packet the front accepts (the broker's payload limit, plus headers).
+const MAX_PACKET: usize = (1 << 20) + 4096;
+/// Username the front uses towards the broker.
+const FRONT_USER: &str = "bitmote-front";
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mqtt_credentials (
+    device BLOB PRIMARY KEY,
+    hash BLOB NOT NULL,
+    issued_ms INTEGER NOT NULL
+);";
+
+/// MQTT credentials of a device, returned once to the admin who enrols it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// Who is connected: the operator, or a device with the topic prefixes it owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Who {
+    Admin,
+    Device { id: DeviceId, name: Option<String> },
+}
+
+impl Who {
+    fn prefixes(&self) -> Vec<String> {
+        match self {
+            Who::Admin => vec![],
+            Who::Device { id, name } => {
+                let mut v = vec![format!("bitmote/{id}/")];
+                v.extend(name.iter().map(|n| format!("bitmote/{n}/")));
+                v
+            }
+        }
+    }
+
+    /// A device publishes only on its own device-to-gateway topics.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        match self {
+            Who::Admin => true,
+            Who::Device { .. } => self.prefixes().iter().any(|p| {
+                topic.strip_prefix(p.as_str()).is_some_and(|rest| matches!(rest, "readings" | "acks" | "presence"))
+            }),
+        }
+    }
+
+    /// A device subscribes only to filters under its own prefix (wildcards below it cannot
+    /// reach another device's topics, since topic-safe names contain no `/`).
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        match self {
+            Who::Admin => true,
+            Who::Device { .. } => self.prefixes().iter().any(|p| filter.strip_prefix(p.as_str()).is_some_and(|rest| !rest.is_empty())),
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Who::Admin => ADMIN_USER.to_string(),
+            Who::Device { id, .. } => id.to_string(),
+        }
+    }
+}
+
+/// Whether a device name can be used in topics: no MQTT separators or wildcards, and not
+/// something that could be read as another identity (a device id, the admin user).
+pub fn topic_safe(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(['/', '+', '#', '\0'])
+        && !(name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+        && name != ADMIN_USER
+        && !name.starts_with('$')
+}
+
+/// Credential hashes (from the database, kept in memory) and the open connections of
+/// each device, so revoking it closes them.
+pub struct MqttAuth {
+    hashes: Mutex<HashMap<DeviceId, [u8; 32]>>,
+    live: Mutex<HashMap<DeviceId, Vec<tokio::sync::watch::Sender<bool>>>>,
+}
+
+fn hash(password: &str) -> [u8; 32] {
+    Sha256::digest(password.as_bytes()).into()
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl MqttAuth {
+    /// Create the credentials table if needed and load it.
+    pub fn load(c: &Connection) -> rusqlite::Result<MqttAuth> {
+        c.execute_batch(SCHEMA)?;
+        let mut hashes = HashMap::new();
+        let mut st = c.prepare("SELECT device, hash FROM mqtt_credentials")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        for row in rows {
+            let (d, h) = row?;
+            if let (Ok(d), Ok(h)) = (<[u8; 32]>::try_from(d), <[u8; 32]>::try_from(h)) {
+                hashes.insert(DeviceId(d), h);
+            }
+        }
+        Ok(MqttAuth { hashes: Mutex::new(hashes), live: Mutex::new(HashMap::new()) })
+    }
+
+    /// Close every open MQTT connection of `id` (after revoking it or replacing its password).
+    pub fn kick(&self, id: &DeviceId) {
+        if let Some(conns) = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            for c in conns {
+                let _ = c.send(true);
+            }
+        }
+    }
+
+    fn register(&self, id: DeviceId) -> tokio::sync::watch::Receiver<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let v = live.entry(id).or_default();
+        v.retain(|c| !c.is_closed());
+        v.push(tx);
+        rx
+    }
+}
+
+/// Issue new MQTT credentials for `id` (replacing any earlier ones, whose connections are
+/// closed): a random 256-bit password, of which only the SHA-256 is stored.
+pub fn issue(shared: &Shared, c: &Connection, id: &DeviceId) -> Result<Credentials, GatewayError> {
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).map_err(|e| GatewayError::Io { context: "random password".into(), source: e.into() })?;
+    let password = hex::encode(b);
+    let h = hash(&password);
+    c.execute(
+        "INSERT OR REPLACE INTO mqtt_credentials (device, hash, issued_ms) VALUES (?1, ?2, ?3)",
+        params![&id.0[..], &h[..], bitmote_chain::now_ms() as i64],
+    )?;
+    shared.mqtt_auth.hashes.lock().unwrap_or_else(|p| p.into_inner()).insert(*id, h);
+    shared.mqtt_auth.kick(id);
+    Ok(Credentials { username: id.to_string(), password })
+}
+
+/// Check a CONNECT's login; the identity, or the CONNACK return code to refuse it with
+/// (4: bad username or password, 5: not authorized).
+pub fn authenticate(shared: &Shared, username: &str, password: &str) -> Result<Who, u8> {
+    if username == ADMIN_USER {
+        return if ct_eq(password.as_bytes(), shared.admin_token.as_bytes()) { Ok(Who::Admin) } else { Err(4) };
+    }
+    let device = match username.parse::<DeviceId>() {
+        Ok(id) if username.len() == 64 => shared.ingest.device(&id),
+        _ => shared.ingest.devices().into_iter().find(|d| d.name == username),
+    };
+    let Some(d) = device else { return Err(4) };
+    if d.is_revoked() {
+        return Err(5);
+    }
+    let stored = shared.mqtt_auth.hashes.lock().unwrap_or_else(|p| p.into_inner()).get(&d.id).copied();
+    match stored {
+        Some(h) if ct_eq(&h, &hash(password)) => Ok(Who::Device { id: d.id, name: topic_safe(&d.name).then_some(d.name) }),
+        _ => Err(4),
+    }
+}
+
+/// Start the front on the bound `listener`, forwarding to the broker at `backend` with
+/// the broker's `secret`. Runs until the gateway stops.
+pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener, backend: SocketAddr, secret: String) -> Result<JoinHandle<()>, GatewayError> {
+    let io = |context: &str, e: std::io::Error| GatewayError::Io { context: context.into(), source: e };
+    listener.set_nonblocking(true).map_err(|e| io("MQTT listener", e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("mqtt-front")
+        .build()
+        .map_err(|e| io("starting the MQTT front", e))?;
+    std::thread::Builder::new()
+        .name("mqtt-front".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!("MQTT listener: {e}"),
+                };
+                let secret: Arc<str> = secret.into();
+                while !shared.stop.load(Ordering::SeqCst) {
+                    match tokio::time::timeout(Duration::from_millis(200), listener.accept()).await {
+                        Ok(Ok((stream, peer))) => {
+                            let (shared, secret) = (shared.clone(), secret.clone());
+                            tokio::spawn(async move {
+                                if let Err(e) = connection(shared, stream, backend, &secret).await {
+                                    tracing::info!(%peer, "MQTT connection closed: {e}");
+                                }
+                            });
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("MQTT accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(|e| io("spawning the MQTT front", e))
+}
+
+/// The next whole packet from `r`: its fixed header and bytes (fixed header included).
+async fn read_packet(r: &mut (impl AsyncReadExt + Unpin), buf: &mut BytesMut) -> Result<(FixedHeader, Bytes), String> {
+    loop {
+        match check(buf.iter(), MAX_PACKET) {
+            Ok(fh) => return Ok((fh, buf.split_to(fh.frame_length()).freeze())),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+                    return Err("closed by the client".into());
+                }
+            }
+            Err(e) => return Err(format!("malformed packet: {e:?}")),
+        }
+    }
+}
+
+async fn connack(w: &mut TcpStream, code: u8) {
+    let _ = w.write_all(&[0x20, 0x02, 0x00, code]).await;
+    let _ = w.shutdown().await;
+}
+
+async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketAddr, secret: &str) -> Result<(), String> {
+    client.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let (fh, bytes) = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut client, &mut buf))
+        .await
+        .map_err(|_| "no CONNECT within 10 s".to_string())??;
+    if !matches!(fh.packet_type(), Ok(PacketType::Connect)) {
+        return Err("the first packet is not a CONNECT".into());
+    }
+    let mut connect = Connect::read(fh, bytes).map_err(|e| format!("malformed CONNECT: {e:?}"))?;
+    if connect.protocol != Protocol::V4 {
+        connack(&mut client, 1).await;
+        return Err("only MQTT 3.1.1 is served".into());
+    }
+    let Some(login) = connect.login.take() else {
+        connack(&mut client, 5).await;
+        return Err("refused: no username and password".into());
+    };
+    let who = {
+        let shared = shared.clone();
+        let (u, p) = (login.username.clone(), login.password);
+        tokio::task::spawn_blocking(move || authenticate(&shared, &u, &p)).await.map_err(|e| e.to_string())?
+    };
+    let who = match who {
+        Ok(w) => w,
+        Err(code) => {
+            tracing::warn!(username = %login.username, "MQTT login refused (CONNACK {code})");
+            connack(&mut client, code).await;
+            return Err(format!("refused login of {:?}", login.username));
+        }
+    };
+    if let Some(will) = &connect.last_will {
+        if !who.may_publish(&will.topic) {
+            tracing::warn!(device = %who.label(), topic = %will.topic, "MQTT last will on a foreign topic refused");
+            connack(&mut client, 5).await;
+            return Err("last will on a foreign topic".into());
+        }
+    }
+    if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            connack(&mut client, 2).await;
+            return Err("an empty client id needs a clean session".into());
+        }
+        let mut r = [0u8; 8];
+        getrandom::getrandom(&mut r).map_err(|e| e.to_string())?;
+        connect.client_id = hex::encode(r);
+    }
+    // The device's sessions live in its own namespace of client ids.
+    connect.client_id = format!("{}/{}", who.label(), connect.client_id);
+    connect.login = Some(Login::new(FRONT_USER, secret));
+    let mut first = BytesMut::new();
+    connect.write(&mut first).map_err(|e| format!("encoding CONNECT: {e:?}"))?;
+
+    let mut broker = TcpStream::connect(backend).await.map_err(|e| format!("broker: {e}"))?;
+    broker.set_nodelay(true).map_err(|e| e.to_string())?;
+    broker.write_all(&first).await.map_err(|e| format!("broker: {e}"))?;
+    let mut kicked = match &who {
+        Who::Device { id, .. } => shared.mqtt_auth.register(*id),
+        Who::Admin => tokio::sync::watch::channel(false).1,
+    };
+    let (mut br, mut bw) = broker.into_split();
+    let (mut cr, mut cw) = client.into_split();
+    let down = async move { tokio::io::copy(&mut br, &mut cw).await.map(drop).map_err(|e| e.to_string()) };
+    let label = who.label();
+    let up = async move {
+        loop {
+            let (fh, bytes) = read_packet(&mut cr, &mut buf).await?;
+            match fh.packet_type() {
+                Ok(PacketType::Publish) => {
+                    let p = Publish::read(fh, bytes.clone()).map_err(|e| format!("malformed PUBLISH: {e:?}"))?;
+                    if !who.may_publish(&p.topic) {
+                        tracing::warn!(device = %label, topic = %p.topic, "MQTT publish on a foreign topic refused; disconnecting");
+                        return Err(format!("publish on {} refused", p.topic));
+                    }
+                }
+                Ok(PacketType::Subscribe) => {
+                    let s = Subscribe::read(fh, bytes.clone()).map_err(|e| format!("malformed SUBSCRIBE: {e:?}"))?;
+                    if let Some(f) = s.filters.iter().find(|f| !who.may_subscribe(&f.path)) {
+                        tracing::warn!(device = %label, filter = %f.path, "MQTT subscribe to a foreign topic refused; disconnecting");
+                        return Err(format!("subscribe to {} refused", f.path));
+                    }
+                }
+                Ok(PacketType::Connect) => return Err("a second CONNECT".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("bad packet type: {e:?}")),
+            }
+            bw.write_all(&bytes).await.map_err(|e| format!("broker: {e}"))?;
+        }
+    };
+    let kick = async move {
+        while !*kicked.borrow() {
+            if kicked.changed().await.is_err() && !*kicked.borrow() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = down => r,
+        r = up => r,
+        _ = kick => Err("credentials revoked or replaced".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_confined_to_their_own_topics() {
+        let id = DeviceId([7; 32]);
+        let other = DeviceId([8; 32]);
+        let me = Who::Device { id, name: Some("lock-7".into()) };
+        for t in [format!("bitmote/{id}/readings"), "bitmote/lock-7/acks".into(), "bitmote/lock-7/presence".into()] {
+            assert!(me.may_publish(&t), "{t}");
+        }
+        for t in [
+            format!("bitmote/{other}/readings"),
+            "bitmote/lock-8/acks".into(),
+            "bitmote/lock-7/commands".into(),
+            format!("bitmote/{id}/receipts"),
+            "bitmote/lock-7".into(),
+            "bitmote/lock-7/readings/x".into(),
+            "bitmote/+/readings".into(),
+        ] {
+            assert!(!me.may_publish(&t), "{t}");
+        }
+        for f in [format!("bitmote/{id}/receipts"), "bitmote/lock-7/commands".into(), "bitmote/lock-7/#".into(), "bitmote/lock-7/+".into()] {
+            assert!(me.may_subscribe(&f), "{f}");
+        }
+        for f in ["bitmote/+/commands", "bitmote/#", "#", "bitmote/lock-7", "bitmote/lock-70/commands", "+/lock-7/commands"] {
+            assert!(!me.may_subscribe(f), "{f}");
+        }
+        assert!(Who::Admin.may_subscribe("bitmote/+/acks") && Who::Admin.may_publish("bitmote/x/commands"));
+    }
+
+    #[test]
+    fn only_topic_safe_names_become_topics() {
+        assert!(topic_safe("lock-7"));
+        for n in ["a/b", "a+", "#", "admin", "$SYS", &"ab".repeat(32), ""] {
+            assert!(!topic_safe(n), "{n}");
+        }
+    }
+}
