@@ -320,7 +320,7 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
         connect.client_id = hex::encode(r);
     }
     // The device's sessions live in its own namespace of client ids.
-    connect.client_id = format!("{}/{}", who.label(), connect.client_id);
+    connect.client_id = format!("{}.{}", who.label(), connect.client_id);
     connect.login = Some(Login::new(FRONT_USER, secret));
     let mut first = BytesMut::new();
     connect.write(&mut first).map_err(|e| format!("encoding CONNECT: {e:?}"))?;

@@ -53,9 +53,13 @@ fn get(url: &str) -> ureq::Response {
     ureq::get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
-/// An MQTT device session (persistent) on `broker`, and the (topic, JSON) of what it receives.
-fn mqtt_device(id: &str, broker: SocketAddr) -> (rumqttc::Client, mpsc::Receiver<(String, Json)>) {
+/// An MQTT device session (persistent) on `broker`, logged in with `login` (username,
+/// password), and the (topic, JSON) of what it receives.
+fn mqtt_device(id: &str, broker: SocketAddr, login: Option<(&str, &str)>) -> (rumqttc::Client, mpsc::Receiver<(String, Json)>) {
     let mut opts = rumqttc::MqttOptions::new(id, broker.ip().to_string(), broker.port());
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false);
     let (client, mut conn) = rumqttc::Client::new(opts, 16);
@@ -96,8 +100,12 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     };
     assert_eq!(enroll(&a, "a", None).0, 401);
     assert_eq!(enroll(&a, "a", Some("wrong")).0, 401);
-    assert_eq!(enroll(&a, "a", Some(&token)).0, 200);
+    let (code, enrolled_a) = enroll(&a, "a", Some(&token));
+    assert_eq!(code, 200);
     assert_eq!(enroll(&b, "b", Some(&token)).0, 200);
+    // Enrolment returns the device's MQTT login, once: its id and a fresh password.
+    let mqtt_a = (enrolled_a["mqtt"]["username"].as_str().unwrap().to_string(), enrolled_a["mqtt"]["password"].as_str().unwrap().to_string());
+    assert_eq!(mqtt_a.0, a.public_key().device_id().to_string());
 
     // HTTP, binary wire format and JSON.
     let url = format!("{base}/v1/readings");
@@ -124,14 +132,13 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     let (code, body) = post_bytes(&url, b"not a reading");
     assert_eq!(code, 400, "{body}");
 
-    // MQTT: a batch from device a, receipts on its topic; a publish on another device's topic is refused.
+    // MQTT: a batch from device a (logged in with its credentials), receipts on its topic.
+    // (Confinement to its own topics is tested in security_regtest.rs.)
     let mqtt = gw.mqtt_addr.unwrap();
-    let (client, rx) = mqtt_device("device-a", mqtt);
+    let (client, rx) = mqtt_device("device-a", mqtt, Some((&mqtt_a.0, &mqtt_a.1)));
     let ida = a.public_key().device_id().to_string();
-    let idb = b.public_key().device_id().to_string();
     client.subscribe(format!("bitmote/{ida}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
     client.subscribe(format!("bitmote/{ida}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
-    client.subscribe(format!("bitmote/{idb}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let batch = SignedBatch::sign(&a, (2..=9).map(|s| reading(&a, s)).collect()).unwrap();
     client.publish(format!("bitmote/{ida}/readings"), rumqttc::QoS::AtLeastOnce, false, batch.encode()).unwrap();
@@ -139,11 +146,6 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     assert_eq!(topic, format!("bitmote/{ida}/receipts"), "{msg}");
     assert_eq!(msg["receipts"].as_array().unwrap().len(), 8);
     let batched_id = msg["receipts"][3]["reading_id"].as_str().unwrap().to_string();
-    let wrong = SignedReading::sign(&a, reading(&a, 10)).unwrap();
-    client.publish(format!("bitmote/{idb}/readings"), rumqttc::QoS::AtLeastOnce, false, wrong.encode()).unwrap();
-    let (topic, msg) = rx.recv_timeout(Duration::from_secs(10)).expect("a refusal over MQTT");
-    assert_eq!(topic, format!("bitmote/{idb}/errors"));
-    assert_eq!(msg["code"], "wrong_topic");
 
     // Anchoring happens on its own (the regtest wallet funds itself); mine to confirm.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -225,9 +227,10 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
     gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
 
-    let (client, rx) = mqtt_device("sensor-x", addr);
+    let (client, rx) = mqtt_device("sensor-x", addr, None);
     let id = k.public_key().device_id().to_string();
     client.subscribe(format!("bitmote/{id}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
+    client.subscribe(format!("bitmote/{id}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
     // Publish until the gateway's subscription is in place and a receipt comes back.
     let r = SignedReading::sign(&k, reading(&k, 1)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -239,5 +242,17 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
         assert!(Instant::now() < deadline, "no receipt through the external broker");
     };
     assert_eq!(receipt["receipts"][0]["leaf_index"], 0);
+    // A broker without topic rules lets anyone publish on a device's topic; the gateway
+    // still refuses readings signed by another device than the topic names.
+    let other = SigningKey::schnorr_from_secret(&[32; 32]).unwrap();
+    let wrong = SignedReading::sign(&other, reading(&other, 1)).unwrap();
+    client.publish(format!("bitmote/{id}/readings"), rumqttc::QoS::AtLeastOnce, false, wrong.encode()).unwrap();
+    let msg = loop {
+        let (topic, msg) = rx.recv_timeout(Duration::from_secs(10)).expect("a refusal over MQTT");
+        if topic.ends_with("/errors") {
+            break msg;
+        }
+    };
+    assert_eq!(msg["code"], "wrong_topic", "{msg}");
     gw.shutdown();
 }

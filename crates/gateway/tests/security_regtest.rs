@@ -1,0 +1,294 @@
+//! Security by default, against the real gateway (real regtest bitcoind, real embedded
+//! MQTT broker behind its front, real MQTT clients, real HTTP): devices log in with the
+//! credentials issued at enrolment and may only use their own topics; revoking a device
+//! closes its MQTT access; every admin route wants the admin token; secrets are 0600.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bitmote_chain::now_ms;
+use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
+use bitmote_device::reading::{sensor, unit};
+use bitmote_device::{Reading, SignedReading, SigningKey, Value};
+use bitmote_gateway::{Gateway, GatewayConfig};
+use rumqttc::{ConnectReturnCode, QoS};
+use serde_json::{json, Value as Json};
+
+fn gateway(dir: &Path) -> (RegtestNode, Gateway, String, String) {
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let mut cfg = GatewayConfig::new(dir);
+    cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.mqtt_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg.regtest_autofund = false;
+    let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
+    let base = format!("http://{}", gw.http_addr);
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
+    (node, gw, base, token)
+}
+
+/// An API call: status and JSON body.
+fn api(method: &str, url: &str, auth: Option<&str>, body: Option<Json>) -> (u16, Json) {
+    let mut req = ureq::request(method, url);
+    if let Some(a) = auth {
+        req = req.set("Authorization", a);
+    }
+    let r = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap_or(Json::Null)),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+/// What an MQTT client sees.
+#[derive(Debug, PartialEq)]
+enum Ev {
+    Connected,
+    SubAck,
+    Msg(String, Vec<u8>),
+    Refused(ConnectReturnCode),
+    /// The connection ended (the client does not reconnect).
+    Closed,
+}
+
+/// A client on `broker` logged in as `login`, with an optional last will; it stops at the
+/// first connection error, so a refusal or a disconnection is seen once.
+fn client(broker: SocketAddr, client_id: &str, login: Option<(&str, &str)>, will: Option<&str>) -> (rumqttc::Client, mpsc::Receiver<Ev>) {
+    let mut opts = rumqttc::MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    if let Some(t) = will {
+        opts.set_last_will(rumqttc::LastWill::new(t, "offline", QoS::AtLeastOnce, true));
+    }
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            let e = match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ev::Connected,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => Ev::SubAck,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ev::Msg(p.topic.clone(), p.payload.to_vec()),
+                Ok(_) => continue,
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Ev::Refused(code),
+                Err(e) => {
+                    eprintln!("mqtt client: {e}");
+                    Ev::Closed
+                }
+            };
+            let last = matches!(e, Ev::Refused(_) | Ev::Closed);
+            if tx.send(e).is_err() || last {
+                return;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next event, within 20 s.
+fn next(rx: &mpsc::Receiver<Ev>) -> Ev {
+    rx.recv_timeout(Duration::from_secs(20)).expect("an MQTT event")
+}
+
+fn reading(k: &SigningKey, seq: u64) -> Vec<u8> {
+    let r = Reading {
+        device: k.public_key().device_id(),
+        seq,
+        timestamp_ms: now_ms(),
+        sensor: sensor::TEMPERATURE,
+        unit: unit::CELSIUS,
+        value: Value::Scaled { mantissa: 2000 + seq as i64, exponent: -2 },
+    };
+    SignedReading::sign(k, r).unwrap().encode()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+}
+
+#[test]
+fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, gw, base, token) = gateway(dir.path());
+    let mqtt = gw.mqtt_addr.unwrap();
+    let bearer = format!("Bearer {token}");
+    let enroll = |k: &SigningKey, name: &str| {
+        let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": name })));
+        assert_eq!(code, 200, "{v}");
+        (v["mqtt"]["username"].as_str().unwrap().to_string(), v["mqtt"]["password"].as_str().unwrap().to_string())
+    };
+    let a = SigningKey::schnorr_from_secret(&[51; 32]).unwrap();
+    let b = SigningKey::schnorr_from_secret(&[52; 32]).unwrap();
+    let (ida, idb) = (a.public_key().device_id().to_string(), b.public_key().device_id().to_string());
+    let (user_a, pass_a) = enroll(&a, "sensor-a");
+    let (user_b, pass_b) = enroll(&b, "lock-b");
+    assert_eq!((user_a.as_str(), user_b.as_str()), (ida.as_str(), idb.as_str()));
+    // Device names that would reach into other devices' topics are refused.
+    for bad in ["lock/x", "lock+", &ida] {
+        let k = SigningKey::schnorr_from_secret(&[53; 32]).unwrap();
+        let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": bad })));
+        assert_eq!(code, 400, "{bad}: {v}");
+    }
+
+    // No login, a wrong password, another device's password, an unknown user: refused.
+    let refused = |login: Option<(&str, &str)>| {
+        let (_c, rx) = client(mqtt, "x", login, None);
+        next(&rx)
+    };
+    assert_eq!(refused(None), Ev::Refused(ConnectReturnCode::NotAuthorized));
+    assert_eq!(refused(Some((&user_a, "wrong"))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(refused(Some((&user_a, &pass_b))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(refused(Some(("nobody", &pass_a))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+    // A last will on another device's topic is refused at CONNECT.
+    let (_c, rx) = client(mqtt, "a-will", Some((&user_a, &pass_a)), Some("bitmote/lock-b/presence"));
+    assert_eq!(next(&rx), Ev::Refused(ConnectReturnCode::NotAuthorized));
+
+    // Device A with its credentials publishes a reading and gets its receipt.
+    let (ca, rxa) = client(mqtt, "a", Some((&user_a, &pass_a)), Some(&format!("bitmote/{ida}/presence")));
+    assert_eq!(next(&rxa), Ev::Connected);
+    ca.subscribe(format!("bitmote/{ida}/receipts"), QoS::AtLeastOnce).unwrap();
+    assert_eq!(next(&rxa), Ev::SubAck);
+    ca.publish(format!("bitmote/{ida}/readings"), QoS::AtLeastOnce, false, reading(&a, 1)).unwrap();
+    match next(&rxa) {
+        Ev::Msg(topic, body) => {
+            assert_eq!(topic, format!("bitmote/{ida}/receipts"));
+            let v: Json = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["receipts"][0]["leaf_index"], 0, "{v}");
+        }
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+
+    // Device B logs in by its name and listens on its own topics.
+    let (cb, rxb) = client(mqtt, "b", Some(("lock-b", &pass_b)), Some("bitmote/lock-b/presence"));
+    assert_eq!(next(&rxb), Ev::Connected);
+    cb.subscribe("bitmote/lock-b/commands", QoS::AtLeastOnce).unwrap();
+    assert_eq!(next(&rxb), Ev::SubAck);
+    cb.subscribe(format!("bitmote/{idb}/#"), QoS::AtLeastOnce).unwrap();
+    assert_eq!(next(&rxb), Ev::SubAck);
+
+    // A publishing on B's readings topic: disconnected, nothing reaches B or the log.
+    ca.publish(format!("bitmote/{idb}/readings"), QoS::AtLeastOnce, false, reading(&a, 2)).unwrap();
+    assert_eq!(next(&rxa), Ev::Closed);
+    // A subscribing to B's commands, or to everyone's: disconnected, no SUBACK.
+    for filter in ["bitmote/lock-b/commands", "bitmote/+/commands", "#"] {
+        let (c, rx) = client(mqtt, "a", Some((&user_a, &pass_a)), None);
+        assert_eq!(next(&rx), Ev::Connected);
+        c.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        assert_eq!(next(&rx), Ev::Closed, "{filter}");
+    }
+    // … and publishing a command to B: disconnected.
+    let (c, rx) = client(mqtt, "a", Some((&user_a, &pass_a)), None);
+    assert_eq!(next(&rx), Ev::Connected);
+    c.publish("bitmote/lock-b/commands", QoS::AtLeastOnce, false, "{\"event_id\":\"x\",\"command\":\"unlock\"}").unwrap();
+    assert_eq!(next(&rx), Ev::Closed);
+    // B's own reading still goes through, and is the first thing B hears: A's foreign
+    // publishes never reached the broker (the gateway would have answered on B's errors topic).
+    cb.publish(format!("bitmote/{idb}/readings"), QoS::AtLeastOnce, false, reading(&b, 1)).unwrap();
+    loop {
+        match next(&rxb) {
+            // (B's subscription to bitmote/<idb>/# also hears its own reading.)
+            Ev::Msg(topic, _) if topic == format!("bitmote/{idb}/readings") => continue,
+            Ev::Msg(topic, _) => break assert_eq!(topic, format!("bitmote/{idb}/receipts")),
+            other => panic!("expected B's receipt, got {other:?}"),
+        }
+    }
+    let log = api("GET", &format!("{base}/v1/log"), None, None).1;
+    assert_eq!(log["tree_size"], 2, "only A's and B's own readings: {log}");
+
+    // The operator's identity (user admin, the admin token) may watch every device.
+    let (cadm, rxadm) = client(mqtt, "ops", Some(("admin", &token)), None);
+    assert_eq!(next(&rxadm), Ev::Connected);
+    cadm.subscribe("bitmote/+/presence", QoS::AtMostOnce).unwrap();
+    assert!(matches!(next(&rxadm), Ev::SubAck | Ev::Msg(..)));
+    assert_eq!(refused(Some(("admin", "wrong"))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+
+    // Revoking B closes its connection, and it cannot log in again.
+    let (code, v) = api("POST", &format!("{base}/v1/devices/{idb}/revoke"), Some(&bearer), Some(json!({ "reason": "stolen" })));
+    assert_eq!(code, 200, "{v}");
+    loop {
+        match next(&rxb) {
+            Ev::Closed => break,
+            Ev::Msg(..) => continue,
+            other => panic!("expected B to be disconnected, got {other:?}"),
+        }
+    }
+    assert_eq!(refused(Some((&user_b, &pass_b))), Ev::Refused(ConnectReturnCode::NotAuthorized));
+
+    // Enrolling A again issues a new password: the old one stops working, and its open
+    // connection is closed.
+    let (c, rx) = client(mqtt, "a", Some((&user_a, &pass_a)), None);
+    assert_eq!(next(&rx), Ev::Connected);
+    let (_, new_pass) = enroll(&a, "sensor-a");
+    assert_ne!(new_pass, pass_a);
+    assert_eq!(next(&rx), Ev::Closed);
+    drop(c);
+    assert_eq!(refused(Some((&user_a, &pass_a))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+    let (_c, rx) = client(mqtt, "a", Some((&user_a, &new_pass)), None);
+    assert_eq!(next(&rx), Ev::Connected);
+    gw.shutdown();
+}
+
+#[test]
+fn every_admin_route_wants_the_admin_token_and_secrets_are_private_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, gw, base, token) = gateway(dir.path());
+    let id = SigningKey::schnorr_from_secret(&[61; 32]).unwrap().public_key().device_id().to_string();
+    let enroll = json!({ "public_key": SigningKey::schnorr_from_secret(&[61; 32]).unwrap().public_key().to_string(), "name": "t" });
+    let rule = json!({ "id": "r", "device": "relay-1", "trigger": { "kind": "height", "height": 100000 }, "action": { "command": "on" } });
+    let order = json!({ "min_sat": 1000, "action": { "command": "unlock" } });
+    let routes: Vec<(&str, String, Option<Json>)> = vec![
+        ("POST", format!("{base}/v1/devices"), Some(enroll.clone())),
+        ("POST", format!("{base}/v1/devices/{id}/revoke"), Some(json!({ "reason": "x" }))),
+        ("GET", format!("{base}/v1/rules"), None),
+        ("POST", format!("{base}/v1/rules"), Some(rule.clone())),
+        ("DELETE", format!("{base}/v1/rules/r"), None),
+        ("POST", format!("{base}/v1/devices/lock-1/orders"), Some(order)),
+    ];
+    let wrong = format!("Bearer {}", "0".repeat(token.len()));
+    let basic = format!("Basic {token}");
+    for (method, url, body) in &routes {
+        for auth in [None, Some("Bearer wrong"), Some(wrong.as_str()), Some(basic.as_str()), Some("Bearer ")] {
+            let (code, v) = api(method, url, auth, body.clone());
+            assert_eq!(code, 401, "{method} {url} with {auth:?}: {v}");
+            assert_eq!(v["code"], "unauthorized");
+        }
+        // The token is checked before the body: a malformed body without it is still 401.
+        if body.is_some() {
+            let r = ureq::request(method, url).set("Content-Type", "application/json").send_string("{not json");
+            assert!(matches!(r, Err(ureq::Error::Status(401, _))), "{method} {url}: {r:?}");
+        }
+    }
+    // With the token the same calls get through (enrolment first, so revoke finds the device).
+    let bearer = format!("Bearer {token}");
+    for (method, url, body) in &routes {
+        let (code, v) = api(method, url, Some(&bearer), body.clone());
+        assert_ne!(code, 401, "{method} {url}: {v}");
+    }
+    // Public routes stay public.
+    for path in ["/health", "/v1/devices", "/v1/log", "/v1/anchors", "/v1/actions", "/v1/presence", "/openapi.json"] {
+        assert_eq!(api("GET", &format!("{base}{path}"), None, None).0, 200, "{path}");
+    }
+
+    // Secrets are files only their owner can read.
+    let d = dir.path();
+    for f in ["admin.token", "checkpoint.key"] {
+        assert_eq!(mode(&d.join(f)), 0o600, "{f}");
+    }
+    let seed = d.join("wallet/wallet.seed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seed.exists() {
+        assert!(Instant::now() < deadline, "the anchoring loop never created the wallet");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mode(&seed), 0o600);
+    gw.shutdown();
+}
