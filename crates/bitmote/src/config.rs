@@ -150,12 +150,12 @@ impl Config {
 
     /// The embedded MQTT broker's address, `None` when disabled.
     /// The gateway's login on an external broker: `mqtt_username` and the password in `mqtt_password_file`.
-    pub fn mqtt_broker_login(&self) -> Result<Option<(String, String)>> {
+    pub fn mqtt_broker_login(&self) -> Result<Option<bitmote_gateway::mqtt_front::BrokerLogin>> {
         match (&self.gateway.mqtt_username, &self.gateway.mqtt_password_file) {
             (None, None) => Ok(None),
             (Some(u), Some(f)) => {
                 let p = std::fs::read_to_string(f).with_context(|| format!("reading [gateway] mqtt_password_file {}", f.display()))?;
-                Ok(Some((u.clone(), p.trim().to_string())))
+                Ok(Some(bitmote_gateway::mqtt_front::BrokerLogin { username: u.clone(), password: p.trim().to_string() }))
             }
             _ => anyhow::bail!("[gateway] mqtt_username and mqtt_password_file go together"),
         }

@@ -23,7 +23,7 @@ fn a_lock_opens_once_when_its_payment_confirms() {
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
 
     // The lock, online before anyone pays.
-    let lock = lock_7(d, &mqtt);
+    let lock = lock_7(d, &http, &mqtt);
 
     // The lock reports itself online (its MQTT presence, with a last will for going offline).
     wait_presence(&http, "lock-7", "online");
@@ -91,7 +91,7 @@ fn an_order_needs_its_lock_online_gets_a_fresh_address_and_its_payment_opens_the
     assert_eq!(cli(&["rules", "remove", "lease"]).trim(), "removed lease");
     assert!(cli(&["rules", "list"]).trim().is_empty());
 
-    let lock = lock_7(d, &mqtt);
+    let lock = lock_7(d, &http, &mqtt);
     wait_presence(&http, "lock-7", "online");
 
     // Each order gets its own fresh address from the gateway's wallet.
@@ -128,8 +128,9 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
+    let key = enroll_lock_7(d, &http);
     let mut lock = bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--count", "1", "--light-wait-secs", "3"])
+        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--count", "1", "--light-wait-secs", "3", "--key", &key])
         .args(["--light-client", &node.p2p_addr().to_string(), "--state"])
         .arg(d.join("lock-7.json"))
         .stdout(Stdio::piped())
@@ -139,8 +140,12 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let mut lines = lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap());
     wait_presence(&http, "lock-7", "online");
 
-    // Someone with access to the broker (or a compromised gateway) claims payments.
-    let (fake, mut conn) = rumqttc::Client::new(rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap()), 10);
+    // A compromised gateway (here: anyone with the admin token, whose MQTT identity may
+    // publish on every topic) claims payments.
+    let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
+    let mut opts = rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap());
+    opts.set_credentials("admin", token.trim());
+    let (fake, mut conn) = rumqttc::Client::new(opts, 10);
     std::thread::spawn(move || for _ in conn.iter() {});
     let c = node.client();
     let tip = c.tip().unwrap();
@@ -192,10 +197,22 @@ fn rental_rule(d: &std::path::Path) -> Address {
     pay_to
 }
 
-/// The simulated lock `lock-7`, which exits after acting once.
-fn lock_7(d: &std::path::Path, mqtt: &str) -> std::process::Child {
+/// A key for `lock-7`, enrolled under that name (its MQTT password beside it); the key file.
+fn enroll_lock_7(d: &std::path::Path, http: &str) -> String {
+    let key = d.join("lock-7.key");
+    for args in [&["device", "keygen", "--out"][..], &["device", "enroll", "--name", "lock-7", "--key"][..]] {
+        let out = bitmote(d).env("BITMOTE_GATEWAY_URL", http).args(args).arg(&key).output().unwrap();
+        assert!(out.status.success(), "bitmote {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(d.join("lock-7.mqtt").exists(), "enrolment wrote the MQTT password beside the key");
+    key.to_str().unwrap().to_string()
+}
+
+/// The simulated lock `lock-7` (enrolled here), which exits after acting once.
+fn lock_7(d: &std::path::Path, http: &str, mqtt: &str) -> std::process::Child {
+    let key = enroll_lock_7(d, http);
     bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", mqtt, "--count", "1", "--state"])
+        .args(["device", "actuator", "--name", "lock-7", "--mqtt", mqtt, "--count", "1", "--key", &key, "--state"])
         .arg(d.join("lock-7.json"))
         .stdout(Stdio::piped())
         .spawn()

@@ -55,6 +55,9 @@ fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not enrolled"));
     for (k, n) in [(&key_a, "thermo-a"), (&key_b, "thermo-b")] {
         assert!(run(d, &gw, &["device", "enroll", "--key", k.to_str().unwrap(), "--name", n]).status.success());
+        // The device's MQTT password is written beside its key, for its owner only.
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(k.with_extension("mqtt")).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
     }
     let a = run(d, &gw, &["device", "sensor", "--key", key_a.to_str().unwrap(), "--transport", "mqtt", "--mqtt", &u.mqtt, "--count", "5", "--interval-ms", "0"]);
     assert!(a.status.success());

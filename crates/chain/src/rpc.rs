@@ -20,13 +20,23 @@ use serde_json::{json, Value};
 use crate::error::{ChainError, Result};
 
 /// How to authenticate to the node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RpcAuth {
     /// Bitcoin Core's `.cookie` file; re-read when the node restarts.
     Cookie(PathBuf),
     /// `rpcuser` / `rpcpassword` (or an `rpcauth` entry).
     UserPass { user: String, password: String },
+}
+
+/// Never prints the password (configurations may end up in logs).
+impl std::fmt::Debug for RpcAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcAuth::Cookie(p) => f.debug_tuple("Cookie").field(p).finish(),
+            RpcAuth::UserPass { user, .. } => f.debug_struct("UserPass").field("user", user).field("password", &"<redacted>").finish(),
+        }
+    }
 }
 
 /// Where the node is and what network it must be on.

@@ -62,7 +62,7 @@ pub struct GatewayConfig {
     /// An external MQTT broker (`mqtt://host:port`) to use instead of the embedded one.
     pub mqtt_broker: Option<String>,
     /// Username and password of the gateway's client on the external broker, if it wants them.
-    pub mqtt_broker_login: Option<(String, String)>,
+    pub mqtt_broker_login: Option<mqtt_front::BrokerLogin>,
     pub anchor: AnchorConfig,
     /// How often the anchoring loop looks at the chain and the log.
     pub anchor_poll: Duration,

@@ -180,7 +180,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
 /// subscribe to every device's readings, acks and presence topics (QoS 1, persistent
 /// session), and answer on the receipts and errors topics. Authenticating devices and
 /// confining them to their topics is then that broker's job (see `docs/mqtt.md`).
-pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<(String, String)>) -> Result<Vec<JoinHandle<()>>, GatewayError> {
+pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<crate::mqtt_front::BrokerLogin>) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let hp = url.strip_prefix("mqtt://").unwrap_or(url);
     let (host, port) = hp.rsplit_once(':').ok_or_else(|| GatewayError::Mqtt(format!("broker URL {url:?} must be mqtt://host:port")))?;
     let port: u16 = port.parse().map_err(|_| GatewayError::Mqtt(format!("bad port in broker URL {url:?}")))?;
@@ -188,8 +188,8 @@ pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<(String, Str
     opts.set_keep_alive(Duration::from_secs(10));
     opts.set_clean_session(false);
     opts.set_max_packet_size(1 << 20, 1 << 20);
-    if let Some((user, password)) = login {
-        opts.set_credentials(user, password);
+    if let Some(l) = login {
+        opts.set_credentials(l.username, l.password);
     }
     let (client, mut conn) = rumqttc::Client::new(opts, 1024);
     let (out_tx, publisher) = {

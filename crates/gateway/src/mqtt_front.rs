@@ -66,6 +66,19 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// A username and password for a broker; `Debug` never shows the password.
+#[derive(Clone)]
+pub struct BrokerLogin {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BrokerLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLogin").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
 /// Who is connected: the operator, or a device with the topic prefixes it owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Who {
