@@ -548,3 +548,17 @@ async fn order(
         Json(json!({ "order_id": rule.id, "device": rule.device, "address": address, "amount": min_sat, "confirmations": confirmations })),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    /// The OpenAPI description names every route of the router.
+    #[test]
+    fn every_route_is_in_the_openapi_description() {
+        let spec: serde_json::Value = serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is JSON");
+        let routes: Vec<&str> = include_str!("http.rs").split(".route(\"").skip(1).filter_map(|r| r.split('"').next()).collect();
+        assert!(routes.len() > 20, "{routes:?}");
+        for r in routes {
+            assert!(spec["paths"][r].is_object(), "{r} is missing from openapi.json");
+        }
+    }
+}
