@@ -149,7 +149,13 @@ pub struct Gateway {
 
 fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
     match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(t) if !t.trim().is_empty() => {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                tracing::warn!("{} is readable by others than its owner; chmod 600 it", path.display());
+            }
+            Ok(t.trim().to_string())
+        }
         _ => {
             let mut b = [0u8; 24];
             getrandom::getrandom(&mut b).map_err(|e| GatewayError::Io { context: "random token".into(), source: e.into() })?;
