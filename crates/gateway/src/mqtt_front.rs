@@ -128,11 +128,8 @@ impl Who {
 /// Whether a device name can be used in topics: no MQTT separators or wildcards, and not
 /// something that could be read as another identity (a device id, the admin user).
 pub fn topic_safe(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains(['/', '+', '#', '\0'])
-        && !(name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
-        && name != ADMIN_USER
-        && !name.starts_with('$')
+    let looks_like_an_id = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    !(name.is_empty() || name.contains(['/', '+', '#', '\0']) || looks_like_an_id || name == ADMIN_USER || name.starts_with('$'))
 }
 
 /// Credential hashes (from the database, kept in memory) and the open connections of
