@@ -79,6 +79,19 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// MQTT: QoS 1 publish latency and rate through the embedded broker's authenticating
+    /// front beside the bare broker, and a reading's round trip to its receipt over MQTT and HTTP.
+    Mqtt {
+        /// Sequential publishes per path (ten times as many are pipelined).
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// Readings sent one at a time over each transport.
+        #[arg(long, default_value_t = 300)]
+        readings: usize,
+        /// Also print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
@@ -89,6 +102,7 @@ pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Chain { blocks, json } => chain(blocks, json),
         BenchCommand::Notary { readings, batched, batch_size, json } => crate::bench_notary::run(readings, batched, batch_size, json),
         BenchCommand::Actuator { triggers, rules, json } => crate::bench_actuator::run(triggers, rules, json),
+        BenchCommand::Mqtt { messages, readings, json } => crate::bench_mqtt::run(messages, readings, json),
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_actuator;
+mod bench_mqtt;
 mod bench_notary;
 mod bench_pay;
 mod config;
