@@ -280,4 +280,20 @@ mod tests {
         assert_eq!(cfg.chain.rpc_url.as_deref(), Some("http://b"));
         assert_eq!(cfg.chain.block_interval_secs, Some(3));
     }
+
+    #[test]
+    fn the_gateway_login_on_an_external_broker_comes_from_a_file_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("mqtt.password");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let cfg = parse(&format!("[gateway]\nmqtt_broker = \"mqtt://b:1883\"\nmqtt_username = \"gw\"\nmqtt_password_file = {:?}\n", f)).unwrap();
+        let login = cfg.mqtt_broker_login().unwrap().unwrap();
+        assert_eq!((login.username.as_str(), login.password.as_str()), ("gw", "s3cret"));
+        assert!(!format!("{login:?}").contains("s3cret"));
+        let half = parse("[gateway]\nmqtt_username = \"gw\"\n").unwrap();
+        assert!(format!("{:#}", half.mqtt_broker_login().unwrap_err()).contains("go together"));
+        assert!(parse("").unwrap().mqtt_broker_login().unwrap().is_none());
+        let rpc = RpcAuth::UserPass { user: "u".into(), password: "hunter2".into() };
+        assert!(!format!("{rpc:?}").contains("hunter2"));
+    }
 }
