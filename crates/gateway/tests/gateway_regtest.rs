@@ -209,10 +209,16 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
 
 #[test]
 fn the_gateway_can_use_an_external_mqtt_broker() {
-    // A separate broker, as an operator's own would be.
+    // A separate broker, as an operator's own would be, with its own logins: one for the
+    // gateway, one for the sensor.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut broker = rumqttd::Broker::new(bitmote_gateway::mqtt::broker_config(addr).unwrap());
+    let mut config = bitmote_gateway::mqtt::broker_config(addr).unwrap();
+    let logins = [("bitmote-gateway", "gw-pass"), ("sensor-x", "sensor-pass")];
+    for server in config.v4.iter_mut().flat_map(|m| m.values_mut()) {
+        server.connections.auth = Some(logins.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect());
+    }
+    let mut broker = rumqttd::Broker::new(config);
     std::thread::spawn(move || broker.start());
 
     let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
@@ -222,12 +228,13 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.mqtt_listen = None;
     cfg.mqtt_broker = Some(format!("mqtt://{addr}"));
+    cfg.mqtt_broker_login = Some(bitmote_gateway::mqtt_front::BrokerLogin { username: "bitmote-gateway".into(), password: "gw-pass".into() });
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     assert!(gw.mqtt_addr.is_none(), "no embedded broker");
     let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
     gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
 
-    let (client, rx) = mqtt_device("sensor-x", addr, None);
+    let (client, rx) = mqtt_device("sensor-x", addr, Some(("sensor-x", "sensor-pass")));
     let id = k.public_key().device_id().to_string();
     client.subscribe(format!("bitmote/{id}/receipts"), rumqttc::QoS::AtLeastOnce).unwrap();
     client.subscribe(format!("bitmote/{id}/errors"), rumqttc::QoS::AtLeastOnce).unwrap();
