@@ -340,7 +340,14 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     if !matches!(fh.packet_type(), Ok(PacketType::Connect)) {
         return Err("the first packet is not a CONNECT".into());
     }
-    let mut connect = Connect::read(fh, bytes).map_err(|e| format!("malformed CONNECT: {e:?}"))?;
+    let mut connect = match Connect::read(fh, bytes) {
+        Ok(c) => c,
+        Err(e @ (rumqttc::mqttbytes::Error::InvalidProtocol | rumqttc::mqttbytes::Error::InvalidProtocolLevel(_))) => {
+            connack(&mut client, 1).await;
+            return Err(format!("unsupported protocol: {e:?}"));
+        }
+        Err(e) => return Err(format!("malformed CONNECT: {e:?}")),
+    };
     if connect.protocol != Protocol::V4 {
         connack(&mut client, 1).await;
         return Err("only MQTT 3.1.1 is served".into());

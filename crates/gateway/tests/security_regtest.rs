@@ -148,6 +148,20 @@ fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
     assert_eq!(refused(Some((&user_a, "wrong"))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
     assert_eq!(refused(Some((&user_a, &pass_b))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
     assert_eq!(refused(Some(("nobody", &pass_a))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
+    // Raw bytes: an MQTT 3.1 CONNECT ("MQIsdp", level 3) gets CONNACK 1 (unacceptable
+    // protocol); a first packet that is not a CONNECT just closes the connection.
+    let raw = |bytes: &[u8]| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut got = vec![];
+        s.read_to_end(&mut got).unwrap();
+        got
+    };
+    let mqtt31 = [0x10, 0x12, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0, 60, 0, 4, b't', b'e', b's', b't'];
+    assert_eq!(raw(&mqtt31), vec![0x20, 0x02, 0x00, 0x01]);
+    assert_eq!(raw(&[0xC0, 0x00]), Vec::<u8>::new(), "PINGREQ before CONNECT");
     // A last will on another device's topic is refused at CONNECT.
     let (_c, rx) = client(mqtt, "a-will", Some((&user_a, &pass_a)), Some("bitmote/lock-b/presence"));
     assert_eq!(next(&rx), Ev::Refused(ConnectReturnCode::NotAuthorized));
