@@ -204,6 +204,10 @@ fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
     assert_eq!(next(&rx), Ev::Connected);
     c.publish("bitmote/lock-b/commands", QoS::AtLeastOnce, false, "{\"event_id\":\"x\",\"command\":\"unlock\"}").unwrap();
     assert_eq!(next(&rx), Ev::Closed);
+    // A connecting with B's client id does not take over B's session (client ids are
+    // scoped per device by the front): B stays connected, as its receipt below shows.
+    let (_same_id, rx_same) = client(mqtt, "b", Some((&user_a, &pass_a)), None);
+    assert_eq!(next(&rx_same), Ev::Connected);
     // B's own reading still goes through, and is the first thing B hears: A's foreign
     // publishes never reached the broker (the gateway would have answered on B's errors topic).
     cb.publish(format!("bitmote/{idb}/readings"), QoS::AtLeastOnce, false, reading(&b, 1)).unwrap();
