@@ -24,6 +24,12 @@
 //!   (MQTT 3.1.1 has no way to refuse a single PUBLISH) and is logged. What the broker
 //!   sends to the client is copied unchanged.
 //!
+//! The front forwards whole packets, several per write when they arrive together, and
+//! acknowledges TCP data at once (`TCP_QUICKACK`): rumqttd and rumqttc leave Nagle's
+//! algorithm on, so without it a receipt sent right after a PUBACK waits for a delayed ACK
+//! (~40 ms on Linux). `bitmote bench mqtt` measures the front against the bare broker.
+//! Untrusted strings (usernames, topics) are logged in their escaped (`Debug`) form.
+//!
 //! Revoking a device, or issuing it new credentials, closes its open connections
 //! ([`MqttAuth::kick`]). Names are used in topics only when they are topic-safe (no `/`,
 //! `+`, `#`, not 64 hex digits, not `admin`); the enrolment API refuses other names.
@@ -270,6 +276,7 @@ async fn read_packet(r: &mut (impl AsyncReadExt + Unpin), buf: &mut BytesMut) ->
         match check(buf.iter(), MAX_PACKET) {
             Ok(fh) => return Ok((fh, buf.split_to(fh.frame_length()).freeze())),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                buf.reserve(READ_CHUNK);
                 if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
                     return Err("closed by the client".into());
                 }
@@ -286,14 +293,14 @@ fn allowed(who: &Who, label: &str, fh: FixedHeader, bytes: &Bytes) -> Result<(),
         Ok(PacketType::Publish) => {
             let p = Publish::read(fh, bytes.clone()).map_err(|e| format!("malformed PUBLISH: {e:?}"))?;
             if !who.may_publish(&p.topic) {
-                tracing::warn!(device = %label, topic = %p.topic, "MQTT publish on a foreign topic refused; disconnecting");
+                tracing::warn!(device = %label, topic = ?p.topic, "MQTT publish on a foreign topic refused; disconnecting");
                 return Err(format!("publish on {} refused", p.topic));
             }
         }
         Ok(PacketType::Subscribe) => {
             let s = Subscribe::read(fh, bytes.clone()).map_err(|e| format!("malformed SUBSCRIBE: {e:?}"))?;
             if let Some(f) = s.filters.iter().find(|f| !who.may_subscribe(&f.path)) {
-                tracing::warn!(device = %label, filter = %f.path, "MQTT subscribe to a foreign topic refused; disconnecting");
+                tracing::warn!(device = %label, filter = ?f.path, "MQTT subscribe to a foreign topic refused; disconnecting");
                 return Err(format!("subscribe to {} refused", f.path));
             }
         }
@@ -364,14 +371,14 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     let who = match who {
         Ok(w) => w,
         Err(code) => {
-            tracing::warn!(username = %login.username, "MQTT login refused (CONNACK {code})");
+            tracing::warn!(username = ?login.username, "MQTT login refused (CONNACK {code})");
             connack(&mut client, code).await;
             return Err(format!("refused login of {:?}", login.username));
         }
     };
     if let Some(will) = &connect.last_will {
         if !who.may_publish(&will.topic) {
-            tracing::warn!(device = %who.label(), topic = %will.topic, "MQTT last will on a foreign topic refused");
+            tracing::warn!(device = %who.label(), topic = ?will.topic, "MQTT last will on a foreign topic refused");
             connack(&mut client, 5).await;
             return Err("last will on a foreign topic".into());
         }
