@@ -66,7 +66,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     // The gateway's broker tells us each acknowledgement as it arrives (and each presence).
     let mut opts = rumqttc::MqttOptions::new("bitmote-bench", mqtt.ip().to_string(), mqtt.port());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (watcher, mut conn) = rumqttc::Client::new(opts, 64);
+    let (watcher, mut conn) = bitmote_gateway::mqtt::client(opts, 64);
     watcher.subscribe("bitmote/+/acks", rumqttc::QoS::AtMostOnce)?;
     watcher.subscribe("bitmote/+/presence", rumqttc::QoS::AtMostOnce)?;
     watcher.subscribe("bitmote/+/commands", rumqttc::QoS::AtMostOnce)?;

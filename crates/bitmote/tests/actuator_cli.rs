@@ -140,7 +140,7 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     wait_presence(&http, "lock-7", "online");
 
     // Someone with access to the broker (or a compromised gateway) claims payments.
-    let (fake, mut conn) = rumqttc::Client::new(rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap()), 10);
+    let (fake, mut conn) = bitmote_gateway::mqtt::client(rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap()), 10);
     std::thread::spawn(move || for _ in conn.iter() {});
     let c = node.client();
     let tip = c.tip().unwrap();

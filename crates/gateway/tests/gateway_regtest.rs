@@ -58,7 +58,7 @@ fn mqtt_device(id: &str, broker: SocketAddr) -> (rumqttc::Client, mpsc::Receiver
     let mut opts = rumqttc::MqttOptions::new(id, broker.ip().to_string(), broker.port());
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false);
-    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 16);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for ev in conn.iter() {
