@@ -382,4 +382,6 @@ fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_
     assert_eq!(state["done"].as_array().unwrap().len(), 1, "{state}");
     the_one_action_acked(&http);
     assert!(u.interrupt().success());
+    // The node outlived the killed `up` (the second one only attached to it): stop it.
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
