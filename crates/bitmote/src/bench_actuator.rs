@@ -77,9 +77,10 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     let mut opts = rumqttc::MqttOptions::new("bitmote-bench", mqtt.ip().to_string(), mqtt.port());
     opts.set_credentials(bitmote_gateway::mqtt_front::ADMIN_USER, gw.shared().admin_token.clone());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (watcher, mut conn) = rumqttc::Client::new(opts, 64);
+    let (watcher, mut conn) = bitmote_gateway::mqtt::client(opts, 64);
     watcher.subscribe("bitmote/+/acks", rumqttc::QoS::AtMostOnce)?;
     watcher.subscribe("bitmote/+/presence", rumqttc::QoS::AtMostOnce)?;
+    watcher.subscribe("bitmote/+/commands", rumqttc::QoS::AtMostOnce)?;
     let (tx, rx) = mpsc::channel::<(String, Vec<u8>, Instant)>();
     std::thread::spawn(move || {
         for ev in conn.iter() {
@@ -98,6 +99,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
         let r = (|| -> Result<Value> {
             wait_for(&rx, &format!("bitmote/{name}/presence"), Duration::from_secs(180), |p| p == b"online")?;
             let mut lat = Vec::with_capacity(triggers as usize);
+            let mut to_command = Vec::with_capacity(triggers as usize);
             for _ in 0..triggers {
                 let pay = TxOut { value: Amount::from_sat(20_000), script_pubkey: address(i as u32).script_pubkey() };
                 let tx = spend_op_true(&coinbase_at(c, coinbase)?, vec![pay], 1_000).context("a mature coinbase")?;
@@ -106,6 +108,9 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
                 c.mine(1, &op_true_address())?;
                 let mined = Instant::now();
                 let event = format!("{name}:{txid}:0");
+                let is_event = |p: &[u8]| serde_json::from_slice::<Value>(p).is_ok_and(|v| v["event_id"] == event.as_str());
+                let command = wait_for(&rx, &format!("bitmote/{name}/commands"), Duration::from_secs(60), is_event)?;
+                to_command.push(command.1.saturating_duration_since(mined));
                 let ack = wait_for(&rx, &format!("bitmote/{name}/acks"), Duration::from_secs(60), |p| {
                     serde_json::from_slice::<Value>(p).is_ok_and(|v| v["event_id"] == event.as_str())
                 })?;
@@ -115,7 +120,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
                 }
                 lat.push(ack.1.saturating_duration_since(mined));
             }
-            Ok(json!({ "block_to_ack": summary(lat), "memory_kib": memory(child.id())? }))
+            Ok(json!({ "block_to_ack": summary(lat), "block_to_command": summary(to_command), "memory_kib": memory(child.id())? }))
         })();
         let _ = child.kill();
         let _ = child.wait();
@@ -131,7 +136,9 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     };
     println!("actuator bench (bitcoind {}, regtest, loopback; {triggers} triggers per device)", report["bitcoind"].as_str().unwrap_or("?"));
     line("plain device: block mined -> ack at the gateway", &report["lock-plain"]["block_to_ack"]);
+    line("  of which block mined -> command on the broker", &report["lock-plain"]["block_to_command"]);
     line("light-client device: block mined -> ack at the gateway", &report["lock-light"]["block_to_ack"]);
+    line("  of which block mined -> command on the broker", &report["lock-light"]["block_to_command"]);
     let kib = |d: &str, k: &str| report[d]["memory_kib"][k].as_f64().unwrap_or(f64::NAN) / 1024.0;
     println!("  device memory, plain:        VmRSS {:>6.1} MiB  VmHWM {:>6.1} MiB", kib("lock-plain", "rss"), kib("lock-plain", "hwm"));
     println!("  device memory, light client: VmRSS {:>6.1} MiB  VmHWM {:>6.1} MiB (target < 20 MiB)", kib("lock-light", "rss"), kib("lock-light", "hwm"));

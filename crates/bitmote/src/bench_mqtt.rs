@@ -29,7 +29,7 @@ fn connect(addr: SocketAddr, id: &str, login: Option<(&str, &str)>) -> Result<(r
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
     }
-    let (client, mut conn) = rumqttc::Client::new(opts, 200);
+    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 200);
     for ev in conn.iter() {
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok((client, conn)),

@@ -77,6 +77,36 @@ fn raw_keysend(a: &Arc<Node>, b: &Arc<Node>, n: u64) -> Result<f64> {
     Ok(n as f64 / secs)
 }
 
+/// The limit for (c): `n` keysends of 1000 msat one at a time, each from `send` until
+/// the payer's `PaymentSuccessful` (what a tick payment costs without bitmote's protocol).
+fn raw_latency(a: &Arc<Node>, b: &Arc<Node>, n: u64) -> Result<Vec<f64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let db = drain(b.clone(), stop.clone(), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut lat = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let start = Instant::now();
+        let id = a.spontaneous_payment().send(1000, b.node_id(), None).map_err(|e| anyhow::anyhow!("keysend: {e}"))?;
+        loop {
+            let ev = a.wait_next_event();
+            let done = match &ev {
+                Event::PaymentSuccessful { payment_id: Some(p), .. } if *p == id => Some(true),
+                Event::PaymentFailed { payment_id: Some(p), .. } if *p == id => Some(false),
+                _ => None,
+            };
+            let _ = a.event_handled();
+            match done {
+                Some(true) => break,
+                Some(false) => anyhow::bail!("a raw keysend failed"),
+                None => {}
+            }
+        }
+        lat.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = db.join();
+    Ok(lat)
+}
+
 /// Run `sessions` concurrent sessions of `ticks` ticks; returns (ticks paid, seconds,
 /// per-payment latencies in ms, provider's late + short count).
 fn sessions(meter: &Arc<Meter>, provider: &Arc<Provider>, pnode: &str, sessions: usize, ticks: u64) -> Result<(u64, f64, Vec<f64>, u64)> {
@@ -135,6 +165,8 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
     eprintln!("channel ready; (a) raw keysend ×{raw}");
 
     let raw_rate = raw_keysend(&mn, &pn, raw)?;
+    eprintln!("(c) limit: 100 raw keysends one at a time");
+    let mut lat_raw = raw_latency(&mn, &pn, 100)?;
 
     // (b), (c): the full session protocol, `concurrent` sessions paying back to back
     // (10 ms ticks; a long grace, as this measures throughput, not punctuality), then
@@ -172,6 +204,7 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
         "b_late_or_short": faults_b,
         "c_latency_loaded": {"n": lat_loaded.len(), "p50_ms": pct(&mut lat_loaded, 50.0), "p99_ms": pct(&mut lat_loaded, 99.0)},
         "c_latency_alone": {"n": lat_alone.len(), "p50_ms": pct(&mut lat_alone, 50.0), "p99_ms": pct(&mut lat_alone, 99.0)},
+        "c_latency_raw_keysend": {"n": lat_raw.len(), "p50_ms": pct(&mut lat_raw, 50.0), "p99_ms": pct(&mut lat_raw, 99.0)},
         "d_load": loads,
     });
     println!("bench pay (regtest, two ldk-node 0.7.1 machines in one process, direct channel)");
@@ -180,6 +213,9 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
     println!("  (c) latency per tick payment   loaded p50 {:.1} ms p99 {:.1} ms;  alone p50 {:.1} ms p99 {:.1} ms",
         report["c_latency_loaded"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_loaded"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
         report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_alone"]["p99_ms"].as_f64().unwrap_or(f64::NAN));
+    println!("  (c) limit: raw keysend one at a time           p50 {:.1} ms p99 {:.1} ms  (alone / limit at p50: {:.2}×)",
+        report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_raw_keysend"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN) / report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN));
     for l in report["d_load"].as_array().unwrap() {
         println!("  (d) {:>4} sessions at 2 s ticks: {} ticks paid, {} late or short, p50 {:.1} ms p99 {:.1} ms",
             l["sessions"], l["ticks_paid"], l["late_or_short"], l["p50_ms"].as_f64().unwrap_or(f64::NAN), l["p99_ms"].as_f64().unwrap_or(f64::NAN));

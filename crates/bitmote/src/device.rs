@@ -375,7 +375,7 @@ impl MqttLink {
         opts.set_keep_alive(Duration::from_secs(10));
         opts.set_clean_session(false);
         opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut conn) = rumqttc::Client::new(opts, 64);
+        let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 64);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for ev in conn.iter() {
@@ -559,7 +559,7 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false); // the broker keeps commands sent while we were away
     opts.set_last_will(rumqttc::LastWill::new(&presence, "offline", rumqttc::QoS::AtLeastOnce, true));
-    let (client, mut conn) = rumqttc::Client::new(opts, 64);
+    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 64);
     // The connection runs on its own thread, so a payment check waiting for the chain
     // never stalls keep-alives.
     let (ev_tx, events) = std::sync::mpsc::channel();

@@ -43,6 +43,16 @@ pub struct Global {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors.
+    #[arg(long, global = true, env = "BITMOTE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Global {
@@ -111,7 +121,7 @@ pub enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn init_logs(verbose: u8) {
+fn init_logs(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -119,12 +129,16 @@ fn init_logs(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.with_target(false).init(),
+        LogFormat::Json => fmt.json().with_current_span(false).init(),
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logs(cli.global.verbose);
+    init_logs(cli.global.verbose, cli.global.log_format);
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -95,6 +95,10 @@ pub struct MeterArgs {
     /// Stop after this many ticks (default: until the session limit or Ctrl-C).
     #[arg(long)]
     ticks: Option<u64>,
+    /// A bitmote gateway to post every paid tick's signed register reading to, as a
+    /// notary receipt (the meter's device key must be enrolled there).
+    #[arg(long, value_name = "URL")]
+    notary_url: Option<String>,
 }
 
 fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
@@ -193,6 +197,15 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     ensure_channel(&client, &node, &pnode, &paddr, a.channel_sat)?;
     let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));
     let m = Meter::start(node.clone(), &dir, &url, http)?;
+    if let Some(n) = &a.notary_url {
+        let k = m.device_key().public_key();
+        println!(
+            "notary receipts to {n} as device {} (key {})",
+            k.device_id(),
+            bitmote_device::hex_encode(&k.encode())
+        );
+        m.post_receipts(n);
+    }
     let s = match m.open_sessions()?.pop() {
         Some(s) => {
             println!("resuming session {} at tick {}", bitmote_device::hex_encode(&s.id), s.account.ticks);
@@ -210,6 +223,9 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     });
     let s = m.run(&s.id, a.ticks)?;
     let out = m.close(&s.id)?;
+    if a.notary_url.is_some() && !m.flush_receipts(Duration::from_secs(15)) {
+        eprintln!("some tick readings are not notarized yet; they will be posted on the next run");
+    }
     println!("{}", serde_json::to_string_pretty(&serde_json::json!({
         "session": bitmote_device::hex_encode(&s.id),
         "state": out.session.state,
@@ -217,6 +233,7 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         "meter": out.session.account,
         "provider": out.provider.as_ref().map(|p| &p.session.account),
         "reconciled": out.reconciled,
+        "notary": m.status()["notary"],
     }))?);
     m.shutdown();
     node.stop().ok();

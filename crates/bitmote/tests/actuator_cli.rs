@@ -145,7 +145,7 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
     let mut opts = rumqttc::MqttOptions::new("intruder", "127.0.0.1", mqtt.rsplit_once(':').unwrap().1.parse().unwrap());
     opts.set_credentials("admin", token.trim());
-    let (fake, mut conn) = rumqttc::Client::new(opts, 10);
+    let (fake, mut conn) = bitmote_gateway::mqtt::client(opts, 10);
     std::thread::spawn(move || for _ in conn.iter() {});
     let c = node.client();
     let tip = c.tip().unwrap();
@@ -197,15 +197,27 @@ fn rental_rule(d: &std::path::Path) -> Address {
     pay_to
 }
 
-/// A key for `lock-7`, enrolled under that name (its MQTT password beside it); the key file.
-fn enroll_lock_7(d: &std::path::Path, http: &str) -> String {
-    let key = d.join("lock-7.key");
-    for args in [&["device", "keygen", "--out"][..], &["device", "enroll", "--name", "lock-7", "--key"][..]] {
-        let out = bitmote(d).env("BITMOTE_GATEWAY_URL", http).args(args).arg(&key).output().unwrap();
-        assert!(out.status.success(), "bitmote {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// A key for the lock `name`, enrolled under that name (its MQTT password beside it, as
+/// `<name>.mqtt`), once; the key file.
+fn enroll_lock(d: &std::path::Path, http: &str, name: &str) -> String {
+    let key = d.join(format!("{name}.key"));
+    if !d.join(format!("{name}.mqtt")).exists() {
+        for args in [&["device", "keygen", "--out"][..], &["device", "enroll", "--name", name, "--key"][..]] {
+            let out = bitmote(d).env("BITMOTE_GATEWAY_URL", http).args(args).arg(&key).output().unwrap();
+            assert!(out.status.success(), "bitmote {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(d.join(format!("{name}.mqtt")).exists(), "enrolment wrote the MQTT password beside the key");
     }
-    assert!(d.join("lock-7.mqtt").exists(), "enrolment wrote the MQTT password beside the key");
     key.to_str().unwrap().to_string()
+}
+
+fn enroll_lock_7(d: &std::path::Path, http: &str) -> String {
+    enroll_lock(d, http, "lock-7")
+}
+
+/// The key of a lock enrolled earlier with [`enroll_lock`].
+fn key_of(d: &std::path::Path, name: &str) -> String {
+    d.join(format!("{name}.key")).to_str().unwrap().to_string()
 }
 
 /// The simulated lock `lock-7` (enrolled here), which exits after acting once.
@@ -259,4 +271,147 @@ fn wait_presence(http: &str, device: &str, state: &str) {
         assert!(Instant::now() < deadline, "{device} never became {state}: {p}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Start `lock-<n>` once so the broker knows its persistent session, then kill it: it is
+/// offline (its last will says so) but the broker keeps what is sent to it.
+fn lock_goes_offline(d: &std::path::Path, http: &str, mqtt: &str, name: &str) {
+    let key = enroll_lock(d, http, name);
+    let mut lock = bitmote(d)
+        .args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--key", &key, "--state"])
+        .arg(d.join(format!("{name}.json")))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_presence(http, name, "online");
+    lock.kill().unwrap(); // SIGKILL: no goodbye, the last will fires
+    lock.wait().unwrap();
+    wait_presence(http, name, "offline");
+}
+
+/// The action of `rule` once `done` holds for it.
+fn wait_action(http: &str, rule: &str, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        let found: Vec<&Json> = log["actions"].as_array().unwrap().iter().filter(|a| a["rule_id"] == rule).collect();
+        assert!(found.len() <= 1, "one action per (rule, payment): {log}");
+        if let Some(a) = found.first().filter(|a| done(a)) {
+            return (*a).clone();
+        }
+        assert!(Instant::now() < deadline, "{rule}: never {what}: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Run `name` until it has acted on (or answered) `count` commands; what it printed.
+fn lock_runs(d: &std::path::Path, mqtt: &str, name: &str, count: u64) -> String {
+    let out = bitmote(d)
+        .args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--count", &count.to_string(), "--key", &key_of(d, name), "--state"])
+        .arg(d.join(format!("{name}.json")))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn an_offline_lock_acts_on_reconnecting_within_the_ttl_and_not_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pay_to = rental_rule(d);
+    // A second rule for lock-8 whose command lives 3 s.
+    let short_to = Address::p2wsh(&ScriptBuf::from(vec![0x62, 0x87]), Network::Regtest);
+    let mut rules = std::fs::read_to_string(d.join("gateway/rules.toml")).unwrap();
+    rules.push_str(&format!(
+        "\n[[rule]]\nid = \"short\"\ndevice = \"lock-8\"\ntrigger = {{ kind = \"payment\", address = \"{short_to}\", min_sat = 20000, confirmations = 1 }}\naction = {{ command = \"unlock\" }}\nttl_secs = 3\n"
+    ));
+    std::fs::write(d.join("gateway/rules.toml"), rules).unwrap();
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    lock_goes_offline(d, &http, &mqtt, "lock-7");
+    lock_goes_offline(d, &http, &mqtt, "lock-8");
+
+    // Both payments confirm while both locks are offline: the commands go out, unanswered.
+    customer_pays(d, &pay_to);
+    customer_pays(d, &short_to);
+    wait_action(&http, "rental", "delivered", |a| a["state"] == "delivered");
+    // (Its 3 s may already be over when we look: then the gateway has expired it itself.)
+    let short = wait_action(&http, "short", "delivered", |a| a["state"] == "delivered" || a["state"] == "expired");
+    assert!(short["acked_ms"].is_null(), "{short}");
+
+    // lock-7 comes back within its 600 s: it receives the command it missed and acts once.
+    let out = lock_runs(d, &mqtt, "lock-7", 1);
+    let v: Json = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")), "{out}");
+    wait_action(&http, "rental", "acked", |a| a["state"] == "acked");
+
+    // lock-8 comes back after its command's 3 s: it does not act, and the gateway records why.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut lock8 = bitmote(d)
+        .args(["device", "actuator", "--name", "lock-8", "--mqtt", &mqtt, "--key", &key_of(d, "lock-8"), "--state"])
+        .arg(d.join("lock-8.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let expired = wait_action(&http, "short", "expired", |a| a["state"] == "expired");
+    assert!(expired["acked_ms"].is_null(), "{expired}");
+    wait_presence(&http, "lock-8", "online");
+    lock8.kill().unwrap();
+    let out = lock8.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "lock-8 must not act: {}", String::from_utf8_lossy(&out.stdout));
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-8.json")).unwrap_or_else(|_| b"{}".to_vec())).unwrap();
+    assert_ne!(state["output"], "open", "{state}");
+    assert!(u.interrupt().success());
+}
+
+#[test]
+fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_repeats_the_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pay_to = rental_rule(d);
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    lock_goes_offline(d, &http, &mqtt, "lock-7");
+
+    // The payment fires the rule; the command is out, not acknowledged (the lock is away).
+    let txid = customer_pays(d, &pay_to);
+    let before = wait_action(&http, "rental", "delivered", |a| a["state"] == "delivered");
+
+    // The gateway crashes there.
+    let mut u = u;
+    // SAFETY: SIGKILL to our own child: a crash, no cleanup.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
+    u.child.wait().unwrap();
+    drop(u);
+
+    // It restarts on the same data (more blocks follow); the lock comes back and acts once.
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let out = lock_runs(d, &mqtt, "lock-7", 1);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["event_id"], before["event_id"], "{out}");
+    assert!(v["event_id"].as_str().unwrap().starts_with(&format!("rental:{txid}:")));
+    let acked = the_one_action_acked(&http);
+    assert_eq!(acked["event_id"], before["event_id"]);
+    // More blocks, and the lock listening again: nothing is delivered twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut again = bitmote(d)
+        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--key", &key_of(d, "lock-7"), "--state"])
+        .arg(d.join("lock-7.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_presence(&http, "lock-7", "online");
+    std::thread::sleep(Duration::from_secs(2));
+    again.kill().unwrap();
+    let out = again.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "acted again: {}", String::from_utf8_lossy(&out.stdout));
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!(state["done"].as_array().unwrap().len(), 1, "{state}");
+    the_one_action_acked(&http);
+    assert!(u.interrupt().success());
+    // The node outlived the killed `up` (the second one only attached to it): stop it.
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }

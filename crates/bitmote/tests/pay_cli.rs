@@ -138,3 +138,77 @@ fn a_session_survives_kill_9_of_either_machine_and_both_accounts_agree() {
     drop(provider);
     assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
+
+/// The meter's closing summary (pretty JSON, from a line `{` to a line `}`).
+fn summary(p: &Proc) -> serde_json::Value {
+    p.expect("{"); // the summary's first line (no other output line has a brace)
+    let mut text = String::from("{\n");
+    loop {
+        let l = p.lines.recv_timeout(Duration::from_secs(60)).expect("summary ends");
+        text.push_str(&l);
+        text.push('\n');
+        if l == "}" {
+            break;
+        }
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn each_paid_tick_is_a_notary_reading_whose_proof_verifies_against_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = common::up(d, &["--block-interval", "1"]);
+    let gw = u.http.clone();
+    let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
+    let purl = format!("http://{p_http}");
+    let provider = Proc::spawn(d, &["provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000"]);
+    provider.expect("ready");
+    let meter = Proc::spawn(
+        d,
+        &["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl, "--ticks", "12", "--notary-url", &gw],
+    );
+    // The meter names its device key; the operator enrols it with the gateway.
+    let line = meter.expect("notary receipts to");
+    let key = line.rsplit("(key ").next().unwrap().trim_end_matches(')').to_string();
+    let enrol = bitmote(d).env("BITMOTE_GATEWAY_URL", &gw).args(["device", "enroll", &key, "--name", "meter"]).output().unwrap();
+    assert!(enrol.status.success(), "{}", String::from_utf8_lossy(&enrol.stderr));
+
+    let s = summary(&meter);
+    assert_eq!(s["reconciled"], true, "{s:#}");
+    assert_eq!(s["meter"]["ticks"], 12, "{s:#}");
+    // Every paid tick has a receipt, none waits.
+    assert_eq!(s["notary"]["posted"], 12, "{s:#}");
+    assert_eq!(s["notary"]["waiting"], 0, "{s:#}");
+    let last = &s["notary"]["last_receipt"];
+    let id = last["reading_id"].as_str().unwrap().to_string();
+
+    // The gateway holds the meter's signed register reading (sensor code METER_TICK).
+    let r: serde_json::Value = ureq::get(&format!("{gw}/v1/readings/{id}")).call().unwrap().into_json().unwrap();
+    assert_eq!(r["reading"]["sensor"], bitmote_device::reading::sensor::METER_TICK as u64, "{r:#}");
+    assert_eq!(r["reading"]["device"], s["notary"]["device_id"], "{r:#}");
+
+    // Once anchored and confirmed, anyone verifies the bill's last tick against the chain.
+    let tree_size = last["tree_size"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v: serde_json::Value = ureq::get(&format!("{gw}/v1/anchors")).call().unwrap().into_json().unwrap();
+        if v["anchors"].as_array().unwrap().iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() >= Some(tree_size)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no confirmed anchor covering {tree_size}: {v}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let bundle = d.join("tick.proof.json");
+    let file = d.join("tick.bin");
+    let p = bitmote(d)
+        .env("BITMOTE_GATEWAY_URL", &gw)
+        .args(["proof", &id, "--out", bundle.to_str().unwrap(), "--reading", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let v = bitmote(d).env("BITMOTE_GATEWAY_URL", &gw).args(["verify", bundle.to_str().unwrap(), "--reading", file.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("OK: reading"), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+    drop(provider);
+    assert!(u.interrupt().success());
+}

@@ -147,6 +147,10 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
             }
         })
         .map_err(|e| GatewayError::Io { context: "spawning the MQTT broker".into(), source: e })?;
+    // (The front's own sockets are set up by the front; this is the broker's private port.)
+    if !nodelay_on_listener(backend, Duration::from_secs(5)) {
+        tracing::warn!("MQTT broker on {backend}: could not set TCP_NODELAY on its listener; commands and receipts may wait ~40 ms each");
+    }
 
     let (out_tx, publisher) = spawn_publisher(
         shared.clone(),
@@ -191,7 +195,7 @@ pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<crate::mqtt_
     if let Some(l) = login {
         opts.set_credentials(l.username, l.password);
     }
-    let (client, mut conn) = rumqttc::Client::new(opts, 1024);
+    let (client, mut conn) = client(opts, 1024);
     let (out_tx, publisher) = {
         let (c1, c2) = (client.clone(), client.clone());
         spawn_publisher(
@@ -269,4 +273,79 @@ fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &s
         };
         let _ = out.send((msg.0, msg.1.to_string().into_bytes()));
     });
+}
+
+/// An MQTT client whose TCP connection sends at once (`TCP_NODELAY`). With Nagle's
+/// algorithm on, a device that answers a command with PUBACK then its own PUBLISH
+/// waits ~40 ms for the broker's delayed ACK before the second packet leaves; every
+/// bitmote client (gateway bridge, devices, benches) goes through here.
+pub fn client(opts: rumqttc::MqttOptions, cap: usize) -> (rumqttc::Client, rumqttc::Connection) {
+    let (client, mut conn) = rumqttc::Client::new(opts, cap);
+    let mut net = conn.eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    conn.eventloop.set_network_options(net);
+    (client, conn)
+}
+
+/// Make the sockets the embedded broker accepts on `addr` send at once.
+///
+/// rumqttd 0.20 neither sets `TCP_NODELAY` on the connections it accepts nor lets us
+/// hand it a listener, and with Nagle's algorithm on, a broker that writes two small
+/// packets in a row to one client (a PUBACK, then a PUBLISH) holds the second until the
+/// client's delayed ACK, ~40 ms: measured, every command→acknowledgement round trip
+/// took 42 ms instead of 1 ms. Linux copies `TCP_NODELAY` from a listening socket to
+/// the sockets it accepts, so we find the broker's listener among this process's file
+/// descriptors (a TCP socket in LISTEN state bound to `addr`) and set it there, waiting
+/// up to `wait` for the broker thread to bind. Returns whether it was set.
+#[cfg(target_os = "linux")]
+pub fn nodelay_on_listener(addr: SocketAddr, wait: Duration) -> bool {
+    use std::os::fd::BorrowedFd;
+    let deadline = Instant::now() + wait;
+    loop {
+        for entry in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if !std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")) {
+                continue;
+            }
+            // SAFETY: `fd` is open in this process while we look (from /proc/self/fd);
+            // if it was closed and reused meanwhile, the checks below only read options
+            // of whatever it is now, and we set an option only on a matching TCP listener.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&borrowed);
+            let listening = sock.is_listener().unwrap_or(false);
+            let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+            if listening && bound == Some(addr) {
+                return sock.set_tcp_nodelay(true).is_ok();
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn nodelay_on_listener(_addr: SocketAddr, _wait: Duration) -> bool {
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_found_by_its_address_passes_nodelay_to_the_sockets_it_accepts() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(nodelay_on_listener(l.local_addr().unwrap(), Duration::from_secs(1)));
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(l.accept().unwrap().0.nodelay().unwrap());
+        // Only that listener: another one keeps the default.
+        let _c2 = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
+        assert!(!other.accept().unwrap().0.nodelay().unwrap());
+        // No listener on an address: false, after the wait.
+        let gone = { let t = TcpListener::bind("127.0.0.1:0").unwrap(); t.local_addr().unwrap() };
+        assert!(!nodelay_on_listener(gone, Duration::from_millis(20)));
+    }
 }

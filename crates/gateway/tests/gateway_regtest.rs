@@ -62,7 +62,7 @@ fn mqtt_device(id: &str, broker: SocketAddr, login: Option<(&str, &str)>) -> (ru
     }
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false);
-    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 16);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for ev in conn.iter() {

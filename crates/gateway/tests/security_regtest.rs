@@ -70,7 +70,7 @@ fn client(broker: SocketAddr, client_id: &str, login: Option<(&str, &str)>, will
     if let Some(t) = will {
         opts.set_last_will(rumqttc::LastWill::new(t, "offline", QoS::AtLeastOnce, true));
     }
-    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 16);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for ev in conn.iter() {

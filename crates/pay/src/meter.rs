@@ -55,7 +55,15 @@ pub struct Meter {
     stop: Arc<AtomicBool>,
     waiters: Mutex<HashMap<[u8; 32], mpsc::Sender<bool>>>,
     sim: Mutex<Option<SimMeter>>,
+    /// Where the tick readings go as notary receipts, and the last error doing so.
+    notary: Mutex<Option<NotaryLink>>,
     pub http_addr: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+struct NotaryLink {
+    url: String,
+    last_error: Option<String>,
 }
 
 fn http_get<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, PayError> {
@@ -102,6 +110,7 @@ impl Meter {
             stop: Arc::new(AtomicBool::new(false)),
             waiters: Mutex::new(HashMap::new()),
             sim: Mutex::new(None),
+            notary: Mutex::new(None),
             http_addr: listener.local_addr().map_err(|e| PayError::Config(e.to_string()))?,
         });
         let ev = m.clone();
@@ -117,6 +126,90 @@ impl Meter {
     /// The meter's device key (its signed registers are notary readings).
     pub fn device_key(&self) -> &SigningKey {
         &self.key
+    }
+
+    /// Post every paid tick's signed register reading to a bitmote gateway
+    /// (`POST {url}/v1/readings`), in the meter's reading order, and keep the receipts,
+    /// so a bill can be proven later against the chain. Runs on its own thread until
+    /// shutdown; the gateway being down or refusing (e.g. the meter's key is not
+    /// enrolled yet) never holds up a tick: readings wait in the store and go later.
+    pub fn post_receipts(self: &Arc<Self>, url: &str) {
+        *self.notary.lock().unwrap() = Some(NotaryLink { url: url.trim_end_matches('/').to_string(), last_error: None });
+        let m = self.clone();
+        std::thread::Builder::new().name("meter-notary".into()).spawn(move || m.notary_loop()).expect("thread");
+    }
+
+    fn notary_loop(&self) {
+        let Some(url) = self.notary.lock().unwrap().as_ref().map(|n| format!("{}/v1/readings", n.url)) else { return };
+        while !self.stop.load(Ordering::Relaxed) {
+            let wait = match self.post_some(&url) {
+                Ok(0) => Duration::from_millis(500),
+                Ok(_) => Duration::ZERO,
+                Err(e) => {
+                    tracing::warn!("notary receipts: {e}");
+                    let refused = e.starts_with("4");
+                    if let Some(n) = self.notary.lock().unwrap().as_mut() {
+                        n.last_error = Some(e);
+                    }
+                    // A refusal (not enrolled, ...) needs an operator: ask again less often.
+                    Duration::from_secs(if refused { 5 } else { 2 })
+                }
+            };
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Post the readings waiting in the store, lowest sequence number first (the
+    /// notary refuses a device's sequence numbers out of order). Returns how many.
+    fn post_some(&self, url: &str) -> Result<usize, String> {
+        let rows = self.store.lock().unwrap().unnotarized(256).map_err(|e| e.to_string())?;
+        let mut rows: Vec<_> = rows
+            .into_iter()
+            .filter_map(|(session, tick, hex)| {
+                let bytes = bitmote_device::hex_decode(&hex)?;
+                let seq = bitmote_device::batch::SignedReading::decode(&bytes).ok()?.reading.seq;
+                Some((seq, session, tick, bytes))
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        for (n, (_, session, tick, bytes)) in rows.iter().enumerate() {
+            let resp = ureq::post(url)
+                .timeout(Duration::from_secs(10))
+                .set("Content-Type", "application/octet-stream")
+                .send_bytes(bytes)
+                .map_err(|e| match e {
+                    ureq::Error::Status(code, r) => format!("{code} from {url}: {}", r.into_string().unwrap_or_default()),
+                    e => format!("{url}: {e}"),
+                })?;
+            let v: serde_json::Value = resp.into_json().map_err(|e| format!("{url}: {e}"))?;
+            let receipt = v["receipts"].get(0).ok_or_else(|| format!("{url}: no receipt in {v}"))?;
+            self.store.lock().unwrap().set_receipt(session, *tick, &receipt.to_string()).map_err(|e| e.to_string())?;
+            if n == 0 {
+                if let Some(l) = self.notary.lock().unwrap().as_mut() {
+                    l.last_error = None;
+                }
+            }
+        }
+        Ok(rows.len())
+    }
+
+    /// Wait until every paid tick's reading has its notary receipt (true), at most
+    /// `timeout` (false). True at once when no notary is configured.
+    pub fn flush_receipts(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if self.notary.lock().unwrap().is_none() {
+                return true;
+            }
+            let waiting = self.store.lock().unwrap().receipt_counts().map_or(1, |c| c.1);
+            if waiting == 0 {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn shutdown(&self) {
@@ -363,6 +456,21 @@ impl Meter {
             "power_w": sim.as_ref().map_or(0, |m| m.power_w),
             "register_mwh": sim.as_ref().map_or(0, |m| m.register_mwh),
             "sessions": sessions.iter().map(crate::machine::session_json).collect::<Vec<_>>(),
+            "notary": self.notary_json(),
+        })
+    }
+
+    fn notary_json(&self) -> serde_json::Value {
+        let link = self.notary.lock().unwrap().clone();
+        let Some(link) = link else { return serde_json::Value::Null };
+        let (posted, waiting, last) = self.store.lock().unwrap().receipt_counts().unwrap_or((0, 0, None));
+        serde_json::json!({
+            "url": link.url,
+            "device_id": self.key.public_key().device_id().to_string(),
+            "posted": posted,
+            "waiting": waiting,
+            "last_receipt": last.and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()),
+            "last_error": link.last_error,
         })
     }
 }

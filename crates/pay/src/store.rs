@@ -92,6 +92,15 @@ impl Store {
         db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
             .map_err(db_err)?;
         db.execute_batch(SCHEMA).map_err(db_err)?;
+        // Added after the first release of the schema: the notary's receipt of each
+        // tick reading (meter side), as JSON.
+        let has_receipt: bool = db
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('ticks') WHERE name = 'receipt'", [], |r| r.get::<_, i64>(0))
+            .map_err(db_err)?
+            > 0;
+        if !has_receipt {
+            db.execute_batch("ALTER TABLE ticks ADD COLUMN receipt TEXT").map_err(db_err)?;
+        }
         Ok(Store { db })
     }
 
@@ -165,6 +174,43 @@ impl Store {
         tx.execute("INSERT OR REPLACE INTO sessions (id, body) VALUES (?1, ?2)", params![&s.id[..], body])
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    /// Paid ticks whose signed reading the notary has not acknowledged yet:
+    /// (session, tick, reading hex), at most `limit`, in no particular order.
+    pub fn unnotarized(&self, limit: usize) -> Result<Vec<(SessionId, u64, String)>, PayError> {
+        let mut st = self
+            .db
+            .prepare_cached("SELECT session, tick, reading FROM ticks WHERE done_ms IS NOT NULL AND receipt IS NULL LIMIT ?1")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([limit as i64], |r| {
+                let s: Vec<u8> = r.get(0)?;
+                Ok((s.try_into().unwrap_or([0; 16]), r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })
+            .map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    /// Store the notary's receipt (JSON) for a tick's reading.
+    pub fn set_receipt(&self, session: &SessionId, tick: u64, receipt: &str) -> Result<(), PayError> {
+        self.db
+            .execute("UPDATE ticks SET receipt = ?3 WHERE session = ?1 AND tick = ?2", params![&session[..], tick as i64, receipt])
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// (paid ticks with a notary receipt, paid ticks without one, the newest receipt).
+    pub fn receipt_counts(&self) -> Result<(u64, u64, Option<String>), PayError> {
+        self.db
+            .query_row(
+                "SELECT COUNT(receipt), COUNT(*) - COUNT(receipt),
+                        (SELECT receipt FROM ticks WHERE receipt IS NOT NULL ORDER BY rowid DESC LIMIT 1)
+                 FROM ticks WHERE done_ms IS NOT NULL",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+            )
+            .map_err(db_err)
     }
 
     pub fn ticks(&self, session: &SessionId) -> Result<Vec<TickRow>, PayError> {
