@@ -144,7 +144,7 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
         l.local_addr()?
     };
     let mut broker = rumqttd::Broker::new(bitmote_gateway::mqtt::broker_config(bare)?);
-    std::thread::spawn(move || broker.start());
+    std::thread::spawn(move || drop(broker.start()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(bare).is_err() {
         if Instant::now() > deadline {
