@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub devices_online: u64,
     pub actions: BTreeMap<String, u64>,
     pub http_requests: BTreeMap<u16, u64>,
+    /// MQTT logins refused and connections closed for a foreign topic.
+    pub mqtt_refused_logins: u64,
+    pub mqtt_refused_topics: u64,
 }
 
 /// States of the action log, reported even when no action is in them.
@@ -68,6 +71,8 @@ impl Snapshot {
             }
         }
         m.http_requests = s.http_requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        m.mqtt_refused_logins = s.mqtt_auth.refused_logins.load(std::sync::atomic::Ordering::Relaxed);
+        m.mqtt_refused_topics = s.mqtt_auth.refused_topics.load(std::sync::atomic::Ordering::Relaxed);
         m
     }
 
@@ -103,6 +108,8 @@ impl Snapshot {
         family("actions", "gauge", "Actuator actions in the action log, by state.", by("state", self.actions.clone().into_iter().collect()));
         let http = self.http_requests.iter().map(|(c, n)| (c.to_string(), *n)).collect();
         family("http_requests_total", "counter", "HTTP requests answered, by status code.", by("code", http));
+        let refused = vec![("login".to_string(), self.mqtt_refused_logins), ("topic".to_string(), self.mqtt_refused_topics)];
+        family("mqtt_refused_total", "counter", "MQTT logins refused and connections closed for a foreign topic, since the gateway started.", by("reason", refused));
         out
     }
 }

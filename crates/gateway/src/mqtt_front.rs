@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -145,6 +145,10 @@ pub fn topic_safe(name: &str) -> bool {
 pub struct MqttAuth {
     hashes: Mutex<HashMap<DeviceId, [u8; 32]>>,
     live: Mutex<HashMap<DeviceId, Vec<tokio::sync::watch::Sender<bool>>>>,
+    /// Logins refused since the start (for `/metrics`).
+    pub refused_logins: AtomicU64,
+    /// Connections closed for a foreign topic (publish, subscribe or last will) since the start.
+    pub refused_topics: AtomicU64,
 }
 
 fn hash(password: &str) -> [u8; 32] {
@@ -168,7 +172,7 @@ impl MqttAuth {
                 hashes.insert(DeviceId(d), h);
             }
         }
-        Ok(MqttAuth { hashes: Mutex::new(hashes), live: Mutex::new(HashMap::new()) })
+        Ok(MqttAuth { hashes: Mutex::new(hashes), live: Mutex::new(HashMap::new()), refused_logins: AtomicU64::new(0), refused_topics: AtomicU64::new(0) })
     }
 
     /// Close every open MQTT connection of `id` (after revoking it or replacing its password).
@@ -360,6 +364,7 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
         return Err("only MQTT 3.1.1 is served".into());
     }
     let Some(login) = connect.login.take() else {
+        shared.mqtt_auth.refused_logins.fetch_add(1, Ordering::Relaxed);
         connack(&mut client, 5).await;
         return Err("refused: no username and password".into());
     };
@@ -371,6 +376,7 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     let who = match who {
         Ok(w) => w,
         Err(code) => {
+            shared.mqtt_auth.refused_logins.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(username = ?login.username, "MQTT login refused (CONNACK {code})");
             connack(&mut client, code).await;
             return Err(format!("refused login of {:?}", login.username));
@@ -378,6 +384,7 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     };
     if let Some(will) = &connect.last_will {
         if !who.may_publish(&will.topic) {
+            shared.mqtt_auth.refused_topics.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(device = %who.label(), topic = ?will.topic, "MQTT last will on a foreign topic refused");
             connack(&mut client, 5).await;
             return Err("last will on a foreign topic".into());
@@ -424,6 +431,8 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
         }
     };
     let label = who.label();
+    let counters = shared.clone();
+    let counters = &counters.mqtt_auth;
     // Client to broker: every whole packet is checked; the allowed ones read together are
     // forwarded in one write.
     let up = async move {
@@ -436,7 +445,12 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
                     Err(e) => return Err(format!("malformed packet: {e:?}")),
                 };
                 let bytes = buf.split_to(fh.frame_length()).freeze();
-                allowed(&who, &label, fh, &bytes)?;
+                if let Err(e) = allowed(&who, &label, fh, &bytes) {
+                    if e.ends_with("refused") {
+                        counters.refused_topics.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
                 out.extend_from_slice(&bytes);
             }
             if !out.is_empty() {

@@ -252,6 +252,14 @@ fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
     assert_eq!(refused(Some((&user_a, &pass_a))), Ev::Refused(ConnectReturnCode::BadUserNamePassword));
     let (_c, rx) = client(mqtt, "a", Some((&user_a, &new_pass)), None);
     assert_eq!(next(&rx), Ev::Connected);
+
+    // Every refusal is counted for Prometheus: 7 logins (none, wrong, another's password,
+    // unknown user, wrong admin token, revoked, replaced password) and 6 foreign topics (a
+    // last will, a publish on B's readings, three subscriptions, a publish on B's commands).
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut ureq::get(&format!("{base}/metrics")).call().unwrap().into_reader(), &mut text).unwrap();
+    assert!(text.lines().any(|l| l == "bitmote_mqtt_refused_total{reason=\"login\"} 7"), "{text}");
+    assert!(text.lines().any(|l| l == "bitmote_mqtt_refused_total{reason=\"topic\"} 6"), "{text}");
     gw.shutdown();
 }
 
