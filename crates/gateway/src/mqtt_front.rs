@@ -368,12 +368,8 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
         connack(&mut client, 5).await;
         return Err("refused: no username and password".into());
     };
-    let who = {
-        let shared = shared.clone();
-        let (u, p) = (login.username.clone(), login.password);
-        tokio::task::spawn_blocking(move || authenticate(&shared, &u, &p)).await.map_err(|e| e.to_string())?
-    };
-    let who = match who {
+    // (In memory: the registry cache and the credential hashes.)
+    let who = match authenticate(&shared, &login.username, &login.password) {
         Ok(w) => w,
         Err(code) => {
             shared.mqtt_auth.refused_logins.fetch_add(1, Ordering::Relaxed);
@@ -389,6 +385,16 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
             connack(&mut client, 5).await;
             return Err("last will on a foreign topic".into());
         }
+    }
+    // From here a revocation or a new password closes the connection; one that came between
+    // the check above and this registration is caught by checking again.
+    let mut kicked = match &who {
+        Who::Device { id, .. } => shared.mqtt_auth.register(*id),
+        Who::Admin => tokio::sync::watch::channel(false).1,
+    };
+    if authenticate(&shared, &login.username, &login.password).as_ref() != Ok(&who) {
+        connack(&mut client, 5).await;
+        return Err("credentials revoked or replaced while logging in".into());
     }
     if connect.client_id.is_empty() {
         if !connect.clean_session {
@@ -408,10 +414,6 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     let mut broker = TcpStream::connect(backend).await.map_err(|e| format!("broker: {e}"))?;
     broker.set_nodelay(true).map_err(|e| e.to_string())?;
     broker.write_all(&first).await.map_err(|e| format!("broker: {e}"))?;
-    let mut kicked = match &who {
-        Who::Device { id, .. } => shared.mqtt_auth.register(*id),
-        Who::Admin => tokio::sync::watch::channel(false).1,
-    };
     let (mut br, mut bw) = broker.into_split();
     let (mut cr, mut cw) = client.into_split();
     // Broker to client: copied unchanged. The broker (rumqttd) does not disable Nagle, so
