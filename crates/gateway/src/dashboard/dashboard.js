@@ -81,6 +81,7 @@ function trigger(t) {
   if (t.kind === "payment") return `≥ ${num(t.min_sat)} sat to ${short(t.address)}, ${t.confirmations} conf.`;
   if (t.kind === "height") return `height ${t.height}`;
   if (t.kind === "command") return `command signed by ${short(t.key)}`;
+  if (t.kind === "lightning") return `Lightning ${num(t.amount_msat)} msat (invoice valid ${num(t.expiry_secs)} s)`;
   return esc(JSON.stringify(t));
 }
 
