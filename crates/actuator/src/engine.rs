@@ -770,3 +770,86 @@ impl OutboxState {
         self.as_str()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(id: &str, trigger: Trigger) -> Rule {
+        Rule {
+            id: id.into(),
+            device: "lock-7".into(),
+            trigger,
+            action: Action { command: "unlock".into(), args: serde_json::Value::Null, webhook: None, exec: None },
+            revert: None,
+            ttl_secs: Some(600),
+        }
+    }
+
+    #[test]
+    fn a_lightning_payment_fires_its_rule_once_across_replays_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actuator.sqlite");
+        let coffee = rule("coffee", Trigger::Lightning { amount_msat: 50_000, expiry_secs: 600 });
+        let lease = rule("lease", Trigger::Height { height: 900 });
+        let rules = RuleSet::new(vec![coffee.clone(), lease], Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules.clone(), Network::Regtest).unwrap();
+
+        assert_eq!(e.lightning_rule("coffee").unwrap(), coffee);
+        assert!(e.lightning_rule("lease").unwrap_err().to_string().contains("not a Lightning rule"));
+        assert!(matches!(e.lightning_rule("nope"), Err(EngineError::NoSuchRule(_))));
+
+        let (h1, h2) = ("11".repeat(32), "22".repeat(32));
+        e.add_invoice(&coffee, &h1, "lnbcrt1", 50_000, now_ms() + 600_000).unwrap();
+        e.add_invoice(&coffee, &h2, "lnbcrt2", 50_000, now_ms() + 600_000).unwrap();
+        assert!(e.add_invoice(&coffee, &h1, "lnbcrt1", 50_000, 0).is_err(), "one invoice per payment hash");
+
+        // Not one of ours: nothing happens.
+        assert_eq!(e.lightning_received(&"33".repeat(32), 50_000).unwrap(), None);
+        assert!(e.log().unwrap().is_empty());
+
+        // Paid: due once, whatever replays the node's event.
+        let event_id = format!("coffee:ln:{h1}");
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), Some(EngineEvent::Due { event_id: event_id.clone() }));
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None);
+        drop(e);
+        let mut e = Engine::open(&path, rules, Network::Regtest).unwrap();
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None, "after a restart too");
+        let log = e.log().unwrap();
+        assert_eq!(log.len(), 1);
+        let a = &log[0];
+        assert_eq!((a.event_id.as_str(), a.state, a.trigger.as_deref(), a.txid.as_deref()), (event_id.as_str(), OutboxState::Due, Some("lightning"), None));
+        assert_eq!(a.lightning, Some(LightningPayment { payment_hash: h1.clone(), amount_msat: 50_000, invoice_msat: 50_000 }));
+        assert_eq!(a.payload()["lightning"]["payment_hash"], h1.as_str());
+        assert_eq!(a.ttl_ms, Some(600_000));
+
+        // Less than the invoice asked for: refused, nothing due.
+        assert!(matches!(e.lightning_received(&h2, 49_999).unwrap(), Some(EngineEvent::LightningRefused { .. })));
+        assert_eq!(e.log().unwrap().len(), 1);
+        let invoices = e.invoices().unwrap();
+        assert_eq!(invoices.len(), 2);
+        assert!(invoices.iter().all(|i| i.paid_ms.is_some() && i.rule_id == "coffee" && i.device == "lock-7"));
+
+        // An invoice of an API rule removed since still fires (the rule is kept with it).
+        let tea = rule("tea", Trigger::Lightning { amount_msat: 1_000, expiry_secs: 60 });
+        e.add_rule(tea.clone()).unwrap();
+        let h3 = "44".repeat(32);
+        e.add_invoice(&tea, &h3, "lnbcrt3", 1_000, now_ms() + 60_000).unwrap();
+        e.remove_rule("tea").unwrap();
+        assert_eq!(e.lightning_received(&h3, 1_000).unwrap(), Some(EngineEvent::Due { event_id: format!("tea:ln:{h3}") }));
+    }
+
+    #[test]
+    fn lightning_rules_need_an_amount_and_take_no_revert() {
+        let mut r = rule("c", Trigger::Lightning { amount_msat: 0, expiry_secs: 600 });
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("amount_msat"));
+        r.trigger = Trigger::Lightning { amount_msat: 1, expiry_secs: 0 };
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("expiry_secs"));
+        r.trigger = Trigger::Lightning { amount_msat: 1, expiry_secs: 1 };
+        r.revert = Some(r.action.clone());
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("revert"));
+        let text = "[[rule]]\nid = \"c\"\ndevice = \"d\"\ntrigger = { kind = \"lightning\", amount_msat = 5000 }\naction = { command = \"on\" }\n";
+        let rs = RuleSet::parse(text, Network::Regtest).unwrap();
+        assert_eq!(rs.rules[0].trigger, Trigger::Lightning { amount_msat: 5000, expiry_secs: 600 });
+    }
+}
