@@ -1,7 +1,8 @@
 //! The Lightning trigger end to end, against a real regtest bitcoind, the gateway's real
 //! ldk-node, a real payer ldk-node with a channel to it and a real MQTT device: an
 //! invoice is refused while the device is offline; the paid invoice makes the device act
-//! exactly once; the same invoice cannot be paid twice; a gateway restart between the
+//! exactly once; the same invoice cannot be paid twice; the gateway's node routes a
+//! payment to a third node (a hub); a gateway restart between the
 //! payment and the device's acknowledgement delivers the action again under the same
 //! event id, and the device acts once.
 
@@ -153,6 +154,41 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     wait("the gateway sees the channel usable", 120, || {
         status(&base)["channels"].as_array().unwrap().iter().any(|c| c["usable"] == true)
     });
+
+    // The gateway's node is a hub: a shop with an announced channel to it (opened by the
+    // shop, which pushes some of it to the gateway so the gateway can forward; ldk-node
+    // forwards only to announced channels) is paid by the payer through the gateway; that
+    // payment is not an actuator invoice and fires nothing.
+    let shop = node::start(&NodeConfig {
+        dir: d.join("shop/ldk"),
+        listen: free_addr(),
+        rpc: chain.rpc_config().clone(),
+        alias: "shop".into(),
+        announce: false,
+    })
+    .unwrap();
+    node::fund_on_regtest(chain.client(), &shop, 1).unwrap();
+    node::open_channel(chain.client(), &shop, gw_id, ln.into(), 200_000, Some(100_000_000), true).unwrap();
+    node::wait_usable(chain.client(), &payer, gw_id).unwrap();
+    let desc = bitmote_pay::ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(
+        bitmote_pay::ldk_node::lightning_invoice::Description::new("tea".into()).unwrap(),
+    );
+    let tea = shop.bolt11_payment().receive(30_000, &desc, 600).unwrap();
+    let routed = Instant::now() + Duration::from_secs(180);
+    loop {
+        // The payer may not have the channel's announcement yet (gossip): retry.
+        let id = payer.bolt11_payment().send(&tea, None).unwrap();
+        wait("the routed payment settled", 60, || payer.payment(&id).is_some_and(|p| p.status != PaymentStatus::Pending));
+        if payer.payment(&id).unwrap().status == PaymentStatus::Succeeded {
+            break;
+        }
+        assert!(Instant::now() < routed, "the payer could not pay the shop through the gateway");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    wait("the shop has the payment", 30, || {
+        shop.list_payments().iter().any(|p| p.status == PaymentStatus::Succeeded && p.amount_msat == Some(30_000))
+    });
+    shop.stop().unwrap();
 
     // No invoice while the lock is offline; none for rules that are not Lightning rules.
     let orders = format!("{base}/v1/devices/lock-ln/orders");
