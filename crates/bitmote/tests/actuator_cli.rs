@@ -1,7 +1,9 @@
 //! A rental lock that opens when its payment confirms, end to end: `bitmote up` with a
 //! rules file, a simulated lock (`bitmote device actuator`) on the embedded MQTT broker,
 //! a real payment on regtest, the lock's acknowledgement in the action log; and a lock that
-//! checks payments itself with its light client, refusing fake ones published to its topic.
+//! checks payments itself with its light client, refusing fake ones published to its topic;
+//! and `up` with its Lightning node selling an invoice whose payment opens the lock once,
+//! through a kill -9 of `up` between the payment and the lock's acknowledgement.
 
 use std::process::Stdio;
 
@@ -179,7 +181,7 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
 }
 
 #[test]
-fn with_its_lightning_node_on_up_sells_an_invoice_that_opens_the_lock_once() {
+fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once_even_after_kill_9() {
     use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
     use bitmote_pay::ldk_node::payment::PaymentStatus;
     use bitmote_pay::node::{self, NodeConfig};
@@ -221,7 +223,7 @@ fn with_its_lightning_node_on_up_sells_an_invoice_that_opens_the_lock_once() {
     node::fund_on_regtest(chain.client(), &payer, 1).unwrap();
     node::open_channel(chain.client(), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
 
-    let lock = lock_7(d, &mqtt);
+    let mut lock = lock_7(d, &mqtt);
     wait_presence(&http, "lock-7", "online");
     let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
     let order: Json = ureq::post(&format!("{http}/v1/devices/lock-7/orders"))
@@ -232,6 +234,10 @@ fn with_its_lightning_node_on_up_sells_an_invoice_that_opens_the_lock_once() {
         .unwrap();
     let invoice: Bolt11Invoice = order["invoice"].as_str().unwrap().parse().unwrap();
     assert_eq!(invoice.amount_milli_satoshis(), Some(21_000));
+
+    // The lock loses power after the sale; the customer pays.
+    lock.kill().unwrap();
+    lock.wait().unwrap();
     // The channel is usable on the gateway's side a moment after the payer's: retry routing.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -249,7 +255,27 @@ fn with_its_lightning_node_on_up_sells_an_invoice_that_opens_the_lock_once() {
         assert!(Instant::now() < deadline, "the invoice could not be paid: {status:?}");
         std::thread::sleep(Duration::from_secs(1));
     }
+    payer.stop().unwrap();
+    // The action is due (sent to the broker for the offline lock) when the gateway crashes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        if log["actions"].as_array().unwrap().iter().any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the paid invoice's action was never sent: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut u = u;
+    // SAFETY: SIGKILL to our own child: a crash, no cleanup.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
+    u.child.wait().unwrap();
+    drop(u);
 
+    // Restarted, with the lock back: it opens once, and the action is acknowledged once.
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let lock = lock_7(d, &mqtt);
     let output = lock.wait_with_output().unwrap();
     assert!(output.status.success());
     let acted = String::from_utf8_lossy(&output.stdout).to_string();
@@ -259,8 +285,11 @@ fn with_its_lightning_node_on_up_sells_an_invoice_that_opens_the_lock_once() {
     assert_eq!(v["event_id"].as_str(), order["order_id"].as_str());
     let acked = the_one_action_acked(&http);
     assert_eq!((acked["trigger"].as_str(), acked["lightning"]["amount_msat"].as_u64()), (Some("lightning"), Some(21_000)));
-    payer.stop().unwrap();
+    assert!(acked["attempts"].as_u64().unwrap() >= 2, "sent before the crash and after: {acked}");
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!(state["done"].as_array().unwrap().len(), 1);
     assert!(u.interrupt().success());
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
 
 /// The gateway's rules file: `rental` opens lock-7 on 20,000 sat to a fixed address (returned).
