@@ -16,6 +16,13 @@
 //! action = { command = "off" }
 //!
 //! [[rule]]
+//! id = "coffee"
+//! device = "lock-7"
+//! # paid by a BOLT11 invoice of the gateway's Lightning node (one per payment order)
+//! trigger = { kind = "lightning", amount_msat = 50000, expiry_secs = 600 }
+//! action = { command = "unlock" }
+//!
+//! [[rule]]
 //! id = "notify"
 //! device = "door-7"
 //! trigger = { kind = "height", height = 900000 }
