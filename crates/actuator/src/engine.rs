@@ -80,11 +80,24 @@ CREATE TABLE IF NOT EXISTS act_outbox (
 );
 CREATE INDEX IF NOT EXISTS act_outbox_state ON act_outbox(state);
 CREATE TABLE IF NOT EXISTS act_rules (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, rule TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS act_invoices (
+    payment_hash TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    amount_msat INTEGER NOT NULL,
+    bolt11 TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    paid_ms INTEGER,
+    paid_msat INTEGER
+);
 ";
 
 /// Columns added to `act_outbox` after its first release (`delivery` NULL = MQTT).
 /// `payment` is the triggering payment as JSON ([`Payment`]).
-const OUTBOX_COLUMNS: [(&str, &str); 3] = [("delivery", "TEXT"), ("confirmations", "INTEGER"), ("payment", "TEXT")];
+/// `trigger` is the rule's trigger kind; `lightning` the triggering Lightning payment as
+/// JSON ([`LightningPayment`]).
+const OUTBOX_COLUMNS: [(&str, &str); 5] =
+    [("delivery", "TEXT"), ("confirmations", "INTEGER"), ("payment", "TEXT"), ("trigger", "TEXT"), ("lightning", "TEXT")];
 
 
 /// State of an outbox entry.
@@ -158,6 +171,36 @@ pub struct OutboxItem {
     pub confirmations: Option<u32>,
     /// The payment that triggered it (payment rules), for devices that check it themselves.
     pub payment: Option<Payment>,
+    /// The kind of trigger that made it due (`payment`, `height`, `command`, `lightning`;
+    /// none for entries made before it was recorded).
+    pub trigger: Option<String>,
+    /// The Lightning payment that triggered it (Lightning rules).
+    pub lightning: Option<LightningPayment>,
+}
+
+/// A Lightning payment received by the gateway's node for an invoice of a Lightning rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LightningPayment {
+    /// Hex of the payment hash (the invoice's, and the key of the action's exactly-once).
+    pub payment_hash: String,
+    /// What was received.
+    pub amount_msat: u64,
+    /// What the invoice asked for.
+    pub invoice_msat: u64,
+}
+
+/// An invoice handed out for a Lightning rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Invoice {
+    pub payment_hash: String,
+    pub rule_id: String,
+    pub device: String,
+    pub amount_msat: u64,
+    pub bolt11: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub paid_ms: Option<u64>,
+    pub paid_msat: Option<u64>,
 }
 
 /// A payment that triggered an action: where it is, what it pays to whom.
@@ -179,7 +222,7 @@ impl OutboxItem {
             "event_id": self.event_id, "rule": self.rule_id, "device": self.device,
             "command": self.command, "args": self.args,
             "txid": self.txid, "height": self.height, "confirmations": self.confirmations,
-            "payment": self.payment, "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
+            "payment": self.payment, "lightning": self.lightning, "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
         })
     }
 }
@@ -215,6 +258,8 @@ pub enum EngineEvent {
     Cancelled { event_id: String },
     /// A trigger was reorged away after its action was delivered: an alert (and a revert, if any).
     Alert { event_id: String, message: String },
+    /// A payment arrived for an invoice of a Lightning rule that cannot act on it.
+    LightningRefused { payment_hash: String, reason: String },
 }
 
 struct Watched {
@@ -303,6 +348,80 @@ impl Engine {
         }
         self.db.execute("DELETE FROM act_rules WHERE id = ?1", [id])?;
         Ok(self.watched.remove(i).rule)
+    }
+
+    /// The Lightning rule `id` (for a payment order).
+    pub fn lightning_rule(&self, id: &str) -> Result<Rule> {
+        let w = self.watched.iter().find(|w| w.rule.id == id).ok_or_else(|| EngineError::NoSuchRule(id.into()))?;
+        match w.rule.trigger {
+            Trigger::Lightning { .. } => Ok(w.rule.clone()),
+            _ => Err(crate::RuleError::Invalid { id: id.into(), why: "is not a Lightning rule (trigger kind \"lightning\")".into() }.into()),
+        }
+    }
+
+    /// Remember an invoice handed out for the Lightning rule `rule` (kept with the rule
+    /// as it is now, so a payment still fires it if the rule is removed meanwhile).
+    pub fn add_invoice(&mut self, rule: &Rule, payment_hash: &str, bolt11: &str, amount_msat: u64, expires_ms: u64) -> Result<()> {
+        let json = serde_json::to_string(rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        self.db.execute(
+            "INSERT INTO act_invoices (payment_hash, rule, amount_msat, bolt11, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![payment_hash, json, amount_msat, bolt11, now_ms(), expires_ms],
+        )?;
+        Ok(())
+    }
+
+    /// The invoices handed out, newest first.
+    pub fn invoices(&self) -> Result<Vec<Invoice>> {
+        let mut st = self.db.prepare(
+            "SELECT payment_hash, rule, amount_msat, bolt11, created_ms, expires_ms, paid_ms, paid_msat FROM act_invoices ORDER BY created_ms DESC",
+        )?;
+        let rows = st.query_map([], |r| {
+            let rule: Rule = json_col(r, 1)?;
+            Ok(Invoice {
+                payment_hash: r.get(0)?,
+                rule_id: rule.id,
+                device: rule.device,
+                amount_msat: r.get(2)?,
+                bolt11: r.get(3)?,
+                created_ms: r.get(4)?,
+                expires_ms: r.get(5)?,
+                paid_ms: r.get(6)?,
+                paid_msat: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The gateway's Lightning node received `amount_msat` for `payment_hash`: if that is
+    /// the hash of one of our invoices, its rule's action becomes due, once — event id
+    /// `rule:ln:<payment hash>`, `INSERT OR IGNORE`, in one transaction with marking the
+    /// invoice paid. Call it before acknowledging the node's event: when it returns Ok the
+    /// action is durable, and a replayed event (after a crash) or a second payment of the
+    /// same hash changes nothing. `Ok(None)`: not an actuator invoice, or already fired.
+    pub fn lightning_received(&mut self, payment_hash: &str, amount_msat: u64) -> Result<Option<EngineEvent>> {
+        let tx = self.db.transaction()?;
+        let row: Option<(String, u64)> = tx
+            .query_row("SELECT rule, amount_msat FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((rule, invoice_msat)) = row else { return Ok(None) };
+        let rule: Rule = serde_json::from_str(&rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "UPDATE act_invoices SET paid_ms = ?2, paid_msat = ?3 WHERE payment_hash = ?1 AND paid_ms IS NULL",
+            params![payment_hash, now_ms(), amount_msat],
+        )?;
+        if amount_msat < invoice_msat {
+            tx.commit()?;
+            let reason = format!("received {amount_msat} msat for an invoice of {invoice_msat} msat; not acting");
+            return Ok(Some(EngineEvent::LightningRefused { payment_hash: payment_hash.into(), reason }));
+        }
+        let height: u32 = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten().unwrap_or(0);
+        let event_id = format!("{}:ln:{payment_hash}", rule.id);
+        let ln = LightningPayment { payment_hash: payment_hash.into(), amount_msat, invoice_msat };
+        let new = insert_due(&tx, &event_id, &rule, &rule.action, None, height, None, Some(&ln))?;
+        tx.commit()?;
+        Ok(new.then_some(EngineEvent::Due { event_id }))
     }
 
     /// The last block applied (`None` = none yet: start the stream where you like).
@@ -398,17 +517,17 @@ impl Engine {
                     }
                     p.address = address.clone();
                     let event_id = format!("{rule_id}:{}:{}", p.txid, p.vout);
-                    if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&p.txid), id.height, Some(&p))? {
+                    if insert_due(&tx, &event_id, &w.rule, &w.rule.action, Some(&p.txid), id.height, Some(&p), None)? {
                         out.push(EngineEvent::Due { event_id });
                     }
                 }
                 // … heights reached and commands buried deep enough.
                 for w in &self.watched {
                     match &w.rule.trigger {
-                        Trigger::Payment { .. } => {}
+                        Trigger::Payment { .. } | Trigger::Lightning { .. } => {}
                         Trigger::Height { height } if id.height >= *height => {
                             let event_id = format!("{}:height:{height}", w.rule.id);
-                            if insert_due(&tx, &event_id, &w.rule, &w.rule.action, None, id.height, None)? {
+                            if insert_due(&tx, &event_id, &w.rule, &w.rule.action, None, id.height, None, None)? {
                                 out.push(EngineEvent::Due { event_id });
                             }
                         }
@@ -423,7 +542,7 @@ impl Engine {
                             for (seq, txid, command) in due {
                                 let event_id = format!("{}:cmd:{seq}", w.rule.id);
                                 let action = Action { command, ..w.rule.action.clone() };
-                                if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height, None)? {
+                                if insert_due(&tx, &event_id, &w.rule, &action, Some(&txid), id.height, None, None)? {
                                     out.push(EngineEvent::Due { event_id });
                                 }
                             }
@@ -472,7 +591,7 @@ impl Engine {
                             if let Some(rule) = rule {
                                 if let Some(revert) = &rule.revert {
                                     let revert_id = format!("{event_id}:revert");
-                                    if insert_due(&tx, &revert_id, &rule, revert, Some(&txid), id.height, None)? {
+                                    if insert_due(&tx, &revert_id, &rule, revert, Some(&txid), id.height, None, None)? {
                                         message.push_str("; revert action queued");
                                         tracing::warn!("{message}");
                                         out.push(EngineEvent::Alert { event_id, message });
@@ -501,7 +620,7 @@ impl Engine {
     fn items(&self, where_: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<OutboxItem>> {
         let mut st = self.db.prepare(&format!(
             "SELECT event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, attempts, delivered_ms, acked_ms, note,
-                    COALESCE(delivery, '\"mqtt\"'), confirmations, payment
+                    COALESCE(delivery, '\"mqtt\"'), confirmations, payment, trigger, lightning
              FROM act_outbox {where_} ORDER BY due_ms, event_id"
         ))?;
         let rows = st.query_map(p, |r| {
@@ -523,6 +642,8 @@ impl Engine {
                 delivery: json_col(r, 14)?,
                 confirmations: r.get(15)?,
                 payment: r.get::<_, Option<String>>(16)?.map(|t| serde_json::from_str(&t).map_err(|e| conversion(16, e))).transpose()?,
+                trigger: r.get(17)?,
+                lightning: r.get::<_, Option<String>>(18)?.map(|t| serde_json::from_str(&t).map_err(|e| conversion(18, e))).transpose()?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -595,7 +716,12 @@ impl Engine {
     }
 }
 
-/// Put an action in the outbox once; returns whether it is new.
+/// Put an action in the outbox once; returns whether it is new. Every trigger goes
+/// through here — chain events from [`Engine::apply`], Lightning payments from
+/// [`Engine::lightning_received`] — so they share the outbox, its delivery and its
+/// exactly-once: the event id is the key (`rule:txid:vout`, `rule:height:H`,
+/// `rule:cmd:seq`, `rule:ln:<payment hash>`).
+#[allow(clippy::too_many_arguments)]
 fn insert_due(
     tx: &rusqlite::Transaction<'_>,
     event_id: &str,
@@ -604,11 +730,12 @@ fn insert_due(
     txid: Option<&str>,
     height: u32,
     payment: Option<&Payment>,
+    lightning: Option<&LightningPayment>,
 ) -> Result<bool> {
     let corrupt = |e: serde_json::Error| EngineError::Corrupt(e.to_string());
     let n = tx.execute(
-        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, delivery, confirmations, payment)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9, ?10, ?11, ?12)",
+        "INSERT OR IGNORE INTO act_outbox (event_id, rule_id, device, command, args, txid, height, state, due_ms, ttl_ms, delivery, confirmations, payment, trigger, lightning)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'due', ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             event_id,
             rule.id,
@@ -622,6 +749,8 @@ fn insert_due(
             serde_json::to_string(&action.delivery()).map_err(corrupt)?,
             rule.trigger.confirmations(),
             payment.map(serde_json::to_string).transpose().map_err(corrupt)?,
+            rule.trigger.kind(),
+            lightning.map(serde_json::to_string).transpose().map_err(corrupt)?,
         ],
     )?;
     Ok(n > 0)
@@ -639,5 +768,88 @@ fn json_col<T: serde::de::DeserializeOwned>(r: &rusqlite::Row<'_>, col: usize) -
 impl OutboxState {
     pub fn name(self) -> &'static str {
         self.as_str()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(id: &str, trigger: Trigger) -> Rule {
+        Rule {
+            id: id.into(),
+            device: "lock-7".into(),
+            trigger,
+            action: Action { command: "unlock".into(), args: serde_json::Value::Null, webhook: None, exec: None },
+            revert: None,
+            ttl_secs: Some(600),
+        }
+    }
+
+    #[test]
+    fn a_lightning_payment_fires_its_rule_once_across_replays_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("actuator.sqlite");
+        let coffee = rule("coffee", Trigger::Lightning { amount_msat: 50_000, expiry_secs: 600 });
+        let lease = rule("lease", Trigger::Height { height: 900 });
+        let rules = RuleSet::new(vec![coffee.clone(), lease], Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules.clone(), Network::Regtest).unwrap();
+
+        assert_eq!(e.lightning_rule("coffee").unwrap(), coffee);
+        assert!(e.lightning_rule("lease").unwrap_err().to_string().contains("not a Lightning rule"));
+        assert!(matches!(e.lightning_rule("nope"), Err(EngineError::NoSuchRule(_))));
+
+        let (h1, h2) = ("11".repeat(32), "22".repeat(32));
+        e.add_invoice(&coffee, &h1, "lnbcrt1", 50_000, now_ms() + 600_000).unwrap();
+        e.add_invoice(&coffee, &h2, "lnbcrt2", 50_000, now_ms() + 600_000).unwrap();
+        assert!(e.add_invoice(&coffee, &h1, "lnbcrt1", 50_000, 0).is_err(), "one invoice per payment hash");
+
+        // Not one of ours: nothing happens.
+        assert_eq!(e.lightning_received(&"33".repeat(32), 50_000).unwrap(), None);
+        assert!(e.log().unwrap().is_empty());
+
+        // Paid: due once, whatever replays the node's event.
+        let event_id = format!("coffee:ln:{h1}");
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), Some(EngineEvent::Due { event_id: event_id.clone() }));
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None);
+        drop(e);
+        let mut e = Engine::open(&path, rules, Network::Regtest).unwrap();
+        assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None, "after a restart too");
+        let log = e.log().unwrap();
+        assert_eq!(log.len(), 1);
+        let a = &log[0];
+        assert_eq!((a.event_id.as_str(), a.state, a.trigger.as_deref(), a.txid.as_deref()), (event_id.as_str(), OutboxState::Due, Some("lightning"), None));
+        assert_eq!(a.lightning, Some(LightningPayment { payment_hash: h1.clone(), amount_msat: 50_000, invoice_msat: 50_000 }));
+        assert_eq!(a.payload()["lightning"]["payment_hash"], h1.as_str());
+        assert_eq!(a.ttl_ms, Some(600_000));
+
+        // Less than the invoice asked for: refused, nothing due.
+        assert!(matches!(e.lightning_received(&h2, 49_999).unwrap(), Some(EngineEvent::LightningRefused { .. })));
+        assert_eq!(e.log().unwrap().len(), 1);
+        let invoices = e.invoices().unwrap();
+        assert_eq!(invoices.len(), 2);
+        assert!(invoices.iter().all(|i| i.paid_ms.is_some() && i.rule_id == "coffee" && i.device == "lock-7"));
+
+        // An invoice of an API rule removed since still fires (the rule is kept with it).
+        let tea = rule("tea", Trigger::Lightning { amount_msat: 1_000, expiry_secs: 60 });
+        e.add_rule(tea.clone()).unwrap();
+        let h3 = "44".repeat(32);
+        e.add_invoice(&tea, &h3, "lnbcrt3", 1_000, now_ms() + 60_000).unwrap();
+        e.remove_rule("tea").unwrap();
+        assert_eq!(e.lightning_received(&h3, 1_000).unwrap(), Some(EngineEvent::Due { event_id: format!("tea:ln:{h3}") }));
+    }
+
+    #[test]
+    fn lightning_rules_need_an_amount_and_take_no_revert() {
+        let mut r = rule("c", Trigger::Lightning { amount_msat: 0, expiry_secs: 600 });
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("amount_msat"));
+        r.trigger = Trigger::Lightning { amount_msat: 1, expiry_secs: 0 };
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("expiry_secs"));
+        r.trigger = Trigger::Lightning { amount_msat: 1, expiry_secs: 1 };
+        r.revert = Some(r.action.clone());
+        assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("revert"));
+        let text = "[[rule]]\nid = \"c\"\ndevice = \"d\"\ntrigger = { kind = \"lightning\", amount_msat = 5000 }\naction = { command = \"on\" }\n";
+        let rs = RuleSet::parse(text, Network::Regtest).unwrap();
+        assert_eq!(rs.rules[0].trigger, Trigger::Lightning { amount_msat: 5000, expiry_secs: 600 });
     }
 }

@@ -1,7 +1,7 @@
 //! bitmote-actuator: devices that react to chain events exactly once.
 //!
 //! * [`rules`]: what triggers what (payments with confirmations, block heights,
-//!   authenticated on-chain commands), from TOML;
+//!   authenticated on-chain commands, Lightning payments to the gateway's node), from TOML;
 //! * [`command`]: the signed, numbered OP_RETURN command format;
 //! * [`engine`]: applies reorg-aware block events to the rules, atomically with its
 //!   cursor, and keeps the exactly-once outbox of actions (due → delivered → acked, or
@@ -14,5 +14,5 @@ pub mod command;
 pub mod engine;
 pub mod rules;
 
-pub use engine::{Engine, EngineError, EngineEvent, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource};
+pub use engine::{Engine, EngineError, EngineEvent, Invoice, LightningPayment, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource};
 pub use rules::{Action, Delivery, Exec, Rule, RuleError, RuleSet, Trigger, Webhook};

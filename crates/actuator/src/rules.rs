@@ -16,6 +16,13 @@
 //! action = { command = "off" }
 //!
 //! [[rule]]
+//! id = "coffee"
+//! device = "lock-7"
+//! # paid by a BOLT11 invoice of the gateway's Lightning node (one per payment order)
+//! trigger = { kind = "lightning", amount_msat = 50000, expiry_secs = 600 }
+//! action = { command = "unlock" }
+//!
+//! [[rule]]
 //! id = "notify"
 //! device = "door-7"
 //! trigger = { kind = "height", height = 900000 }
@@ -65,10 +72,24 @@ pub enum Trigger {
         #[serde(default = "one")]
         confirmations: u32,
     },
+    /// A Lightning payment of `amount_msat` to the gateway's node: each payment order
+    /// for this rule (`POST /v1/devices/{id}/orders` with `{"rule": id}`) gets a BOLT11
+    /// invoice of its own, valid for `expiry_secs`, and fires once when it is paid
+    /// (keyed by its payment hash). Lightning payments are final once claimed: no
+    /// confirmations, no reorgs.
+    Lightning {
+        amount_msat: u64,
+        #[serde(default = "default_expiry")]
+        expiry_secs: u32,
+    },
 }
 
 fn one() -> u32 {
     1
+}
+
+fn default_expiry() -> u32 {
+    600
 }
 
 /// A command for the device, and how it reaches it: over MQTT (the default), a
@@ -208,7 +229,17 @@ impl Trigger {
     pub fn confirmations(&self) -> Option<u32> {
         match self {
             Trigger::Payment { confirmations, .. } | Trigger::Command { confirmations, .. } => Some(*confirmations),
-            Trigger::Height { .. } => None,
+            Trigger::Height { .. } | Trigger::Lightning { .. } => None,
+        }
+    }
+
+    /// The trigger's kind, as in rules (`payment`, `height`, `command`, `lightning`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Trigger::Payment { .. } => "payment",
+            Trigger::Height { .. } => "height",
+            Trigger::Command { .. } => "command",
+            Trigger::Lightning { .. } => "lightning",
         }
     }
 }
@@ -253,7 +284,7 @@ impl Rule {
                     .map_err(|_| self.invalid(format!("address {address} is not a {network} address")))?;
                 Ok(Some(a.script_pubkey()))
             }
-            Trigger::Height { .. } | Trigger::Command { .. } => Ok(None),
+            Trigger::Height { .. } | Trigger::Command { .. } | Trigger::Lightning { .. } => Ok(None),
         }
     }
 
@@ -284,6 +315,17 @@ impl Rule {
             }
             if *confirmations == 0 {
                 return Err(self.invalid("confirmations = 0 is not supported; use at least 1".into()));
+            }
+        }
+        if let Trigger::Lightning { amount_msat, expiry_secs } = &self.trigger {
+            if *amount_msat == 0 {
+                return Err(self.invalid("amount_msat must be positive".into()));
+            }
+            if *expiry_secs == 0 {
+                return Err(self.invalid("expiry_secs must be positive".into()));
+            }
+            if self.revert.is_some() {
+                return Err(self.invalid("Lightning payments are final once received: a revert action would never run".into()));
             }
         }
         for (what, a) in [("action", Some(&self.action)), ("revert", self.revert.as_ref())] {

@@ -40,6 +40,12 @@ pub struct GatewaySection {
     /// Lightning meters and providers whose `/v1/status` the dashboard shows.
     #[serde(default)]
     pub pay_status_urls: Vec<String>,
+    /// Run the gateway's own Lightning node (invoices for Lightning rules, a hub for
+    /// machines' channels); default off.
+    #[serde(default)]
+    pub lightning: bool,
+    /// Its Lightning P2P address, default `127.0.0.1:9735`.
+    pub lightning_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[notary]`: anchoring policy.
@@ -129,6 +135,12 @@ impl Config {
         }
         if let Some(v) = get("BITMOTE_GATEWAY_MQTT_PASSWORD_FILE") {
             self.gateway.mqtt_password_file = Some(v.into());
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_LIGHTNING") {
+            self.gateway.lightning = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+        }
+        if let Some(v) = get("BITMOTE_GATEWAY_LIGHTNING_LISTEN") {
+            self.gateway.lightning_listen = Some(v.parse().context("BITMOTE_GATEWAY_LIGHTNING_LISTEN must be host:port")?);
         }
         if let Some(v) = get("BITMOTE_GATEWAY_URL") {
             self.gateway.url = Some(v);

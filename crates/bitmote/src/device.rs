@@ -111,6 +111,11 @@ pub enum DeviceCommand {
         /// --key, or else --name).
         #[arg(long, value_name = "FILE")]
         mqtt_password_file: Option<PathBuf>,
+        /// Drive a real GPIO line (Linux GPIO character device): high when open/on, low
+        /// when closed/off. CHIP is a path (`/dev/gpiochip0`), a name (`gpiochip0`) or a
+        /// number (`0`); LINE the line's offset. Needs a build with `--features gpio`.
+        #[arg(long, value_name = "CHIP:LINE")]
+        gpio: Option<String>,
         #[command(flatten)]
         light: LightArgs,
     },
@@ -250,13 +255,13 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             let password = mqtt_password(mqtt_password_file.as_deref(), Some(&key))?;
             sensor(&url, &key, transport, &mqtt, password, Duration::from_millis(interval_ms), batch.max(1), count)
         }
-        DeviceCommand::Actuator { name, mqtt, state, count, key, mqtt_password_file, light } => {
+        DeviceCommand::Actuator { name, mqtt, state, count, key, mqtt_password_file, gpio, light } => {
             let user = match &key {
                 Some(k) => read_key(k)?.public_key().device_id().to_string(),
                 None => name.clone(),
             };
             let login = mqtt_password(mqtt_password_file.as_deref(), key.as_deref())?.map(|p| (user, p));
-            actuator(&name, &mqtt, login, &state, count, light)
+            actuator(&name, &mqtt, login, &state, count, gpio.as_deref(), light)
         }
         DeviceCommand::Command { key, device, seq, command } => {
             let k = read_key(&key)?;
@@ -536,11 +541,72 @@ fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]
     Ok(outpoint)
 }
 
-fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path: &Path, count: Option<u64>, la: LightArgs) -> Result<()> {
+/// Whether the output drives a GPIO line high.
+fn high(output: &str) -> bool {
+    matches!(output, "open" | "on")
+}
+
+/// A GPIO output line held by the actuator (`--gpio CHIP:LINE`).
+#[cfg(feature = "gpio")]
+struct Gpio {
+    req: gpiocdev::Request,
+    offset: u32,
+}
+
+#[cfg(feature = "gpio")]
+impl Gpio {
+    /// Request `spec` (`CHIP:LINE`) as an output, at `high` from the start.
+    fn open(spec: &str, high: bool) -> Result<Gpio> {
+        let (chip, line) = spec.rsplit_once(':').context("--gpio must be CHIP:LINE, e.g. gpiochip0:17")?;
+        let offset: u32 = line.parse().with_context(|| format!("--gpio line {line:?} must be a line offset (a number)"))?;
+        let path = if chip.starts_with('/') {
+            PathBuf::from(chip)
+        } else if chip.chars().all(|c| c.is_ascii_digit()) && !chip.is_empty() {
+            PathBuf::from(format!("/dev/gpiochip{chip}"))
+        } else {
+            Path::new("/dev").join(chip)
+        };
+        let req = gpiocdev::Request::builder()
+            .on_chip(&path)
+            .with_consumer("bitmote-actuator")
+            .with_line(offset)
+            .as_output(gpiocdev::line::Value::from(high))
+            .request()
+            .with_context(|| format!("requesting GPIO line {offset} of {} as an output", path.display()))?;
+        Ok(Gpio { req, offset })
+    }
+
+    fn set(&self, high: bool) -> Result<()> {
+        self.req.set_value(self.offset, gpiocdev::line::Value::from(high)).context("setting the GPIO line")?;
+        Ok(())
+    }
+}
+
+/// Without the `gpio` feature there is no line to drive.
+#[cfg(not(feature = "gpio"))]
+struct Gpio;
+
+#[cfg(not(feature = "gpio"))]
+impl Gpio {
+    fn open(_spec: &str, _high: bool) -> Result<Gpio> {
+        anyhow::bail!("this bitmote was built without GPIO support: build it with `cargo build -p bitmote --features gpio`")
+    }
+
+    fn set(&self, _high: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path: &Path, count: Option<u64>, gpio: Option<&str>, la: LightArgs) -> Result<()> {
     let mut state: ActuatorState = match std::fs::read(state_path) {
         Ok(b) => serde_json::from_slice(&b).context("corrupt actuator state file")?,
         Err(_) => ActuatorState { output: "closed".into(), ..Default::default() },
     };
+    // The line follows the saved state from the start (a restarted lock stays as it was).
+    let gpio = gpio.map(|spec| Gpio::open(spec, high(&state.output))).transpose()?;
+    if gpio.is_some() {
+        eprintln!("actuator {name}: GPIO line driven {}", if high(&state.output) { "high" } else { "low" });
+    }
     let light = match la.light_client {
         Some(peer) => {
             let l = LightClient::start(peer, la.network)?;
@@ -627,6 +693,11 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                             }
                         }
                         .replace("unchanged", &state.output);
+                        // The real output first: if it fails, nothing is recorded or
+                        // acknowledged, so the command comes again.
+                        if let Some(g) = &gpio {
+                            g.set(high(&state.output))?;
+                        }
                         println!("{}", json!({ "event_id": id, "command": cmd["command"], "output": state.output }));
                         acted += 1;
                         state.paid.extend(checked.and_then(Result::ok));

@@ -222,6 +222,10 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
         (None, None) => println!("  mqtt     : off"),
     }
+    if let Some(n) = &gateway.shared().lightning {
+        let at = n.listening_addresses().unwrap_or_default().first().map(|a| a.to_string()).unwrap_or_default();
+        println!("  lightning: {}@{at}  (gateway node: invoices for Lightning rules; GET /v1/lightning)", n.node_id());
+    }
     println!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
     println!("ready; press Ctrl-C to stop");
     std::io::stdout().flush()?;
@@ -265,6 +269,13 @@ fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     g.mqtt_broker_login = cfg.mqtt_broker_login()?;
     g.pay_status_urls = cfg.gateway.pay_status_urls.clone();
+    if cfg.gateway.lightning {
+        let mut l = bitmote_gateway::lightning::LightningConfig::default();
+        if let Some(a) = cfg.gateway.lightning_listen {
+            l.listen = a;
+        }
+        g.lightning = Some(l);
+    }
     let regtest = client.network() == Network::Regtest;
     let n = &cfg.notary;
     g.anchor.interval = Duration::from_secs(n.anchor_interval_secs.unwrap_or(if regtest { 10 } else { 600 }));

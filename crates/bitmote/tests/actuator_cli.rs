@@ -1,7 +1,9 @@
 //! A rental lock that opens when its payment confirms, end to end: `bitmote up` with a
 //! rules file, a simulated lock (`bitmote device actuator`) on the embedded MQTT broker,
 //! a real payment on regtest, the lock's acknowledgement in the action log; and a lock that
-//! checks payments itself with its light client, refusing fake ones published to its topic.
+//! checks payments itself with its light client, refusing fake ones published to its topic;
+//! and `up` with its Lightning node selling an invoice whose payment opens the lock once,
+//! through a kill -9 of `up` between the payment and the lock's acknowledgement.
 
 use std::process::Stdio;
 
@@ -181,6 +183,118 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     assert_eq!((state["output"].as_str(), state["done"].as_array().unwrap().len()), (Some("open"), 1));
     assert_eq!(state["paid"][0].as_str().unwrap(), format!("{txid}:{}", acked["payment"]["vout"]));
     assert!(u.interrupt().success());
+}
+
+#[test]
+fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once_even_after_kill_9() {
+    use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
+    use bitmote_pay::ldk_node::payment::PaymentStatus;
+    use bitmote_pay::node::{self, NodeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ln = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    std::fs::write(d.join("bitmote.toml"), format!("[gateway]\nlightning = true\nlightning_listen = \"{ln}\"\n")).unwrap();
+    std::fs::create_dir_all(d.join("gateway")).unwrap();
+    std::fs::write(
+        d.join("gateway/rules.toml"),
+        "[[rule]]\nid = \"coffee\"\ndevice = \"lock-7\"\ntrigger = { kind = \"lightning\", amount_msat = 21000 }\naction = { command = \"unlock\" }\nttl_secs = 600\n",
+    )
+    .unwrap();
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let line = u.lines.iter().find(|l| l.starts_with("lightning:")).unwrap_or_else(|| panic!("no lightning line: {:?}", u.lines));
+    assert!(line.contains(&format!("@{ln}")), "{line}");
+
+    // The gateway's node, funded by `up` on regtest so it accepts a channel.
+    let status = || ureq::get(&format!("{http}/v1/lightning")).call().unwrap().into_json::<Json>().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while status()["onchain_sat"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the gateway's Lightning wallet was never funded: {}", status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gw_id = node::parse_node_id(status()["node_id"].as_str().unwrap()).unwrap();
+
+    // A customer's node with a channel to it.
+    let chain = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let payer = node::start(&NodeConfig {
+        dir: d.join("customer/ldk"),
+        listen,
+        rpc: chain.rpc_config().clone(),
+        alias: "customer".into(),
+        announce: false,
+    })
+    .unwrap();
+    node::fund_on_regtest(chain.client(), &payer, 1).unwrap();
+    node::open_channel(chain.client(), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
+
+    let mut lock = lock_7(d, &mqtt);
+    wait_presence(&http, "lock-7", "online");
+    let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
+    let order: Json = ureq::post(&format!("{http}/v1/devices/lock-7/orders"))
+        .set("Authorization", &format!("Bearer {}", token.trim()))
+        .send_json(serde_json::json!({ "rule": "coffee" }))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let invoice: Bolt11Invoice = order["invoice"].as_str().unwrap().parse().unwrap();
+    assert_eq!(invoice.amount_milli_satoshis(), Some(21_000));
+
+    // The lock loses power after the sale; the customer pays.
+    lock.kill().unwrap();
+    lock.wait().unwrap();
+    // The channel is usable on the gateway's side a moment after the payer's: retry routing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let id = payer.bolt11_payment().send(&invoice, None).unwrap();
+        let waited = Instant::now();
+        let status = loop {
+            match payer.payment(&id).map(|p| p.status) {
+                Some(PaymentStatus::Pending) | None if waited.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(100)),
+                s => break s,
+            }
+        };
+        if status == Some(PaymentStatus::Succeeded) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the invoice could not be paid: {status:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    payer.stop().unwrap();
+    // The action is due (sent to the broker for the offline lock) when the gateway crashes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        if log["actions"].as_array().unwrap().iter().any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the paid invoice's action was never sent: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut u = u;
+    // SAFETY: SIGKILL to our own child: a crash, no cleanup.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
+    u.child.wait().unwrap();
+    drop(u);
+
+    // Restarted, with the lock back: it opens once, and the action is acknowledged once.
+    let u = up(d, &["--block-interval", "1"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    let lock = lock_7(d, &mqtt);
+    let output = lock.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let acted = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(acted.lines().count(), 1, "{acted}");
+    let v: Json = serde_json::from_str(acted.trim()).unwrap();
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")));
+    assert_eq!(v["event_id"].as_str(), order["order_id"].as_str());
+    let acked = the_one_action_acked(&http);
+    assert_eq!((acked["trigger"].as_str(), acked["lightning"]["amount_msat"].as_u64()), (Some("lightning"), Some(21_000)));
+    assert!(acked["attempts"].as_u64().unwrap() >= 2, "sent before the crash and after: {acked}");
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!(state["done"].as_array().unwrap().len(), 1);
+    assert!(u.interrupt().success());
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
 
 /// The gateway's rules file: `rental` opens lock-7 on 20,000 sat to a fixed address (returned).

@@ -53,7 +53,7 @@ impl Retry {
     }
 }
 
-fn alert(shared: &Shared, message: String) {
+pub(crate) fn alert(shared: &Shared, message: String) {
     tracing::warn!("{message}");
     shared.alerts.lock().unwrap_or_else(|p| p.into_inner()).push(message);
 }

@@ -101,6 +101,7 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
             "rules": rules,
             "actions": actions,
             "alerts": alerts,
+            "lightning": crate::lightning::status(&s),
         })))
     })
     .await

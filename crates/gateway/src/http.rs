@@ -84,6 +84,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rules", get(list_rules).post(add_rule))
         .route("/v1/rules/{id}", delete(remove_rule))
         .route("/v1/devices/{id}/orders", post(order))
+        .route("/v1/lightning", get(lightning))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::metrics::count_requests))
         .with_state(shared)
@@ -522,19 +523,76 @@ impl Order {
     }
 }
 
+async fn lightning(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(crate::lightning::status(&s))
+}
+
+/// A Lightning payment order: an invoice for the Lightning rule `rule`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LightningOrder {
+    rule: String,
+}
+
+fn is_online(s: &Shared, device: &str) -> bool {
+    s.presence.lock().unwrap_or_else(|p| p.into_inner()).get(device).is_some_and(|(state, _)| state == "online")
+}
+
+async fn lightning_order(
+    s: Arc<Shared>,
+    device: String,
+    o: LightningOrder,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let Some(node) = s.lightning.clone() else {
+        return Err(ApiError(StatusCode::CONFLICT, "this gateway runs no Lightning node ([gateway] lightning = true)".into(), "no_lightning"));
+    };
+    let id = o.rule.clone();
+    let rule = call(&s.actuator_jobs, "the actuator", move |e| e.lightning_rule(&id)).await?.map_err(engine_err)?;
+    if rule.device != device {
+        return Err(bad(format!("rule {} is for device {}, not {device}", rule.id, rule.device)));
+    }
+    let Trigger::Lightning { amount_msat, expiry_secs } = rule.trigger else { return Err(internal("not a Lightning rule")) };
+    // No one is asked to pay for a device that cannot act now.
+    if !is_online(&s, &device) {
+        return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
+    }
+    let what = format!("bitmote {} {} ({})", device, rule.action.command, rule.id);
+    let invoice = blocking(move || {
+        let desc = bitmote_pay::ldk_node::lightning_invoice::Description::new(what).map_err(internal)?;
+        let desc = bitmote_pay::ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(desc);
+        node.bolt11_payment().receive(amount_msat, &desc, expiry_secs).map_err(internal)
+    })
+    .await?;
+    let hash = crate::lightning::hash_hex(&bitmote_chain::bitcoin::hashes::Hash::to_byte_array(*invoice.payment_hash()));
+    let bolt11 = invoice.to_string();
+    let expires_ms = bitmote_chain::now_ms() + expiry_secs as u64 * 1000;
+    let (h, b, r) = (hash.clone(), bolt11.clone(), rule.clone());
+    call(&s.actuator_jobs, "the actuator", move |e| e.add_invoice(&r, &h, &b, amount_msat, expires_ms)).await?.map_err(engine_err)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "order_id": format!("{}:ln:{hash}", rule.id), "rule": rule.id, "device": rule.device, "invoice": bolt11,
+            "payment_hash": hash, "amount_msat": amount_msat, "expiry_secs": expiry_secs, "expires_ms": expires_ms,
+        })),
+    ))
+}
+
 async fn order(
     State(s): State<Arc<Shared>>,
     _: Admin,
     Path(device): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let o: Order = json_body(&body)?;
+    let v: serde_json::Value = json_body(&body)?;
+    if v.get("rule").is_some() {
+        return lightning_order(s, device, serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?).await;
+    }
+    let o: Order = serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?;
     // Check everything but the address before taking one from the wallet.
     let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();
     o.rule(format!("{ORDER_PREFIX}0"), &device, placeholder).check(s.network).map_err(|e| bad(e.to_string()))?;
     // No one is asked to pay for a device that cannot act now.
-    let online = s.presence.lock().unwrap_or_else(|p| p.into_inner()).get(&device).is_some_and(|(state, _)| state == "online");
-    if !online {
+    if !is_online(&s, &device) {
         return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
     }
     let address = call(&s.wallet_jobs, "the gateway wallet", |w| w.new_address()).await?.map_err(internal)?.to_string();

@@ -11,6 +11,7 @@ pub mod actuator;
 pub mod dashboard;
 pub mod deliver;
 pub mod http;
+pub mod lightning;
 pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_front;
@@ -49,6 +50,8 @@ pub enum GatewayError {
     Db(#[from] rusqlite::Error),
     #[error("actuators: {0}")]
     Actuator(String),
+    #[error("Lightning node: {0}")]
+    Lightning(String),
 }
 
 /// How the gateway runs.
@@ -74,6 +77,9 @@ pub struct GatewayConfig {
     pub actuator_retry: actuator::Retry,
     /// Lightning meter and provider processes whose `/v1/status` the dashboard shows.
     pub pay_status_urls: Vec<String>,
+    /// The gateway's own Lightning node (off by default): invoices for Lightning rules,
+    /// and a hub that accepts channels from machines.
+    pub lightning: Option<lightning::LightningConfig>,
 }
 
 impl GatewayConfig {
@@ -91,6 +97,7 @@ impl GatewayConfig {
             log_origin: "bitmote.local/log".into(),
             actuator_retry: actuator::Retry::default(),
             pay_status_urls: vec![],
+            lightning: None,
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct Shared {
     pub http_requests: Mutex<std::collections::BTreeMap<u16, u64>>,
     /// Devices' MQTT credentials and open connections (see [`mqtt_front`]).
     pub mqtt_auth: mqtt_front::MqttAuth,
+    /// The gateway's Lightning node, when it runs one.
+    pub lightning: Option<Arc<bitmote_pay::ldk_node::Node>>,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -178,6 +187,10 @@ impl Gateway {
         let network = client.network();
         let (actuator_jobs, actuator_rx) = mpsc::channel();
         let (wallet_jobs, wallet_rx) = mpsc::channel();
+        let ln_node = match &cfg.lightning {
+            Some(l) => Some(lightning::start_node(l, &cfg.data_dir, &client)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             ingest,
             db_path: db_path.clone(),
@@ -199,6 +212,7 @@ impl Gateway {
             pay_status_urls: cfg.pay_status_urls.clone(),
             http_requests: Mutex::new(Default::default()),
             mqtt_auth: mqtt_front::MqttAuth::load(&open_db(&db_path)?)?,
+            lightning: ln_node,
         });
         let mut threads = vec![];
 
@@ -262,6 +276,10 @@ impl Gateway {
             tracing::info!("{} actuator rules from {}", rules.rules.len(), rules_path.display());
         }
         threads.push(actuator::start(shared.clone(), &cfg.data_dir, client.fresh()?, rules, cfg.actuator_retry, actuator_rx)?);
+        if shared.lightning.is_some() {
+            let fund = cfg.lightning.as_ref().is_some_and(|l| l.regtest_fund);
+            threads.push(lightning::start_events(shared.clone(), fund)?);
+        }
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
         Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })
     }
@@ -283,6 +301,11 @@ impl Gateway {
         self.shared.ingest.shutdown();
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if let Some(n) = &self.shared.lightning {
+            if let Err(e) = n.stop() {
+                tracing::debug!("stopping the Lightning node: {e}");
+            }
         }
     }
 }

@@ -81,6 +81,7 @@ function trigger(t) {
   if (t.kind === "payment") return `≥ ${num(t.min_sat)} sat to ${short(t.address)}, ${t.confirmations} conf.`;
   if (t.kind === "height") return `height ${t.height}`;
   if (t.kind === "command") return `command signed by ${short(t.key)}`;
+  if (t.kind === "lightning") return `Lightning ${num(t.amount_msat)} msat (invoice valid ${num(t.expiry_secs)} s)`;
   return esc(JSON.stringify(t));
 }
 
@@ -88,7 +89,7 @@ const ruleRow = (r) =>
   `<tr><td>${esc(r.id)}</td><td>${esc(r.device)}</td><td>${trigger(r.trigger)}</td><td>${esc(r.command)}</td><td>${esc(r.delivery)}</td><td>${esc(r.source)}</td></tr>`;
 
 const actionRow = (a) =>
-  `<tr><td>${short(a.event_id)}</td><td>${esc(a.rule_id)}</td><td>${esc(a.device)}</td><td>${esc(a.command)}</td><td>${a.height}</td>` +
+  `<tr><td>${short(a.event_id)}</td><td>${esc(a.rule_id)}</td><td>${esc(a.device)}</td><td>${esc(a.command)}</td><td>${a.lightning ? `⚡ ${num(a.lightning.amount_msat)} msat` : a.height}</td>` +
   `<td class="${esc(a.state)}">${esc(a.state)}</td><td>${a.attempts}</td><td>${esc(a.note)}</td></tr>`;
 
 function renderDashboard(d) {

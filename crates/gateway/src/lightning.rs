@@ -1,0 +1,158 @@
+//! The gateway's own Lightning node (optional): an ldk-node on the gateway's bitcoind
+//! (RPC, cookie or user/password), state under `<gateway data>/ldk`, listening on
+//! loopback. It hands out BOLT11 invoices for Lightning rules (payment orders) and
+//! accepts inbound channels, so machines can use it as a routing hub.
+//!
+//! Its events are handled by one thread: a `PaymentReceived` for one of our invoices
+//! makes the rule's action due in the actuator's outbox ([`Engine::lightning_received`],
+//! run by the actuator loop, which owns the engine), and only once that is durable is the
+//! event acknowledged to ldk-node. A crash in between replays the event, which then
+//! changes nothing (the event id is keyed by the payment hash).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bitmote_actuator::{Engine, EngineEvent};
+use bitmote_chain::ChainClient;
+use bitmote_pay::ldk_node::{Event, Node};
+use bitmote_pay::node::NodeConfig;
+
+use crate::{GatewayError, Shared};
+
+/// How the gateway runs its Lightning node.
+#[derive(Clone, Debug)]
+pub struct LightningConfig {
+    /// Lightning P2P address (loopback by default).
+    pub listen: SocketAddr,
+    pub alias: String,
+    /// Announce the node's address (so channels opened to it as announced enter the
+    /// public graph, for routing through it).
+    pub announce: bool,
+    /// On regtest, mine coins to the node's wallet when it has none: ldk-node accepts an
+    /// inbound (anchor) channel only with an on-chain reserve for fee bumping.
+    pub regtest_fund: bool,
+}
+
+impl Default for LightningConfig {
+    fn default() -> Self {
+        LightningConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9735)), alias: "bitmote-gateway".into(), announce: true, regtest_fund: true }
+    }
+}
+
+/// Start the node under `<data_dir>/ldk` on the chain `client` talks to.
+pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient) -> Result<Arc<Node>, GatewayError> {
+    let nc = NodeConfig {
+        dir: bitmote_pay::node::node_dir(data_dir),
+        listen: cfg.listen,
+        rpc: client.config().clone(),
+        alias: cfg.alias.clone(),
+        announce: cfg.announce,
+    };
+    let node = bitmote_pay::node::start(&nc).map_err(|e| GatewayError::Lightning(e.to_string()))?;
+    tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "Lightning node up");
+    Ok(node)
+}
+
+/// The node's identity, address, channels and balances (`GET /v1/lightning`).
+pub fn status(shared: &Shared) -> serde_json::Value {
+    match &shared.lightning {
+        Some(n) => {
+            let mut v = bitmote_pay::node_json(n);
+            v["enabled"] = serde_json::json!(true);
+            v
+        }
+        None => serde_json::json!({ "enabled": false }),
+    }
+}
+
+/// Hex of a payment hash.
+pub fn hash_hex(h: &[u8; 32]) -> String {
+    hex::encode(h)
+}
+
+/// Handle the node's events until the gateway stops.
+pub fn start_events(shared: Arc<Shared>, regtest_fund: bool) -> Result<JoinHandle<()>, GatewayError> {
+    std::thread::Builder::new()
+        .name("lightning".into())
+        .spawn(move || {
+            if regtest_fund && shared.network == bitmote_chain::bitcoin::Network::Regtest {
+                if let Some(node) = &shared.lightning {
+                    if node.list_balances().total_onchain_balance_sats == 0 {
+                        tracing::info!("regtest: mining coins to the gateway's Lightning wallet (reserve for inbound channels)");
+                        if let Err(e) = bitmote_pay::node::fund_on_regtest(&shared.client, node, 1) {
+                            tracing::warn!("funding the Lightning wallet: {e}");
+                        }
+                    }
+                }
+            }
+            events(shared)
+        })
+        .map_err(|e| GatewayError::Io { context: "spawning the Lightning event loop".into(), source: e })
+}
+
+fn events(shared: Arc<Shared>) {
+    let Some(node) = shared.lightning.clone() else { return };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("Lightning event loop: {e}");
+            return;
+        }
+    };
+    while !shared.stop.load(Ordering::SeqCst) {
+        let Ok(ev) = rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), node.next_event_async()).await }) else {
+            continue;
+        };
+        tracing::debug!("Lightning event {ev:?}");
+        match handle(&shared, &ev) {
+            Ok(()) => {
+                if let Err(e) = node.event_handled() {
+                    tracing::error!("acknowledging a Lightning event: {e}");
+                }
+            }
+            Err(e) => {
+                // Not acknowledged: ldk-node gives it again, and we retry.
+                tracing::warn!("handling {ev:?}: {e}; will retry");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+fn handle(shared: &Shared, ev: &Event) -> Result<(), String> {
+    match ev {
+        Event::PaymentReceived { payment_hash, amount_msat, .. } => {
+            let (hash, amount) = (hash_hex(&payment_hash.0), *amount_msat);
+            let h = hash.clone();
+            let r = on_engine(shared, move |e| e.lightning_received(&h, amount))?.map_err(|e| e.to_string())?;
+            match r {
+                Some(EngineEvent::Due { event_id }) => tracing::info!("Lightning payment {hash} ({amount} msat): {event_id} due"),
+                Some(EngineEvent::LightningRefused { reason, .. }) => {
+                    crate::actuator::alert(shared, format!("Lightning payment {hash}: {reason}"))
+                }
+                _ => tracing::info!("Lightning payment {hash} ({amount} msat): no action (not an actuator invoice, or fired already)"),
+            }
+            Ok(())
+        }
+        Event::ChannelReady { channel_id, counterparty_node_id, .. } => {
+            tracing::info!("Lightning channel {channel_id} with {counterparty_node_id:?} ready");
+            Ok(())
+        }
+        Event::ChannelClosed { channel_id, reason, .. } => {
+            tracing::info!("Lightning channel {channel_id} closed: {reason:?}");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Run `f` on the actuator's engine (owned by the actuator loop) and wait for it.
+fn on_engine<R: Send + 'static>(shared: &Shared, f: impl FnOnce(&mut Engine) -> R + Send + 'static) -> Result<R, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    shared.actuator_jobs.send(Box::new(move |e: &mut Engine| drop(tx.send(f(e))))).map_err(|_| "the actuator loop is gone".to_string())?;
+    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "the actuator loop did not answer".to_string())
+}
