@@ -215,8 +215,12 @@ impl Fleet {
             let enrolled = sdir.join("enrollment.json");
             if !enrolled.exists() {
                 let k = device::read_key(&key)?;
-                let answer = device::enroll(g, &at.gateway_url, &k.public_key(), Some(&name))
-                    .with_context(|| format!("enrolling {name}"))?;
+                let answer = match device::enroll(g, &at.gateway_url, &k.public_key(), Some(&name)) {
+                    Ok(a) => a,
+                    // Enrolled before its answer was saved (a crash in between): keep going.
+                    Err(e) if e.to_string().contains("answered 409") => json!({ "already_enrolled": e.to_string() }),
+                    Err(e) => return Err(e).with_context(|| format!("enrolling {name}")),
+                };
                 // The answer may carry the device's credentials: a secret file.
                 bitmote_chain::wallet::write_secret(&enrolled, serde_json::to_string_pretty(&answer)?.as_bytes())?;
             }

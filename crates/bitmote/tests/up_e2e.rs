@@ -166,4 +166,16 @@ fn up_runs_the_whole_system_shows_it_in_a_browser_stops_every_process_and_resume
     for (name, pid) in &children {
         assert!(!exists(*pid), "{name} (pid {pid}) is still running after the second Ctrl-C");
     }
+
+    // `up` killed with SIGKILL: its fleet goes with it (each member gets SIGTERM).
+    let mut u = start(d);
+    let children = pids(&up_json(d));
+    assert!(children.len() >= 15, "all run (the meter once its provider answers): {children:?}");
+    u.child.kill().unwrap();
+    u.child.wait().unwrap();
+    for (name, pid) in &children {
+        eventually(&format!("{name} (pid {pid}) gone after kill -9 of up"), || !exists(*pid));
+    }
+    // The node is a daemon of its own then: stop it.
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
