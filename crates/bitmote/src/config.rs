@@ -19,6 +19,45 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub notary: NotarySection,
+    #[serde(default)]
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: the simulated fleet `bitmote up` runs beside the gateway on regtest (real
+/// separate processes: sensors, a rental lock, a relay, an energy provider and meter).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// Run the fleet (default true; `bitmote up --no-sim` = false). Regtest only.
+    pub enabled: Option<bool>,
+    /// Simulated sensors publishing signed readings over MQTT (default 24).
+    pub sensors: Option<u32>,
+    /// Milliseconds between a sensor's sends (default 2000).
+    pub sensor_interval_ms: Option<u64>,
+    /// Every n-th sensor signs batches instead of single readings (default 4; 0 = none).
+    pub batch_every: Option<u32>,
+    /// Readings per signed batch of those sensors (default 8).
+    pub batch_size: Option<u32>,
+    /// Price of one rental of the lock, paid on-chain to a fresh order address (default 20000 sat).
+    pub rental_sat: Option<u64>,
+    /// Blocks between the end of a lease and the next rental order (default 3).
+    pub rental_every_blocks: Option<u32>,
+    /// Blocks a paid rental keeps the lock open (a height rule locks it again; default 3).
+    pub lease_blocks: Option<u32>,
+    /// Blocks between signed on-chain commands toggling the relay (default 4; 0 = never).
+    pub relay_every_blocks: Option<u32>,
+    /// Run the Lightning energy provider and meter (default true).
+    pub meter: Option<bool>,
+    /// The provider's tick length in ms (default 2000).
+    pub tick_ms: Option<u64>,
+    /// The provider's JSON API (default 127.0.0.1:8660; port 0 = pick a free port once and keep it).
+    pub provider_http: Option<std::net::SocketAddr>,
+    /// The provider's Lightning P2P address (default 127.0.0.1:9735; port 0 as above).
+    pub provider_ln: Option<std::net::SocketAddr>,
+    /// The meter's JSON API (default 127.0.0.1:8661; port 0 as above).
+    pub meter_http: Option<std::net::SocketAddr>,
+    /// The meter's Lightning P2P address (default 127.0.0.1:9736; port 0 as above).
+    pub meter_ln: Option<std::net::SocketAddr>,
 }
 
 /// `[gateway]`: where the gateway listens.
@@ -41,10 +80,11 @@ pub struct GatewaySection {
     #[serde(default)]
     pub pay_status_urls: Vec<String>,
     /// Run the gateway's own Lightning node (invoices for Lightning rules, a hub for
-    /// machines' channels); default off.
-    #[serde(default)]
-    pub lightning: bool,
-    /// Its Lightning P2P address, default `127.0.0.1:9735`.
+    /// machines' channels). Default: on in `bitmote up` with its simulated fleet (the
+    /// fleet's meter pays its provider through it), off otherwise.
+    pub lightning: Option<bool>,
+    /// Its Lightning P2P address, default `127.0.0.1:9735` (`127.0.0.1:9737` beside the
+    /// simulated fleet, whose provider has 9735; port 0 picks a free port once and keeps it).
     pub lightning_listen: Option<std::net::SocketAddr>,
 }
 
@@ -105,54 +145,69 @@ impl Config {
     }
 
     fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<()> {
-        let c = &mut self.chain;
-        if let Some(v) = get("BITMOTE_CHAIN_NETWORK") {
-            c.network = Some(v);
+        fn parse<T: std::str::FromStr>(key: &str, v: String, what: &str) -> Result<T> {
+            v.trim().parse().map_err(|_| anyhow::anyhow!("{key} must be {what}, not {v:?}"))
         }
-        if let Some(v) = get("BITMOTE_CHAIN_RPC_URL") {
-            c.rpc_url = Some(v);
+        macro_rules! env {
+            ($key:literal, $field:expr) => {
+                if let Some(v) = get($key) {
+                    $field = Some(v);
+                }
+            };
+            ($key:literal, $field:expr, $what:literal) => {
+                if let Some(v) = get($key) {
+                    $field = Some(parse($key, v, $what)?);
+                }
+            };
         }
-        if let Some(v) = get("BITMOTE_CHAIN_RPC_COOKIE") {
-            c.rpc_cookie = Some(v.into());
-        }
-        if let Some(v) = get("BITMOTE_CHAIN_RPC_USER") {
-            c.rpc_user = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_CHAIN_RPC_PASSWORD") {
-            c.rpc_password = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_GATEWAY_HTTP_LISTEN") {
-            self.gateway.http_listen = Some(v.parse().context("BITMOTE_GATEWAY_HTTP_LISTEN must be host:port")?);
-        }
-        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_LISTEN") {
-            self.gateway.mqtt_listen = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_BROKER") {
-            self.gateway.mqtt_broker = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_USERNAME") {
-            self.gateway.mqtt_username = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_GATEWAY_MQTT_PASSWORD_FILE") {
-            self.gateway.mqtt_password_file = Some(v.into());
-        }
+        env!("BITMOTE_CHAIN_NETWORK", self.chain.network);
+        env!("BITMOTE_CHAIN_RPC_URL", self.chain.rpc_url);
+        env!("BITMOTE_CHAIN_RPC_COOKIE", self.chain.rpc_cookie, "a path");
+        env!("BITMOTE_CHAIN_RPC_USER", self.chain.rpc_user);
+        env!("BITMOTE_CHAIN_RPC_PASSWORD", self.chain.rpc_password);
+        env!("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS", self.chain.block_interval_secs, "a number of seconds");
+        env!("BITMOTE_GATEWAY_HTTP_LISTEN", self.gateway.http_listen, "host:port");
+        env!("BITMOTE_GATEWAY_MQTT_LISTEN", self.gateway.mqtt_listen);
+        env!("BITMOTE_GATEWAY_MQTT_BROKER", self.gateway.mqtt_broker);
+        env!("BITMOTE_GATEWAY_MQTT_USERNAME", self.gateway.mqtt_username);
+        env!("BITMOTE_GATEWAY_MQTT_PASSWORD_FILE", self.gateway.mqtt_password_file, "a path");
         if let Some(v) = get("BITMOTE_GATEWAY_LIGHTNING") {
-            self.gateway.lightning = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            self.gateway.lightning = Some(parse::<bool>("BITMOTE_GATEWAY_LIGHTNING", v, "true or false")?);
         }
-        if let Some(v) = get("BITMOTE_GATEWAY_LIGHTNING_LISTEN") {
-            self.gateway.lightning_listen = Some(v.parse().context("BITMOTE_GATEWAY_LIGHTNING_LISTEN must be host:port")?);
+        env!("BITMOTE_GATEWAY_LIGHTNING_LISTEN", self.gateway.lightning_listen, "host:port");
+        env!("BITMOTE_GATEWAY_URL", self.gateway.url);
+        if let Some(v) = get("BITMOTE_GATEWAY_PAY_STATUS_URLS") {
+            self.gateway.pay_status_urls = v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
         }
-        if let Some(v) = get("BITMOTE_GATEWAY_URL") {
-            self.gateway.url = Some(v);
-        }
-        if let Some(v) = get("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS") {
-            self.notary.anchor_interval_secs = Some(v.parse().context("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS must be a number")?);
-        }
-        let c = &mut self.chain;
-        if let Some(v) = get("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS") {
-            c.block_interval_secs = Some(v.parse().context("BITMOTE_CHAIN_BLOCK_INTERVAL_SECS must be a number of seconds")?);
-        }
+        env!("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", self.notary.anchor_interval_secs, "a number");
+        env!("BITMOTE_NOTARY_BUMP_AFTER_BLOCKS", self.notary.bump_after_blocks, "a number");
+        env!("BITMOTE_NOTARY_MAX_FEE_RATE_SAT_VB", self.notary.max_fee_rate_sat_vb, "a number");
+        env!("BITMOTE_NOTARY_LOG_ORIGIN", self.notary.log_origin);
+        let f = &mut self.fleet;
+        env!("BITMOTE_FLEET_ENABLED", f.enabled, "true or false");
+        env!("BITMOTE_FLEET_SENSORS", f.sensors, "a number");
+        env!("BITMOTE_FLEET_SENSOR_INTERVAL_MS", f.sensor_interval_ms, "a number of ms");
+        env!("BITMOTE_FLEET_BATCH_EVERY", f.batch_every, "a number");
+        env!("BITMOTE_FLEET_BATCH_SIZE", f.batch_size, "a number");
+        env!("BITMOTE_FLEET_RENTAL_SAT", f.rental_sat, "a number of sat");
+        env!("BITMOTE_FLEET_RENTAL_EVERY_BLOCKS", f.rental_every_blocks, "a number of blocks");
+        env!("BITMOTE_FLEET_LEASE_BLOCKS", f.lease_blocks, "a number of blocks");
+        env!("BITMOTE_FLEET_RELAY_EVERY_BLOCKS", f.relay_every_blocks, "a number of blocks");
+        env!("BITMOTE_FLEET_METER", f.meter, "true or false");
+        env!("BITMOTE_FLEET_TICK_MS", f.tick_ms, "a number of ms");
+        env!("BITMOTE_FLEET_PROVIDER_HTTP", f.provider_http, "host:port");
+        env!("BITMOTE_FLEET_PROVIDER_LN", f.provider_ln, "host:port");
+        env!("BITMOTE_FLEET_METER_HTTP", f.meter_http, "host:port");
+        env!("BITMOTE_FLEET_METER_LN", f.meter_ln, "host:port");
         Ok(())
+    }
+
+    /// The configuration file `load` reads, if any.
+    pub fn path(path: Option<&Path>, data_dir: &Path) -> Option<PathBuf> {
+        match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(data_dir.join("bitmote.toml")).filter(|p| p.is_file()),
+        }
     }
 
     /// The gateway's HTTP address.
@@ -307,5 +362,27 @@ mod tests {
         assert!(parse("").unwrap().mqtt_broker_login().unwrap().is_none());
         let rpc = RpcAuth::UserPass { user: "u".into(), password: "hunter2".into() };
         assert!(!format!("{rpc:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn every_section_has_env_overrides() {
+        let mut cfg = parse("[fleet]\nsensors = 5\nmeter = true\n").unwrap();
+        cfg.apply_env(|k| match k {
+            "BITMOTE_FLEET_SENSORS" => Some("7".into()),
+            "BITMOTE_FLEET_METER" => Some("false".into()),
+            "BITMOTE_FLEET_PROVIDER_HTTP" => Some("127.0.0.1:0".into()),
+            "BITMOTE_GATEWAY_PAY_STATUS_URLS" => Some("http://a, http://b".into()),
+            "BITMOTE_NOTARY_LOG_ORIGIN" => Some("example/log".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.fleet.sensors, Some(7));
+        assert_eq!(cfg.fleet.meter, Some(false));
+        assert_eq!(cfg.fleet.provider_http, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(cfg.gateway.pay_status_urls, ["http://a", "http://b"]);
+        assert_eq!(cfg.notary.log_origin.as_deref(), Some("example/log"));
+        let err = parse("").unwrap().apply_env(|k| (k == "BITMOTE_FLEET_SENSORS").then(|| "many".into())).unwrap_err();
+        assert!(err.to_string().contains("BITMOTE_FLEET_SENSORS must be a number"), "{err}");
+        assert!(parse("[fleet]\nsensor = 3\n").is_err(), "typos are rejected");
     }
 }

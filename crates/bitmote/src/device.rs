@@ -165,7 +165,7 @@ pub fn read_key(path: &Path) -> Result<SigningKey> {
     .map_err(|e| anyhow::anyhow!("{e}"))?)
 }
 
-pub fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
+pub(crate) fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
     let kind = match k {
         SigningKey::Schnorr(_) => "schnorr",
         SigningKey::P256(_) => "p256",
@@ -201,14 +201,7 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             if out.exists() {
                 bail!("{} exists; not overwriting a key", out.display());
             }
-            let k = loop {
-                let mut s = [0u8; 32];
-                getrandom::getrandom(&mut s)?;
-                let k = if p256 { SigningKey::p256_from_secret(&s) } else { SigningKey::schnorr_from_secret(&s) };
-                if let Ok(k) = k {
-                    break k;
-                }
-            };
+            let k = new_key(p256)?;
             write_key(&out, &k)?;
             println!("public key: {}", k.public_key());
             println!("device id : {}", k.public_key().device_id());
@@ -220,12 +213,9 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
                 (None, Some(f)) => read_key(f)?.public_key(),
                 _ => bail!("give either a public key or --key FILE"),
             };
-            let r: Json = admin_request(g, "POST", &format!("{url}/v1/devices"))?
-                .send_json(json!({ "public_key": pk.to_string(), "name": name }))
-                .map_err(api_err)?
-                .into_json()?;
+            let r = enroll(g, &url, &pk, name.as_deref())?;
             println!("enrolled {} as {}", r["device"]["id"].as_str().unwrap_or(""), r["device"]["name"].as_str().unwrap_or(""));
-            let password = r["mqtt"]["password"].as_str().context("the gateway returned no MQTT credentials")?;
+            let password = mqtt_password_of(&r)?;
             match mqtt_password_file.or_else(|| key.as_deref().map(mqtt_file)) {
                 Some(f) => {
                     bitmote_chain::wallet::write_secret(&f, format!("{password}\n").as_bytes())?;
@@ -296,6 +286,48 @@ fn refused_login(code: rumqttc::ConnectReturnCode) -> String {
     )
 }
 
+/// A fresh random device key (BIP340, or P-256).
+pub(crate) fn new_key(p256: bool) -> Result<SigningKey> {
+    loop {
+        let mut s = [0u8; 32];
+        getrandom::getrandom(&mut s)?;
+        let k = if p256 { SigningKey::p256_from_secret(&s) } else { SigningKey::schnorr_from_secret(&s) };
+        if let Ok(k) = k {
+            return Ok(k);
+        }
+    }
+}
+
+/// Enrol a device key with the gateway at `url` (admin): what `bitmote device enroll` and
+/// the simulated fleet of `bitmote up` both do. The gateway's answer.
+pub(crate) fn enroll(g: &Global, url: &str, pk: &PublicKey, name: Option<&str>) -> Result<Json> {
+    Ok(admin_request(g, "POST", &format!("{url}/v1/devices"))?
+        .send_json(json!({ "public_key": pk.to_string(), "name": name }))
+        .map_err(api_err)?
+        .into_json()?)
+}
+
+fn mqtt_password_of(answer: &Json) -> Result<&str> {
+    answer["mqtt"]["password"].as_str().context("the gateway returned no MQTT credentials")
+}
+
+/// Make sure the device key at `key` exists, is enrolled under `name` and has its MQTT
+/// password beside it (`<key>.mqtt`): what the simulated fleet does for each member. Safe to
+/// repeat after a crash at any point: enrolling a key again issues it a new password.
+pub(crate) fn ensure_enrolled(g: &Global, url: &str, key: &Path, name: &str) -> Result<()> {
+    if !key.exists() {
+        write_key(key, &new_key(false)?)?;
+    }
+    let f = mqtt_file(key);
+    if f.exists() {
+        return Ok(());
+    }
+    let pk = read_key(key)?.public_key();
+    let answer = enroll(g, url, &pk, Some(name)).with_context(|| format!("enrolling {name}"))?;
+    bitmote_chain::wallet::write_secret(&f, format!("{}\n", mqtt_password_of(&answer)?).as_bytes())?;
+    Ok(())
+}
+
 /// The next sequence number is kept beside the key, so a restarted device never reuses one.
 fn seq_file(key: &Path) -> PathBuf {
     key.with_extension("seq")
@@ -323,7 +355,9 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
         Transport::Http => None,
     };
     eprintln!("sensor {id} sending over {transport:?} from seq {seq}");
-    while count.is_none_or(|c| sent < c) {
+    // Ctrl-C / SIGTERM stop between sends, never between a receipt and its sequence number.
+    let stop = crate::node::stop_flag()?;
+    while count.is_none_or(|c| sent < c) && !stop.load(std::sync::atomic::Ordering::SeqCst) {
         let n = match count {
             Some(c) => batch.min((c - sent) as usize),
             None => batch,
@@ -335,6 +369,7 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
             SignedBatch::sign(&k, readings).map_err(|e| anyhow::anyhow!("{e}"))?.encode()
         };
         // Send until a receipt arrives: resending a stored reading is acknowledged again.
+        let mut skip_to = None;
         let receipts = loop {
             let r = match &mut link {
                 Some(l) => l.send(&payload),
@@ -346,13 +381,28 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
             };
             match r {
                 Ok(v) => break v,
-                Err(e) if e.to_string().contains("answered 4") || e.to_string().contains("refused:") => return Err(e),
                 Err(e) => {
+                    let msg = e.to_string();
+                    // Killed after a receipt but before saving the sequence number: go on after
+                    // the last one the gateway accepted (the readings are new, with new numbers).
+                    if let Some(last) = replayed_after(&msg).filter(|&l| l >= seq) {
+                        eprintln!("the gateway already has readings up to seq {last}; going on from {}", last + 1);
+                        skip_to = Some(last + 1);
+                        break Json::Null;
+                    }
+                    if msg.contains("answered 4") || msg.contains("refused:") {
+                        return Err(e);
+                    }
                     eprintln!("send failed ({e}); retrying");
                     std::thread::sleep(Duration::from_secs(1));
                 }
             }
         };
+        if let Some(next) = skip_to.take() {
+            seq = next;
+            bitmote_chain::stream::write_atomic(&seq_file(key), seq.to_string().as_bytes())?;
+            continue;
+        }
         seq += n as u64;
         sent += n as u64;
         bitmote_chain::stream::write_atomic(&seq_file(key), seq.to_string().as_bytes())?;
@@ -361,6 +411,12 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
         std::thread::sleep(interval);
     }
     Ok(())
+}
+
+/// The last sequence number the gateway accepted, from its refusal of a replayed one.
+fn replayed_after(error: &str) -> Option<u64> {
+    let rest = error.split_once("the last accepted for this device is ")?.1;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 /// A device's MQTT session: publish on its readings topic, wait for its receipt.

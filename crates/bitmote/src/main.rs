@@ -9,9 +9,11 @@ mod bench_notary;
 mod bench_pay;
 mod config;
 mod device;
+mod fleet;
 mod node;
 mod pay;
 mod rules;
+mod status;
 
 use std::path::PathBuf;
 
@@ -65,8 +67,13 @@ impl Global {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run bitmote: start (or connect to) the Bitcoin node and keep it going until Ctrl-C.
+    /// Run bitmote: the Bitcoin node, the gateway and (on regtest) a simulated fleet, until Ctrl-C.
     Up(node::UpArgs),
+    /// Health of a running `bitmote up`: node, gateway, MQTT, anchoring, devices, fleet, Lightning.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Install, start, stop and inspect the regtest Bitcoin node.
     #[command(subcommand)]
     Node(node::NodeCommand),
@@ -149,6 +156,7 @@ fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
         Command::Up(a) => node::up(&g, a),
+        Command::Status { json } => status::status(&g, json),
         Command::Node(c) => node::node(&g, c),
         Command::Chain(c) => node::chain(&g, c),
         Command::Bench(c) => bench::run(&g, c),

@@ -28,6 +28,12 @@ pub struct UpArgs {
     /// Seconds between blocks mined on the embedded regtest node (0 = don't mine).
     #[arg(long, value_name = "SECS")]
     pub block_interval: Option<u64>,
+    /// Run the gateway alone, without the simulated fleet.
+    #[arg(long)]
+    pub no_sim: bool,
+    /// Number of simulated sensors (default 24, or `[fleet] sensors`).
+    #[arg(long, value_name = "N")]
+    pub sensors: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,7 +204,57 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let mut stream =
         BlockStream::resume(client.fresh()?, cursor_store.load()?, Start::Tip, StreamConfig::default())?;
 
-    let gateway = start_gateway(&cfg, &data_dir, client)?;
+    // The simulated fleet (regtest only): its ports first, so the dashboard shows the meter.
+    let sim = !args.no_sim && cfg.fleet.enabled.unwrap_or(true);
+    if sim && !regtest {
+        println!("the simulated fleet runs on regtest only; on {network} the gateway runs alone");
+    }
+    let plan = match sim && regtest {
+        true => Some(crate::fleet::Plan::resolve(&cfg, &data_dir.join("fleet"), args.sensors)?),
+        false => None,
+    };
+    let mut pay_urls = cfg.gateway.pay_status_urls.clone();
+    if let Some(p) = plan.as_ref().filter(|p| p.meter) {
+        for u in [p.meter_url(), p.provider_url()] {
+            if !pay_urls.contains(&u) {
+                pay_urls.push(u);
+            }
+        }
+    }
+    // The gateway's Lightning node: on by default beside the fleet (its hub), else opt-in.
+    let lightning = match (cfg.gateway.lightning, &plan) {
+        (Some(false), _) => None,
+        (_, Some(p)) => p.gateway_ln,
+        (Some(true), None) => Some(cfg.gateway.lightning_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9735)))),
+        (None, None) => None,
+    };
+    let gateway = start_gateway(&cfg, &data_dir, client, pay_urls, lightning)?;
+    let hub = match (&gateway.shared().lightning, lightning) {
+        (Some(n), Some(at)) => Some((n.clone(), format!("{}@{at}", n.node_id()))),
+        _ => None,
+    };
+    let api = format!("http://{}", gateway.http_addr);
+    let mqtt_addr = match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
+        (Some(url), _) => url.trim_start_matches("mqtt://").parse().ok(),
+        (None, a) => a,
+    };
+    let mut fleet = match plan {
+        Some(plan) => {
+            let hub_for_meter = hub.as_ref().filter(|_| plan.meter);
+            let at = crate::fleet::Endpoints { gateway_url: api.clone(), mqtt: mqtt_addr, client, hub: hub_for_meter.map(|h| h.1.clone()) };
+            if let Some((n, _)) = hub_for_meter {
+                crate::fleet::open_hub_channel(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
+            }
+            let mut f = crate::fleet::Fleet::prepare(g, &cfg, plan, &at)?;
+            f.start()?;
+            Some(f)
+        }
+        None => None,
+    };
+    let mut driver = match &fleet {
+        Some(f) => Some(crate::fleet::Driver::new(g, f, &api, client)?),
+        None => None,
+    };
     let rpc = client.config();
     println!("bitmote is up");
     println!("  data dir : {}", data_dir.display());
@@ -215,11 +271,11 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         (true, s) => println!("  mining   : a block every {s} s"),
         _ => {}
     }
-    println!("  http api : http://{}  (OpenAPI: /openapi.json)", gateway.http_addr);
-    println!("  dashboard: http://{}/  (metrics: /metrics)", gateway.http_addr);
+    println!("  http api : {api}  (OpenAPI: /openapi.json)");
+    println!("  dashboard: {api}/  (metrics: /metrics)");
     match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
         (Some(url), _) => println!("  mqtt     : external broker {url}"),
-        (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (topics bitmote/<device-id>/readings|receipts|errors)"),
+        (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (each device logs in with the password issued at enrolment, on its own topics bitmote/<device>/...)"),
         (None, None) => println!("  mqtt     : off"),
     }
     if let Some(n) = &gateway.shared().lightning {
@@ -227,9 +283,53 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         println!("  lightning: {}@{at}  (gateway node: invoices for Lightning rules; GET /v1/lightning)", n.node_id());
     }
     println!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
+    match &fleet {
+        Some(f) => {
+            println!("  fleet    : {} processes, state and logs in {}", f.members.len(), f.dir().display());
+            for m in &f.members {
+                let url = m.url.as_deref().map(|u| format!(" {u}")).unwrap_or_default();
+                let pid = m.pid().map(|p| format!("pid {p}")).unwrap_or_else(|| "waiting".into());
+                println!("    {:<10} {:<8} {:<10}{url}  log {}", m.name, m.kind, pid, m.log.display());
+            }
+            if driver.is_some() {
+                let p = &f.plan;
+                println!(
+                    "    chain events: a {} sat rental order for {} every ~{} blocks (lease {} blocks), a signed on-chain command for {} every {} blocks",
+                    p.rental_sat,
+                    crate::fleet::LOCK,
+                    p.rental_every_blocks + p.lease_blocks + 1,
+                    p.lease_blocks,
+                    crate::fleet::RELAY,
+                    p.relay_every_blocks
+                );
+            }
+        }
+        None => println!("  fleet    : off"),
+    }
+    let status_path = data_dir.join("up.json");
+    let write_status = |fleet: &Option<crate::fleet::Fleet>, driver: &Option<crate::fleet::Driver>| {
+        let v = serde_json::json!({
+            "pid": std::process::id(), "network": network.to_core_arg(), "rpc": rpc.url,
+            "http": api, "dashboard": format!("{api}/"),
+            "mqtt": gateway.mqtt_addr.map(|a| format!("mqtt://{a}")).or(cfg.gateway.mqtt_broker.clone()),
+            "fleet": fleet.as_ref().map(|f| f.json()),
+            "meter_url": fleet.as_ref().filter(|f| f.plan.meter).map(|f| f.plan.meter_url()),
+            "provider_url": fleet.as_ref().filter(|f| f.plan.meter).map(|f| f.plan.provider_url()),
+            "driver": driver.as_ref().map(|d| d.json()),
+        });
+        if let Err(e) = bitmote_chain::stream::write_atomic(&status_path, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes()) {
+            tracing::warn!("writing {}: {e}", status_path.display());
+        }
+    };
+    write_status(&fleet, &driver);
     println!("ready; press Ctrl-C to stop");
     std::io::stdout().flush()?;
 
+    // The first start funds the meter and opens its channel: a spinner until its API answers.
+    let mut meter_wait = fleet.as_ref().filter(|f| f.plan.meter).map(|f| {
+        let bar = crate::fleet::spinner("meter: funding its wallet and opening a channel to the provider (first start only)");
+        (f.plan.meter_url(), bar, Instant::now())
+    });
     let mut next_mine = Instant::now() + Duration::from_secs(interval);
     while !stop.load(Ordering::SeqCst) {
         if regtest && interval > 0 && Instant::now() >= next_mine {
@@ -238,10 +338,37 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 tracing::warn!("mining failed: {e}");
             }
         }
+        if let Some(f) = &mut fleet {
+            if f.supervise() {
+                write_status(&fleet, &driver);
+            }
+        }
+        if let Some((url, bar, since)) = &meter_wait {
+            if since.elapsed() > Duration::from_secs(2) {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_millis(500)).build();
+                let st: Option<serde_json::Value> = agent.get(&format!("{url}/v1/status")).call().ok().and_then(|r| r.into_json().ok());
+                if let Some(st) = st {
+                    bar.finish_and_clear();
+                    let channels = st["node"]["channels"].as_array().map_or(0, Vec::len);
+                    let _ = writeln!(std::io::stdout(), "meter    : streaming payments to the provider ({channels} channel(s)); status {url}/v1/status");
+                    meter_wait = None;
+                } else {
+                    meter_wait = Some((url.clone(), bar.clone(), Instant::now()));
+                }
+            }
+        }
         match stream.next_event(Some(Duration::from_millis(250))) {
             Ok(Some(ev)) => {
                 log_event(&ev);
                 cursor_store.save(ev.cursor_after())?;
+                // The driver acts at the tip only, not on each block of a burst (funding mines 100).
+                let at_tip = || client.tip().is_ok_and(|t| t.height == ev.id().height);
+                if ev.is_connected() && driver.is_some() && at_tip() {
+                    if let Some(d) = &mut driver {
+                        d.on_block(ev.id().height);
+                        write_status(&fleet, &driver);
+                    }
+                }
             }
             Ok(None) => {}
             Err(e) if e.is_transient() => {
@@ -253,7 +380,17 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     }
     // stdout may be gone (a closed pipe): never let that stop a clean shutdown.
     let _ = writeln!(std::io::stdout(), "stopping");
+    if let Some((_, bar, _)) = meter_wait.take() {
+        bar.finish_and_clear();
+    }
+    if let Some(f) = &mut fleet {
+        for (name, status) in f.stop() {
+            tracing::info!("fleet: {name} stopped ({status:?})");
+        }
+    }
+    drop(fleet);
     gateway.shutdown();
+    let _ = std::fs::remove_file(&status_path);
     if let Some(n) = node.owned {
         n.stop()?;
     }
@@ -262,19 +399,21 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
 }
 
 /// Start the gateway (HTTP, MQTT, notary, anchoring) under `<data-dir>/gateway`.
-fn start_gateway(cfg: &Config, data_dir: &Path, client: &ChainClient) -> Result<bitmote_gateway::Gateway> {
+fn start_gateway(
+    cfg: &Config,
+    data_dir: &Path,
+    client: &ChainClient,
+    pay_status_urls: Vec<String>,
+    lightning: Option<std::net::SocketAddr>,
+) -> Result<bitmote_gateway::Gateway> {
     let mut g = bitmote_gateway::GatewayConfig::new(data_dir.join("gateway"));
     g.http_listen = cfg.http_listen();
     g.mqtt_listen = cfg.mqtt_listen()?;
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     g.mqtt_broker_login = cfg.mqtt_broker_login()?;
-    g.pay_status_urls = cfg.gateway.pay_status_urls.clone();
-    if cfg.gateway.lightning {
-        let mut l = bitmote_gateway::lightning::LightningConfig::default();
-        if let Some(a) = cfg.gateway.lightning_listen {
-            l.listen = a;
-        }
-        g.lightning = Some(l);
+    g.pay_status_urls = pay_status_urls;
+    if let Some(listen) = lightning {
+        g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }
     let regtest = client.network() == Network::Regtest;
     let n = &cfg.notary;

@@ -95,6 +95,11 @@ pub struct MeterArgs {
     /// Stop after this many ticks (default: until the session limit or Ctrl-C).
     #[arg(long)]
     ticks: Option<u64>,
+    /// Pay the provider through this hub (`NODE_ID@HOST:PORT`, e.g. the gateway's Lightning
+    /// node): the meter's channel goes to the hub, which must have an announced channel to the
+    /// provider; the hub's routing fee is paid on top of each tick.
+    #[arg(long, value_name = "NODE_ID@HOST:PORT")]
+    via: Option<String>,
     /// A bitmote gateway to post every paid tick's signed register reading to, as a
     /// notary receipt (the meter's device key must be enrolled there).
     #[arg(long, value_name = "URL")]
@@ -111,7 +116,9 @@ fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16) -> Result<(A
         listen: m.ln_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], default_ln))),
         rpc: client.config().clone(),
         alias: name,
-        announce: false,
+        // A provider announces its address, so a hub can open an announced channel to it
+        // and meters elsewhere can route to it; a meter stays private.
+        announce: role == "provider",
     };
     let node = ln::start(&ncfg).context("starting the Lightning node")?;
     tracing::info!("{role} node {} listening on {}", node.node_id(), ncfg.listen);
@@ -175,6 +182,35 @@ fn ensure_channel(client: &ChainClient, node: &Node, provider: &str, addr: &str,
     Ok(())
 }
 
+/// Wait until the meter's graph has an announced, enabled channel from `hub` to `provider`, so it
+/// can route keysends to the provider (mining a block a second on regtest, which the
+/// announcement's 6 confirmations need).
+fn wait_for_route(client: &ChainClient, node: &Node, hub: &str, provider: &str) -> Result<()> {
+    use bitmote_pay::ldk_node::lightning::routing::gossip::NodeId;
+    let (hub, provider) = (NodeId::from_pubkey(&ln::parse_node_id(hub)?), NodeId::from_pubkey(&ln::parse_node_id(provider)?));
+    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
+    println!("waiting for the hub's channel to the provider to be announced (gossip)");
+    let mine = || {
+        if regtest {
+            let _ = client.mine(1, &bitmote_chain::regtest::op_true_address());
+        }
+    };
+    ln::wait_until(node, "a route to the provider through the hub", Duration::from_secs(600), mine, |n| {
+        let g = n.network_graph();
+        // The hub's side of the channel, announced and enabled.
+        g.list_channels().into_iter().filter_map(|scid| g.channel(scid)).any(|c| {
+            let hub_side = match (c.node_one, c.node_two) {
+                (one, two) if one == hub && two == provider => c.one_to_two,
+                (one, two) if one == provider && two == hub => c.two_to_one,
+                _ => None,
+            };
+            hub_side.is_some_and(|u| u.enabled)
+        })
+    })?;
+    println!("the provider is reachable through the hub");
+    Ok(())
+}
+
 pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     let a = match cmd {
         MeterCommand::Status { url } => return print_status(&url),
@@ -194,7 +230,14 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         }
     }
     let paddr = status["node"]["listening"][0].as_str().context("provider has no Lightning address")?.to_string();
-    ensure_channel(&client, &node, &pnode, &paddr, a.channel_sat)?;
+    match &a.via {
+        None => ensure_channel(&client, &node, &pnode, &paddr, a.channel_sat)?,
+        Some(hub) => {
+            let (hub_id, hub_addr) = hub.split_once('@').context("--via must be NODE_ID@HOST:PORT")?;
+            ensure_channel(&client, &node, hub_id, hub_addr, a.channel_sat)?;
+            wait_for_route(&client, &node, hub_id, &pnode)?;
+        }
+    }
     let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));
     let m = Meter::start(node.clone(), &dir, &url, http)?;
     if let Some(n) = &a.notary_url {

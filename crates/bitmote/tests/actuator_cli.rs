@@ -228,7 +228,7 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
     node::fund_on_regtest(chain.client(), &payer, 1).unwrap();
     node::open_channel(chain.client(), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
 
-    let mut lock = lock_7(d, &mqtt);
+    let mut lock = lock_7(d, &http, &mqtt);
     wait_presence(&http, "lock-7", "online");
     let token = std::fs::read_to_string(d.join("gateway/admin.token")).unwrap();
     let order: Json = ureq::post(&format!("{http}/v1/devices/lock-7/orders"))
@@ -280,7 +280,7 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
     // Restarted, with the lock back: it opens once, and the action is acknowledged once.
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
-    let lock = lock_7(d, &mqtt);
+    let lock = lock_7(d, &http, &mqtt);
     let output = lock.wait_with_output().unwrap();
     assert!(output.status.success());
     let acted = String::from_utf8_lossy(&output.stdout).to_string();

@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// `bitmote` on `data_dir`, gateway on free loopback ports, anchors at most every second.
+/// `bitmote` on `data_dir`, gateway on free loopback ports, anchors at most every second,
+/// no simulated fleet (`up_e2e.rs` runs the whole system).
 pub fn bitmote(data_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_bitmote"));
     c.env("BITMOTE_DATA_DIR", data_dir)
@@ -14,7 +15,8 @@ pub fn bitmote(data_dir: &Path) -> Command {
         .env("RUST_LOG", "warn")
         .env("BITMOTE_GATEWAY_HTTP_LISTEN", "127.0.0.1:0")
         .env("BITMOTE_GATEWAY_MQTT_LISTEN", "127.0.0.1:0")
-        .env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "1");
+        .env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "1")
+        .env("BITMOTE_FLEET_ENABLED", "false");
     c
 }
 
@@ -30,7 +32,14 @@ pub struct Up {
 
 /// Start `bitmote up` with `args` and wait until it is ready.
 pub fn up(data_dir: &Path, args: &[&str]) -> Up {
-    let mut child = bitmote(data_dir).arg("up").args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let mut c = bitmote(data_dir);
+    c.arg("up").args(args);
+    up_with(c)
+}
+
+/// Start `cmd` (a `bitmote up`) and wait until it is ready.
+pub fn up_with(mut cmd: Command) -> Up {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let (mut lines, mut http, mut mqtt) = (vec![], String::new(), String::new());
     loop {
