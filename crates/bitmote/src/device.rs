@@ -700,12 +700,18 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
     let acks = bitmote_gateway::mqtt::acks_topic(name);
     eprintln!("actuator {name}: output {} ({} commands done before)", state.output, state.done.len());
     let mut acted = 0u64;
-    let mut finishing = false;
+    // With --count: exit once the broker has acknowledged (PUBACK) our last acknowledgement,
+    // not on any PUBACK (that of the presence message may come after the command). Our
+    // publishes leave in the order made, each reported with its packet id.
+    let (mut published, mut sent) = (0u64, 0u64);
+    let mut last_ack: Option<u64> = None; // which of our publishes is the final acknowledgement
+    let mut last_ack_pkid: Option<u16> = None;
     for ev in events {
         match ev {
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                 client.try_subscribe(&commands, rumqttc::QoS::AtLeastOnce)?;
                 client.try_publish(&presence, rumqttc::QoS::AtLeastOnce, true, "online")?;
+                published += 1;
             }
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == commands => {
                 let cmd: Json = match serde_json::from_slice(&p.payload) {
@@ -725,6 +731,7 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                     println!("{}", json!({ "event_id": id, "command": command, "refused": reason }));
                     let ack = json!({ "event_id": id, "result": "refused", "reason": reason });
                     client.try_publish(&acks, rumqttc::QoS::AtLeastOnce, false, ack.to_string())?;
+                    published += 1;
                     continue;
                 }
                 let result = if state.done.contains(&id) {
@@ -765,11 +772,18 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                     result
                 };
                 client.try_publish(&acks, rumqttc::QoS::AtLeastOnce, false, json!({ "event_id": id, "result": result }).to_string())?;
-                if count.is_some_and(|c| acted >= c) {
-                    finishing = true; // exit once the broker has the acknowledgement
+                published += 1;
+                if count.is_some_and(|c| acted >= c) && last_ack.is_none() {
+                    last_ack = Some(published); // exit once the broker has this acknowledgement
                 }
             }
-            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) if finishing => return Ok(()),
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                sent += 1;
+                if last_ack == Some(sent) {
+                    last_ack_pkid = Some(pkid);
+                }
+            }
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) if last_ack_pkid == Some(a.pkid) => return Ok(()),
             Ok(_) => {}
             Err(rumqttc::ConnectionError::ConnectionRefused(code)) => bail!("{}", refused_login(code)),
             Err(e) => eprintln!("mqtt: {e}; reconnecting"),

@@ -14,28 +14,9 @@ use serde_json::Value as Json;
 
 mod common;
 use common::{bitmote, up_with, Up};
-
-fn ok(cmd: &mut Command) -> bool {
-    cmd.status().is_ok_and(|s| s.success())
-}
-
-/// Chromium and Node.js (apt-get, as root) and playwright-core (`npm ci`) when missing.
-fn prerequisites(browser_dir: &Path) {
-    let missing: Vec<&str> = [("/usr/bin/chromium", "chromium"), ("/usr/bin/npm", "npm")]
-        .into_iter()
-        .filter(|(path, _)| !Path::new(path).exists())
-        .map(|(_, package)| package)
-        .collect();
-    if !missing.is_empty() {
-        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-        assert!(root, "missing {missing:?}: run `apt-get install -y {}` as root", missing.join(" "));
-        let install = || ok(Command::new("apt-get").args(["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
-        assert!(install() || (ok(Command::new("apt-get").arg("update")) && install()), "apt-get install {missing:?} failed");
-    }
-    if !browser_dir.join("node_modules/playwright-core").is_dir() {
-        assert!(ok(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(browser_dir)), "npm ci in {}", browser_dir.display());
-    }
-}
+#[path = "../../gateway/tests/common/browser.rs"]
+mod browser;
+use browser::prerequisites;
 
 /// `bitmote up` with the fleet on, every port free (fleet ports picked once and kept).
 fn start(data_dir: &Path) -> Up {

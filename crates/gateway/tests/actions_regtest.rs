@@ -3,6 +3,9 @@
 //! until acknowledged or expired; rules added and removed over HTTP, live and across a
 //! restart; payment orders refused for offline devices.
 
+mod common;
+use common::api;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -38,23 +41,6 @@ fn gateway(dir: &Path, node: &RegtestNode) -> (Gateway, String, String) {
 fn write_mode(path: &Path, text: &str, mode: u32) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// An API call: status and JSON body.
-fn api(method: &str, url: &str, token: Option<&str>, body: Option<Json>) -> (u16, Json) {
-    let mut req = ureq::request(method, url);
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let r = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Json::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
 }
 
 /// Poll the action log until `done` holds, or fail with the log after 60 s.

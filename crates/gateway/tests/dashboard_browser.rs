@@ -4,6 +4,9 @@
 //! Installs what it needs when missing: Chromium and Node.js with apt-get (as root), and
 //! playwright-core with `npm ci`.
 
+mod common;
+use common::browser::prerequisites;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -21,29 +24,6 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
 use serde_json::{json, Value as Json};
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn ok(cmd: &mut Command) -> bool {
-    cmd.status().is_ok_and(|s| s.success())
-}
-
-fn prerequisites(browser_dir: &Path) {
-    let missing: Vec<&str> = [(CHROMIUM, "chromium"), ("/usr/bin/npm", "npm")]
-        .into_iter()
-        .filter(|(path, _)| !Path::new(path).exists())
-        .map(|(_, package)| package)
-        .collect();
-    if !missing.is_empty() {
-        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-        assert!(root, "missing {missing:?}: run `apt-get install -y {}` as root", missing.join(" "));
-        let install = || ok(Command::new("apt-get").args(["install", "-y"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
-        assert!(install() || (ok(Command::new("apt-get").arg("update")) && install()), "apt-get install {missing:?} failed");
-    }
-    if !browser_dir.join("node_modules/playwright-core").is_dir() {
-        assert!(ok(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(browser_dir)), "npm ci in {}", browser_dir.display());
-    }
-}
 
 /// A stand-in for a Lightning meter and its provider (`/meter`, `/provider`): real HTTP,
 /// their `/v1/status` shapes, one session paying a little more on every request.

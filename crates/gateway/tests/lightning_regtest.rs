@@ -6,6 +6,9 @@
 //! payment and the device's acknowledgement delivers the action again under the same
 //! event id, and the device acts once.
 
+mod common;
+use common::api;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,22 +44,6 @@ fn gateway(dir: &Path, chain: &RegtestNode, mqtt: SocketAddr, ln: SocketAddr) ->
     (gw, base, token)
 }
 
-fn api(method: &str, url: &str, token: Option<&str>, body: Option<Json>) -> (u16, Json) {
-    let mut req = ureq::request(method, url);
-    if let Some(t) = token {
-        req = req.set("Authorization", &format!("Bearer {t}"));
-    }
-    let r = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Json::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
-}
-
 fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
@@ -68,9 +55,11 @@ fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
 /// A lock on the broker at `mqtt` with a persistent session: it executes each event id
 /// once (kept in `done`) and acknowledges only while `ack` is set; it (re)subscribes and
 /// reports itself online on every connection, and its last will says offline. Returns
-/// what stops it (a disconnect).
-fn lock(name: &str, mqtt: SocketAddr, done: Arc<Mutex<Vec<String>>>, ack: Arc<AtomicBool>) -> impl FnOnce() {
+/// what stops it (a disconnect). It logs in with `login`, the MQTT credentials issued at its
+/// enrolment.
+fn lock(name: &str, mqtt: SocketAddr, login: &(String, String), done: Arc<Mutex<Vec<String>>>, ack: Arc<AtomicBool>) -> impl FnOnce() {
     let mut opts = rumqttc::MqttOptions::new(name, mqtt.ip().to_string(), mqtt.port());
+    opts.set_credentials(login.0.clone(), login.1.clone());
     opts.set_keep_alive(Duration::from_secs(5));
     opts.set_clean_session(false);
     let presence = format!("bitmote/{name}/presence");
@@ -203,7 +192,11 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     // The lock comes online (acting, but not acknowledging yet).
     let done = Arc::new(Mutex::new(vec![]));
     let ack = Arc::new(AtomicBool::new(false));
-    let stop_lock = lock("lock-ln", mqtt, done.clone(), ack.clone());
+    let key = bitmote_device::SigningKey::schnorr_from_secret(&[7; 32]).unwrap();
+    let (code, e) = api("POST", &format!("{base}/v1/devices"), t, Some(json!({ "public_key": key.public_key().to_string(), "name": "lock-ln" })));
+    assert_eq!(code, 200, "{e}");
+    let login = (e["mqtt"]["username"].as_str().unwrap().to_string(), e["mqtt"]["password"].as_str().unwrap().to_string());
+    let stop_lock = lock("lock-ln", mqtt, &login, done.clone(), ack.clone());
     wait("lock-ln online", 30, || api("GET", &format!("{base}/v1/presence"), None, None).1["devices"]["lock-ln"]["state"] == "online");
     let (code, order) = api("POST", &orders, t, Some(json!({ "rule": "coffee" })));
     assert_eq!(code, 201, "{order}");
@@ -242,7 +235,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     ack.store(true, Ordering::SeqCst);
     let mqtt = free_addr();
     let (gw, base, _) = gateway(d, &chain, mqtt, ln);
-    let stop_lock = lock("lock-ln", mqtt, done.clone(), ack.clone());
+    let stop_lock = lock("lock-ln", mqtt, &login, done.clone(), ack.clone());
     wait("the action acknowledged after the restart", 60, || action(&base)["state"] == "acked");
     let a = action(&base);
     assert!(a["attempts"].as_u64().unwrap() >= 2, "delivered before and after the restart: {a}");

@@ -3,6 +3,9 @@
 //! credentials issued at enrolment and may only use their own topics; revoking a device
 //! closes its MQTT access; every admin route wants the admin token; secrets are 0600.
 
+mod common;
+use common::api_with_header as api;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -32,21 +35,6 @@ fn gateway(dir: &Path) -> (RegtestNode, Gateway, String, String) {
 }
 
 /// An API call: status and JSON body.
-fn api(method: &str, url: &str, auth: Option<&str>, body: Option<Json>) -> (u16, Json) {
-    let mut req = ureq::request(method, url);
-    if let Some(a) = auth {
-        req = req.set("Authorization", a);
-    }
-    let r = match body {
-        Some(b) => req.send_json(b),
-        None => req.call(),
-    };
-    match r {
-        Ok(r) => (r.status(), r.into_json().unwrap_or(Json::Null)),
-        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Json::Null)),
-        Err(e) => panic!("{method} {url}: {e}"),
-    }
-}
 
 /// What an MQTT client sees.
 #[derive(Debug, PartialEq)]
