@@ -53,6 +53,8 @@ pub enum PayError {
     Tariff(#[from] tariff::TariffError),
     #[error("session: {0}")]
     Session(String),
+    #[error("not authorized: {0}")]
+    Unauthorized(String),
 }
 
 /// Hex (de)serialization of fixed-size byte arrays.
@@ -67,6 +69,12 @@ pub(crate) mod hexs {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| serde::de::Error::custom(format!("expected {} hex digits", 2 * N)))
     }
+}
+
+/// What the meter signs, with its device key, to close session `id`: only the session's
+/// meter can end it (`POST /v1/sessions/{id}/close` `{"signature": hex}`).
+pub fn close_message(id: &tick::SessionId) -> [u8; 32] {
+    bitmote_device::tagged_hash(b"bitmote/pay/close", &[id])
 }
 
 /// Parse a session id (32 hex digits).

@@ -414,7 +414,8 @@ impl Meter {
     /// refund, and compare both accounts.
     pub fn close(&self, id: &SessionId) -> Result<Outcome, PayError> {
         let url = format!("{}/v1/sessions/{}/close", self.provider_url, bitmote_device::hex_encode(id));
-        let statement: Option<Statement> = http_post(&url, &()).ok();
+        let signature = bitmote_device::hex_encode(&self.key.sign(&crate::close_message(id)).encode());
+        let statement: Option<Statement> = http_post(&url, &crate::provider::CloseRequest { signature }).ok();
         let want_refund = statement.as_ref().map_or(0, |st| st.session.account.refunded_msat);
         let deadline = Instant::now() + Duration::from_secs(20);
         let session = loop {

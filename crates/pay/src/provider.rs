@@ -7,7 +7,8 @@
 //! - `POST /v1/sessions` `{tariff_id, meter_key, meter_node}` – open a session
 //! - `GET /v1/sessions/{id}` – the provider's account and supply state (for the
 //!   simulation this is also "the line": a meter sees whether energy flows)
-//! - `POST /v1/sessions/{id}/close` – end it; returns the signed statement
+//! - `POST /v1/sessions/{id}/close` `{signature}` – end it (signed by the session's meter key,
+//!   over [`crate::close_message`]); returns the signed statement
 //! - `GET /v1/status` – node, channels, balances, totals
 
 use std::net::SocketAddr;
@@ -261,9 +262,17 @@ impl Provider {
         self.store.lock().unwrap().session(id)
     }
 
-    /// End a session at the meter's request; prepaid credit is refunded by keysend.
-    pub fn close(&self, id: &SessionId) -> Result<Statement, PayError> {
+    /// End a session at the meter's request, `signature` (hex) by the session's meter key
+    /// over [`crate::close_message`]; prepaid credit is refunded by keysend.
+    pub fn close(&self, id: &SessionId, signature: &str) -> Result<Statement, PayError> {
         let mut s = self.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+        let key = DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default())
+            .map_err(|e| PayError::Session(format!("stored meter key: {e:?}")))?;
+        let sig = bitmote_device::hex_decode(signature)
+            .and_then(|b| bitmote_device::Signature::decode(&b).ok())
+            .ok_or_else(|| PayError::Unauthorized("the close request's signature is not a signature".into()))?;
+        key.verify(&crate::close_message(id), &sig)
+            .map_err(|_| PayError::Unauthorized("the close request is not signed by the session's meter".into()))?;
         if s.state == State::Open {
             end(&mut s, State::Closed, "closed by the meter".into());
         }
@@ -327,6 +336,12 @@ fn api_err(code: StatusCode) -> impl Fn(PayError) -> (StatusCode, String) {
     move |e| (code, e.to_string())
 }
 
+/// `POST /v1/sessions/{id}/close`: the meter's signature over [`crate::close_message`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloseRequest {
+    pub signature: String,
+}
+
 fn session_id(s: &str) -> Result<SessionId, (StatusCode, String)> {
     crate::parse_session(s).ok_or((StatusCode::BAD_REQUEST, format!("{s:?} is not a session id")))
 }
@@ -353,13 +368,16 @@ fn router(p: Shared) -> Router {
         )
         .route(
             "/v1/sessions/{id}/close",
-            post(|AxState(p): AxState<Shared>, UrlPath(id): UrlPath<String>| async move {
+            post(|AxState(p): AxState<Shared>, UrlPath(id): UrlPath<String>, Json(req): Json<CloseRequest>| async move {
                 let id = session_id(&id)?;
-                tokio::task::spawn_blocking(move || p.close(&id))
+                tokio::task::spawn_blocking(move || p.close(&id, &req.signature))
                     .await
                     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
                     .map(Json)
-                    .map_err(api_err(StatusCode::BAD_REQUEST))
+                    .map_err(|e| match e {
+                        PayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, e.to_string()),
+                        e => (StatusCode::BAD_REQUEST, e.to_string()),
+                    })
             }),
         )
         .with_state(p)

@@ -127,6 +127,16 @@ fn late_forged_replayed_and_short_payments_are_caught() {
     eventually("mismatch refused", || refusals() == 3);
     // None of those was credited.
     assert_eq!(provider.session(&s.id).unwrap().unwrap().account, acct);
+    // Nobody but the session's meter may close it: unsigned, or signed by another key, is 401.
+    let close = format!("http://{http}/v1/sessions/{}/close", bitmote_device::hex_encode(&s.id));
+    let forged = bitmote_device::hex_encode(&stranger.sign(&bitmote_pay::close_message(&s.id)).encode());
+    for body in [serde_json::json!({ "signature": "00" }), serde_json::json!({ "signature": forged })] {
+        match ureq::post(&close).send_json(body) {
+            Err(ureq::Error::Status(code, r)) => assert_eq!(code, 401, "{}", r.into_string().unwrap()),
+            other => panic!("a close not signed by the meter was accepted: {other:?}"),
+        }
+    }
+    assert_eq!(provider.session(&s.id).unwrap().unwrap().state, State::Open, "still open");
     let st = provider.status().unwrap();
     let reasons = st["refusals"].to_string();
     assert!(reasons.contains("signature") && reasons.contains("replayed") && reasons.contains("carried"), "{reasons}");
