@@ -8,7 +8,7 @@
 use std::process::Stdio;
 
 mod common;
-use common::{bitmote, up};
+use common::{bitmote, up, Up};
 use std::time::{Duration, Instant};
 
 use bitmote_chain::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
@@ -271,11 +271,7 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
         assert!(Instant::now() < deadline, "the paid invoice's action was never sent: {log}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut u = u;
-    // SAFETY: SIGKILL to our own child: a crash, no cleanup.
-    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
-    u.child.wait().unwrap();
-    drop(u);
+    kill_9(u);
 
     // Restarted, with the lock back: it opens once, and the action is acknowledged once.
     let u = up(d, &["--block-interval", "1"]);
@@ -493,11 +489,7 @@ fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_
     let before = wait_action(&http, "rental", "delivered", |a| a["state"] == "delivered");
 
     // The gateway crashes there.
-    let mut u = u;
-    // SAFETY: SIGKILL to our own child: a crash, no cleanup.
-    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
-    u.child.wait().unwrap();
-    drop(u);
+    kill_9(u);
 
     // It restarts on the same data (more blocks follow); the lock comes back and acts once.
     let u = up(d, &["--block-interval", "1"]);
@@ -528,4 +520,11 @@ fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_
     assert!(u.interrupt().success());
     // The node outlived the killed `up` (the second one only attached to it): stop it.
     assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
+}
+
+/// The gateway (`up`) crashes: SIGKILL, no cleanup.
+fn kill_9(mut u: Up) {
+    // SAFETY: SIGKILL to our own child.
+    unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
+    u.child.wait().unwrap();
 }
