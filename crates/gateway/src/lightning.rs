@@ -43,6 +43,28 @@ impl Default for LightningConfig {
     }
 }
 
+/// What the gateway's node charges for forwarding, on every channel: no base fee and 0.1 %
+/// (1000 ppm). LDK's default (1000 msat base, 0 %) would cost a machine 1 sat for every
+/// micropayment routed through the hub, however small: 100 times a 10 msat tick.
+pub const FORWARDING_FEE_BASE_MSAT: u32 = 0;
+pub const FORWARDING_FEE_PPM: u32 = 1000;
+
+/// Give every channel of `node` the gateway's forwarding fees (at start, and when a channel
+/// becomes ready); a changed fee goes out to the network as a channel update.
+fn apply_fees(node: &Node) {
+    for c in node.list_channels() {
+        let mut cfg = c.config;
+        if (cfg.forwarding_fee_base_msat, cfg.forwarding_fee_proportional_millionths) == (FORWARDING_FEE_BASE_MSAT, FORWARDING_FEE_PPM) {
+            continue;
+        }
+        cfg.forwarding_fee_base_msat = FORWARDING_FEE_BASE_MSAT;
+        cfg.forwarding_fee_proportional_millionths = FORWARDING_FEE_PPM;
+        if let Err(e) = node.update_channel_config(&c.user_channel_id, c.counterparty_node_id, cfg) {
+            tracing::warn!("setting the forwarding fee of channel {}: {e}", c.channel_id);
+        }
+    }
+}
+
 /// Start the node under `<data_dir>/ldk` on the chain `client` talks to.
 pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient) -> Result<Arc<Node>, GatewayError> {
     let nc = NodeConfig {
@@ -96,6 +118,7 @@ pub fn start_events(shared: Arc<Shared>, regtest_fund: bool) -> Result<JoinHandl
 
 fn events(shared: Arc<Shared>) {
     let Some(node) = shared.lightning.clone() else { return };
+    apply_fees(&node);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -140,6 +163,9 @@ fn handle(shared: &Shared, ev: &Event) -> Result<(), String> {
         }
         Event::ChannelReady { channel_id, counterparty_node_id, .. } => {
             tracing::info!("Lightning channel {channel_id} with {counterparty_node_id:?} ready");
+            if let Some(node) = &shared.lightning {
+                apply_fees(node);
+            }
             Ok(())
         }
         Event::ChannelClosed { channel_id, reason, .. } => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use ldk_node::{Event, Node};
-use ldk_node::payment::{PaymentDirection, PaymentStatus};
+use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
 
 use crate::store::Session;
 use crate::PayError;
@@ -81,9 +81,12 @@ pub fn node_json(node: &Node) -> serde_json::Value {
         "onchain_sat": b.total_onchain_balance_sats,
         "lightning_sat": b.total_lightning_balance_sats,
         "channels": channels,
-        // What this node paid hubs for routing its payments, over its whole life.
+        // What this node paid hubs for routing its Lightning payments, over its whole life
+        // (not the mining fees of its on-chain payments, which ldk-node lists too).
         "routing_fees_paid_msat": node
-            .list_payments_with_filter(|p| p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded)
+            .list_payments_with_filter(|p| {
+                p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded && !matches!(p.kind, PaymentKind::Onchain { .. })
+            })
             .iter()
             .map(|p| p.fee_paid_msat.unwrap_or(0))
             .sum::<u64>(),

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bitmote_pay::ldk_node::lightning_types::payment::PaymentPreimage;
-use bitmote_pay::ldk_node::payment::{PaymentDirection, PaymentStatus};
+use bitmote_pay::ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
 use bitmote_pay::ldk_node::{CustomTlvRecord, Node};
 use bitmote_pay::store::State;
 use bitmote_pay::tariff::Mode;
@@ -178,14 +178,18 @@ fn a_routed_session_pays_through_a_hub() {
     assert_eq!(s.account.ticks, 10, "{:?}", s.reason);
     let out = meter.close(&s.id).unwrap();
     assert!(out.reconciled, "{out:#?}");
-    // The hub charged a routing fee on top of what the provider received.
-    let fees: u64 = mn
-        .list_payments()
+    // The hub charged its routing fee on top of each tick: its base fee (LDK's default,
+    // 1000 msat, no proportional part), nothing more. (On-chain payments, e.g. the channel
+    // funding, are listed too and carry mining fees: not routing.)
+    let ticks: Vec<u64> = mn
+        .list_payments_with_filter(|p| {
+            p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded && matches!(p.kind, PaymentKind::Spontaneous { .. })
+        })
         .iter()
-        .filter(|p| p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded)
         .map(|p| p.fee_paid_msat.unwrap_or(0))
-        .sum();
-    assert!(fees > 0);
+        .collect();
+    assert_eq!(ticks, vec![1000; 10], "one routing fee per tick");
+    let fees: u64 = ticks.iter().sum();
     eprintln!("routed: {} ticks, {} msat to the provider, {fees} msat routing fees", s.account.ticks, s.account.paid_msat);
     provider.shutdown();
     meter.shutdown();

@@ -71,6 +71,8 @@ try {
   await page.waitForFunction(`${paid} > ${first}`, null, wait);
   const session = page.locator("#sessions tr", { hasText: "meter" }).first();
   console.log(`meter streaming: paid ${first} sat, then ${await page.evaluate(paid)} sat: ${(await session.innerText()).replace(/\s+/g, " ")}`);
+  // The meter pays through the gateway's Lightning node: the hub's fee shows.
+  await page.waitForFunction(() => document.getElementById("pay-sources").textContent.includes("routing fees"), null, wait);
   console.log(`sources: ${(await page.innerText("#pay-sources")).replace(/\s+/g, " ")}`);
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   console.log("all seen");
