@@ -276,17 +276,13 @@ impl Fleet {
             // starts: each paid tick's signed register then goes to the notary as a receipt.
             let mdir = dir.join("meter");
             fs::create_dir_all(&mdir)?;
-            let mkey = mdir.join("meter.key");
-            if !mkey.exists() {
-                bitmote_chain::wallet::write_secret(&mkey, &device::new_key(false)?.secret_bytes())?;
-            }
             let enrolled = mdir.join("meter.enrolled");
             if !enrolled.exists() {
-                let secret: [u8; 32] = fs::read(&mkey)?.try_into().map_err(|_| anyhow::anyhow!("{} is not 32 bytes", mkey.display()))?;
-                let k = bitmote_device::SigningKey::schnorr_from_secret(&secret).map_err(|e| anyhow::anyhow!("{}: {e:?}", mkey.display()))?;
+                let k = bitmote_pay::meter::device_key(&bitmote_pay::meter::load_or_create_secret(&mdir)?)?;
                 match device::enroll(g, &at.gateway_url, &k.public_key(), Some("meter")) {
                     Ok(_) => {}
-                    Err(e) if e.to_string().contains("answered 409") => {}
+                    // The name is another key's: the meter still streams, its receipts are refused.
+                    Err(e) if e.to_string().contains("answered 409") => tracing::warn!("enrolling the meter's device key: {e:#}"),
                     Err(e) => return Err(e).context("enrolling the meter's device key"),
                 }
                 fs::write(&enrolled, k.public_key().device_id().to_string())?;
@@ -484,13 +480,10 @@ const HUB_CHANNEL_SAT: u64 = 1_000_000;
 /// coinbase; nothing to do after a restart), so the meter can pay the provider through the
 /// hub; and whenever the provider (re)starts, connect the hub to it at once rather than at
 /// ldk-node's next reconnection round (up to a minute, in which the meter's payments fail).
-pub fn open_hub_channel(hub: std::sync::Arc<bitmote_pay::ldk_node::Node>, client: ChainClient, provider_url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+pub fn link_hub_to_provider(hub: std::sync::Arc<bitmote_pay::ldk_node::Node>, client: ChainClient, provider_url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use bitmote_pay::node as ln;
-    let provider = move |agent: &ureq::Agent| -> Result<(bitmote_chain::bitcoin::secp256k1::PublicKey, bitmote_pay::ldk_node::lightning::ln::msgs::SocketAddress)> {
-        let st: Json = agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?;
-        let pk = ln::parse_node_id(st["node"]["node_id"].as_str().context("provider status without node id")?)?;
-        let addr = st["node"]["listening"][0].as_str().context("provider has no Lightning address")?;
-        Ok((pk, addr.parse().map_err(|_| anyhow::anyhow!("bad provider address {addr}"))?))
+    let provider = move |agent: &ureq::Agent| -> Result<_> {
+        crate::pay::machine_node(&agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
     };
     let watch = move || {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
@@ -499,11 +492,7 @@ pub fn open_hub_channel(hub: std::sync::Arc<bitmote_pay::ldk_node::Node>, client
             let Ok((pk, addr)) = provider(&agent) else { continue };
             let step = || -> Result<()> {
                 if ln::channels_with(&hub, &pk).is_empty() {
-                    let _ = hub.sync_wallets();
-                    if hub.list_balances().spendable_onchain_balance_sats < HUB_CHANNEL_SAT + 50_000 {
-                        ln::fund_on_regtest(&client, &hub, 1)?;
-                    }
-                    ln::open_channel(&client, &hub, pk, addr.clone(), HUB_CHANNEL_SAT, None, true)?;
+                    ln::open_funded_channel(&client, &hub, pk, addr.clone(), HUB_CHANNEL_SAT, true)?;
                     tracing::info!("hub: the gateway's Lightning node has a {HUB_CHANNEL_SAT} sat announced channel to the provider {pk}");
                 } else if !hub.list_peers().iter().any(|p| p.node_id == pk && p.is_connected) {
                     hub.connect(pk, addr.clone(), true).map_err(|e| anyhow::anyhow!("connecting to the provider {pk}: {e}"))?;

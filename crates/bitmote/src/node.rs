@@ -225,7 +225,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let lightning = match (cfg.gateway.lightning, &plan) {
         (Some(false), _) => None,
         (_, Some(p)) => p.gateway_ln,
-        (Some(true), None) => Some(cfg.gateway.lightning_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9735)))),
+        (Some(true), None) => Some(cfg.gateway.lightning_listen.unwrap_or(bitmote_gateway::lightning::LightningConfig::default().listen)),
         (None, None) => None,
     };
     let gateway = start_gateway(&cfg, &data_dir, client, pay_urls, lightning)?;
@@ -243,7 +243,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
             let hub_for_meter = hub.as_ref().filter(|_| plan.meter);
             let at = crate::fleet::Endpoints { gateway_url: api.clone(), mqtt: mqtt_addr, client, hub: hub_for_meter.map(|h| h.1.clone()) };
             if let Some((n, _)) = hub_for_meter {
-                crate::fleet::open_hub_channel(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
+                crate::fleet::link_hub_to_provider(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
             }
             let mut f = crate::fleet::Fleet::prepare(g, &cfg, plan, &at)?;
             f.start()?;

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bitmote_chain::ChainClient;
+use bitmote_chain::bitcoin::secp256k1::PublicKey;
+use bitmote_pay::ldk_node::lightning::ln::msgs::SocketAddress;
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::meter::Meter;
 use bitmote_pay::node::{self as ln, NodeConfig};
@@ -162,52 +164,26 @@ pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
     Ok(())
 }
 
-/// Mine to the meter's wallet on regtest if it has too little; open a channel to the
-/// provider if there is none; wait until it is usable.
-fn ensure_channel(client: &ChainClient, node: &Node, provider: &str, addr: &str, sat: u64) -> Result<()> {
-    let pk = ln::parse_node_id(provider)?;
-    if !ln::channels_with(node, &pk).is_empty() {
-        return Ok(ln::wait_usable(client, node, pk)?);
-    }
-    let _ = node.sync_wallets();
-    if node.list_balances().spendable_onchain_balance_sats < sat + 50_000 {
-        if client.network() != bitmote_chain::bitcoin::Network::Regtest {
-            bail!("the meter's wallet needs {} sat: send them to {}", sat + 50_000, node.onchain_payment().new_address()?);
-        }
-        ln::fund_on_regtest(client, node, 1)?;
-    }
-    let addr = addr.parse().map_err(|_| anyhow::anyhow!("bad provider address {addr}"))?;
-    ln::open_channel(client, node, pk, addr, sat, None, false)?;
-    println!("opened a {sat} sat channel to {provider}");
-    Ok(())
+/// A machine's Lightning node id and first listening address, from its `/v1/status`
+/// (`node.node_id`, `node.listening`).
+pub(crate) fn machine_node(status: &serde_json::Value) -> Result<(PublicKey, SocketAddress)> {
+    let id = status["node"]["node_id"].as_str().context("a status without node id")?;
+    let addr = status["node"]["listening"][0].as_str().context("a node without a Lightning address")?;
+    Ok((ln::parse_node_id(id)?, lightning_address(addr)?))
 }
 
-/// Wait until the meter's graph has an announced, enabled channel from `hub` to `provider`, so it
-/// can route keysends to the provider (mining a block a second on regtest, which the
-/// announcement's 6 confirmations need).
-fn wait_for_route(client: &ChainClient, node: &Node, hub: &str, provider: &str) -> Result<()> {
-    use bitmote_pay::ldk_node::lightning::routing::gossip::NodeId;
-    let (hub, provider) = (NodeId::from_pubkey(&ln::parse_node_id(hub)?), NodeId::from_pubkey(&ln::parse_node_id(provider)?));
-    let regtest = client.network() == bitmote_chain::bitcoin::Network::Regtest;
-    println!("waiting for the hub's channel to the provider to be announced (gossip)");
-    let mine = || {
-        if regtest {
-            let _ = client.mine(1, &bitmote_chain::regtest::op_true_address());
-        }
-    };
-    ln::wait_until(node, "a route to the provider through the hub", Duration::from_secs(600), mine, |n| {
-        let g = n.network_graph();
-        // The hub's side of the channel, announced and enabled.
-        g.list_channels().into_iter().filter_map(|scid| g.channel(scid)).any(|c| {
-            let hub_side = match (c.node_one, c.node_two) {
-                (one, two) if one == hub && two == provider => c.one_to_two,
-                (one, two) if one == provider && two == hub => c.two_to_one,
-                _ => None,
-            };
-            hub_side.is_some_and(|u| u.enabled)
-        })
-    })?;
-    println!("the provider is reachable through the hub");
+fn lightning_address(addr: &str) -> Result<SocketAddress> {
+    addr.parse().map_err(|_| anyhow::anyhow!("bad Lightning address {addr}"))
+}
+
+/// Open a channel to `peer` (the provider, or a hub) if there is none, funding the meter's
+/// wallet on regtest; wait until it is usable.
+fn ensure_channel(client: &ChainClient, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64) -> Result<()> {
+    if !ln::channels_with(node, &peer).is_empty() {
+        return Ok(ln::wait_usable(client, node, peer)?);
+    }
+    ln::open_funded_channel(client, node, peer, addr, sat, false).context("the meter's channel")?;
+    println!("opened a {sat} sat channel to {peer}");
     Ok(())
 }
 
@@ -223,19 +199,22 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         .call()
         .with_context(|| format!("the provider at {url} is offline"))?
         .into_json()?;
-    let pnode = status["node"]["node_id"].as_str().context("provider status without node id")?.to_string();
+    let (provider, paddr) = machine_node(&status).with_context(|| format!("the provider at {url}"))?;
+    let pnode = provider.to_string();
     if let Some(pin) = &a.provider_node {
         if pin != &pnode {
             bail!("the provider at {url} is node {pnode}, not the pinned {pin}");
         }
     }
-    let paddr = status["node"]["listening"][0].as_str().context("provider has no Lightning address")?.to_string();
     match &a.via {
-        None => ensure_channel(&client, &node, &pnode, &paddr, a.channel_sat)?,
+        None => ensure_channel(&client, &node, provider, paddr, a.channel_sat)?,
         Some(hub) => {
             let (hub_id, hub_addr) = hub.split_once('@').context("--via must be NODE_ID@HOST:PORT")?;
-            ensure_channel(&client, &node, hub_id, hub_addr, a.channel_sat)?;
-            wait_for_route(&client, &node, hub_id, &pnode)?;
+            let hub = ln::parse_node_id(hub_id)?;
+            ensure_channel(&client, &node, hub, lightning_address(hub_addr)?, a.channel_sat)?;
+            println!("waiting for the hub's channel to the provider to be announced (gossip)");
+            ln::wait_for_route(&client, &node, hub, provider)?;
+            println!("the provider is reachable through the hub");
         }
     }
     let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));

@@ -130,11 +130,9 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let u = up(d, &["--block-interval", "1"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
-    let key = enroll_lock_7(d, &http);
-    let mut lock = bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--count", "1", "--light-wait-secs", "3", "--key", &key])
-        .args(["--light-client", &node.p2p_addr().to_string(), "--state"])
-        .arg(d.join("lock-7.json"))
+    enroll_lock_7(d, &http);
+    let mut lock = actuator(d, &mqtt, "lock-7")
+        .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -308,8 +306,8 @@ fn rental_rule(d: &std::path::Path) -> Address {
 }
 
 /// A key for the lock `name`, enrolled under that name (its MQTT password beside it, as
-/// `<name>.mqtt`), once; the key file.
-fn enroll_lock(d: &std::path::Path, http: &str, name: &str) -> String {
+/// `<name>.mqtt`), once: `<name>.key` in `d`.
+fn enroll_lock(d: &std::path::Path, http: &str, name: &str) {
     let key = d.join(format!("{name}.key"));
     if !d.join(format!("{name}.mqtt")).exists() {
         for args in [&["device", "keygen", "--out"][..], &["device", "enroll", "--name", name, "--key"][..]] {
@@ -318,24 +316,28 @@ fn enroll_lock(d: &std::path::Path, http: &str, name: &str) -> String {
         }
         assert!(d.join(format!("{name}.mqtt")).exists(), "enrolment wrote the MQTT password beside the key");
     }
-    key.to_str().unwrap().to_string()
 }
 
-fn enroll_lock_7(d: &std::path::Path, http: &str) -> String {
+fn enroll_lock_7(d: &std::path::Path, http: &str) {
     enroll_lock(d, http, "lock-7")
 }
 
-/// The key of a lock enrolled earlier with [`enroll_lock`].
-fn key_of(d: &std::path::Path, name: &str) -> String {
-    d.join(format!("{name}.key")).to_str().unwrap().to_string()
+/// `bitmote device actuator` for the lock `name` enrolled earlier with [`enroll_lock`]: its
+/// key `<name>.key` (MQTT password beside it) and state `<name>.json` in `d`.
+fn actuator(d: &std::path::Path, mqtt: &str, name: &str) -> std::process::Command {
+    let mut c = bitmote(d);
+    c.args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--key"])
+        .arg(d.join(format!("{name}.key")))
+        .arg("--state")
+        .arg(d.join(format!("{name}.json")));
+    c
 }
 
 /// The simulated lock `lock-7` (enrolled here), which exits after acting once.
 fn lock_7(d: &std::path::Path, http: &str, mqtt: &str) -> std::process::Child {
-    let key = enroll_lock_7(d, http);
-    bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", mqtt, "--count", "1", "--key", &key, "--state"])
-        .arg(d.join("lock-7.json"))
+    enroll_lock_7(d, http);
+    actuator(d, mqtt, "lock-7")
+        .args(["--count", "1"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap()
@@ -386,10 +388,8 @@ fn wait_presence(http: &str, device: &str, state: &str) {
 /// Start `lock-<n>` once so the broker knows its persistent session, then kill it: it is
 /// offline (its last will says so) but the broker keeps what is sent to it.
 fn lock_goes_offline(d: &std::path::Path, http: &str, mqtt: &str, name: &str) {
-    let key = enroll_lock(d, http, name);
-    let mut lock = bitmote(d)
-        .args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--key", &key, "--state"])
-        .arg(d.join(format!("{name}.json")))
+    enroll_lock(d, http, name);
+    let mut lock = actuator(d, mqtt, name)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -416,9 +416,8 @@ fn wait_action(http: &str, rule: &str, what: &str, done: impl Fn(&Json) -> bool)
 
 /// Run `name` until it has acted on (or answered) `count` commands; what it printed.
 fn lock_runs(d: &std::path::Path, mqtt: &str, name: &str, count: u64) -> String {
-    let out = bitmote(d)
-        .args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--count", &count.to_string(), "--key", &key_of(d, name), "--state"])
-        .arg(d.join(format!("{name}.json")))
+    let out = actuator(d, mqtt, name)
+        .args(["--count", &count.to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -458,9 +457,7 @@ fn an_offline_lock_acts_on_reconnecting_within_the_ttl_and_not_after_it() {
 
     // lock-8 comes back after its command's 3 s: it does not act, and the gateway records why.
     std::thread::sleep(Duration::from_secs(4));
-    let mut lock8 = bitmote(d)
-        .args(["device", "actuator", "--name", "lock-8", "--mqtt", &mqtt, "--key", &key_of(d, "lock-8"), "--state"])
-        .arg(d.join("lock-8.json"))
+    let mut lock8 = actuator(d, &mqtt, "lock-8")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -503,9 +500,7 @@ fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_
     assert_eq!(acked["event_id"], before["event_id"]);
     // More blocks, and the lock listening again: nothing is delivered twice.
     std::thread::sleep(Duration::from_secs(3));
-    let mut again = bitmote(d)
-        .args(["device", "actuator", "--name", "lock-7", "--mqtt", &mqtt, "--key", &key_of(d, "lock-7"), "--state"])
-        .arg(d.join("lock-7.json"))
+    let mut again = actuator(d, &mqtt, "lock-7")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -85,21 +85,32 @@ fn http_post<T: serde::de::DeserializeOwned>(url: &str, body: &impl Serialize) -
     resp.into_json().map_err(|e| err(e.to_string()))
 }
 
+/// The meter's secret in `<data>/meter.key` (0600), made on first use: its device key (BIP340)
+/// and the seed of its tick preimages. Also used by `bitmote up` to enrol the meter's key
+/// with the notary before the meter first starts.
+pub fn load_or_create_secret(data: &Path) -> Result<[u8; 32], PayError> {
+    let key_path = data.join("meter.key");
+    match std::fs::read(&key_path) {
+        Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes", key_path.display()))),
+        Err(_) => {
+            let k = SigningKey::generate_schnorr().map_err(|e| PayError::Config(format!("{e:?}")))?;
+            bitmote_chain::wallet::write_secret(&key_path, &k.secret_bytes()).map_err(|e| PayError::Config(e.to_string()))?;
+            Ok(k.secret_bytes())
+        }
+    }
+}
+
+/// The meter's device key, from [`load_or_create_secret`].
+pub fn device_key(secret: &[u8; 32]) -> Result<SigningKey, PayError> {
+    SigningKey::schnorr_from_secret(secret).map_err(|e| PayError::Config(format!("meter key: {e:?}")))
+}
+
 impl Meter {
     /// Start on a running node. The device key and the preimage secret live in
     /// `<data>/meter.key` (0600), created on first start.
     pub fn start(node: Arc<Node>, data: &Path, provider_url: &str, http: SocketAddr) -> Result<Arc<Self>, PayError> {
-        let key_path = data.join("meter.key");
-        let secret: [u8; 32] = match std::fs::read(&key_path) {
-            Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes", key_path.display())))?,
-            Err(_) => {
-                let k = SigningKey::generate_schnorr().map_err(|e| PayError::Config(format!("{e:?}")))?;
-                bitmote_chain::wallet::write_secret(&key_path, &k.secret_bytes())
-                    .map_err(|e| PayError::Config(e.to_string()))?;
-                k.secret_bytes()
-            }
-        };
-        let key = SigningKey::schnorr_from_secret(&secret).map_err(|e| PayError::Config(format!("{e:?}")))?;
+        let secret = load_or_create_secret(data)?;
+        let key = device_key(&secret)?;
         let listener = std::net::TcpListener::bind(http).map_err(|e| PayError::Config(format!("HTTP {http}: {e}")))?;
         let m = Arc::new(Meter {
             node,

@@ -147,15 +147,58 @@ pub fn open_channel(
     wait_usable(client, node, peer)
 }
 
-/// Wait until a channel with `peer` is usable, mining a block a second on regtest.
-pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<(), PayError> {
+/// On-chain funds a node keeps beyond a channel's size when it opens one (fees, and the
+/// anchor reserve ldk-node wants for fee bumping).
+pub const CHANNEL_RESERVE_SAT: u64 = 50_000;
+
+/// Open a `sat` channel to `peer` (announced or not) and wait until it is usable. If the
+/// node's wallet holds too little, mine to it on regtest; elsewhere say where to send funds.
+pub fn open_funded_channel(client: &ChainClient, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64, announced: bool) -> Result<(), PayError> {
+    let _ = node.sync_wallets();
+    let need = sat + CHANNEL_RESERVE_SAT;
+    if node.list_balances().spendable_onchain_balance_sats < need {
+        if client.network() != bitcoin::Network::Regtest {
+            let to = node.onchain_payment().new_address().map_err(|e| PayError::Node(e.to_string()))?;
+            return Err(PayError::Node(format!("the wallet needs {need} sat to open a {sat} sat channel: send them to {to}")));
+        }
+        fund_on_regtest(client, node, 1)?;
+    }
+    open_channel(client, node, peer, addr, sat, None, announced)
+}
+
+/// Called once a second while waiting on regtest: mine a block, so that what waits for
+/// confirmations gets them. A no-op elsewhere.
+fn mine_on_regtest(client: &ChainClient) -> impl FnMut() + '_ {
     let regtest = client.network() == bitcoin::Network::Regtest;
-    let mine = || {
+    move || {
         if regtest {
             let _ = client.mine(1, &op_true_address());
         }
-    };
-    wait_until(node, "a usable channel", Duration::from_secs(600), mine, |n| {
+    }
+}
+
+/// Wait until a channel with `peer` is usable, mining a block a second on regtest.
+pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<(), PayError> {
+    wait_until(node, "a usable channel", Duration::from_secs(600), mine_on_regtest(client), |n| {
         channels_with(n, &peer).iter().any(|c| c.is_usable)
+    })
+}
+
+/// Wait until `node`'s graph (from gossip) holds an announced channel from `hub` to
+/// `provider` whose hub side is enabled, so keysends to `provider` can be routed through
+/// `hub`; mining a block a second on regtest (the announcement needs 6 confirmations).
+pub fn wait_for_route(client: &ChainClient, node: &Node, hub: PublicKey, provider: PublicKey) -> Result<(), PayError> {
+    use ldk_node::lightning::routing::gossip::NodeId;
+    let (hub, provider) = (NodeId::from_pubkey(&hub), NodeId::from_pubkey(&provider));
+    wait_until(node, "a route to the provider through the hub", Duration::from_secs(600), mine_on_regtest(client), |n| {
+        let g = n.network_graph();
+        g.list_channels().into_iter().filter_map(|scid| g.channel(scid)).any(|c| {
+            let hub_side = match (c.node_one, c.node_two) {
+                (one, two) if one == hub && two == provider => c.one_to_two,
+                (one, two) if one == provider && two == hub => c.two_to_one,
+                _ => None,
+            };
+            hub_side.is_some_and(|u| u.enabled)
+        })
     })
 }
