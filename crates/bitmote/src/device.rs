@@ -554,6 +554,10 @@ struct ActuatorState {
     /// Payments (`txid:vout`) already acted on in light-client mode: each opens once.
     #[serde(default)]
     paid: Vec<String>,
+    /// Event ids of the commands executed (acted on), in order: what the device did, for
+    /// its operator and for `bitmote drill` (expired or refused ones are in `done` only).
+    #[serde(default)]
+    executed: Vec<String>,
 }
 
 /// Whether a command opens (and so, in light-client mode, needs a checked payment).
@@ -763,6 +767,7 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                         }
                         println!("{}", json!({ "event_id": id, "command": cmd["command"], "output": state.output }));
                         acted += 1;
+                        state.executed.push(id.clone());
                         state.paid.extend(checked.and_then(Result::ok));
                         "done"
                     };

@@ -126,6 +126,37 @@ pub enum Command {
     /// Measure performance (a report, not a pass/fail test).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// A seeded fault campaign against the whole system (its own data directory), with
+    /// invariants checked after every round. Exits 1 on any violation.
+    Drill(DrillArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    /// Rounds to run.
+    #[arg(long, default_value_t = 20)]
+    pub rounds: u32,
+    /// The seed: the same seed and rounds inject the same faults in the same order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Where the drill's system keeps its data and logs (default: a new directory in /tmp,
+    /// removed afterwards unless a violation was found or --keep is given).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    #[arg(long)]
+    pub keep: bool,
+    /// Keep outages and other timed faults to a few seconds (CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Simulated sensors in the drill's fleet.
+    #[arg(long, default_value_t = 3)]
+    pub sensors: u32,
+    /// Only fault kinds whose report name contains one of these (e.g. `reorg`, `kill -9 node`).
+    #[arg(long, value_name = "KIND")]
+    pub only: Vec<String>,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 fn init_logs(verbose: u8, format: LogFormat) {
@@ -152,6 +183,28 @@ fn main() {
     }
 }
 
+fn drill(a: DrillArgs) -> Result<()> {
+    let opts = bitmote_drill::Options {
+        seed: a.seed,
+        rounds: a.rounds,
+        exe: std::env::current_exe()?,
+        dir: a.dir,
+        keep: a.keep,
+        quick: a.quick,
+        sensors: a.sensors,
+        only: a.only,
+    };
+    let report = bitmote_drill::run(&opts)?;
+    report.print();
+    if let Some(p) = a.report {
+        std::fs::write(&p, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if !report.violations.is_empty() {
+        anyhow::bail!("{} invariant violation(s); data and logs kept in {}", report.violations.len(), report.dir.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let g = cli.global;
     match cli.command {
@@ -160,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Node(c) => node::node(&g, c),
         Command::Chain(c) => node::chain(&g, c),
         Command::Bench(c) => bench::run(&g, c),
+        Command::Drill(a) => drill(a),
         Command::Provider(c) => pay::provider(&g, c),
         Command::Meter(c) => pay::meter(&g, c),
         Command::Device(c) => device::device(&g, c),
