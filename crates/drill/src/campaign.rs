@@ -30,6 +30,9 @@ fn small_disk(gateway_dir: &Path) -> Option<PathBuf> {
         return None;
     }
     std::fs::create_dir_all(gateway_dir).ok()?;
+    if Command::new("mountpoint").arg("-q").arg(gateway_dir).status().is_ok_and(|s| s.success()) {
+        return Some(gateway_dir.to_path_buf()); // left mounted by an interrupted drill
+    }
     let ok = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=256m,mode=0700", "bitmote-drill", &gateway_dir.display().to_string()])
         .status()

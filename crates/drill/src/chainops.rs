@@ -48,6 +48,19 @@ pub struct ReorgOutcome {
 #[derive(Default)]
 pub struct Miner {
     pub excluded: BTreeSet<Txid>,
+    /// Reorgs made so far: each new branch pays its coinbases to an address of its own, so
+    /// no block of it can be identical to (and refused as) a block it replaces.
+    reorgs: u32,
+}
+
+/// A P2WSH address no one needs to spend from: `<n> OP_DROP OP_TRUE`.
+fn branch_address(n: u32) -> String {
+    let script = bitmote_chain::bitcoin::script::Builder::new()
+        .push_int(n as i64)
+        .push_opcode(bitmote_chain::bitcoin::opcodes::all::OP_DROP)
+        .push_opcode(bitmote_chain::bitcoin::opcodes::OP_TRUE)
+        .into_script();
+    bitmote_chain::bitcoin::Address::p2wsh(&script, bitmote_chain::bitcoin::Network::Regtest).to_string()
 }
 
 #[derive(Deserialize)]
@@ -140,11 +153,17 @@ impl Miner {
             out.fates.push((txid, fate, what));
         }
         c.invalidate_block(&first)?;
-        // The new branch: one block with what comes back, then empty blocks, one longer.
-        let addr = op_true_address().to_string();
-        let _: serde_json::Value = c.raw("generateblock", &[json!(addr), json!(include)])?;
+        // The new branch, one block longer: empty blocks, then one with what comes back (at
+        // the new tip, so a transaction with an anti-fee-sniping lock time is final there).
+        self.reorgs += 1;
+        let addr = branch_address(self.reorgs);
         for _ in 0..depth {
             let _: serde_json::Value = c.raw("generateblock", &[json!(addr), json!(Vec::<String>::new())])?;
+        }
+        if let Err(e) = c.raw::<serde_json::Value>("generateblock", &[json!(addr), json!(include)]) {
+            // Never leave the chain shorter than it was: finish the branch without them.
+            let _: serde_json::Value = c.raw("generateblock", &[json!(addr), json!(Vec::<String>::new())])?;
+            return Err(DrillError::Fault(format!("re-mining the replaced blocks' transactions: {e}")));
         }
         Ok(out)
     }

@@ -210,6 +210,17 @@ impl System {
             use std::os::unix::process::CommandExt;
             // Its own process group: signals reach it only when the drill sends them.
             cmd.process_group(0);
+            // If the drill dies, `up` gets SIGTERM and stops cleanly (never left behind).
+            let parent = std::process::id() as i32;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().map_err(|e| DrillError::io(format!("starting {}", self.exe.display()), e))?;
         self.up = Some(child);
@@ -219,7 +230,7 @@ impl System {
             if !self.up_alive() {
                 return Err(DrillError::Setup(format!("bitmote up exited during start-up; see {}", log.display())));
             }
-            if self.status().is_some() && self.get_json("/health").is_ok() {
+            if self.status().is_some() && self.healthy() {
                 break;
             }
             if Instant::now() > deadline {
@@ -338,6 +349,11 @@ impl System {
 
     fn agent(&self) -> ureq::Agent {
         ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build()
+    }
+
+    /// `GET /health` answers 200.
+    pub fn healthy(&self) -> bool {
+        self.agent().get(&format!("{}/health", self.api)).call().is_ok()
     }
 
     pub fn get_json(&self, path: &str) -> Result<serde_json::Value, DrillError> {

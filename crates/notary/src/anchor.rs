@@ -260,16 +260,16 @@ impl Anchorer {
     }
 
     fn refresh(&mut self, events: &mut Vec<AnchorEvent>) -> Result<()> {
-        let watch: Vec<(i64, String, String, Option<u32>, u32)> = {
+        let watch: Vec<(i64, String, String, Option<u32>, u32, Option<String>)> = {
             let mut st = self.db.prepare(
-                "SELECT id, state, txid, block_height, broadcast_height FROM anchors
+                "SELECT id, state, txid, block_height, broadcast_height, block_hash FROM anchors
                  WHERE state = 'pending' OR (state = 'confirmed' AND block_height > ?1)",
             )?;
             let floor = self.tip_height.saturating_sub(self.cfg.final_confirmations + 1);
-            let rows = st.query_map([floor], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;
+            let rows = st.query_map([floor], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
             rows.collect::<Result<_, _>>()?
         };
-        for (id, state, latest, was_height, broadcast_height) in watch {
+        for (id, state, latest, was_height, broadcast_height, was_hash) in watch {
             let state = AnchorState::parse(&state)?;
             let latest = parse_txid(&latest)?;
             let txs = self.anchor_txids(id)?;
@@ -279,7 +279,9 @@ impl Anchorer {
             });
             match (state, confirmed) {
                 (_, Some((txid, b))) => {
-                    if state != AnchorState::Confirmed || was_height != Some(b.height) {
+                    // Re-mined in another block, maybe at the same height (a reorg): the
+                    // block hash decides, or proofs would name a block no longer on the chain.
+                    if state != AnchorState::Confirmed || was_height != Some(b.height) || was_hash.as_deref() != Some(b.hash.to_string().as_str()) {
                         self.db.execute(
                             "UPDATE anchors SET state='confirmed', confirmed_txid=?2, block_height=?3, block_hash=?4 WHERE id=?1",
                             params![id, txid.to_string(), b.height, b.hash.to_string()],

@@ -126,3 +126,40 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     let states: Vec<AnchorState> = a.list().unwrap().iter().map(|i| i.state).collect();
     assert_eq!(states, vec![AnchorState::Confirmed, AnchorState::Abandoned, AnchorState::Confirmed, AnchorState::Confirmed]);
 }
+
+/// Found by `bitmote drill`: a reorg that replaces the anchor's block by another block at
+/// the same height which mines the anchor again. The record must name the new block (a
+/// proof naming the replaced one fails at "the block on the chain").
+#[test]
+fn an_anchor_re_mined_at_the_same_height_names_the_new_block() {
+    let node = node();
+    let c = node.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    let mut a = Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg).unwrap();
+    let addr = a.wallet().new_address().unwrap();
+    c.mine(1, &addr).unwrap();
+    node.mine(100).unwrap();
+    a.poll(None).unwrap();
+    let ev = a.poll(Some(head(10))).unwrap();
+    let AnchorEvent::Broadcast { txid, .. } = ev[0] else { panic!("{ev:?}") };
+    let raw: String = c.raw("getrawtransaction", &[json!(txid.to_string())]).unwrap();
+    let old = node.mine(1).unwrap()[0];
+    assert!(matches!(a.poll(None).unwrap()[0], AnchorEvent::Confirmed { .. }));
+    let height = a.list().unwrap()[0].block_height.unwrap();
+    assert_eq!(a.list().unwrap()[0].block_hash, Some(old));
+
+    // The same height, another block (its coinbase pays elsewhere), the same anchor in it.
+    c.invalidate_block(&old).unwrap();
+    let other = bitmote_chain::bitcoin::Address::p2wsh(
+        &bitmote_chain::bitcoin::ScriptBuf::from(vec![0x01, 0x07, 0x75, 0x51]),
+        bitmote_chain::bitcoin::Network::Regtest,
+    );
+    let v: serde_json::Value = c.raw("generateblock", &[json!(other.to_string()), json!([raw])]).unwrap();
+    let new: bitmote_chain::bitcoin::BlockHash = v["hash"].as_str().unwrap().parse().unwrap();
+    assert_eq!(c.tip().unwrap().height, height);
+    a.poll(None).unwrap();
+    let info = &a.list().unwrap()[0];
+    assert_eq!((info.block_height, info.block_hash), (Some(height), Some(new)), "the record follows the anchor into the new block");
+    assert_eq!(info.state, AnchorState::Confirmed);
+}
