@@ -203,6 +203,12 @@ pub struct Action {
     pub state: String,
     pub confirmations: Option<u32>,
     pub trigger: Option<String>,
+    /// The trigger it belongs to, when the gateway says (generations and reverts share it).
+    #[serde(default)]
+    pub trigger_key: Option<String>,
+    /// For a revert, the event id of the action it reverts.
+    #[serde(default)]
+    pub reverts: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -227,18 +233,28 @@ pub fn outbox_busy(actions: &[Action]) -> Vec<&Action> {
     actions.iter().filter(|a| a.state == "due" || a.state == "delivered").collect()
 }
 
+fn is_revert_action(a: &Action) -> bool {
+    a.reverts.is_some() || is_revert(&a.event_id)
+}
+
+/// Reverts are `<action>:revert`, `<action>:revert2`, … (the engine's naming).
 fn is_revert(event_id: &str) -> bool {
-    event_id.ends_with(":revert") || event_id.contains(":revert#") || event_id.contains(":revert:")
+    event_id.split(':').any(|p| p.strip_prefix("revert").is_some_and(|n| n.chars().all(|c| c.is_ascii_digit())))
 }
 
 /// The trigger an entry belongs to: the transaction for payments and commands, the event
 /// (without its revert suffix) otherwise.
 fn trigger_key(a: &Action) -> String {
+    if let Some(k) = &a.trigger_key {
+        return format!("{}|{k}", a.rule_id);
+    }
     match &a.txid {
         Some(t) => format!("{}|{t}", a.rule_id),
         None => {
-            let base = a.event_id.split(":revert").next().unwrap_or(&a.event_id);
-            format!("{}|{}", a.rule_id, base.split('#').next().unwrap_or(base))
+            // Without reverts (`…:revertN`) and generations (`…:gN`).
+            let generation = |p: &str| p.strip_prefix('g').is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+            let base: Vec<&str> = a.event_id.split(':').filter(|p| !is_revert(p) && !generation(p)).collect();
+            format!("{}|{}", a.rule_id, base.join(":"))
         }
     }
 }
@@ -283,7 +299,7 @@ pub fn check_actuators(
     let mut pending = vec![];
     let mut conf_cache: HashMap<String, u32> = HashMap::new();
     for (key, entries) in groups {
-        let main: Vec<&&Action> = entries.iter().filter(|a| !is_revert(&a.event_id)).collect();
+        let main: Vec<&&Action> = entries.iter().filter(|a| !is_revert_action(a)).collect();
         let Some(first) = main.first() else { continue };
         let kind = first.trigger.as_deref().unwrap_or("payment");
         let final_ = match (kind, &first.txid) {
@@ -302,7 +318,7 @@ pub fn check_actuators(
             _ => true,
         };
         let count = |revert: bool| -> i64 {
-            entries.iter().filter(|a| is_revert(&a.event_id) == revert).map(|a| *executed.get(&a.event_id).unwrap_or(&0) as i64).sum()
+            entries.iter().filter(|a| is_revert_action(a) == revert).map(|a| *executed.get(&a.event_id).unwrap_or(&0) as i64).sum()
         };
         let net = count(false) - count(true);
         let standing_no = main.iter().any(|a| a.state == "expired" || a.state == "refused");
@@ -413,10 +429,16 @@ mod tests {
             state: "acked".into(),
             confirmations: Some(1),
             trigger: Some("payment".into()),
+            trigger_key: None,
+            reverts: None,
         };
         assert_eq!(trigger_key(&a("r:t:0", Some("t"))), trigger_key(&a("r:t:0:revert", Some("t"))));
         assert_eq!(trigger_key(&a("r:height:5", None)), "r|r:height:5");
+        assert_eq!(trigger_key(&a("r:height:5:g2:revert2", None)), "r|r:height:5");
         assert!(is_revert("r:t:0:revert"));
+        assert!(is_revert("r:t:0:g2:revert3"));
+        assert!(!is_revert("r:t:0:g2"));
+        assert!(!is_revert("reverter:t:0"));
         assert!(!is_revert("r:t:0"));
     }
 
