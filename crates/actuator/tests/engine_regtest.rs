@@ -341,8 +341,9 @@ fn a_payment_reorged_out_and_mined_again_opens_the_lock_again_after_its_revert()
     assert_eq!(device_runs(&mut r), vec![(format!("{key}:revert"), "lock".to_string())]);
     assert_eq!(r.engine.get(&key).unwrap().unwrap().state, OutboxState::Reverted);
 
-    // The new branch mines it again (from the mempool) and buries it under 3 blocks.
-    let b_new = node.mine(1).unwrap()[0];
+    // The new branch mines it again (from the mempool) and buries it under 3 blocks. (Its
+    // first block pays its coinbase elsewhere: the same block again would be the invalid one.)
+    let b_new = c.mine(1, &addr(7)).unwrap()[0];
     assert!(c.block(&b_new).unwrap().txdata.iter().any(|t| t.compute_txid().to_string() == txid), "mined again");
     node.mine(1).unwrap();
     r.drain();
@@ -398,7 +399,7 @@ fn a_signed_command_reorged_out_and_mined_again_takes_effect_again() {
     c.invalidate_block(&b_cmd).unwrap();
     r.drain();
     assert_eq!(device_runs(&mut r), vec![("door-cmd:cmd:1:revert".to_string(), "lock".to_string())]);
-    node.mine(2).unwrap();
+    c.mine(2, &addr(7)).unwrap(); // not the invalidated block again: another coinbase
     let evs = r.drain();
     assert!(!evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { .. })), "the same command is no replay: {evs:?}");
     assert_eq!(device_runs(&mut r), vec![("door-cmd:cmd:1:g2".to_string(), "unlock".to_string())]);

@@ -580,8 +580,10 @@ fn a_payment_reorged_out_and_mined_again_opens_the_lock_again() {
     let v = next();
     assert_eq!((v["event_id"].as_str(), v["output"].as_str()), (Some(format!("{key}:revert").as_str()), Some("closed")), "{v}");
 
-    // Mined again in the new branch, then buried under 3 blocks: the lock opens again.
-    let b_new = node.mine(1).unwrap()[0];
+    // Mined again in the new branch, then buried under 3 blocks: the lock opens again. (The
+    // new block pays its coinbase elsewhere: the same block again would be the invalid one.)
+    let elsewhere = Address::p2wsh(&ScriptBuf::from(vec![0x67, 0x87]), Network::Regtest);
+    let b_new = c.mine(1, &elsewhere).unwrap()[0];
     assert!(c.block(&b_new).unwrap().txdata.iter().any(|t| t.compute_txid().to_string() == txid), "mined again");
     node.mine(2).unwrap();
     let v = next();
