@@ -285,6 +285,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     let stop_lock = lock_answering("lock-ln", mqtt, &login, done.clone(), ack.clone(), answer.clone());
     let online = || api("GET", &format!("{base}/v1/presence"), None, None).1["devices"]["lock-ln"]["state"] == "online";
     wait("lock-ln online", 30, online);
+    let orders = format!("{base}/v1/devices/lock-ln/orders"); // the restarted gateway's
     let order = |rule: &str| -> (String, Bolt11Invoice) {
         let (code, order) = api("POST", &orders, t, Some(json!({ "rule": rule })));
         assert_eq!(code, 201, "{order}");
