@@ -14,5 +14,7 @@ pub mod command;
 pub mod engine;
 pub mod rules;
 
-pub use engine::{Engine, EngineError, EngineEvent, Invoice, LightningPayment, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource};
+pub use engine::{
+    ClaimState, Engine, EngineError, EngineEvent, Invoice, LightningPayment, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource, Settle,
+};
 pub use rules::{Action, Delivery, Exec, Rule, RuleError, RuleSet, Trigger, Webhook};

@@ -292,3 +292,115 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
     let err = Engine::open(&db, clash, Network::Regtest).err().expect("refused").to_string();
     assert!(err.contains("order-1") && err.contains("rename it in the file"), "{err}");
 }
+
+/// A device the test plays: everything pending is delivered and acknowledged; what it ran.
+fn device_runs(r: &mut Runner) -> Vec<(String, String)> {
+    let mut ran = vec![];
+    for item in r.engine.pending().unwrap() {
+        assert!(r.engine.mark_delivered(&item.event_id).unwrap());
+        ran.push((item.event_id.clone(), item.command.clone()));
+        r.engine.mark_acked(&item.event_id).unwrap();
+    }
+    ran
+}
+
+/// Issue 16, failure 2, on a real node: the payment confirms and the lock opens; its block
+/// is invalidated (the payment goes back to the mempool) and the lock is locked again; the
+/// payment is mined again in the new branch and buried: the lock opens again, under a new
+/// event id, and the outbox says so (executed once net).
+#[test]
+fn a_payment_reorged_out_and_mined_again_opens_the_lock_again_after_its_revert() {
+    let (node, dir, mut wallet) = funded_node();
+    let c = node.client();
+    let rules = RuleSet::parse(
+        &format!(
+            "[[rule]]\nid = \"rental\"\ndevice = \"lock-1\"\ntrigger = {{ kind = \"payment\", address = \"{}\", min_sat = 20000, confirmations = 3 }}\naction = {{ command = \"unlock\" }}\nrevert = {{ command = \"lock\" }}\nttl_secs = 600\n",
+            addr(1)
+        ),
+        Network::Regtest,
+    )
+    .unwrap();
+    let mut r = Runner::open(&dir.path().join("actuator.sqlite"), &rules, c);
+    r.drain();
+    let tx = wallet.pay(&addr(1), Amount::from_sat(25_000), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    c.broadcast(&tx).unwrap();
+    let txid = tx.compute_txid().to_string();
+    let b_pay = node.mine(1).unwrap()[0];
+    node.mine(2).unwrap();
+    r.drain();
+    let key = r.engine.pending().unwrap()[0].event_id.clone();
+    assert!(key.starts_with(&format!("rental:{txid}:")), "{key}");
+    assert_eq!(device_runs(&mut r), vec![(key.clone(), "unlock".to_string())]);
+
+    // The payment's block is replaced: for now the best chain ends at its parent.
+    c.invalidate_block(&b_pay).unwrap();
+    let mempool: Vec<String> = c.raw("getrawmempool", &[]).unwrap();
+    assert!(mempool.contains(&txid), "the payment went back to the mempool");
+    let evs = r.drain();
+    assert!(evs.iter().any(|e| matches!(e, EngineEvent::Alert { event_id, .. } if *event_id == key)), "{evs:?}");
+    assert_eq!(device_runs(&mut r), vec![(format!("{key}:revert"), "lock".to_string())]);
+    assert_eq!(r.engine.get(&key).unwrap().unwrap().state, OutboxState::Reverted);
+
+    // The new branch mines it again (from the mempool) and buries it under 3 blocks. (Its
+    // first block pays its coinbase elsewhere: the same block again would be the invalid one.)
+    let b_new = c.mine(1, &addr(7)).unwrap()[0];
+    assert!(c.block(&b_new).unwrap().txdata.iter().any(|t| t.compute_txid().to_string() == txid), "mined again");
+    node.mine(1).unwrap();
+    r.drain();
+    assert!(device_runs(&mut r).is_empty(), "2 confirmations are not 3");
+    node.mine(1).unwrap();
+    let evs = r.drain();
+    let again = format!("{key}:g2");
+    assert_eq!(dues(&evs), vec![again.clone()], "{evs:?}");
+    assert_eq!(device_runs(&mut r), vec![(again.clone(), "unlock".to_string())]);
+
+    // The outbox: reverted, its revert done, the second generation done — once net.
+    let log = r.engine.log().unwrap();
+    let states: Vec<(&str, OutboxState, Option<&str>)> =
+        log.iter().map(|i| (i.event_id.as_str(), i.state, i.reverts.as_deref())).collect();
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert!(states.contains(&(key.as_str(), OutboxState::Reverted, None)));
+    assert!(states.contains(&(format!("{key}:revert").as_str(), OutboxState::Acked, Some(key.as_str()))));
+    assert!(states.contains(&(again.as_str(), OutboxState::Acked, None)));
+    let g2 = r.engine.get(&again).unwrap().unwrap();
+    assert_eq!(g2.payment.unwrap().height, c.tip().unwrap().height - 2, "the payment where it is now");
+    assert!(log.iter().all(|i| i.trigger_key.as_deref() == Some(key.as_str())));
+    // More blocks: nothing more.
+    node.mine(3).unwrap();
+    r.drain();
+    assert!(device_runs(&mut r).is_empty());
+}
+
+/// The same shape for a signed on-chain command: reorged out after it ran, reverted, mined
+/// again from the mempool: not refused as a replay, it runs again (new event id).
+#[test]
+fn a_signed_command_reorged_out_and_mined_again_takes_effect_again() {
+    use bitmote_actuator::command;
+    use bitmote_device::SigningKey;
+    let (node, dir, mut wallet) = funded_node();
+    let c = node.client();
+    let operator = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
+    let rules = RuleSet::parse(
+        &format!(
+            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{}\", confirmations = 2 }}\naction = {{ command = \"*\" }}\nrevert = {{ command = \"lock\" }}\n",
+            operator.public_key()
+        ),
+        Network::Regtest,
+    )
+    .unwrap();
+    let mut r = Runner::open(&dir.path().join("act.sqlite"), &rules, c);
+    r.drain();
+    let tx = wallet.op_return_tx(&command::encode(&operator, "lock-9", 1, "unlock").unwrap(), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    c.broadcast(&tx).unwrap();
+    let b_cmd = node.mine(1).unwrap()[0];
+    node.mine(1).unwrap();
+    r.drain();
+    assert_eq!(device_runs(&mut r), vec![("door-cmd:cmd:1".to_string(), "unlock".to_string())]);
+    c.invalidate_block(&b_cmd).unwrap();
+    r.drain();
+    assert_eq!(device_runs(&mut r), vec![("door-cmd:cmd:1:revert".to_string(), "lock".to_string())]);
+    c.mine(2, &addr(7)).unwrap(); // not the invalidated block again: another coinbase
+    let evs = r.drain();
+    assert!(!evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { .. })), "the same command is no replay: {evs:?}");
+    assert_eq!(device_runs(&mut r), vec![("door-cmd:cmd:1:g2".to_string(), "unlock".to_string())]);
+}

@@ -551,13 +551,18 @@ struct ActuatorState {
     output: String,
     /// Event ids already handled, so a redelivered command is acknowledged, not repeated.
     done: Vec<String>,
-    /// Payments (`txid:vout`) already acted on in light-client mode: each opens once.
+    /// Payments (`txid:vout`) already acted on in light-client mode: each opens once …
     #[serde(default)]
     paid: Vec<String>,
     /// Event ids of the commands executed (acted on), in order: what the device did, for
     /// its operator and for `bitmote drill` (expired or refused ones are in `done` only).
     #[serde(default)]
     executed: Vec<String>,
+    /// … net: the payment each executed event id used, so that executing the revert of that
+    /// event (a reorg took the payment away) frees it for the action's next generation (the
+    /// payment mined again in the new branch, checked again).
+    #[serde(default)]
+    paid_by: std::collections::BTreeMap<String, String>,
 }
 
 /// Whether a command opens (and so, in light-client mode, needs a checked payment).
@@ -768,7 +773,14 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                         println!("{}", json!({ "event_id": id, "command": cmd["command"], "output": state.output }));
                         acted += 1;
                         state.executed.push(id.clone());
-                        state.paid.extend(checked.and_then(Result::ok));
+                        if let Some(Ok(outpoint)) = checked {
+                            state.paid_by.insert(id.clone(), outpoint.clone());
+                            state.paid.push(outpoint);
+                        }
+                        // A revert undoes the action it names: its payment opens once more, at most.
+                        if let Some(outpoint) = cmd["reverts"].as_str().filter(|_| !opens(command)).and_then(|r| state.paid_by.remove(r)) {
+                            state.paid.retain(|p| *p != outpoint);
+                        }
                         "done"
                     };
                     state.done.push(id.clone());

@@ -3,7 +3,9 @@
 //! a real payment on regtest, the lock's acknowledgement in the action log; and a lock that
 //! checks payments itself with its light client, refusing fake ones published to its topic;
 //! and `up` with its Lightning node selling an invoice whose payment opens the lock once,
-//! through a kill -9 of `up` between the payment and the lock's acknowledgement.
+//! through a kill -9 of `up` between the payment and the lock's acknowledgement (the
+//! payment is held meanwhile, and claimed on the acknowledgement); and a payment reorged
+//! out and mined again, which opens the lock again after its revert (issue 16).
 
 use std::process::Stdio;
 
@@ -185,6 +187,8 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
 
 #[test]
 fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once_even_after_kill_9() {
+    // No automatic mining: a held payment has about 3 blocks before its claim deadline,
+    // which one-second blocks would pass while the lock is away.
     use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
     use bitmote_pay::ldk_node::payment::PaymentStatus;
     use bitmote_pay::node::{self, NodeConfig};
@@ -198,7 +202,7 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
         "[[rule]]\nid = \"coffee\"\ndevice = \"lock-7\"\ntrigger = { kind = \"lightning\", amount_msat = 21000 }\naction = { command = \"unlock\" }\nttl_secs = 600\n",
     )
     .unwrap();
-    let u = up(d, &["--block-interval", "1"]);
+    let u = up(d, &["--block-interval", "0"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let line = u.lines.iter().find(|l| l.starts_with("lightning:")).unwrap_or_else(|| panic!("no lightning line: {:?}", u.lines));
     assert!(line.contains(&format!("@{ln}")), "{line}");
@@ -238,41 +242,39 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
     let invoice: Bolt11Invoice = order["invoice"].as_str().unwrap().parse().unwrap();
     assert_eq!(invoice.amount_milli_satoshis(), Some(21_000));
 
-    // The lock loses power after the sale; the customer pays.
+    // The lock loses power after the sale; the customer pays; the gateway holds the payment
+    // and sends the action (to the broker, for the offline lock). The channel is usable on
+    // the gateway's side a moment after the payer's: retry routing.
     lock.kill().unwrap();
     lock.wait().unwrap();
-    // The channel is usable on the gateway's side a moment after the payer's: retry routing.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let delivered = || {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        log["actions"].as_array().unwrap().iter().any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered" && a["lightning"]["claim"] == "held")
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let paid = 'paid: loop {
         let id = payer.bolt11_payment().send(&invoice, None).unwrap();
         let waited = Instant::now();
-        let status = loop {
-            match payer.payment(&id).map(|p| p.status) {
-                Some(PaymentStatus::Pending) | None if waited.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(100)),
-                s => break s,
+        while waited.elapsed() < Duration::from_secs(30) {
+            if delivered() {
+                break 'paid id;
             }
-        };
-        if status == Some(PaymentStatus::Succeeded) {
-            break;
+            if payer.payment(&id).is_some_and(|p| p.status == PaymentStatus::Failed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(Instant::now() < deadline, "the invoice could not be paid: {status:?}");
+        assert!(Instant::now() < deadline, "the invoice could not be paid: {:?}", payer.payment(&id));
         std::thread::sleep(Duration::from_secs(1));
-    }
-    payer.stop().unwrap();
-    // The action is due (sent to the broker for the offline lock) when the gateway crashes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
-        if log["actions"].as_array().unwrap().iter().any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the paid invoice's action was never sent: {log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    // Not claimed while the lock has not acknowledged.
+    assert_eq!(payer.payment(&paid).map(|p| p.status), Some(PaymentStatus::Pending));
+    // The gateway crashes there, between the payment and the acknowledgement.
     kill_9(u);
 
-    // Restarted, with the lock back: it opens once, and the action is acknowledged once.
-    let u = up(d, &["--block-interval", "1"]);
+    // Restarted, with the lock back: it opens once, the action is acknowledged once, and
+    // then the payment is claimed: the customer's payment succeeds.
+    let u = up(d, &["--block-interval", "0"]);
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let lock = lock_7(d, &http, &mqtt);
     let output = lock.wait_with_output().unwrap();
@@ -287,6 +289,15 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
     assert!(acked["attempts"].as_u64().unwrap() >= 2, "sent before the crash and after: {acked}");
     let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
     assert_eq!(state["done"].as_array().unwrap().len(), 1);
+    // (The customer's node reconnects to the restarted gateway within a minute.)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while payer.payment(&paid).map(|p| p.status) != Some(PaymentStatus::Succeeded) {
+        assert!(Instant::now() < deadline, "the held payment was never claimed: {:?}", payer.payment(&paid));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let claimed = the_one_action_acked(&http);
+    assert_eq!(claimed["lightning"]["claim"], "claimed", "{claimed}");
+    payer.stop().unwrap();
     assert!(u.interrupt().success());
     assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
@@ -522,4 +533,83 @@ fn kill_9(mut u: Up) {
     // SAFETY: SIGKILL to our own child.
     unsafe { libc::kill(u.child.id() as i32, libc::SIGKILL) };
     u.child.wait().unwrap();
+}
+
+/// Issue 16, failure 2: a harmless reorg must not lock a paying customer out. The rental
+/// payment confirms (3 blocks) and lock-7 opens; the payment's block is invalidated (the
+/// payment goes back to the mempool) and the revert locks it; the payment is mined again
+/// in the new branch and buried under 3 blocks: the lock opens again — executed once net,
+/// and the action log says so.
+#[test]
+fn a_payment_reorged_out_and_mined_again_opens_the_lock_again() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pay_to = rental_rule(d);
+    let rules = std::fs::read_to_string(d.join("gateway/rules.toml")).unwrap().replace("confirmations = 1", "confirmations = 3");
+    std::fs::write(d.join("gateway/rules.toml"), rules).unwrap();
+    // No automatic mining: the test makes the chain.
+    let u = up(d, &["--block-interval", "0"]);
+    let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
+    enroll_lock_7(d, &http);
+    let mut lock = actuator(d, &mqtt, "lock-7").args(["--count", "3"]).stdout(Stdio::piped()).spawn().unwrap();
+    let (tx_lines, lines) = std::sync::mpsc::channel();
+    let out = lock.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let _ = tx_lines.send(serde_json::from_str::<Json>(&l.unwrap()).unwrap());
+        }
+    });
+    let next = || lines.recv_timeout(Duration::from_secs(60)).expect("the lock acted");
+    wait_presence(&http, "lock-7", "online");
+
+    let txid = customer_pays(d, &pay_to);
+    let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
+    let c = node.client();
+    let b_pay = node.mine(1).unwrap()[0];
+    node.mine(2).unwrap();
+    let v = next();
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")), "{v}");
+    let key = v["event_id"].as_str().unwrap().to_string();
+    assert!(key.starts_with(&format!("rental:{txid}:")), "{key}");
+
+    // The payment's block is replaced; until the new branch comes, the best chain ends at its parent.
+    c.invalidate_block(&b_pay).unwrap();
+    let mempool: Vec<String> = c.raw("getrawmempool", &[]).unwrap();
+    assert!(mempool.contains(&txid), "the payment went back to the mempool");
+    let v = next();
+    assert_eq!((v["event_id"].as_str(), v["output"].as_str()), (Some(format!("{key}:revert").as_str()), Some("closed")), "{v}");
+
+    // Mined again in the new branch, then buried under 3 blocks: the lock opens again. (The
+    // new block pays its coinbase elsewhere: the same block again would be the invalid one.)
+    let elsewhere = Address::p2wsh(&ScriptBuf::from(vec![0x67, 0x87]), Network::Regtest);
+    let b_new = c.mine(1, &elsewhere).unwrap()[0];
+    assert!(c.block(&b_new).unwrap().txdata.iter().any(|t| t.compute_txid().to_string() == txid), "mined again");
+    node.mine(2).unwrap();
+    let v = next();
+    assert_eq!((v["event_id"].as_str(), v["output"].as_str()), (Some(format!("{key}:g2").as_str()), Some("open")), "{v}");
+    assert!(lock.wait().unwrap().success());
+
+    // The action log: the action reverted (it ran), its revert done, the second generation done.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let actions = loop {
+        let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
+        let actions = log["actions"].as_array().unwrap().clone();
+        if actions.len() == 3 && actions.iter().filter(|a| a["state"] == "acked").count() == 2 {
+            break actions;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let find = |id: &str| actions.iter().find(|a| a["event_id"] == id).unwrap_or_else(|| panic!("no {id}: {actions:?}")).clone();
+    let first = find(&key);
+    assert_eq!(first["state"], "reverted");
+    assert!(!first["acked_ms"].is_null(), "it ran before it was reverted: {first}");
+    assert_eq!(find(&format!("{key}:revert"))["reverts"], key.as_str());
+    let again = find(&format!("{key}:g2"));
+    assert_eq!((again["trigger_key"].as_str(), again["generation"].as_u64()), (Some(key.as_str()), Some(2)));
+    assert_eq!(again["payment"]["height"].as_u64(), Some(c.tip().unwrap().height as u64 - 2));
+    let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
+    assert_eq!((state["output"].as_str(), state["done"].as_array().unwrap().len()), (Some("open"), 3));
+    assert!(u.interrupt().success());
 }

@@ -25,6 +25,10 @@ use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
 use crate::{deliver, GatewayError, Job, Shared};
 use bitmote_chain::now_ms;
 
+/// Block events applied before the loop turns to acknowledgements and deliveries (more
+/// than any reorg the stream follows: a reorg is applied whole).
+const MAX_EVENTS_PER_BATCH: usize = 1000;
+
 /// Webhook and program attempts running at once, at most.
 const MAX_IN_FLIGHT: usize = 16;
 
@@ -108,28 +112,37 @@ fn run(
                 }
             }
         }
+        // All the events there are, before any delivery: a reorg is applied whole, so a
+        // trigger it disconnects and mines again in the new branch (still final) costs the
+        // device nothing — its revert is cancelled before it could be sent.
         let s = stream.as_mut().expect("just set");
-        match s.next_event(Some(Duration::from_millis(100))) {
-            Ok(Some(ev)) => match engine.apply(&ev) {
-                Ok(events) => {
-                    for e in events {
-                        tracing::info!("actuator: {e:?}");
-                        if let EngineEvent::Alert { message, .. } = e {
-                            alert(&shared, message);
+        let mut wait = Some(Duration::from_millis(100));
+        for _ in 0..MAX_EVENTS_PER_BATCH {
+            match s.next_event(wait) {
+                Ok(Some(ev)) => match engine.apply(&ev) {
+                    Ok(events) => {
+                        for e in events {
+                            tracing::info!("actuator: {e:?}");
+                            if let EngineEvent::Alert { message, .. } | EngineEvent::Restored { message, .. } = e {
+                                alert(&shared, message);
+                            }
                         }
                     }
-                }
+                    Err(e) => {
+                        tracing::error!("actuator: applying a block: {e}");
+                        stream = None; // resume from the engine's cursor
+                        break;
+                    }
+                },
+                Ok(None) => break,
                 Err(e) => {
-                    tracing::error!("actuator: applying a block: {e}");
-                    stream = None; // resume from the engine's cursor
+                    tracing::warn!("actuator: {e}");
+                    stream = None;
+                    std::thread::sleep(Duration::from_millis(500));
+                    break;
                 }
-            },
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!("actuator: {e}");
-                stream = None;
-                std::thread::sleep(Duration::from_millis(500));
             }
+            wait = Some(Duration::ZERO);
         }
         // 2. The API's jobs (rules added and removed).
         while let Ok(job) = jobs.try_recv() {
@@ -172,6 +185,8 @@ fn run(
                 tracing::error!("actuator: recording the outcome of {id}: {e}");
             }
         }
+        // Held Lightning payments: claimed once acknowledged, failed back otherwise.
+        crate::lightning::settle(&shared, &mut engine);
         // 4. Deliveries.
         let out = shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let now = now_ms();

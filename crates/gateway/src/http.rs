@@ -557,17 +557,25 @@ async fn lightning_order(
         return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
     }
     let what = format!("bitmote {} {} ({})", device, rule.action.command, rule.id);
+    // A held invoice: the gateway makes the preimage and keeps it (durable before the
+    // invoice is handed out); the payment is claimed only once the device acknowledged the
+    // action, and failed back otherwise (see `lightning::settle`).
+    let mut preimage = [0u8; 32];
+    getrandom::getrandom(&mut preimage).map_err(internal)?;
+    let payment_hash = <bitmote_chain::bitcoin::hashes::sha256::Hash as bitmote_chain::bitcoin::hashes::Hash>::hash(&preimage);
+    let payment_hash = bitmote_chain::bitcoin::hashes::Hash::to_byte_array(payment_hash);
     let invoice = blocking(move || {
         let desc = bitmote_pay::ldk_node::lightning_invoice::Description::new(what).map_err(internal)?;
         let desc = bitmote_pay::ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(desc);
-        node.bolt11_payment().receive(amount_msat, &desc, expiry_secs).map_err(internal)
+        let hash = bitmote_pay::ldk_node::lightning_types::payment::PaymentHash(payment_hash);
+        node.bolt11_payment().receive_for_hash(amount_msat, &desc, expiry_secs, hash).map_err(internal)
     })
     .await?;
-    let hash = crate::lightning::hash_hex(&bitmote_chain::bitcoin::hashes::Hash::to_byte_array(*invoice.payment_hash()));
+    let hash = crate::lightning::hash_hex(&payment_hash);
     let bolt11 = invoice.to_string();
     let expires_ms = bitmote_chain::now_ms() + expiry_secs as u64 * 1000;
-    let (h, b, r) = (hash.clone(), bolt11.clone(), rule.clone());
-    call(&s.actuator_jobs, "the actuator", move |e| e.add_invoice(&r, &h, &b, amount_msat, expires_ms)).await?.map_err(engine_err)?;
+    let (h, b, r, p) = (hash.clone(), bolt11.clone(), rule.clone(), hex::encode(preimage));
+    call(&s.actuator_jobs, "the actuator", move |e| e.add_invoice(&r, &h, &b, amount_msat, expires_ms, Some(&p))).await?.map_err(engine_err)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({

@@ -3,11 +3,15 @@
 //! loopback. It hands out BOLT11 invoices for Lightning rules (payment orders) and
 //! accepts inbound channels, so machines can use it as a routing hub.
 //!
-//! Its events are handled by one thread: a `PaymentReceived` for one of our invoices
-//! makes the rule's action due in the actuator's outbox ([`Engine::lightning_received`],
-//! run by the actuator loop, which owns the engine), and only once that is durable is the
-//! event acknowledged to ldk-node. A crash in between replays the event, which then
-//! changes nothing (the event id is keyed by the payment hash).
+//! Invoices for Lightning rules are held (`receive_for_hash`; the preimage is the
+//! gateway's, stored before the invoice is handed out). Its events are handled by one
+//! thread: a `PaymentClaimable` for one of our invoices makes the rule's action due in the
+//! actuator's outbox ([`Engine::lightning_claimable`], run by the actuator loop, which owns
+//! the engine), and only once that is durable is the event acknowledged to ldk-node. A
+//! crash in between replays the event, which then changes nothing (the event id is keyed
+//! by the payment hash). The payment is claimed only once the device acknowledged the
+//! action, and failed back otherwise ([`settle`], on every turn of the actuator loop).
+//! (`PaymentReceived` fires actions only for invoices made before holding, claimed on arrival.)
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -148,6 +152,42 @@ fn events(shared: Arc<Shared>) {
 
 fn handle(shared: &Shared, ev: &Event) -> Result<(), String> {
     match ev {
+        Event::PaymentClaimable { payment_hash, claimable_amount_msat, claim_deadline, .. } => {
+            let (hash, amount, deadline) = (hash_hex(&payment_hash.0), *claimable_amount_msat, *claim_deadline);
+            let h = hash.clone();
+            let r = on_engine(shared, move |e| e.lightning_claimable(&h, amount, deadline))?.map_err(|e| e.to_string())?;
+            match r {
+                Some(EngineEvent::Due { event_id }) => {
+                    tracing::info!("Lightning payment {hash} ({amount} msat) held until block {deadline:?}: {event_id} due")
+                }
+                Some(EngineEvent::LightningRefused { reason, .. }) => {
+                    crate::actuator::alert(shared, format!("Lightning payment {hash}: {reason}"));
+                    if let Some(node) = &shared.lightning {
+                        if let Err(e) = node.bolt11_payment().fail_for_hash(*payment_hash) {
+                            tracing::warn!("failing back {hash}: {e}");
+                        }
+                    }
+                }
+                None => {
+                    // Not a held invoice of ours (none is made but for actuator rules), or
+                    // already recorded (a replayed event): the latter is settled by
+                    // `settle`; fail the former back rather than hold it to its deadline.
+                    let known = on_engine(shared, {
+                        let h = hash.clone();
+                        move |e| e.invoices().map(|l| l.iter().any(|i| i.payment_hash == h))
+                    })?
+                    .map_err(|e| e.to_string())?;
+                    if !known {
+                        tracing::warn!("Lightning payment {hash} is claimable but no invoice of ours has its hash: failing it back");
+                        if let Some(node) = &shared.lightning {
+                            let _ = node.bolt11_payment().fail_for_hash(*payment_hash);
+                        }
+                    }
+                }
+                Some(other) => tracing::info!("Lightning payment {hash}: {other:?}"),
+            }
+            Ok(())
+        }
         Event::PaymentReceived { payment_hash, amount_msat, .. } => {
             let (hash, amount) = (hash_hex(&payment_hash.0), *amount_msat);
             let h = hash.clone();
@@ -173,6 +213,55 @@ fn handle(shared: &Shared, ev: &Event) -> Result<(), String> {
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// Settle the held Lightning payments the engine says are ready ([`Engine::claims_to_settle`]):
+/// claim those whose action the device acknowledged (`claim_for_hash`, with the preimage
+/// kept since the invoice was made), fail back the others (`fail_for_hash`), and record
+/// it. Run by the actuator loop, which owns the engine, on every turn: after a restart it
+/// settles what was left (an acknowledgement recorded, the claim not yet made).
+pub(crate) fn settle(shared: &Shared, engine: &mut Engine) {
+    use bitmote_pay::ldk_node::lightning_types::payment::{PaymentHash, PaymentPreimage};
+    let Some(node) = &shared.lightning else { return };
+    let list = match engine.claims_to_settle() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("held Lightning payments: {e}");
+            return;
+        }
+    };
+    let bytes = |h: &str| -> Option<[u8; 32]> { hex::decode(h).ok()?.try_into().ok() };
+    for s in list {
+        let Some(hash) = bytes(&s.payment_hash).map(PaymentHash) else { continue };
+        let outcome = match (s.claim, bytes(&s.preimage)) {
+            (true, Some(pre)) => match node.bolt11_payment().claim_for_hash(hash, s.amount_msat, PaymentPreimage(pre)) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    // Not claimable as it is: give the money back rather than keep it held.
+                    let _ = node.bolt11_payment().fail_for_hash(hash);
+                    Err(format!("could not claim it ({e}): failed back"))
+                }
+            },
+            (true, None) => Err("its preimage is unreadable: failed back".to_string()),
+            (false, _) => match node.bolt11_payment().fail_for_hash(hash) {
+                Ok(()) => Ok(false),
+                Err(e) => Err(format!("{}; the node: {e}", s.why)),
+            },
+        };
+        let (claimed, note) = match outcome {
+            Ok(true) => (true, s.why.clone()),
+            Ok(false) => (false, s.why.clone()),
+            Err(note) => (false, note),
+        };
+        if claimed {
+            tracing::info!("Lightning payment {}: claimed ({} msat): {note}", s.payment_hash, s.amount_msat);
+        } else {
+            crate::actuator::alert(shared, format!("Lightning payment {} failed back: {note}", s.payment_hash));
+        }
+        if let Err(e) = engine.mark_settled(&s.payment_hash, claimed, &note) {
+            tracing::error!("recording the settlement of {}: {e}", s.payment_hash);
+        }
     }
 }
 

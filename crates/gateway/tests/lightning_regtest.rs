@@ -1,10 +1,13 @@
 //! The Lightning trigger end to end, against a real regtest bitcoind, the gateway's real
 //! ldk-node, a real payer ldk-node with a channel to it and a real MQTT device: an
-//! invoice is refused while the device is offline; the paid invoice makes the device act
-//! exactly once; the same invoice cannot be paid twice; the gateway's node routes a
-//! payment to a third node (a hub); a gateway restart between the
-//! payment and the device's acknowledgement delivers the action again under the same
-//! event id, and the device acts once.
+//! invoice is refused while the device is offline; the paid invoice is held (not claimed)
+//! until the device acknowledges, makes the device act exactly once, and is claimed on the
+//! acknowledgement; the same invoice cannot be paid twice; the gateway's node routes a
+//! payment to a third node (a hub); a gateway restart between the payment and the
+//! device's acknowledgement delivers the action again under the same event id, the device
+//! acts once and the payment is claimed then; a payment whose action the device refuses,
+//! or which it does not acknowledge within the action's time-to-live or before the claim
+//! deadline, is failed back to the payer (issue 16, invariant I4).
 
 mod common;
 use common::api;
@@ -58,6 +61,19 @@ fn wait(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
 /// what stops it (a disconnect). It logs in with `login`, the MQTT credentials issued at its
 /// enrolment.
 fn lock(name: &str, mqtt: SocketAddr, login: &(String, String), done: Arc<Mutex<Vec<String>>>, ack: Arc<AtomicBool>) -> impl FnOnce() {
+    lock_answering(name, mqtt, login, done, ack, Arc::new(Mutex::new("done")))
+}
+
+/// [`lock`], answering `answer` (`done`, `refused`) when it acknowledges; it acts only
+/// when it answers `done` (or does not answer).
+fn lock_answering(
+    name: &str,
+    mqtt: SocketAddr,
+    login: &(String, String),
+    done: Arc<Mutex<Vec<String>>>,
+    ack: Arc<AtomicBool>,
+    answer: Arc<Mutex<&'static str>>,
+) -> impl FnOnce() {
     let mut opts = rumqttc::MqttOptions::new(name, mqtt.ip().to_string(), mqtt.port());
     opts.set_credentials(login.0.clone(), login.1.clone());
     opts.set_keep_alive(Duration::from_secs(5));
@@ -81,13 +97,14 @@ fn lock(name: &str, mqtt: SocketAddr, login: &(String, String), done: Arc<Mutex<
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) if p.topic == commands => {
                     let v: Json = serde_json::from_slice(&p.payload).unwrap();
                     let id = v["event_id"].as_str().unwrap().to_string();
+                    let result = *answer.lock().unwrap();
                     let mut d = done.lock().unwrap();
-                    if !d.contains(&id) {
+                    if !d.contains(&id) && result == "done" {
                         assert_eq!(v["command"], "unlock");
                         d.push(id.clone()); // "opens the lock", once per event id
                     }
                     if ack.load(Ordering::SeqCst) {
-                        let a = json!({ "event_id": id, "result": "done" }).to_string();
+                        let a = json!({ "event_id": id, "result": result, "reason": "jammed" }).to_string();
                         client.try_publish(&acks, rumqttc::QoS::AtLeastOnce, false, a).unwrap();
                     }
                 }
@@ -113,6 +130,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         d.join("rules.toml"),
         "[[rule]]\nid = \"coffee\"\ndevice = \"lock-ln\"\ntrigger = { kind = \"lightning\", amount_msat = 50000, expiry_secs = 600 }\n\
          action = { command = \"unlock\" }\nttl_secs = 600\n\n\
+         [[rule]]\nid = \"quick\"\ndevice = \"lock-ln\"\ntrigger = { kind = \"lightning\", amount_msat = 20000 }\naction = { command = \"unlock\" }\nttl_secs = 3\n\n\
          [[rule]]\nid = \"lease\"\ndevice = \"lock-ln\"\ntrigger = { kind = \"height\", height = 100000 }\naction = { command = \"off\" }\n",
     )
     .unwrap();
@@ -207,10 +225,10 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     assert_eq!(hex::encode(bitmote_chain::bitcoin::hashes::Hash::to_byte_array(*invoice.payment_hash())), hash);
     let event_id = format!("coffee:ln:{hash}");
 
-    // The payer pays; the lock acts once; the gateway has delivered it, unacknowledged.
+    // The payer pays; the lock acts once; the gateway has delivered it, unacknowledged, and
+    // holds the payment: not claimed while the device has not acknowledged.
     let paid = payer.bolt11_payment().send(&invoice, None).unwrap();
-    wait("the payment succeeded", 60, || payer.payment(&paid).is_some_and(|p| p.status == PaymentStatus::Succeeded));
-    wait("the lock acted", 30, || !done.lock().unwrap().is_empty());
+    wait("the lock acted", 60, || !done.lock().unwrap().is_empty());
     assert_eq!(*done.lock().unwrap(), vec![event_id.clone()]);
     let action = |base: &str| {
         let log = api("GET", &format!("{base}/v1/actions"), None, None).1;
@@ -222,6 +240,18 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     assert_eq!((a["event_id"].as_str(), a["state"].as_str()), (Some(event_id.as_str()), Some("delivered")), "{a}");
     assert_eq!((a["trigger"].as_str(), a["lightning"]["payment_hash"].as_str()), (Some("lightning"), Some(hash.as_str())), "{a}");
     assert_eq!((a["lightning"]["amount_msat"].as_u64(), a["txid"].as_str()), (Some(50_000), None), "{a}");
+    assert_eq!(a["lightning"]["claim"], "held", "{a}");
+    assert!(a["lightning"]["claim_deadline"].as_u64().is_some(), "{a}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(payer.payment(&paid).map(|p| p.status), Some(PaymentStatus::Pending), "not claimed before the acknowledgement");
+    let received = |gw: &Gateway, msat: u64| {
+        gw.shared().lightning.as_ref().unwrap().list_payments().iter().any(|p| {
+            p.direction == bitmote_pay::ldk_node::payment::PaymentDirection::Inbound
+                && p.status == PaymentStatus::Succeeded
+                && p.amount_msat == Some(msat)
+        })
+    };
+    assert!(!received(&gw, 50_000), "the gateway's node has not taken the money");
 
     // The same invoice cannot be paid again.
     assert!(payer.bolt11_payment().send(&invoice, None).is_err(), "a second payment of the same invoice");
@@ -240,11 +270,66 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     let a = action(&base);
     assert!(a["attempts"].as_u64().unwrap() >= 2, "delivered before and after the restart: {a}");
     assert_eq!(*done.lock().unwrap(), vec![event_id.clone()], "the lock acted once");
+    // Acknowledged: claimed, the payer's payment succeeds and the gateway's node has the money.
+    wait("the payer's payment succeeded (it reconnects to the restarted gateway within a minute)", 120, || payer.payment(&paid).is_some_and(|p| p.status == PaymentStatus::Succeeded));
+    wait("the gateway's node received it", 30, || received(&gw, 50_000));
+    wait("the action shows it claimed", 10, || action(&base)["lightning"]["claim"] == "claimed");
     // Nothing fires again later (a replayed node event would be ignored, too).
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(action(&base)["event_id"].as_str(), Some(event_id.as_str()));
     assert_eq!(done.lock().unwrap().len(), 1);
     stop_lock();
+
+    // The lock refuses the next paid action: not executed, the payment failed back.
+    let answer = Arc::new(Mutex::new("refused"));
+    let stop_lock = lock_answering("lock-ln", mqtt, &login, done.clone(), ack.clone(), answer.clone());
+    let online = || api("GET", &format!("{base}/v1/presence"), None, None).1["devices"]["lock-ln"]["state"] == "online";
+    wait("lock-ln online", 30, online);
+    let orders = format!("{base}/v1/devices/lock-ln/orders"); // the restarted gateway's
+    let order = |rule: &str| -> (String, Bolt11Invoice) {
+        let (code, order) = api("POST", &orders, t, Some(json!({ "rule": rule })));
+        assert_eq!(code, 201, "{order}");
+        (order["order_id"].as_str().unwrap().to_string(), order["invoice"].as_str().unwrap().parse().unwrap())
+    };
+    let one = |base: &str, id: &str| {
+        let log = api("GET", &format!("{base}/v1/actions"), None, None).1;
+        log["actions"].as_array().unwrap().iter().find(|a| a["event_id"] == id).cloned().unwrap_or(Json::Null)
+    };
+    let failed = |p: &bitmote_pay::ldk_node::lightning::ln::channelmanager::PaymentId| payer.payment(p).is_some_and(|p| p.status == PaymentStatus::Failed);
+    let (refused_id, invoice) = order("coffee");
+    let refused_pay = payer.bolt11_payment().send(&invoice, None).unwrap();
+    wait("the refused payment failed back to the payer", 60, || failed(&refused_pay));
+    let a = one(&base, &refused_id);
+    assert_eq!((a["state"].as_str(), a["lightning"]["claim"].as_str()), (Some("refused"), Some("failed_back")), "{a}");
+    assert!(a["note"].as_str().unwrap().contains("payment failed back"), "{a}");
+    assert_eq!(done.lock().unwrap().len(), 1, "not executed");
+
+    // Sold while the lock is online; paid while it is offline, past the action's 3 s:
+    // expired, the payment failed back.
+    *answer.lock().unwrap() = "done";
+    let (late_id, late_invoice) = order("quick");
+    let (held_id, held_invoice) = order("coffee");
+    stop_lock();
+    let late_pay = payer.bolt11_payment().send(&late_invoice, None).unwrap();
+    wait("the unanswered payment failed back to the payer", 60, || failed(&late_pay));
+    let a = one(&base, &late_id);
+    assert_eq!((a["state"].as_str(), a["lightning"]["claim"].as_str()), (Some("expired"), Some("failed_back")), "{a}");
+
+    // Unanswered as blocks come: one block short of the claim deadline the action is expired
+    // and the payment failed back (before LDK would fail it back by itself).
+    let held_pay = payer.bolt11_payment().send(&held_invoice, None).unwrap();
+    wait("the action delivered", 60, || one(&base, &held_id)["state"] == "delivered");
+    let a = one(&base, &held_id);
+    let deadline = a["lightning"]["claim_deadline"].as_u64().unwrap();
+    let tip = chain.client().tip().unwrap().height as u64;
+    assert!(deadline > tip + 1, "{a}");
+    chain.mine((deadline - tip - 1) as u32).unwrap();
+    wait("the held payment failed back at its deadline", 60, || failed(&held_pay));
+    let a = one(&base, &held_id);
+    assert_eq!((a["state"].as_str(), a["lightning"]["claim"].as_str()), (Some("expired"), Some("failed_back")), "{a}");
+    assert!(a["note"].as_str().unwrap().contains("claim deadline"), "{a}");
+    assert!(!received(&gw, 20_000), "nothing kept for actions not done");
+    assert_eq!(done.lock().unwrap().len(), 1, "nothing else executed");
     payer.stop().unwrap();
     gw.shutdown();
 }
