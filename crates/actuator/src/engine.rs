@@ -1250,7 +1250,20 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, key: &str, found: Option<&Fou
                     )?;
                     let mut message = format!("{what} that triggered {} {gone} after the action", m.event_id);
                     let mut revert_due = None;
-                    if let Some(revert) = rule.and_then(|r| r.revert.as_ref().map(|a| (r, a))) {
+                    let mut inverse = None;
+                    let revert = match rule.and_then(|r| r.revert.as_ref().map(|a| (r, a))) {
+                        // `revert = { command = "inverse" }`: undo whatever the action was.
+                        Some((r, a)) if a.command == crate::rules::INVERSE => {
+                            let done: String = tx.query_row("SELECT command FROM act_outbox WHERE event_id = ?1", [&m.event_id], |r| r.get(0))?;
+                            match crate::rules::inverse_of(&done) {
+                                Some(c) => inverse = Some(Action { command: c.to_string(), ..a.clone() }),
+                                None => message.push_str(&format!("; {done:?} has no known inverse, nothing reverts it")),
+                            }
+                            inverse.as_ref().map(|a| (r, a))
+                        }
+                        other => other,
+                    };
+                    if let Some(revert) = revert {
                         let (rule, action) = revert;
                         let (_, n) = latest_revert(tx, &m.event_id)?;
                         let rid = revert_id(&m.event_id, n + 1);
@@ -1863,6 +1876,37 @@ mod reorg_tests {
         s.deliver(&check);
         let cmds: Vec<(&str, &str)> = s.executed.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert_eq!(cmds, [("door-cmd:cmd:1", "unlock"), ("door-cmd:cmd:1:revert", "lock"), ("door-cmd:cmd:1:g2", "unlock")]);
+    }
+
+    /// Found by `bitmote drill`: a relay switched by signed commands (`action = "*"`) whose
+    /// command is double-spent away after it ran kept the relay switched. With
+    /// `revert = { command = "inverse" }` the inverse of what ran is sent.
+    #[test]
+    fn an_inverse_revert_undoes_whatever_the_command_did() {
+        use bitmote_device::SigningKey;
+        let key = SigningKey::schnorr_from_secret(&[6; 32]).unwrap();
+        let rule = Rule {
+            id: "relay-cmd".into(),
+            device: "relay-9".into(),
+            trigger: Trigger::Command { key: key.public_key().to_string(), confirmations: 1 },
+            action: Action { command: "*".into(), args: serde_json::Value::Null, webhook: None, exec: None },
+            revert: Some(Action { command: crate::rules::INVERSE.into(), args: serde_json::Value::Null, webhook: None, exec: None }),
+            ttl_secs: None,
+        };
+        let mut s = Sim::new(vec![rule]);
+        let on = op_return(1, crate::command::encode(&key, "relay-9", 1, "on").unwrap());
+        let txid = on.compute_txid();
+        let check = move |s: &Sim, _: &OutboxItem| s.is_final(&txid, 1);
+        s.connect(vec![on]);
+        s.deliver(&check);
+        // The command's block is replaced by one without it (double-spent, never back).
+        s.disconnect();
+        s.connect(vec![]);
+        s.mine(1);
+        s.deliver(&check);
+        let cmds: Vec<(&str, &str)> = s.executed.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        assert_eq!(cmds, [("relay-cmd:cmd:1", "on"), ("relay-cmd:cmd:1:revert", "off")]);
+        assert_eq!(s.net("relay-cmd:cmd:1"), 0);
     }
 
     #[test]

@@ -253,6 +253,8 @@ pub struct Rule {
     pub trigger: Trigger,
     pub action: Action,
     /// What to do if a reorg takes the triggering event away after the action fired.
+    /// The command [`INVERSE`] means the inverse of the command the action executed
+    /// (see [`inverse_of`]): for rules whose action is `*`, such as signed commands.
     #[serde(default)]
     pub revert: Option<Action>,
     /// A command delivered later than this after it became due is not executed.
@@ -418,5 +420,36 @@ mod tests {
         assert!(RuleSet::parse(&exec.replace("timeout_secs = 2", "timeout_secs = 0"), Network::Regtest).is_err());
         let both = hook.replace("} }", &format!("}}, exec = {{ program = \"{}\" }} }}", program.display()));
         assert!(RuleSet::parse(&both, Network::Regtest).unwrap_err().to_string().contains("not both"), "{both}");
+    }
+}
+
+/// A revert command meaning "the inverse of what the action did".
+pub const INVERSE: &str = "inverse";
+
+/// The command that undoes `command`, for the commands bitmote's devices know.
+pub fn inverse_of(command: &str) -> Option<&'static str> {
+    Some(match command {
+        "on" => "off",
+        "off" => "on",
+        "open" => "close",
+        "close" => "open",
+        "unlock" => "lock",
+        "lock" => "unlock",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod inverse_tests {
+    use super::*;
+
+    #[test]
+    fn every_known_command_has_an_inverse_that_undoes_it() {
+        for c in ["on", "off", "open", "close", "unlock", "lock"] {
+            let i = inverse_of(c).unwrap();
+            assert_eq!(inverse_of(i), Some(c));
+            assert_ne!(i, c);
+        }
+        assert_eq!(inverse_of("reboot"), None);
     }
 }

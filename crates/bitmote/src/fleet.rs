@@ -597,7 +597,7 @@ impl Driver {
         let rule = json!({
             "id": RELAY_RULE, "device": RELAY,
             "trigger": { "kind": "command", "key": self.operator.public_key().to_string(), "confirmations": 1 },
-            "action": { "command": "*" }, "ttl_secs": 600,
+            "action": { "command": "*" }, "revert": { "command": "inverse" }, "ttl_secs": 600,
         });
         match self.request("POST", "/v1/rules").send_json(rule) {
             Ok(_) | Err(ureq::Error::Status(409, _)) => {
