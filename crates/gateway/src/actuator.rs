@@ -70,9 +70,13 @@ pub fn start(
         Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
     let (ack_tx, ack_rx) = mpsc::channel();
     *shared.acks.lock().unwrap_or_else(|p| p.into_inner()) = Some(ack_tx);
+    // Headers of the last blocks delivered, kept with the engine's cursor: a node that comes
+    // back without its last blocks (a crash before it flushed them) is a reorg the engine
+    // is walked back through, reverting what those blocks carried.
+    let history = data_dir.join("actuator.history.json");
     std::thread::Builder::new()
         .name("actuator".into())
-        .spawn(move || run(shared, engine, client, ack_rx, retry, jobs))
+        .spawn(move || run(shared, engine, client, ack_rx, retry, jobs, history))
         .map_err(|e| GatewayError::Io { context: "spawning the actuator loop".into(), source: e })
 }
 
@@ -83,14 +87,19 @@ fn run(
     acks: mpsc::Receiver<(String, serde_json::Value)>,
     retry: Retry,
     jobs: mpsc::Receiver<Job<Engine>>,
+    history: std::path::PathBuf,
 ) {
     let mut stream: Option<BlockStream<ChainClient>> = None;
+    // Pause before reopening the stream after a failure: doubles from 250 ms up to 10 s.
+    // Meanwhile the loop goes on with the API's jobs, acknowledgements and retries.
+    let mut backoff = Duration::from_millis(250);
+    let mut reopen_at: Option<std::time::Instant> = None;
     // Outcomes of webhook and program attempts, from their threads.
     let (done_tx, done_rx) = mpsc::channel::<(String, Result<(), String>)>();
     let mut in_flight = HashSet::new();
     while !shared.stop.load(Ordering::SeqCst) {
         // 1. Chain events.
-        if stream.is_none() {
+        if stream.is_none() && reopen_at.is_none_or(|t| std::time::Instant::now() >= t) {
             let stored = match engine.cursor() {
                 Ok(c) => c.map(Some),
                 Err(e) => {
@@ -99,36 +108,60 @@ fn run(
                     continue;
                 }
             };
-            match client.fresh().and_then(|c| BlockStream::resume(c, stored, Start::Tip, StreamConfig::default())) {
+            let cfg = StreamConfig::with_history(&history);
+            match client.fresh().and_then(|c| BlockStream::resume(c, stored, Start::Tip, cfg)) {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
-                    tracing::warn!("actuator: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
+                    if e.is_transient() {
+                        crate::node_seen(&shared, Err(&e));
+                    } else {
+                        tracing::warn!("actuator: {e}");
+                    }
+                    reopen_at = Some(std::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        let s = stream.as_mut().expect("just set");
-        match s.next_event(Some(Duration::from_millis(100))) {
-            Ok(Some(ev)) => match engine.apply(&ev) {
-                Ok(events) => {
-                    for e in events {
-                        tracing::info!("actuator: {e:?}");
-                        if let EngineEvent::Alert { message, .. } = e {
-                            alert(&shared, message);
+        let next = match stream.as_mut() {
+            Some(s) => s.next_event(Some(Duration::from_millis(100))),
+            None => {
+                std::thread::sleep(Duration::from_millis(100));
+                Ok(None)
+            }
+        };
+        match next {
+            Ok(ev) => {
+                if stream.is_some() {
+                    backoff = Duration::from_millis(250);
+                }
+                if let Some(ev) = ev {
+                    match engine.apply(&ev) {
+                        Ok(events) => {
+                            for e in events {
+                                tracing::info!("actuator: {e:?}");
+                                if let EngineEvent::Alert { message, .. } = e {
+                                    alert(&shared, message);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("actuator: applying a block: {e}");
+                            stream = None; // resume from the engine's cursor
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::error!("actuator: applying a block: {e}");
-                    stream = None; // resume from the engine's cursor
-                }
-            },
-            Ok(None) => {}
+            }
             Err(e) => {
-                tracing::warn!("actuator: {e}");
+                // Node down or restarting (or a cursor it cannot place): never fatal; the
+                // stream is reopened from the engine's cursor with growing pauses.
+                if e.is_transient() {
+                    crate::node_seen(&shared, Err(&e));
+                } else {
+                    tracing::warn!("actuator: {e}");
+                }
                 stream = None;
-                std::thread::sleep(Duration::from_millis(500));
+                reopen_at = Some(std::time::Instant::now() + backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
         // 2. The API's jobs (rules added and removed).
@@ -217,3 +250,4 @@ fn run(
         }
     }
 }
+
