@@ -4,7 +4,7 @@
 //!   same data and ports, ingest acknowledges meanwhile (proofs say pending), and anchoring
 //!   resumes without a restart;
 //! * Ctrl-C of `up` whose stdout and stderr are a closed pipe (`| tee` ended by the same
-//!   Ctrl-C): a clean exit, bitcoind shut down cleanly ("Shutdown: done"), no block lost,
+//!   Ctrl-C): a clean exit, bitcoind shut down cleanly ("Shutdown done" in its log), no block lost,
 //!   and the next `up` starts;
 //! * a node that comes back without its last blocks (its data as it was earlier, which is
 //!   what a crash before flushing leaves): `up` starts, follows it back to the fork point,
@@ -136,8 +136,8 @@ fn sigterm_of_the_node_does_not_stop_up_which_restarts_it_and_anchoring_resumes(
     // SAFETY: a signal to the bitcoind that `up` started for this test.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     eventually("bitcoind exits on SIGTERM", || !alive(pid), || {});
-    // Hold its RPC port, so `up`'s attempts to start it again fail for as long as the test
-    // wants the outage to last (it waits 2 s before the first attempt).
+    // Hold its RPC port, so the node `up` starts again (after 2 s) cannot serve RPC for as
+    // long as the test wants the outage to last.
     let hold = std::net::TcpListener::bind(("127.0.0.1", rpc_port(d))).unwrap();
     let down_since = Instant::now();
 
