@@ -2,6 +2,16 @@
 //! parse arguments, load configuration, call into `bitmote-chain` (and, as they
 //! land, the notary, actuator, payment and gateway crates), report errors.
 
+/// `println!` that never panics: stdout may be a pipe whose reader is gone (`bitmote up |
+/// tee up.log`, where the same Ctrl-C ends `tee`); losing a line of output must never
+/// abort a clean shutdown.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod bench;
 mod bench_actuator;
 mod bench_mqtt;
@@ -167,7 +177,10 @@ fn init_logs(verbose: u8, format: LogFormat) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
+    // by default tracing-subscriber reports it with `eprintln!`, which panics on that same
+    // closed stderr, and a panic on the way out of `up` used to kill bitcoind uncleanly.
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     match format {
         LogFormat::Text => fmt.with_target(false).init(),
         LogFormat::Json => fmt.json().with_current_span(false).init(),
@@ -178,7 +191,8 @@ fn main() {
     let cli = Cli::parse();
     init_logs(cli.global.verbose, cli.global.log_format);
     if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
         std::process::exit(1);
     }
 }

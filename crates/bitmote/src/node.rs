@@ -20,6 +20,8 @@ use crate::Global;
 
 /// Default seconds between blocks that `bitmote up` mines on its regtest node.
 const DEFAULT_BLOCK_INTERVAL: u64 = 10;
+/// How long `up` waits before starting its node again after it exited.
+const NODE_RESTART_PAUSE: Duration = Duration::from_secs(2);
 /// Blocks mined on a new regtest chain so coinbase outputs are spendable.
 const REGTEST_MATURITY: u32 = 101;
 
@@ -148,6 +150,8 @@ pub struct Node {
     pub client: ChainClient,
     /// Set when this process started the node and must stop it.
     pub owned: Option<RegtestNode>,
+    /// The embedded node when it was already running (a `bitmote node start` daemon).
+    pub attached: Option<RegtestNode>,
     /// The embedded node's P2P address (for light clients).
     pub p2p: Option<std::net::SocketAddr>,
 }
@@ -157,11 +161,11 @@ fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
     match cfg.chain_target(&g.data_dir())? {
         ChainTarget::External(rpc) => {
             let client = ChainClient::connect(rpc, Duration::from_secs(60))?;
-            Ok(Some(Node { client, owned: None, p2p: None }))
+            Ok(Some(Node { client, owned: None, attached: None, p2p: None }))
         }
         ChainTarget::Embedded { data_dir } => {
             if let Some(n) = RegtestNode::attach(&data_dir)? {
-                return Ok(Some(Node { client: n.client().fresh()?, owned: None, p2p: Some(n.p2p_addr()) }));
+                return Ok(Some(Node { client: n.client().fresh()?, owned: None, p2p: Some(n.p2p_addr()), attached: Some(n) }));
             }
             if !start {
                 return Ok(None);
@@ -169,8 +173,10 @@ fn open_node(g: &Global, cfg: &Config, start: bool) -> Result<Option<Node>> {
             let exe = install(&InstallOptions::default())?;
             let mut opts = RegtestOptions::new(exe.bitcoind);
             opts.data_dir = Some(data_dir);
-            let n = RegtestNode::start(opts)?;
-            Ok(Some(Node { client: n.client().fresh()?, p2p: Some(n.p2p_addr()), owned: Some(n) }))
+            let mut n = RegtestNode::start(opts)?;
+            // Whatever way `up` ends (an error included), bitcoind is stopped cleanly, never killed.
+            n.set_graceful_drop(true);
+            Ok(Some(Node { client: n.client().fresh()?, p2p: Some(n.p2p_addr()), owned: Some(n), attached: None }))
         }
     }
 }
@@ -188,8 +194,11 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let _lock = lock_data_dir(&data_dir)?;
     let cfg = Config::load(g.config.as_deref(), &data_dir)?;
     let stop = stop_flag()?;
-    let node = open_node(g, &cfg, true)?.expect("start = true always yields a node");
-    let client = &node.client;
+    let Node { client, owned, attached, p2p } = open_node(g, &cfg, true)?.expect("start = true always yields a node");
+    // The embedded node, which `up` watches and starts again (same data dir and ports)
+    // whenever it exits; `owned` = `up` started it and stops it at the end.
+    let mut managed: Option<(RegtestNode, bool)> = owned.map(|n| (n, true)).or(attached.map(|n| (n, false)));
+    let client = &client;
     let network = client.network();
     let mut info = client.info()?;
     let regtest = network == Network::Regtest;
@@ -201,13 +210,15 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     }
     let interval = args.block_interval.or(cfg.chain.block_interval_secs).unwrap_or(DEFAULT_BLOCK_INTERVAL);
     let mut cursor_store = FileCursorStore::new(data_dir.join("up.cursor"));
-    let mut stream =
-        BlockStream::resume(client.fresh()?, cursor_store.load()?, Start::Tip, StreamConfig::default())?;
+    // Headers of the last blocks, kept with the cursor: a node that comes back without its
+    // last blocks (a crash) is followed like a reorg instead of refusing to start.
+    let stream_cfg = StreamConfig::with_history(data_dir.join("up.history.json"));
+    let mut stream = BlockStream::resume(client.fresh()?, cursor_store.load()?, Start::Tip, stream_cfg.clone())?;
 
     // The simulated fleet (regtest only): its ports first, so the dashboard shows the meter.
     let sim = !args.no_sim && cfg.fleet.enabled.unwrap_or(true);
     if sim && !regtest {
-        println!("the simulated fleet runs on regtest only; on {network} the gateway runs alone");
+        say!("the simulated fleet runs on regtest only; on {network} the gateway runs alone");
     }
     let plan = match sim && regtest {
         true => Some(crate::fleet::Plan::resolve(&cfg, &data_dir.join("fleet"), args.sensors)?),
@@ -256,44 +267,44 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         None => None,
     };
     let rpc = client.config();
-    println!("bitmote is up");
-    println!("  data dir : {}", data_dir.display());
-    println!("  bitcoind : {} on {network}, height {} ({})", info.version, info.blocks, info.best_block_hash);
-    println!("  rpc      : {}", rpc.url);
-    if let Some(p2p) = node.p2p {
-        println!("  p2p      : {p2p}  (compact block filters, for device actuator --light-client)");
+    say!("bitmote is up");
+    say!("  data dir : {}", data_dir.display());
+    say!("  bitcoind : {} on {network}, height {} ({})", info.version, info.blocks, info.best_block_hash);
+    say!("  rpc      : {}", rpc.url);
+    if let Some(p2p) = p2p {
+        say!("  p2p      : {p2p}  (compact block filters, for device actuator --light-client)");
     }
     if let bitmote_chain::RpcAuth::Cookie(p) = &rpc.auth {
-        println!("  cookie   : {}", p.display());
+        say!("  cookie   : {}", p.display());
     }
     match (regtest, interval) {
-        (true, 0) => println!("  mining   : off (bitmote node mine N)"),
-        (true, s) => println!("  mining   : a block every {s} s"),
+        (true, 0) => say!("  mining   : off (bitmote node mine N)"),
+        (true, s) => say!("  mining   : a block every {s} s"),
         _ => {}
     }
-    println!("  http api : {api}  (OpenAPI: /openapi.json)");
-    println!("  dashboard: {api}/  (metrics: /metrics)");
+    say!("  http api : {api}  (OpenAPI: /openapi.json)");
+    say!("  dashboard: {api}/  (metrics: /metrics)");
     match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
-        (Some(url), _) => println!("  mqtt     : external broker {url}"),
-        (None, Some(a)) => println!("  mqtt     : mqtt://{a}  (each device logs in with the password issued at enrolment, on its own topics bitmote/<device>/...)"),
-        (None, None) => println!("  mqtt     : off"),
+        (Some(url), _) => say!("  mqtt     : external broker {url}"),
+        (None, Some(a)) => say!("  mqtt     : mqtt://{a}  (each device logs in with the password issued at enrolment, on its own topics bitmote/<device>/...)"),
+        (None, None) => say!("  mqtt     : off"),
     }
     if let Some(n) = &gateway.shared().lightning {
         let at = n.listening_addresses().unwrap_or_default().first().map(|a| a.to_string()).unwrap_or_default();
-        println!("  lightning: {}@{at}  (gateway node: invoices for Lightning rules; GET /v1/lightning)", n.node_id());
+        say!("  lightning: {}@{at}  (gateway node: invoices for Lightning rules; GET /v1/lightning)", n.node_id());
     }
-    println!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
+    say!("  admin    : token in {}", data_dir.join("gateway").join("admin.token").display());
     match &fleet {
         Some(f) => {
-            println!("  fleet    : {} processes, state and logs in {}", f.members.len(), f.dir().display());
+            say!("  fleet    : {} processes, state and logs in {}", f.members.len(), f.dir().display());
             for m in &f.members {
                 let url = m.url.as_deref().map(|u| format!(" {u}")).unwrap_or_default();
                 let pid = m.pid().map(|p| format!("pid {p}")).unwrap_or_else(|| "waiting".into());
-                println!("    {:<10} {:<8} {:<10}{url}  log {}", m.name, m.kind, pid, m.log.display());
+                say!("    {:<10} {:<8} {:<10}{url}  log {}", m.name, m.kind, pid, m.log.display());
             }
             if driver.is_some() {
                 let p = &f.plan;
-                println!(
+                say!(
                     "    chain events: a {} sat rental order for {} every ~{} blocks (lease {} blocks), a signed on-chain command for {} every {} blocks",
                     p.rental_sat,
                     crate::fleet::LOCK,
@@ -304,7 +315,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 );
             }
         }
-        None => println!("  fleet    : off"),
+        None => say!("  fleet    : off"),
     }
     let status_path = data_dir.join("up.json");
     let write_status = |fleet: &Option<crate::fleet::Fleet>, driver: &Option<crate::fleet::Driver>| {
@@ -322,8 +333,8 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         }
     };
     write_status(&fleet, &driver);
-    println!("ready; press Ctrl-C to stop");
-    std::io::stdout().flush()?;
+    say!("ready; press Ctrl-C to stop");
+    let _ = std::io::stdout().flush();
 
     // The first start funds the meter and opens its channel: a spinner until its API answers.
     let mut meter_wait = fleet.as_ref().filter(|f| f.plan.meter).map(|f| {
@@ -331,11 +342,41 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         (f.plan.meter_url(), bar, Instant::now())
     });
     let mut next_mine = Instant::now() + Duration::from_secs(interval);
+    // Node supervision: when it exits, start it again after a pause that grows while it
+    // keeps failing; chain errors are logged once per kind, and never end `up`.
+    let mut node_backoff = Duration::from_secs(1);
+    let mut next_node_start: Option<Instant> = None;
+    let mut last_chain_error = String::new();
+    let mut stream_retry_at: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
+        if let Some((n, owned)) = &mut managed {
+            if let Some(how) = n.exited() {
+                let due = *next_node_start.get_or_insert_with(|| {
+                    tracing::warn!("bitcoind exited ({how}); starting it again in {} s on {}", NODE_RESTART_PAUSE.as_secs(), n.data_dir().display());
+                    Instant::now() + NODE_RESTART_PAUSE
+                });
+                if Instant::now() >= due {
+                    match n.restart() {
+                        Ok(()) => {
+                            tracing::info!("bitcoind is running again at {}", n.rpc_url());
+                            n.set_graceful_drop(true);
+                            next_node_start = None;
+                            node_backoff = Duration::from_secs(1);
+                            *owned = true; // our child now: stopped with `up`
+                        }
+                        Err(e) => {
+                            tracing::warn!("starting bitcoind again failed: {e}; next try in {} s", node_backoff.as_secs());
+                            next_node_start = Some(Instant::now() + node_backoff);
+                            node_backoff = (node_backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
+                }
+            }
+        }
         if regtest && interval > 0 && Instant::now() >= next_mine {
             next_mine = Instant::now() + Duration::from_secs(interval);
             if let Err(e) = client.mine(1, &regtest::op_true_address()) {
-                tracing::warn!("mining failed: {e}");
+                tracing::debug!("mining failed: {e}");
             }
         }
         if let Some(f) = &mut fleet {
@@ -350,17 +391,40 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 if let Some(st) = st {
                     bar.finish_and_clear();
                     let channels = st["node"]["channels"].as_array().map_or(0, Vec::len);
-                    let _ = writeln!(std::io::stdout(), "meter    : streaming payments to the provider ({channels} channel(s)); status {url}/v1/status");
+                    say!("meter    : streaming payments to the provider ({channels} channel(s)); status {url}/v1/status");
                     meter_wait = None;
                 } else {
                     meter_wait = Some((url.clone(), bar.clone(), Instant::now()));
                 }
             }
         }
+        if stream_retry_at.is_some_and(|t| Instant::now() < t) {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        if stream_retry_at.take().is_some() {
+            // Reopen from the stored cursor (after an error the stream cannot get past).
+            match cursor_store.load().map_err(anyhow::Error::from).and_then(|c| {
+                Ok(BlockStream::resume(client.fresh()?, c, Start::Tip, stream_cfg.clone())?)
+            }) {
+                Ok(s) => stream = s,
+                Err(e) => {
+                    tracing::warn!("reopening the block stream: {e:#}");
+                    stream_retry_at = Some(Instant::now() + Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         match stream.next_event(Some(Duration::from_millis(250))) {
             Ok(Some(ev)) => {
+                if !last_chain_error.is_empty() {
+                    tracing::info!("following the chain again");
+                    last_chain_error.clear();
+                }
                 log_event(&ev);
-                cursor_store.save(ev.cursor_after())?;
+                if let Err(e) = cursor_store.save(ev.cursor_after()) {
+                    tracing::warn!("saving the chain cursor: {e}");
+                }
                 // The driver acts at the tip only, not on each block of a burst (funding mines 100).
                 let at_tip = || client.tip().is_ok_and(|t| t.height == ev.id().height);
                 if ev.is_connected() && driver.is_some() && at_tip() {
@@ -371,15 +435,26 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 }
             }
             Ok(None) => {}
-            Err(e) if e.is_transient() => {
-                tracing::warn!("{e}; retrying");
-                std::thread::sleep(Duration::from_secs(1));
+            Err(e) => {
+                let kind = if e.is_transient() { "the Bitcoin node is unavailable".to_string() } else { e.to_string() };
+                if kind != last_chain_error {
+                    if e.is_transient() {
+                        tracing::warn!("{e}; the gateway keeps accepting readings, waiting for the node");
+                    } else {
+                        tracing::error!("{e}; retrying every 5 s");
+                    }
+                    last_chain_error = kind;
+                }
+                if e.is_transient() {
+                    std::thread::sleep(Duration::from_millis(500));
+                } else {
+                    stream_retry_at = Some(Instant::now() + Duration::from_secs(5));
+                }
             }
-            Err(e) => return Err(e.into()),
         }
     }
     // stdout may be gone (a closed pipe): never let that stop a clean shutdown.
-    let _ = writeln!(std::io::stdout(), "stopping");
+    say!("stopping");
     if let Some((_, bar, _)) = meter_wait.take() {
         bar.finish_and_clear();
     }
@@ -391,10 +466,16 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     drop(fleet);
     gateway.shutdown();
     let _ = std::fs::remove_file(&status_path);
-    if let Some(n) = node.owned {
-        n.stop()?;
+    match managed {
+        Some((n, true)) => {
+            if let Err(e) = n.stop() {
+                tracing::warn!("stopping bitcoind: {e}");
+            }
+        }
+        Some((mut n, false)) => n.set_graceful_drop(false), // a daemon of its own: left running
+        None => {}
     }
-    let _ = writeln!(std::io::stdout(), "stopped");
+    say!("stopped");
     Ok(())
 }
 

@@ -57,7 +57,7 @@ pub fn collect(g: &Global) -> Result<Json> {
         Ok(d) => {
             let list = d["anchors"]["anchors"].as_array().cloned().unwrap_or_default();
             let confirmed = list.iter().find(|a| a["state"] == "confirmed");
-            json!({ "ok": d["anchors"]["status"] == "ok", "status": d["anchors"]["status"], "log_size": d["log"]["tree_size"],
+            json!({ "ok": d["anchors"]["status"] == "ok", "status": d["anchors"]["status"], "node": d["anchors"]["node"], "log_size": d["log"]["tree_size"],
                     "anchors_shown": list.len(), "pending": list.iter().filter(|a| a["state"] == "pending").count(),
                     "last_confirmed": confirmed.map(|a| json!({ "tree_size": a["tree_size"], "block_height": a["block_height"], "confirmations": a["confirmations"] })) })
         }

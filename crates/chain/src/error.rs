@@ -35,8 +35,13 @@ pub enum ChainError {
     /// An operation that only makes sense on regtest was asked of another network.
     #[error("`{0}` is only allowed on regtest")]
     RegtestOnly(&'static str),
-    /// A persisted cursor points at a block the node does not know.
-    #[error("the stream cursor {hash} (height {height}) is unknown to this node; was the node's data replaced?")]
+    /// A persisted cursor points at a block the node does not know, deeper than the
+    /// history the stream keeps (a node that lost a few blocks is followed like a reorg).
+    #[error(
+        "the stream cursor {hash} (height {height}) is unknown to this node and older than the recent blocks bitmote remembers: \
+         the node's data was replaced, or it lost more blocks than a crash can. To follow the node's chain as it is now, stop \
+         bitmote and reset the cursor (see \"The node lost blocks or was replaced\" in docs/operations.md)"
+    )]
     CursorUnknown { height: u32, hash: String },
     /// A reorganisation deeper than the configured limit.
     #[error("chain reorganisation deeper than the configured limit of {limit} blocks (cursor at height {height})")]
@@ -64,9 +69,18 @@ impl ChainError {
         ChainError::Io { context: context.into(), source }
     }
 
-    /// True for errors that are worth retrying after a pause (node down or starting).
+    /// True for errors that are worth retrying after a pause: the node is down, starting
+    /// or restarting (bitcoind deletes its cookie file when it stops and writes a new one
+    /// when it starts, so a missing cookie or a 401 in between is the same condition).
     pub fn is_transient(&self) -> bool {
-        matches!(self, ChainError::Unreachable { .. } | ChainError::Warmup { .. } | ChainError::Transport { .. })
+        matches!(
+            self,
+            ChainError::Unreachable { .. }
+                | ChainError::Warmup { .. }
+                | ChainError::Transport { .. }
+                | ChainError::Cookie { .. }
+                | ChainError::Unauthorized { .. }
+        )
     }
 }
 

@@ -77,6 +77,10 @@ pub struct RegtestNode {
     rpc: RpcConfig,
     p2p: SocketAddr,
     client: ChainClient,
+    /// How it was started, ports pinned (for [`RegtestNode::restart`]).
+    opts: Option<RegtestOptions>,
+    /// Stop cleanly (RPC `stop`, then SIGTERM) instead of killing when dropped.
+    graceful_drop: bool,
 }
 
 /// An anyone-can-spend regtest address (P2WSH of `OP_TRUE`), the default target of
@@ -158,6 +162,10 @@ impl RegtestNode {
         }
         let rpc = rpc_config(data_dir, rec.rpc_port);
         let client = ChainClient::connect(rpc.clone(), Duration::from_secs(30))?;
+        let mut opts = RegtestOptions::new(rec.exe.clone());
+        opts.data_dir = Some(data_dir.to_path_buf());
+        opts.rpc_port = Some(rec.rpc_port);
+        opts.p2p_port = Some(rec.p2p_port);
         Ok(Some(RegtestNode {
             process: Process::Detached,
             data_dir: data_dir.to_path_buf(),
@@ -165,6 +173,8 @@ impl RegtestNode {
             rpc,
             p2p: SocketAddr::from(([127, 0, 0, 1], rec.p2p_port)),
             client,
+            opts: Some(opts),
+            graceful_drop: false,
         }))
     }
 
@@ -203,8 +213,14 @@ impl RegtestNode {
             crate::stream::write_atomic(&data_dir.join(RECORD), &body)?;
         }
         let regtest_dir = data_dir.join("regtest");
-        // A stale cookie would let us talk with old credentials to nothing; remove it.
-        let _ = fs::remove_file(regtest_dir.join(".cookie"));
+        // Credentials that survive node restarts: bitcoind writes a new random cookie each
+        // time it starts, and a client that read the old one (ldk-node reads it once) would
+        // be locked out after a restart. So bitmote keeps its own password (`rpcauth`, the
+        // salted hash on the command line) and writes it where the cookie is expected;
+        // bitcoind's own cookie goes to `.cookie.core`.
+        let (rpcauth, cookie_line) = stable_credentials(&data_dir)?;
+        fs::create_dir_all(&regtest_dir).map_err(|e| ChainError::io(format!("creating {}", regtest_dir.display()), e))?;
+        crate::wallet::write_secret(&regtest_dir.join(".cookie"), cookie_line.as_bytes())?;
         let mut cmd = Command::new(&opts.exe);
         cmd.arg("-regtest")
             .arg(format!("-datadir={}", data_dir.display()))
@@ -217,6 +233,8 @@ impl RegtestNode {
             .args(["-listen=1", "-listenonion=0", "-discover=0", "-dnsseed=0", "-fixedseeds=0", "-natpmp=0"])
             .args(["-txindex=1", "-blockfilterindex=1", "-peerblockfilters=1", "-rest=1"])
             .args(["-printtoconsole=0", "-rpcworkqueue=128", "-rpcthreads=16"])
+            .arg(format!("-rpcauth={rpcauth}"))
+            .arg("-rpccookiefile=.cookie.core")
             .args(&opts.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -280,6 +298,10 @@ impl RegtestNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let mut pinned = opts.clone();
+        pinned.data_dir = Some(data_dir.clone());
+        pinned.rpc_port = Some(rpc_port);
+        pinned.p2p_port = Some(p2p_port);
         Ok(RegtestNode {
             process,
             data_dir,
@@ -287,7 +309,52 @@ impl RegtestNode {
             rpc,
             p2p: SocketAddr::from(([127, 0, 0, 1], p2p_port)),
             client,
+            opts: Some(pinned),
+            graceful_drop: false,
         })
+    }
+
+    /// When dropped, stop bitcoind cleanly (RPC `stop`, else SIGTERM, and wait for it
+    /// to exit, so it flushes its chain state) instead of killing it. `bitmote up` sets
+    /// this: an error on any path out of it must never turn a clean stop into a kill.
+    pub fn set_graceful_drop(&mut self, graceful: bool) {
+        self.graceful_drop = graceful;
+    }
+
+    /// Whether the process has exited (crashed, killed, or stopped by someone else),
+    /// with how it ended.
+    pub fn exited(&mut self) -> Option<String> {
+        match &mut self.process {
+            Process::Child(c) => match c.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("cannot wait for it: {e}")),
+            },
+            Process::Detached => (!daemon_running(&self.data_dir)).then(|| "no longer running".to_string()),
+        }
+    }
+
+    /// Start the node again on the same data directory and ports (after it exited),
+    /// as a child process of this one. The cookie changes; clients re-read it.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.exited().is_none() {
+            return Err(ChainError::Process("bitcoind is still running; stop it before restarting".into()));
+        }
+        let opts = self.opts.clone().ok_or_else(|| ChainError::Process("unknown start options".into()))?;
+        let mut fresh = Self::spawn(&opts, false)?;
+        // Take over the new process (what is left of `fresh` is a detached record, which
+        // its drop leaves alone); keep our temp dir, ports and drop policy.
+        self.process = std::mem::replace(&mut fresh.process, Process::Detached);
+        std::mem::swap(&mut self.client, &mut fresh.client);
+        Ok(())
+    }
+
+    /// The pid of the bitcoind process, when known.
+    pub fn pid(&self) -> Option<i32> {
+        match &self.process {
+            Process::Child(c) => Some(c.id() as i32),
+            Process::Detached => daemon_pid(&self.data_dir),
+        }
     }
 
     /// RPC client (shared connection).
@@ -328,7 +395,17 @@ impl RegtestNode {
     }
 
     fn shutdown(&mut self, timeout: Duration) -> Result<()> {
-        let asked = self.client.stop_node();
+        if self.exited().is_some() {
+            return Ok(());
+        }
+        // RPC `stop`; if RPC does not answer (cookie gone, node hung), SIGTERM does the same.
+        if let Err(e) = self.client.stop_node() {
+            tracing::debug!("bitcoind `stop` RPC failed ({e}); sending SIGTERM");
+            if let Some(pid) = self.pid() {
+                // SAFETY: plain kill(2) on bitcoind's pid (our child, or from its own pid file).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
         let deadline = Instant::now() + timeout;
         match &mut self.process {
             Process::Child(c) => loop {
@@ -343,7 +420,6 @@ impl RegtestNode {
                 std::thread::sleep(Duration::from_millis(20));
             },
             Process::Detached => {
-                asked?;
                 while daemon_running(&self.data_dir) {
                     if Instant::now() > deadline {
                         return Err(ChainError::Process("bitcoind did not stop in time".into()));
@@ -375,6 +451,12 @@ impl RegtestNode {
 
 impl Drop for RegtestNode {
     fn drop(&mut self) {
+        if self.graceful_drop {
+            if let Err(e) = self.shutdown(Duration::from_secs(60)) {
+                tracing::warn!("stopping bitcoind: {e}");
+            }
+            return;
+        }
         if let Process::Child(c) = &mut self.process {
             if matches!(c.try_wait(), Ok(None)) {
                 let _ = c.kill();
@@ -382,6 +464,31 @@ impl Drop for RegtestNode {
             }
         }
     }
+}
+
+/// The node's lasting RPC login: `(rpcauth argument, cookie-file line)`. The password is
+/// made once and kept (mode 0600) in `<data_dir>/bitmote-rpc.secret`.
+fn stable_credentials(data_dir: &Path) -> Result<(String, String)> {
+    use bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
+    const USER: &str = "bitmote";
+    let path = data_dir.join("bitmote-rpc.secret");
+    let password = match fs::read_to_string(&path) {
+        Ok(p) if p.trim().len() >= 32 => p.trim().to_string(),
+        _ => {
+            use bdk_wallet::bitcoin::secp256k1::rand::{thread_rng, RngCore};
+            let mut b = [0u8; 32];
+            thread_rng().fill_bytes(&mut b);
+            let p: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            crate::wallet::write_secret(&path, p.as_bytes())?;
+            p
+        }
+    };
+    // Bitcoin Core's share/rpcauth: HMAC-SHA256 keyed by the salt (as text) over the password.
+    let salt: String = sha256::Hash::hash(format!("bitmote-rpcauth-salt:{password}").as_bytes()).to_string()[..32].to_string();
+    let mut engine = hmac::HmacEngine::<sha256::Hash>::new(salt.as_bytes());
+    engine.input(password.as_bytes());
+    let mac = hmac::Hmac::<sha256::Hash>::from_engine(engine);
+    Ok((format!("{USER}:{salt}${mac}"), format!("{USER}:{password}")))
 }
 
 fn rpc_config(data_dir: &Path, rpc_port: u16) -> RpcConfig {

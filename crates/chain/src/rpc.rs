@@ -91,7 +91,9 @@ pub const FALLBACK_FEE_RATE: FeeRate = FeeRate::from_sat_per_vb_u32(2);
 pub struct ChainClient {
     cfg: RpcConfig,
     timeout: Duration,
-    inner: Mutex<bitcoincore_rpc::Client>,
+    /// Built on first use (and again after a dropped connection or a new cookie), so a
+    /// client can be made while the node is down and its cookie file is missing.
+    inner: Mutex<Option<bitcoincore_rpc::Client>>,
 }
 
 impl std::fmt::Debug for ChainClient {
@@ -160,13 +162,17 @@ impl ChainClient {
         }
     }
 
-    /// Build a client without contacting the node.
+    /// Build a client without contacting the node. Fails only on a malformed URL: the
+    /// cookie file is read when the first call is made (the node may be down now).
     pub fn unchecked(cfg: RpcConfig, timeout: Duration) -> Result<Self> {
-        let inner = build_inner(&cfg, timeout)?;
-        Ok(ChainClient { cfg, timeout, inner: Mutex::new(inner) })
+        jsonrpc::http::simple_http::Builder::new()
+            .url(&cfg.url)
+            .map_err(|e| ChainError::Config(format!("bad RPC URL {:?}: {e}", cfg.url)))?;
+        Ok(ChainClient { cfg, timeout, inner: Mutex::new(None) })
     }
 
-    /// A second client on its own connection, same configuration.
+    /// A second client on its own connection, same configuration. Never reads the
+    /// cookie, so it works while the node is down (calls then fail until it is back).
     pub fn fresh(&self) -> Result<Self> {
         Self::unchecked(self.cfg.clone(), self.timeout)
     }
@@ -210,18 +216,43 @@ impl ChainClient {
     /// (a restarted node writes a new cookie).
     pub fn raw<T: serde::de::DeserializeOwned>(&self, method: &str, args: &[Value]) -> Result<T> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match inner.call::<T>(method, args).map_err(|e| self.map_err(method, e)) {
-            Err(ChainError::Unauthorized { .. }) if matches!(self.cfg.auth, RpcAuth::Cookie(_)) => {
-                *inner = build_inner(&self.cfg, self.timeout)?;
-                inner.call::<T>(method, args).map_err(|e| self.map_err(method, e))
-            }
-            Err(ChainError::Transport { .. }) => {
-                // A dropped keep-alive connection (e.g. the node restarted): retry once on a new one.
-                *inner = build_inner(&self.cfg, self.timeout)?;
-                inner.call::<T>(method, args).map_err(|e| self.map_err(method, e))
+        let c = match inner.take() {
+            Some(c) => c,
+            None => self.build()?,
+        };
+        let c = inner.insert(c);
+        match c.call::<T>(method, args).map_err(|e| self.map_err(method, e)) {
+            Err(ChainError::Unauthorized { .. } | ChainError::Transport { .. }) => {
+                // A new cookie (401) or a dropped keep-alive connection (the node restarted):
+                // retry once on a new connection, with the cookie read again.
+                *inner = None;
+                let c = inner.insert(self.build()?);
+                c.call::<T>(method, args).map_err(|e| self.map_err(method, e))
             }
             other => other,
         }
+    }
+
+    /// A connection with the credentials as they are now. A cookie that cannot be read
+    /// while nothing listens at the URL means the node is down (bitcoind deletes its
+    /// cookie when it stops): reported as [`ChainError::Unreachable`].
+    fn build(&self) -> Result<bitcoincore_rpc::Client> {
+        build_inner(&self.cfg, self.timeout).map_err(|e| match e {
+            ChainError::Cookie { .. } if !self.listening() => {
+                ChainError::Unreachable { url: self.cfg.url.clone(), reason: format!("nothing listens there ({e})") }
+            }
+            e => e,
+        })
+    }
+
+    fn listening(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        let hostport = self.cfg.url.split("://").nth(1).unwrap_or(&self.cfg.url).split('/').next().unwrap_or_default();
+        hostport
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok())
     }
 
     /// Node summary (version, heights, peers).

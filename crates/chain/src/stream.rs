@@ -16,9 +16,16 @@
 //!   `current_tip`, so a block mined between two calls is never missed.
 //!
 //! * cursor unknown to the node (bitcoind crashed and lost blocks it had already
-//!   served): `Disconnected` from the stream's memory of the last
-//!   [`StreamConfig::remember_blocks`] blocks it delivered, back to a block the node
-//!   knows; a consumer restarted at the same moment gets [`ChainError::CursorUnknown`].
+//!   served, e.g. killed before it flushed its chain state): a reorg like any other.
+//!   The stream walks back with the headers of the last [`StreamConfig::remember_blocks`]
+//!   blocks it delivered — kept durably in [`StreamConfig::history`] (written before the
+//!   `Connected` event is returned, so any cursor a consumer stores is in it), and in
+//!   memory otherwise — emitting `Disconnected` for each block the node no longer has,
+//!   down to one it has, then connects the node's branch. A `Disconnected` event for a
+//!   block the node forgot carries the block in full when the stream still holds it in
+//!   memory, else its header only (no transactions): consumers revert by block hash.
+//!   Only a cursor deeper than that history is refused ([`ChainError::CursorUnknown`],
+//!   whose message says how to recover).
 //!
 //! Two RPCs per event (`getblockheader`, `getblock`) keep block-to-event latency
 //! in the low milliseconds.
@@ -126,13 +133,86 @@ pub struct StreamConfig {
     pub max_reorg_depth: u32,
     /// Longest single long-poll; [`BlockStream::next_event`] waits in slices of this.
     pub poll_slice: Duration,
-    /// Recently delivered blocks kept in memory, to roll back blocks a crashed node forgot.
+    /// Headers of the most recent blocks delivered that the stream keeps, to roll back
+    /// blocks a crashed node forgot (the last [`FULL_BLOCKS_IN_MEMORY`] also in full, in memory).
     pub remember_blocks: usize,
+    /// File that keeps those headers across restarts (`None` = memory only). Give each
+    /// consumer its own file, next to where it stores its cursor.
+    pub history: Option<PathBuf>,
 }
+
+/// Blocks kept in full in memory, for `Disconnected` events with their transactions.
+pub const FULL_BLOCKS_IN_MEMORY: usize = 12;
 
 impl Default for StreamConfig {
     fn default() -> Self {
-        StreamConfig { max_reorg_depth: 100, poll_slice: Duration::from_secs(1), remember_blocks: 12 }
+        StreamConfig { max_reorg_depth: 100, poll_slice: Duration::from_secs(1), remember_blocks: 100, history: None }
+    }
+}
+
+impl StreamConfig {
+    /// The defaults, with the block history kept in `path`.
+    pub fn with_history(path: impl Into<PathBuf>) -> Self {
+        StreamConfig { history: Some(path.into()), ..Default::default() }
+    }
+}
+
+/// Headers of recently delivered blocks, by hash: what lets the stream walk back from a
+/// cursor the node no longer knows. Not a chain: a header stays known after its block
+/// is disconnected (another consumer's cursor may still point at it).
+#[derive(Default)]
+struct History {
+    headers: std::collections::HashMap<BlockHash, (u32, bitcoin::block::Header)>,
+    max_height: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HistoryFile {
+    /// (height, header in consensus hex), oldest first.
+    headers: Vec<(u32, String)>,
+}
+
+impl History {
+    fn load(path: &Path) -> History {
+        let mut h = History::default();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return h,
+            Err(e) => {
+                tracing::warn!("cannot read the block history {}: {e}; starting without it", path.display());
+                return h;
+            }
+        };
+        match serde_json::from_str::<HistoryFile>(&text) {
+            Ok(f) => {
+                for (height, hex) in f.headers {
+                    if let Ok(header) = bitcoin::consensus::encode::deserialize_hex::<bitcoin::block::Header>(&hex) {
+                        h.insert(height, header);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("corrupt block history {}: {e}; starting without it", path.display()),
+        }
+        h
+    }
+
+    fn insert(&mut self, height: u32, header: bitcoin::block::Header) {
+        self.headers.insert(header.block_hash(), (height, header));
+        self.max_height = self.max_height.max(height);
+    }
+
+    fn prune(&mut self, keep: usize) {
+        let floor = self.max_height.saturating_sub(keep as u32);
+        self.headers.retain(|_, (h, _)| *h > floor);
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let mut v: Vec<(u32, String)> =
+            self.headers.values().map(|(h, hd)| (*h, bitcoin::consensus::encode::serialize_hex(hd))).collect();
+        v.sort();
+        let body = serde_json::to_vec(&HistoryFile { headers: v })
+            .map_err(|e| ChainError::Config(format!("serializing the block history: {e}")))?;
+        write_atomic(path, &body)
     }
 }
 
@@ -145,12 +225,17 @@ pub struct BlockStream<S: BlockSource> {
     unwinding: u32,
     /// The last blocks delivered as connected, oldest first.
     recent: std::collections::VecDeque<(BlockId, Arc<Block>)>,
+    /// Headers of the last [`StreamConfig::remember_blocks`] blocks delivered.
+    history: History,
+    /// The node's tip height as last seen (to skip persisting the history far below it).
+    tip_hint: u32,
 }
 
 impl<S: BlockSource> BlockStream<S> {
     /// Resume from a stored cursor (`None` = before genesis).
     pub fn from_cursor(source: S, cursor: Cursor, cfg: StreamConfig) -> Self {
-        BlockStream { source, cursor, cfg, unwinding: 0, recent: Default::default() }
+        let history = cfg.history.as_deref().map(History::load).unwrap_or_default();
+        BlockStream { source, cursor, cfg, unwinding: 0, recent: Default::default(), history, tip_hint: 0 }
     }
 
     /// Begin at `start` when there is no stored cursor.
@@ -191,11 +276,18 @@ impl<S: BlockSource> BlockStream<S> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if let Some(ev) = self.step()? {
-                self.cursor = ev.cursor_after();
                 match &ev {
                     BlockEvent::Connected { id, block } => {
+                        // Durably remembered before the consumer can store a cursor at it.
+                        self.history.insert(id.height, block.header);
+                        self.history.prune(self.cfg.remember_blocks);
+                        if let Some(path) = &self.cfg.history {
+                            if self.tip_hint.saturating_sub(id.height) < self.cfg.remember_blocks as u32 {
+                                self.history.save(path)?;
+                            }
+                        }
                         self.recent.push_back((*id, block.clone()));
-                        while self.recent.len() > self.cfg.remember_blocks {
+                        while self.recent.len() > FULL_BLOCKS_IN_MEMORY.min(self.cfg.remember_blocks) {
                             self.recent.pop_front();
                         }
                     }
@@ -205,6 +297,7 @@ impl<S: BlockSource> BlockStream<S> {
                         }
                     }
                 }
+                self.cursor = ev.cursor_after();
                 return Ok(Some(ev));
             }
             // At the tip: long-poll for a change.
@@ -237,19 +330,28 @@ impl<S: BlockSource> BlockStream<S> {
             return Ok(Some(BlockEvent::Connected { id: BlockId { height: 0, hash }, block: Arc::new(block) }));
         };
         let Some(state) = self.source.header_state(&cur.hash)? else {
-            // The node forgot a block it served (crash before flushing): roll it back from memory.
-            return match self.recent.back() {
-                Some((id, block)) if *id == cur => {
-                    if self.unwinding >= self.cfg.max_reorg_depth {
-                        return Err(ChainError::ReorgTooDeep { limit: self.cfg.max_reorg_depth, height: cur.height });
-                    }
-                    self.unwinding += 1;
-                    tracing::warn!(height = cur.height, hash = %cur.hash, "the node no longer knows a delivered block; disconnecting it");
-                    Ok(Some(BlockEvent::Disconnected { id: cur, block: block.clone() }))
-                }
-                _ => Err(ChainError::CursorUnknown { height: cur.height, hash: cur.hash.to_string() }),
+            // The node forgot a block it served (crash before flushing): a reorg, rolled back
+            // from what the stream remembers of the blocks it delivered.
+            let block = match self.recent.back() {
+                Some((id, block)) if *id == cur => Some(block.clone()),
+                _ => match self.history.headers.get(&cur.hash) {
+                    Some((h, header)) if *h == cur.height => Some(Arc::new(Block { header: *header, txdata: vec![] })),
+                    _ => None,
+                },
             };
+            let Some(block) = block else {
+                return Err(ChainError::CursorUnknown { height: cur.height, hash: cur.hash.to_string() });
+            };
+            if self.unwinding >= self.cfg.max_reorg_depth {
+                return Err(ChainError::ReorgTooDeep { limit: self.cfg.max_reorg_depth, height: cur.height });
+            }
+            self.unwinding += 1;
+            tracing::warn!(height = cur.height, hash = %cur.hash, "the node no longer knows a delivered block; disconnecting it");
+            return Ok(Some(BlockEvent::Disconnected { id: cur, block }));
         };
+        if state.in_active_chain {
+            self.tip_hint = cur.height + state.confirmations.saturating_sub(1);
+        }
         if state.in_active_chain {
             let Some(next) = state.next else { return Ok(None) };
             let block = self.source.block(&next)?;
@@ -572,6 +674,60 @@ mod tests {
             assert!(!s.next_event(Some(Duration::ZERO)).unwrap().unwrap().is_connected());
         }
         assert!(matches!(s.next_event(Some(Duration::ZERO)), Err(ChainError::CursorUnknown { .. })));
+    }
+
+    #[test]
+    fn a_restarted_consumer_walks_back_through_blocks_a_crashed_node_forgot() {
+        // The consumer stores its cursor, stops; the node crashes and comes back without
+        // its last 7 blocks, then mines another branch. A new stream (no memory of the old
+        // one) walks back with the durable history, then connects the new branch.
+        let dir = tempfile::tempdir().unwrap();
+        let history = dir.path().join("h.json");
+        let src = MemSource::new();
+        src.extend_from(Some(src.at(0)), 30);
+        let mut s = BlockStream::starting_at(&src, Start::Height(0), StreamConfig::with_history(&history)).unwrap();
+        let mut chain = vec![];
+        apply(&mut chain, &drain(&mut s));
+        let saved = s.cursor();
+        drop(s);
+        let lost: Vec<_> = (24..=30).rev().map(|h| src.at(h)).collect();
+        src.forget_top(7);
+        src.extend_from(Some(src.at(23)), 3);
+        let mut s = BlockStream::from_cursor(&src, saved, StreamConfig::with_history(&history));
+        let evs = drain(&mut s);
+        let disc: Vec<_> = evs.iter().take_while(|e| !e.is_connected()).map(|e| e.id().hash).collect();
+        assert_eq!(disc, lost, "every forgotten block disconnected, newest first");
+        assert!(evs[7..].iter().all(|e| e.is_connected()) && evs.len() == 7 + 3);
+        apply(&mut chain, &evs);
+        assert_eq!(chain, src.0.borrow().active);
+        // Without the history file, the same cursor is refused with the recovery hint.
+        let mut s = BlockStream::from_cursor(&src, saved, StreamConfig::default());
+        let err = s.next_event(Some(Duration::ZERO)).unwrap_err();
+        assert!(matches!(err, ChainError::CursorUnknown { height: 30, .. }), "{err}");
+        assert!(err.to_string().contains("docs/operations.md"), "{err}");
+    }
+
+    #[test]
+    fn the_history_keeps_only_the_last_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = dir.path().join("h.json");
+        let src = MemSource::new();
+        src.extend_from(Some(src.at(0)), 50);
+        let cfg = StreamConfig { remember_blocks: 10, ..StreamConfig::with_history(&history) };
+        let mut s = BlockStream::starting_at(&src, Start::Height(0), cfg.clone()).unwrap();
+        drain(&mut s);
+        let saved = s.cursor();
+        drop(s);
+        let f: HistoryFile = serde_json::from_slice(&std::fs::read(&history).unwrap()).unwrap();
+        assert_eq!(f.headers.len(), 10);
+        assert_eq!(f.headers.first().unwrap().0, 41);
+        // Losing 10 blocks is followed; losing 11 is refused.
+        src.forget_top(11);
+        let mut s = BlockStream::from_cursor(&src, saved, cfg);
+        for _ in 0..10 {
+            assert!(!s.next_event(Some(Duration::ZERO)).unwrap().unwrap().is_connected());
+        }
+        assert!(matches!(s.next_event(Some(Duration::ZERO)), Err(ChainError::CursorUnknown { height: 40, .. })));
     }
 
     #[test]

@@ -177,10 +177,33 @@ impl GatewayWallet {
         Ok(())
     }
 
+    /// Where to follow the chain from: the wallet's most recent block that is still on the
+    /// node's active chain. Usually its tip; lower when the node lost blocks the wallet
+    /// applied (a crash before it flushed them) or a reorg happened while the wallet was
+    /// not following. Blocks of the node's branch from there replace the stale ones.
+    /// [`ChainError::CursorUnknown`] when none of the wallet's blocks is on the node's chain.
+    pub fn resume_point(&self, client: &ChainClient) -> Result<BlockId> {
+        let tip = self.tip();
+        for cp in self.wallet.checkpoints() {
+            if client.block_hash(cp.height())? == Some(cp.hash()) {
+                if cp.height() != tip.height {
+                    tracing::warn!(
+                        wallet_tip = tip.height,
+                        fork = cp.height(),
+                        "the node no longer has the wallet's last blocks; following its chain from the fork point"
+                    );
+                }
+                return Ok(BlockId { height: cp.height(), hash: cp.hash() });
+            }
+        }
+        Err(ChainError::CursorUnknown { height: tip.height, hash: tip.hash.to_string() })
+    }
+
     /// Catch up with the node: apply every block after the wallet's tip, then persist.
     /// Returns the number of events applied.
     pub fn sync(&mut self, client: &ChainClient) -> Result<usize> {
-        let mut stream = BlockStream::from_cursor(client.fresh()?, Some(self.tip()), StreamConfig::default());
+        let from = self.resume_point(client)?;
+        let mut stream = BlockStream::from_cursor(client.fresh()?, Some(from), StreamConfig::default());
         let mut n = 0;
         while let Some(ev) = stream.next_event(Some(Duration::ZERO))? {
             self.apply(&ev)?;

@@ -272,3 +272,65 @@ fn a_node_still_starting_is_reported_as_such_and_waited_for() {
     assert_eq!(client.tip().unwrap().height, 1500);
     starting.join().unwrap().unwrap().stop().unwrap();
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_node_that_lost_its_last_blocks_is_followed_back_to_the_fork_point() {
+    // The node's data as it was 6 blocks ago (what a crash before flushing leaves) is
+    // simulated exactly: a copy of its data dir taken while stopped, restored later.
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut opts = RegtestOptions::new(bitcoind());
+    opts.data_dir = Some(node_dir.clone());
+    let node = RegtestNode::start(opts.clone()).unwrap();
+    node.mine(20).unwrap();
+    let history = dir.path().join("history.json");
+    let mut store = FileCursorStore::new(dir.path().join("cursor.json"));
+    let mut stream =
+        BlockStream::resume(node.client().fresh().unwrap(), None, Start::Height(0), StreamConfig::with_history(&history)).unwrap();
+    let mut model = vec![];
+    for ev in drain(&mut stream, Duration::from_millis(200)) {
+        apply(&mut model, &ev);
+        store.save(ev.cursor_after()).unwrap();
+    }
+    node.stop().unwrap();
+    copy_dir(&node_dir, &dir.path().join("older"));
+    let node = RegtestNode::start(opts.clone()).unwrap();
+    node.mine(6).unwrap();
+    for ev in drain(&mut stream, Duration::from_millis(200)) {
+        apply(&mut model, &ev);
+        store.save(ev.cursor_after()).unwrap();
+    }
+    let lost: Vec<BlockHash> = model[21..].iter().rev().copied().collect();
+    assert_eq!(lost.len(), 6);
+    node.stop().unwrap();
+    drop(stream); // the consumer stops too; only its cursor file and history remain
+
+    std::fs::remove_dir_all(&node_dir).unwrap();
+    std::fs::rename(dir.path().join("older"), &node_dir).unwrap();
+    let node = RegtestNode::start(opts).unwrap();
+    node.client().mine(2, &other_address()).unwrap();
+    let c = node.client();
+    assert!(c.header_state(&lost[0]).unwrap().is_none(), "the node does not know the lost blocks");
+    let mut stream =
+        BlockStream::resume(c.fresh().unwrap(), store.load().unwrap(), Start::Height(0), StreamConfig::with_history(&history)).unwrap();
+    let evs = drain(&mut stream, Duration::from_millis(300));
+    let disc: Vec<BlockHash> = evs.iter().take_while(|e| !e.is_connected()).map(|e| e.id().hash).collect();
+    assert_eq!(disc, lost, "each lost block disconnected, newest first, down to the fork point");
+    for ev in &evs {
+        apply(&mut model, ev);
+    }
+    assert_eq!(model, active_chain(c), "then the node's branch connected");
+}

@@ -310,7 +310,7 @@ fn restart_up(ctx: &mut Ctx<'_>, sig: i32, close_output: bool) -> Result<String,
         // A node `up` stopped must have stopped cleanly (a node it only attached to may run on).
         if ctx.sys.node_pid().is_none() {
             let log = debug_log_since(ctx.sys, offset);
-            ctx.tally.check(I5, log.contains("Shutdown: done"), || format!("{what}: bitcoind was stopped without a clean shutdown (no \"Shutdown: done\" in its debug.log)"));
+            ctx.tally.check(I5, log.contains("Shutdown: done") || log.contains("Shutdown done"), || format!("{what}: bitcoind was stopped without a clean shutdown (no \"Shutdown done\" in its debug.log)"));
         }
         tracing::info!("{what}: stopped in {:.1} s", t0.elapsed().as_secs_f64());
     }

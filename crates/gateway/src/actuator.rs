@@ -74,9 +74,13 @@ pub fn start(
         Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network).map_err(|e| GatewayError::Actuator(e.to_string()))?;
     let (ack_tx, ack_rx) = mpsc::channel();
     *shared.acks.lock().unwrap_or_else(|p| p.into_inner()) = Some(ack_tx);
+    // Headers of the last blocks delivered, kept with the engine's cursor: a node that comes
+    // back without its last blocks (a crash before it flushed them) is a reorg the engine
+    // is walked back through, reverting what those blocks carried.
+    let history = data_dir.join("actuator.history.json");
     std::thread::Builder::new()
         .name("actuator".into())
-        .spawn(move || run(shared, engine, client, ack_rx, retry, jobs))
+        .spawn(move || run(shared, engine, client, ack_rx, retry, jobs, history))
         .map_err(|e| GatewayError::Io { context: "spawning the actuator loop".into(), source: e })
 }
 
@@ -87,14 +91,19 @@ fn run(
     acks: mpsc::Receiver<(String, serde_json::Value)>,
     retry: Retry,
     jobs: mpsc::Receiver<Job<Engine>>,
+    history: std::path::PathBuf,
 ) {
     let mut stream: Option<BlockStream<ChainClient>> = None;
+    // Pause before reopening the stream after a failure: doubles from 250 ms up to 10 s.
+    // Meanwhile the loop goes on with the API's jobs, acknowledgements and retries.
+    let mut backoff = Duration::from_millis(250);
+    let mut reopen_at: Option<std::time::Instant> = None;
     // Outcomes of webhook and program attempts, from their threads.
     let (done_tx, done_rx) = mpsc::channel::<(String, Result<(), String>)>();
     let mut in_flight = HashSet::new();
     while !shared.stop.load(Ordering::SeqCst) {
         // 1. Chain events.
-        if stream.is_none() {
+        if stream.is_none() && reopen_at.is_none_or(|t| std::time::Instant::now() >= t) {
             let stored = match engine.cursor() {
                 Ok(c) => c.map(Some),
                 Err(e) => {
@@ -103,42 +112,63 @@ fn run(
                     continue;
                 }
             };
-            match client.fresh().and_then(|c| BlockStream::resume(c, stored, Start::Tip, StreamConfig::default())) {
+            let cfg = StreamConfig::with_history(&history);
+            match client.fresh().and_then(|c| BlockStream::resume(c, stored, Start::Tip, cfg)) {
                 Ok(s) => stream = Some(s),
                 Err(e) => {
-                    tracing::warn!("actuator: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
+                    if e.is_transient() {
+                        crate::node_seen(&shared, Err(&e));
+                    } else {
+                        tracing::warn!("actuator: {e}");
+                    }
+                    reopen_at = Some(std::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
         // All the events there are, before any delivery: a reorg is applied whole, so a
         // trigger it disconnects and mines again in the new branch (still final) costs the
         // device nothing — its revert is cancelled before it could be sent.
-        let s = stream.as_mut().expect("just set");
         let mut wait = Some(Duration::from_millis(100));
         for _ in 0..MAX_EVENTS_PER_BATCH {
+            let Some(s) = stream.as_mut() else {
+                std::thread::sleep(Duration::from_millis(100));
+                break;
+            };
             match s.next_event(wait) {
-                Ok(Some(ev)) => match engine.apply(&ev) {
-                    Ok(events) => {
-                        for e in events {
-                            tracing::info!("actuator: {e:?}");
-                            if let EngineEvent::Alert { message, .. } | EngineEvent::Restored { message, .. } = e {
-                                alert(&shared, message);
+                Ok(Some(ev)) => {
+                    backoff = Duration::from_millis(250);
+                    match engine.apply(&ev) {
+                        Ok(events) => {
+                            for e in events {
+                                tracing::info!("actuator: {e:?}");
+                                if let EngineEvent::Alert { message, .. } | EngineEvent::Restored { message, .. } = e {
+                                    alert(&shared, message);
+                                }
                             }
                         }
+                        Err(e) => {
+                            tracing::error!("actuator: applying a block: {e}");
+                            stream = None; // resume from the engine's cursor
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!("actuator: applying a block: {e}");
-                        stream = None; // resume from the engine's cursor
-                        break;
-                    }
-                },
-                Ok(None) => break,
+                }
+                Ok(None) => {
+                    backoff = Duration::from_millis(250);
+                    break;
+                }
                 Err(e) => {
-                    tracing::warn!("actuator: {e}");
+                    // Node down or restarting (or a cursor it cannot place): never fatal; the
+                    // stream is reopened from the engine's cursor with growing pauses.
+                    if e.is_transient() {
+                        crate::node_seen(&shared, Err(&e));
+                    } else {
+                        tracing::warn!("actuator: {e}");
+                    }
                     stream = None;
-                    std::thread::sleep(Duration::from_millis(500));
+                    reopen_at = Some(std::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     break;
                 }
             }
@@ -232,3 +262,4 @@ fn run(
         }
     }
 }
+

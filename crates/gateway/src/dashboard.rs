@@ -94,6 +94,7 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
             "ingest": s.ingest.stats(),
             "anchors": {
                 "status": *s.anchor_status.lock().unwrap_or_else(|p| p.into_inner()),
+                "node": *s.node_status.lock().unwrap_or_else(|p| p.into_inner()),
                 "tip_height": *s.tip_height.lock().unwrap_or_else(|p| p.into_inner()),
                 "anchors": anchors,
             },

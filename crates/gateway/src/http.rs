@@ -347,7 +347,8 @@ async fn get_anchors(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let anchors = s.anchors.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let status = s.anchor_status.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let tip = *s.tip_height.lock().unwrap_or_else(|p| p.into_inner());
-    Json(json!({ "status": status, "tip_height": tip, "anchors": anchors }))
+    let node = s.node_status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Json(json!({ "status": status, "node": node, "tip_height": tip, "anchors": anchors }))
 }
 
 /// An admin call: the extractor refuses the request (401) unless it carries the admin token,

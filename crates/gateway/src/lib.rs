@@ -111,6 +111,9 @@ pub struct Shared {
     pub admin_token: String,
     pub anchors: Mutex<Vec<AnchorInfo>>,
     pub anchor_status: Mutex<String>,
+    /// The Bitcoin node as the chain-facing loops last found it: `"ok"`, or why it is not
+    /// reachable (while it is down, ingest goes on and proofs say pending).
+    pub node_status: Mutex<String>,
     pub tip_height: Mutex<u32>,
     pub network: Network,
     pub stop: AtomicBool,
@@ -199,6 +202,7 @@ impl Gateway {
             admin_token,
             anchors: Mutex::new(vec![]),
             anchor_status: Mutex::new("starting".into()),
+            node_status: Mutex::new("starting".into()),
             tip_height: Mutex::new(0),
             network,
             stop: AtomicBool::new(false),
@@ -323,27 +327,70 @@ fn log_head(shared: &Shared) -> Option<LogHead> {
     Some(LogHead { size, root: log.root_at(size).ok()? })
 }
 
+/// Pause after a failed attempt to reach the node: doubles from 1 s up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+fn set(m: &Mutex<String>, v: impl Into<String>) {
+    *m.lock().unwrap_or_else(|p| p.into_inner()) = v.into();
+}
+
+/// Record that the node answered (or why not). Node trouble is never fatal: the loops retry.
+pub(crate) fn node_seen(shared: &Shared, result: Result<(), &bitmote_chain::ChainError>) {
+    let now = match result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let mut cur = shared.node_status.lock().unwrap_or_else(|p| p.into_inner());
+    if *cur != now {
+        match result {
+            Ok(()) if cur.starts_with("unreachable") => tracing::info!("the Bitcoin node is back"),
+            Ok(()) => {}
+            Err(e) => tracing::warn!("the Bitcoin node is unavailable ({e}); ingest goes on, anchoring resumes when it is back"),
+        }
+        *cur = now;
+    }
+}
+
 fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wallet_jobs: mpsc::Receiver<Job<GatewayWallet>>) {
     let mut anchorer: Option<Anchorer> = None;
+    let mut backoff = Duration::from_secs(1);
     while !shared.stop.load(Ordering::SeqCst) {
         if anchorer.is_none() {
-            match Anchorer::open(&shared.db_path, &cfg.data_dir.join("wallet"), client.fresh().expect("config is valid"), cfg.anchor.clone()) {
-                Ok(a) => anchorer = Some(a),
+            let opened = client
+                .fresh()
+                .map_err(AnchorError::from)
+                .and_then(|c| Anchorer::open(&shared.db_path, &cfg.data_dir.join("wallet"), c, cfg.anchor.clone()));
+            match opened {
+                Ok(a) => {
+                    anchorer = Some(a);
+                    backoff = Duration::from_secs(1);
+                    node_seen(&shared, Ok(()));
+                }
                 Err(e) => {
-                    *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = format!("cannot open: {e}");
-                    tracing::warn!("anchoring unavailable: {e}");
-                    sleep_unless_stopped(&shared, Duration::from_secs(2));
+                    match &e {
+                        AnchorError::Chain(c) if c.is_transient() => {
+                            node_seen(&shared, Err(c));
+                            set(&shared.anchor_status, format!("waiting for the Bitcoin node: {c}"));
+                        }
+                        _ => {
+                            set(&shared.anchor_status, format!("cannot open: {e}"));
+                            tracing::warn!("anchoring unavailable: {e}");
+                        }
+                    }
+                    sleep_unless_stopped(&shared, backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             }
         }
-        let a = anchorer.as_mut().expect("just opened");
+        let Some(a) = anchorer.as_mut() else { continue };
         match a.poll(log_head(&shared)) {
             Ok(events) => {
                 for e in events {
                     tracing::info!("anchor: {e:?}");
                 }
-                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = "ok".into();
+                set(&shared.anchor_status, "ok");
+                node_seen(&shared, Ok(()));
             }
             Err(AnchorError::Unfunded { balance, address }) => {
                 let msg = format!("wallet unfunded ({balance} sat); fund {address}");
@@ -355,14 +402,21 @@ fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wal
                 } else {
                     tracing::warn!("{msg}");
                 }
-                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = msg;
+                set(&shared.anchor_status, msg);
+            }
+            Err(AnchorError::Chain(c)) if c.is_transient() => {
+                // The node went away: readings are still accepted (proofs say pending);
+                // reopen (and resync) when it is back.
+                node_seen(&shared, Err(&c));
+                set(&shared.anchor_status, format!("waiting for the Bitcoin node: {c}"));
+                anchorer = None;
+                sleep_unless_stopped(&shared, backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
             }
             Err(e) => {
                 tracing::warn!("anchoring: {e}");
-                *shared.anchor_status.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
-                if matches!(e, AnchorError::Chain(ref c) if c.is_transient()) {
-                    anchorer = None; // reconnect and resync after the node comes back
-                }
+                set(&shared.anchor_status, e.to_string());
             }
         }
         if let Some(a) = &anchorer {

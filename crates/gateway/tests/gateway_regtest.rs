@@ -263,3 +263,75 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     assert_eq!(msg["code"], "wrong_topic", "{msg}");
     gw.shutdown();
 }
+
+#[test]
+fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back() {
+    // Invariant I5, at the gateway: a node outage never stops ingest, and when the node is
+    // back (same data and ports, a new cookie) anchoring and the actuator loop resume from
+    // their cursors, without restarting the gateway.
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = RegtestOptions::new(exe);
+    opts.data_dir = Some(dir.path().join("node"));
+    let node = RegtestNode::start(opts.clone()).unwrap();
+    let mut cfg = GatewayConfig::new(dir.path().join("gw"));
+    cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.mqtt_listen = None;
+    cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    cfg.anchor_poll = Duration::from_millis(100);
+    let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
+    let base = format!("http://{}", gw.http_addr);
+    let url = format!("{base}/v1/readings");
+    let k = SigningKey::schnorr_from_secret(&[41; 32]).unwrap();
+    gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
+    let anchors = || -> Json { get(&format!("{base}/v1/anchors")).into_json().unwrap() };
+    let confirmed = |size: u64| anchors()["anchors"].as_array().unwrap().iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() >= Some(size));
+    let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, 1)).unwrap().encode());
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed(1) {
+        node.mine(1).unwrap();
+        assert!(Instant::now() < deadline, "first anchor never confirmed: {}", anchors());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(anchors()["node"], "ok");
+
+    // Down (stopped, as for an upgrade).
+    node.stop().unwrap();
+    let mut ids = vec![];
+    for seq in 2..=4 {
+        let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, seq)).unwrap().encode());
+        assert_eq!(code, 200, "acknowledged while the node is down: {body}");
+        ids.push(body["receipts"][0]["reading_id"].as_str().unwrap().to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = anchors();
+        if v["node"].as_str().unwrap_or("").starts_with("unreachable") {
+            assert!(v["status"].as_str().unwrap().contains("waiting for the Bitcoin node"), "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node is not reported down: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for id in &ids {
+        let bundle: ProofBundle = get(&format!("{base}/v1/readings/{id}/proof")).into_json().unwrap();
+        assert!(bundle.is_pending(), "a proof during the outage says pending");
+    }
+    std::thread::sleep(Duration::from_secs(3)); // a few failed rounds of both loops
+
+    // Back: the same gateway anchors the readings of the outage.
+    let node = RegtestNode::start(opts).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed(4) {
+        node.mine(1).unwrap();
+        assert!(Instant::now() < deadline, "anchoring did not resume: {}", anchors());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(anchors()["node"], "ok");
+    for id in &ids {
+        let bundle: ProofBundle = get(&format!("{base}/v1/readings/{id}/proof")).into_json().unwrap();
+        verify_bundle(&bundle, node.client(), &Policy::default()).unwrap();
+    }
+    gw.shutdown();
+}

@@ -197,6 +197,10 @@ pub struct Anchorer {
     stream: BlockStream<ChainClient>,
     cfg: AnchorConfig,
     tip_height: u32,
+    /// Set when blocks the wallet had applied left the node's chain (a reorg, or a node
+    /// that lost blocks in a crash): confirmed anchors above this height are checked again,
+    /// final or not, until the wallet's tip is back on the node's chain.
+    recheck_above: Option<u32>,
 }
 
 fn parse_txid(s: &str) -> Result<Txid> {
@@ -213,9 +217,14 @@ impl Anchorer {
         db.execute_batch(SCHEMA)?;
         let mut wallet = GatewayWallet::open(wallet_dir, &client)?;
         wallet.sync(&client)?;
-        let stream = BlockStream::from_cursor(client.fresh()?, Some(wallet.tip()), StreamConfig::default());
+        // From the wallet's last block still on the node's chain: after a node that lost
+        // blocks (or a reorg while the gateway was down), the new branch replaces them in the
+        // wallet and `refresh` sees anchors confirmed there go back to pending (rebroadcast).
+        let from = wallet.resume_point(&client)?;
+        let stream = BlockStream::from_cursor(client.fresh()?, Some(from), StreamConfig::default());
         let tip_height = wallet.tip().height;
-        Ok(Anchorer { db, wallet, client, stream, cfg, tip_height })
+        let recheck_above = (from.height < tip_height).then_some(from.height);
+        Ok(Anchorer { db, wallet, client, stream, cfg, tip_height, recheck_above })
     }
 
     pub fn wallet(&mut self) -> &mut GatewayWallet {
@@ -232,6 +241,10 @@ impl Anchorer {
         // 1. Apply new blocks to the wallet.
         let mut changed = false;
         while let Some(ev) = self.stream.next_event(Some(Duration::ZERO))? {
+            if !ev.is_connected() {
+                let below = ev.id().height.saturating_sub(1);
+                self.recheck_above = Some(self.recheck_above.map_or(below, |h| h.min(below)));
+            }
             self.wallet.apply(&ev)?;
             changed = true;
         }
@@ -239,8 +252,15 @@ impl Anchorer {
             self.wallet.sync(&self.client)?; // persist (and catch anything that arrived meanwhile)
         }
         self.tip_height = self.wallet.tip().height;
-        // 2. Update every anchor that is not final.
+        // 2. Update every anchor that is not final (and, after blocks left the chain, every
+        //    anchor confirmed above the fork point).
         self.refresh(&mut events)?;
+        if self.recheck_above.is_some() {
+            let tip = self.wallet.tip();
+            if self.client.block_hash(tip.height)? == Some(tip.hash) {
+                self.recheck_above = None; // the wallet follows the node's chain again
+            }
+        }
         // 3. New anchor if due.
         if let Some(head) = head {
             self.maybe_anchor(head, &mut events)?;
@@ -263,9 +283,12 @@ impl Anchorer {
         let watch: Vec<(i64, String, String, Option<u32>, u32, Option<String>)> = {
             let mut st = self.db.prepare(
                 "SELECT id, state, txid, block_height, broadcast_height, block_hash FROM anchors
-                 WHERE state = 'pending' OR (state = 'confirmed' AND block_height > ?1)",
+                 WHERE state = 'pending' OR (state = 'confirmed' AND block_height > ?1) ORDER BY id",
             )?;
-            let floor = self.tip_height.saturating_sub(self.cfg.final_confirmations + 1);
+            let mut floor = self.tip_height.saturating_sub(self.cfg.final_confirmations + 1);
+            if let Some(h) = self.recheck_above {
+                floor = floor.min(h);
+            }
             let rows = st.query_map([floor], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
             rows.collect::<Result<_, _>>()?
         };
