@@ -522,9 +522,17 @@ struct DriverState {
     rental: Option<Rental>,
     next_rental_height: u32,
     rentals: u64,
-    /// Rules of finished rentals, removed when the next one starts.
+    /// Rules of finished rentals (from an older version: removed when the next one starts).
     old_rules: Vec<String>,
+    /// Rules of finished rentals and the height their rental ended: removed once that is
+    /// [`RULE_KEEP_BLOCKS`] deep, so a reorg can still revert (or re-fire) what they did.
+    #[serde(default)]
+    retired: Vec<(String, u32)>,
 }
+
+/// How deep a finished rental's end must be before its rules are removed: deeper than any
+/// reorg bitmote is expected to follow (the drill makes them up to 6 deep).
+const RULE_KEEP_BLOCKS: u32 = 12;
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Rental {
@@ -686,20 +694,23 @@ impl Driver {
             }
             if height >= r.lease_end {
                 let r = r.clone();
-                self.state.old_rules.extend([r.order_id, r.lease_rule]);
+                self.state.retired.extend([(r.order_id, height), (r.lease_rule, height)]);
                 self.state.rental = None;
                 self.state.next_rental_height = height + self.plan.rental_every_blocks;
             }
             return Ok(());
         }
-        if height < self.state.next_rental_height {
-            return Ok(());
-        }
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.retired).into_iter().partition(|(_, h)| height >= h + RULE_KEEP_BLOCKS);
+        self.state.retired = keep;
+        self.state.old_rules.extend(done.into_iter().map(|(id, _)| id));
         for id in std::mem::take(&mut self.state.old_rules) {
             match self.request("DELETE", &format!("/v1/rules/{id}")).call() {
                 Ok(_) | Err(ureq::Error::Status(404, _)) => {}
                 Err(e) => tracing::warn!("fleet: removing rule {id}: {}", device::api_err(e)),
             }
+        }
+        if height < self.state.next_rental_height {
+            return Ok(());
         }
         let order = json!({
             "min_sat": self.plan.rental_sat, "confirmations": 1,

@@ -62,7 +62,12 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
     let result = campaign(opts, &mut sys, disk.clone(), net, t0, skipped);
     // Stop whatever is left before unmounting.
     drop(sys);
+    let keep = opts.keep || result.as_ref().map_or(true, |r| !r.violations.is_empty());
     if let Some(d) = &disk {
+        if keep {
+            // The tmpfs goes with the unmount: keep a copy of the gateway's data for a post-mortem.
+            let _ = Command::new("cp").arg("-a").arg(d).arg(d.with_file_name("gateway.kept")).status();
+        }
         unmount(d);
     }
     let report = result?;
@@ -142,7 +147,7 @@ fn campaign(
                 }
             }
             let acked_before = probe.acked.len();
-            settle(sys, &mut miner, &mut probe, &mut tally, round)?;
+            settle(sys, &mut miner, &mut probe, &mut tally, round, true)?;
             let chain = sys.chain()?;
             notary.check_log(sys, &mut tally)?;
             let counts = notary.check_readings(sys, &chain, &probe.acked[..acked_before], &mut rng, 8, true, &mut tally)?;
@@ -167,7 +172,7 @@ fn campaign(
     if !aborted {
         let mut end = || -> Result<(), DrillError> {
             tally.round = opts.rounds;
-            settle(sys, &mut miner, &mut probe, &mut tally, opts.rounds)?;
+            settle(sys, &mut miner, &mut probe, &mut tally, opts.rounds, false)?;
             let chain = sys.chain()?;
             let all = probe.acked.clone();
             notary.check_log(sys, &mut tally)?;
@@ -222,7 +227,7 @@ fn warm_up(sys: &mut System, miner: &Miner) -> Result<(), DrillError> {
 
 /// After the faults: everything back, blocks until the triggers are final and the
 /// probe's readings anchored, the outbox idle; at most a few minutes.
-fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Tally, round: u32) -> Result<(), DrillError> {
+fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Tally, round: u32, send: bool) -> Result<(), DrillError> {
     // Dropped transactions may come back from now on.
     miner.excluded.clear();
     if !sys.up_alive() {
@@ -238,7 +243,9 @@ fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Ta
                 mined += 1;
             }
         }
-        let _ = probe.send(sys, round, false);
+        if send {
+            let _ = probe.send(sys, round, false);
+        }
         if mined >= SETTLE_BLOCKS {
             let anchored = last.as_ref().is_none_or(|id| {
                 sys.get_json(&format!("/v1/readings/{id}/proof")).ok().and_then(|b| serde_json::from_value::<bitmote_notary::proof::ProofBundle>(b).ok()).is_some_and(|b| !b.is_pending())

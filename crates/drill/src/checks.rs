@@ -298,6 +298,7 @@ pub fn check_actuators(
     }
     let mut pending = vec![];
     let mut conf_cache: HashMap<String, u32> = HashMap::new();
+    let superseded = superseded_commands(chain, &groups)?;
     for (key, entries) in groups {
         let main: Vec<&&Action> = entries.iter().filter(|a| !is_revert_action(a)).collect();
         let Some(first) = main.first() else { continue };
@@ -317,6 +318,9 @@ pub fn check_actuators(
             ("height", _) => first.event_id.rsplit(":height:").next().and_then(|h| h.parse::<u32>().ok()).is_none_or(|h| tip >= h),
             _ => true,
         };
+        // A signed command counts only with a sequence number above every command of its
+        // rule before it on the best chain (the rule's replay protection).
+        let final_ = final_ && !superseded.contains(&key);
         let count = |revert: bool| -> i64 {
             entries.iter().filter(|a| is_revert_action(a) == revert).map(|a| *executed.get(&a.event_id).unwrap_or(&0) as i64).sum()
         };
@@ -341,6 +345,50 @@ pub fn check_actuators(
         }
     }
     Ok(pending)
+}
+
+/// The sequence number of a command's event id (`<rule>:cmd:<seq>[:…]`).
+fn command_seq(event_id: &str) -> Option<u64> {
+    event_id.split(":cmd:").nth(1)?.split(':').next()?.parse().ok()
+}
+
+/// Command triggers that the best chain makes stale: mined after (or in the same block
+/// after) a command of the same rule with a sequence number as high or higher.
+fn superseded_commands(chain: &ChainClient, groups: &BTreeMap<String, Vec<&Action>>) -> Result<BTreeSet<String>, DrillError> {
+    // rule → [(height, index in block, seq, group key)]
+    let mut by_rule: BTreeMap<&str, Vec<(u64, usize, u64, &str)>> = BTreeMap::new();
+    let mut blocks: HashMap<String, Vec<String>> = HashMap::new();
+    for (key, entries) in groups {
+        let Some(first) = entries.iter().find(|a| !is_revert_action(a) && a.trigger.as_deref() == Some("command")) else { continue };
+        let (Some(txid), Some(seq)) = (&first.txid, command_seq(&first.event_id)) else { continue };
+        let v: serde_json::Value = match chain.raw("getrawtransaction", &[serde_json::json!(txid), serde_json::json!(true)]) {
+            Ok(v) => v,
+            Err(bitmote_chain::ChainError::Rpc { code: -5, .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let (Some(hash), Some(height)) = (v["blockhash"].as_str(), v["confirmations"].as_u64().filter(|c| *c > 0)) else { continue };
+        if !blocks.contains_key(hash) {
+            let b: serde_json::Value = chain.raw("getblock", &[serde_json::json!(hash), serde_json::json!(1)])?;
+            let txs = b["tx"].as_array().map(|t| t.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default();
+            blocks.insert(hash.to_string(), txs);
+        }
+        let index = blocks[hash].iter().position(|t| t == txid).unwrap_or(0);
+        // Deeper first: more confirmations is earlier on the chain.
+        by_rule.entry(first.rule_id.as_str()).or_default().push((u64::MAX - height, index, seq, key.as_str()));
+    }
+    let mut out = BTreeSet::new();
+    for (_, mut cmds) in by_rule {
+        cmds.sort();
+        let mut last: Option<u64> = None;
+        for (_, _, seq, key) in cmds {
+            if last.is_some_and(|l| seq <= l) {
+                out.insert(key.to_string());
+            } else {
+                last = Some(seq);
+            }
+        }
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- I3: payments
@@ -440,6 +488,8 @@ mod tests {
         assert!(!is_revert("r:t:0:g2"));
         assert!(!is_revert("reverter:t:0"));
         assert!(!is_revert("r:t:0"));
+        assert_eq!(command_seq("fleet-relay-remote:cmd:21:g2"), Some(21));
+        assert_eq!(command_seq("order-1:aa:0"), None);
     }
 
     #[test]
