@@ -1146,4 +1146,19 @@ mod tests {
         let mut p = Ingestor::start(&path, IngestConfig::default()).unwrap().submit_nowait(one(&k, 301));
         assert!(matches!(p.wait_timeout(Duration::from_secs(60)), Some(Ok(r)) if r[0].leaf_index == 300));
     }
+
+    /// Found by `fuzz/` (target `submission_json`): serde_json without `float_roundtrip` read
+    /// `1e-142` as 9.999999999999999e-143, so a float reading submitted as JSON was not the
+    /// reading its device had signed, and its signature failed.
+    #[test]
+    fn a_json_float_is_the_value_its_device_signed() {
+        for x in [1e-142, 1.3333333333333337, 21.53, 5e-324, f64::MAX, -0.0, 0.1 + 0.2] {
+            let reading = Reading { device: DeviceId([1; 32]), seq: 1, timestamp_ms: 1_700_000_000_000, sensor: 1, unit: 1, value: Value::Float(x) };
+            let signature = Signature::Schnorr([7; 64]);
+            let body = serde_json::json!({ "reading": ReadingJson::from_reading(&reading), "signature": signature.to_hex() }).to_string();
+            let batch = serde_json::json!({ "batch": [ReadingJson::from_reading(&reading)], "signature": signature.to_hex() }).to_string();
+            assert_eq!(Submission::from_json(body.as_bytes()), Ok(Submission::Reading(SignedReading { reading: reading.clone(), signature })), "{body}");
+            assert_eq!(Submission::from_json(batch.as_bytes()), Ok(Submission::Batch(SignedBatch { readings: vec![reading], signature })), "{batch}");
+        }
+    }
 }
