@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     let back: Rule = serde_json::from_str(&json).expect("a stored rule loads back");
     assert_eq!(back, rule, "JSON round trip changed the rule");
     if let Ok(toml_text) = toml::to_string(&File { rule: std::slice::from_ref(&rule) }) {
-        let again = RuleSet::parse(&toml_text, Network::Regtest).expect("the rule written as TOML parses");
-        assert_eq!(again.rules, vec![rule], "TOML round trip changed the rule");
+        match RuleSet::parse(&toml_text, Network::Regtest) {
+            Ok(again) => assert_eq!(again.rules, vec![rule], "TOML round trip changed the rule"),
+            // See rules_toml.rs: the toml crate's writer exceeds its parser's dotted-key limit.
+            Err(e) if e.to_string().contains("recursion limit exceeded") => {}
+            Err(e) => panic!("the rule written as TOML does not parse: {e}\n{toml_text}"),
+        }
     }
 });

@@ -22,7 +22,13 @@ fuzz_target!(|data: &[u8]| {
         back.check(Network::Regtest).expect("a loaded rule still checks");
     }
     if let Ok(toml_text) = toml::to_string(&File { rule: &set.rules }) {
-        let again = RuleSet::parse(&toml_text, Network::Regtest).expect("a written rule file parses");
-        assert_eq!(again.rules, set.rules, "TOML round trip changed the rules");
+        match RuleSet::parse(&toml_text, Network::Regtest) {
+            Ok(again) => assert_eq!(again.rules, set.rules, "TOML round trip changed the rules"),
+            // The toml crate writes deeply nested `args` tables as one dotted table header,
+            // which its own parser then refuses (a recursion limit on dotted keys). bitmote
+            // never writes rule files, so this is the toml crate's asymmetry, not ours.
+            Err(e) if e.to_string().contains("recursion limit exceeded") => {}
+            Err(e) => panic!("a written rule file does not parse: {e}\n{toml_text}"),
+        }
     }
 });
