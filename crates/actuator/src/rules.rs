@@ -421,6 +421,19 @@ mod tests {
         let both = hook.replace("} }", &format!("}}, exec = {{ program = \"{}\" }} }}", program.display()));
         assert!(RuleSet::parse(&both, Network::Regtest).unwrap_err().to_string().contains("not both"), "{both}");
     }
+
+    /// Found by `fuzz/` (target `rules_json`): a rule's float argument changed in the last
+    /// digit when the engine stored the rule as JSON and loaded it back (serde_json without
+    /// `float_roundtrip`), so a restart changed the action's arguments.
+    #[test]
+    fn a_stored_rule_loads_back_with_the_same_arguments() {
+        let text = r#"{"id": "r", "device": "d", "trigger": {"kind": "height", "height": 9}, "action": {"command": "set", "args": {"x": 1.3333333333333337, "y": 1e-142}}}"#;
+        let rule: Rule = serde_json::from_str(text).unwrap();
+        assert_eq!(rule.action.args["x"].as_f64(), Some(1.3333333333333337));
+        assert_eq!(rule.action.args["y"].as_f64(), Some(1e-142));
+        let back: Rule = serde_json::from_str(&serde_json::to_string(&rule).unwrap()).unwrap();
+        assert_eq!(back, rule);
+    }
 }
 
 /// A revert command meaning "the inverse of what the action did".

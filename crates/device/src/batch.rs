@@ -253,6 +253,9 @@ impl SignedBatch {
         if n > MAX_BATCH {
             return Err(DecodeError::TooMany(n));
         }
+        if n == 0 {
+            return Err(DecodeError::EmptyBatch);
+        }
         let mut readings = Vec::with_capacity(n);
         for _ in 0..n {
             readings.push(read_reading(&mut r)?);
@@ -610,5 +613,16 @@ mod tests {
         assert_eq!(SignedBatch::decode(&over), Err(DecodeError::TooMany(MAX_BATCH + 1)));
         assert_eq!(SignedBatch::decode(b"R"), Err(DecodeError::UnknownTag(b'R')));
         assert_eq!(SignedReading::decode(&[]), Err(DecodeError::Truncated));
+    }
+
+    /// Found by `fuzz/` (target `submission`): `'B' 0000 | signature` decoded as a batch of no
+    /// readings, although the format allows 1 to 4096.
+    #[test]
+    fn an_empty_batch_does_not_decode() {
+        let mut b = vec![b'B', 0, 0];
+        b.extend_from_slice(&key(false).sign(&[0; 32]).encode());
+        assert_eq!(SignedBatch::decode(&b), Err(DecodeError::EmptyBatch));
+        let empty = SignedBatch { readings: vec![], signature: Signature::decode(&b[3..]).unwrap() };
+        assert_eq!(SignedBatch::decode(&empty.encode()), Err(DecodeError::EmptyBatch));
     }
 }

@@ -173,6 +173,8 @@ pub enum DecodeError {
     BadKey,
     BadSignature,
     TooMany(usize),
+    /// A batch of no readings (the format allows 1 to `MAX_BATCH`).
+    EmptyBatch,
 }
 
 impl fmt::Display for DecodeError {
@@ -188,6 +190,7 @@ impl fmt::Display for DecodeError {
             DecodeError::BadKey => write!(f, "invalid public key"),
             DecodeError::BadSignature => write!(f, "malformed signature"),
             DecodeError::TooMany(n) => write!(f, "{n} items is over the limit"),
+            DecodeError::EmptyBatch => write!(f, "a batch of no readings"),
         }
     }
 }

@@ -15,11 +15,11 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bitmote_actuator::{Action, EngineError, Rule, Trigger};
 use bitmote_chain::bitcoin::{Address, ScriptBuf};
-use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value};
-use bitmote_notary::ingest::{IngestError, Receipt, Submission};
+use bitmote_device::{DeviceId, PublicKey};
+use bitmote_notary::ingest::{IngestError, JsonSubmissionError, Receipt, Submission};
 use bitmote_notary::log::MerkleLog;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy, Step};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::{Job, Shared};
@@ -98,79 +98,14 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
 }
 
-/// A reading in JSON.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ReadingJson {
-    pub device: String,
-    pub seq: u64,
-    pub timestamp_ms: u64,
-    pub sensor: u16,
-    pub unit: u16,
-    /// `{"scaled": [mantissa, exponent]}`, `{"float": x}` or `{"bytes": "hex"}`.
-    pub value: ValueJson,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ValueJson {
-    Scaled(i64, i8),
-    Float(f64),
-    Bytes(String),
-}
-
-impl ReadingJson {
-    pub fn from_reading(r: &Reading) -> Self {
-        ReadingJson {
-            device: r.device.to_string(),
-            seq: r.seq,
-            timestamp_ms: r.timestamp_ms,
-            sensor: r.sensor,
-            unit: r.unit,
-            value: match &r.value {
-                Value::Scaled { mantissa, exponent } => ValueJson::Scaled(*mantissa, *exponent),
-                Value::Float(x) => ValueJson::Float(*x),
-                Value::Bytes(b) => ValueJson::Bytes(hex::encode(b)),
-            },
-        }
-    }
-
-    pub fn to_reading(&self) -> Result<Reading, String> {
-        let device: DeviceId = self.device.parse().map_err(|e| format!("device: {e}"))?;
-        let value = match &self.value {
-            ValueJson::Scaled(m, e) => Value::Scaled { mantissa: *m, exponent: *e },
-            ValueJson::Float(x) => Value::Float(*x),
-            ValueJson::Bytes(h) => Value::Bytes(hex::decode(h).map_err(|e| format!("bytes: {e}"))?),
-        };
-        let r = Reading { device, seq: self.seq, timestamp_ms: self.timestamp_ms, sensor: self.sensor, unit: self.unit, value };
-        r.validate().map_err(|e| e.to_string())?;
-        Ok(r)
-    }
-}
-
-/// JSON submission: one reading or a batch, with the signature in hex.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum SubmissionJson {
-    Reading { reading: ReadingJson, signature: String },
-    Batch { batch: Vec<ReadingJson>, signature: String },
-}
+pub use bitmote_notary::ingest::{ReadingJson, ValueJson};
 
 fn parse_submission(headers: &HeaderMap, body: &[u8]) -> Result<Submission, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if ct.starts_with("application/json") {
-        let j: SubmissionJson = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON submission: {e}")))?;
-        let sig = |s: &str| Signature::from_hex(s).map_err(|e| bad(format!("signature: {e}")));
-        Ok(match j {
-            SubmissionJson::Reading { reading, signature } => {
-                Submission::Reading(SignedReading { reading: reading.to_reading().map_err(bad)?, signature: sig(&signature)? })
-            }
-            SubmissionJson::Batch { batch, signature } => {
-                if batch.len() > bitmote_device::batch::MAX_BATCH {
-                    return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("{} readings in one batch", batch.len()), "too_large"));
-                }
-                let readings = batch.iter().map(|r| r.to_reading().map_err(bad)).collect::<Result<Vec<_>, _>>()?;
-                Submission::Batch(SignedBatch { readings, signature: sig(&signature)? })
-            }
+        Submission::from_json(body).map_err(|e| match e {
+            JsonSubmissionError::Invalid(m) => bad(m),
+            e @ JsonSubmissionError::TooMany(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string(), "too_large"),
         })
     } else {
         Ok(Submission::decode(body)?)

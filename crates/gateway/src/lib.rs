@@ -15,6 +15,7 @@ pub mod lightning;
 pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_front;
+pub mod mqtt_wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

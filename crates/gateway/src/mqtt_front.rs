@@ -43,19 +43,17 @@ use std::time::Duration;
 
 use bitmote_device::DeviceId;
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{Connect, Login, Publish, Subscribe};
-use rumqttc::mqttbytes::{check, FixedHeader, PacketType, Protocol};
+use rumqttc::mqttbytes::v4::Login;
+use rumqttc::mqttbytes::FixedHeader;
 use rusqlite::{params, Connection};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use crate::mqtt_wire::{topic_safe, Who, ADMIN_USER};
+use crate::mqtt_wire::{allowed, next_packet, read_connect, ConnectRefusal};
 use crate::{GatewayError, Shared};
 
-/// The username of the operator's MQTT identity (password: the admin token).
-pub const ADMIN_USER: &str = "admin";
-/// Largest MQTT packet the front accepts (the broker's payload limit, plus headers).
-const MAX_PACKET: usize = (1 << 20) + 4096;
 /// Bytes read at a time.
 const READ_CHUNK: usize = 16 * 1024;
 /// Username the front uses towards the broker.
@@ -85,59 +83,6 @@ impl std::fmt::Debug for BrokerLogin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerLogin").field("username", &self.username).field("password", &"<redacted>").finish()
     }
-}
-
-/// Who is connected: the operator, or a device with the topic prefixes it owns.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Who {
-    Admin,
-    Device { id: DeviceId, name: Option<String> },
-}
-
-impl Who {
-    fn prefixes(&self) -> Vec<String> {
-        match self {
-            Who::Admin => vec![],
-            Who::Device { id, name } => {
-                let mut v = vec![format!("bitmote/{id}/")];
-                v.extend(name.iter().map(|n| format!("bitmote/{n}/")));
-                v
-            }
-        }
-    }
-
-    /// A device publishes only on its own device-to-gateway topics.
-    pub fn may_publish(&self, topic: &str) -> bool {
-        match self {
-            Who::Admin => true,
-            Who::Device { .. } => self.prefixes().iter().any(|p| {
-                topic.strip_prefix(p.as_str()).is_some_and(|rest| matches!(rest, "readings" | "acks" | "presence"))
-            }),
-        }
-    }
-
-    /// A device subscribes only to filters under its own prefix (wildcards below it cannot
-    /// reach another device's topics, since topic-safe names contain no `/`).
-    pub fn may_subscribe(&self, filter: &str) -> bool {
-        match self {
-            Who::Admin => true,
-            Who::Device { .. } => self.prefixes().iter().any(|p| filter.strip_prefix(p.as_str()).is_some_and(|rest| !rest.is_empty())),
-        }
-    }
-
-    fn label(&self) -> String {
-        match self {
-            Who::Admin => ADMIN_USER.to_string(),
-            Who::Device { id, .. } => id.to_string(),
-        }
-    }
-}
-
-/// Whether a device name can be used in topics: no MQTT separators or wildcards, and not
-/// something that could be read as another identity (a device id, the admin user).
-pub fn topic_safe(name: &str) -> bool {
-    let looks_like_an_id = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
-    !(name.is_empty() || name.contains(['/', '+', '#', '\0']) || looks_like_an_id || name == ADMIN_USER || name.starts_with('$'))
 }
 
 /// Credential hashes (from the database, kept in memory) and the open connections of
@@ -277,42 +222,14 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener, backend: Sock
 /// The next whole packet from `r`: its fixed header and bytes (fixed header included).
 async fn read_packet(r: &mut (impl AsyncReadExt + Unpin), buf: &mut BytesMut) -> Result<(FixedHeader, Bytes), String> {
     loop {
-        match check(buf.iter(), MAX_PACKET) {
-            Ok(fh) => return Ok((fh, buf.split_to(fh.frame_length()).freeze())),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
-                buf.reserve(READ_CHUNK);
-                if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("closed by the client".into());
-                }
-            }
-            Err(e) => return Err(format!("malformed packet: {e:?}")),
+        if let Some(p) = next_packet(buf)? {
+            return Ok(p);
+        }
+        buf.reserve(READ_CHUNK);
+        if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed by the client".into());
         }
     }
-}
-
-/// Whether the client may send this packet (a PUBLISH or SUBSCRIBE on its own topics, or a
-/// packet that names no topic); why not, as the error that ends the connection.
-fn allowed(who: &Who, label: &str, fh: FixedHeader, bytes: &Bytes) -> Result<(), String> {
-    match fh.packet_type() {
-        Ok(PacketType::Publish) => {
-            let p = Publish::read(fh, bytes.clone()).map_err(|e| format!("malformed PUBLISH: {e:?}"))?;
-            if !who.may_publish(&p.topic) {
-                tracing::warn!(device = %label, topic = ?p.topic, "MQTT publish on a foreign topic refused; disconnecting");
-                return Err(format!("publish on {} refused", p.topic));
-            }
-        }
-        Ok(PacketType::Subscribe) => {
-            let s = Subscribe::read(fh, bytes.clone()).map_err(|e| format!("malformed SUBSCRIBE: {e:?}"))?;
-            if let Some(f) = s.filters.iter().find(|f| !who.may_subscribe(&f.path)) {
-                tracing::warn!(device = %label, filter = ?f.path, "MQTT subscribe to a foreign topic refused; disconnecting");
-                return Err(format!("subscribe to {} refused", f.path));
-            }
-        }
-        Ok(PacketType::Connect) => return Err("a second CONNECT".into()),
-        Ok(_) => {}
-        Err(e) => return Err(format!("bad packet type: {e:?}")),
-    }
-    Ok(())
 }
 
 /// Acknowledge received data at once (Linux `TCP_QUICKACK`, which the kernel resets, so it
@@ -348,21 +265,14 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     let (fh, bytes) = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut client, &mut buf))
         .await
         .map_err(|_| "no CONNECT within 10 s".to_string())??;
-    if !matches!(fh.packet_type(), Ok(PacketType::Connect)) {
-        return Err("the first packet is not a CONNECT".into());
-    }
-    let mut connect = match Connect::read(fh, bytes) {
+    let mut connect = match read_connect(fh, bytes) {
         Ok(c) => c,
-        Err(e @ (rumqttc::mqttbytes::Error::InvalidProtocol | rumqttc::mqttbytes::Error::InvalidProtocolLevel(_))) => {
+        Err(ConnectRefusal::Unsupported(e)) => {
             connack(&mut client, 1).await;
-            return Err(format!("unsupported protocol: {e:?}"));
+            return Err(e);
         }
-        Err(e) => return Err(format!("malformed CONNECT: {e:?}")),
+        Err(ConnectRefusal::Malformed(e)) => return Err(e),
     };
-    if connect.protocol != Protocol::V4 {
-        connack(&mut client, 1).await;
-        return Err("only MQTT 3.1.1 is served".into());
-    }
     let Some(login) = connect.login.take() else {
         shared.mqtt_auth.refused_logins.fetch_add(1, Ordering::Relaxed);
         connack(&mut client, 5).await;
@@ -441,12 +351,7 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
         let mut out = BytesMut::with_capacity(READ_CHUNK);
         loop {
             loop {
-                let fh = match check(buf.iter(), MAX_PACKET) {
-                    Ok(fh) => fh,
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                    Err(e) => return Err(format!("malformed packet: {e:?}")),
-                };
-                let bytes = buf.split_to(fh.frame_length()).freeze();
+                let Some((fh, bytes)) = next_packet(&mut buf)? else { break };
                 if let Err(e) = allowed(&who, &label, fh, &bytes) {
                     if e.ends_with("refused") {
                         counters.refused_topics.fetch_add(1, Ordering::Relaxed);

@@ -165,6 +165,95 @@ impl Submission {
     }
 }
 
+/// A reading in JSON (the HTTP API's `POST /v1/readings` with `application/json`, and
+/// every reading the API returns).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReadingJson {
+    pub device: String,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub sensor: u16,
+    pub unit: u16,
+    /// `{"scaled": [mantissa, exponent]}`, `{"float": x}` or `{"bytes": "hex"}`.
+    pub value: ValueJson,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueJson {
+    Scaled(i64, i8),
+    Float(f64),
+    Bytes(String),
+}
+
+impl ReadingJson {
+    pub fn from_reading(r: &Reading) -> Self {
+        ReadingJson {
+            device: r.device.to_string(),
+            seq: r.seq,
+            timestamp_ms: r.timestamp_ms,
+            sensor: r.sensor,
+            unit: r.unit,
+            value: match &r.value {
+                Value::Scaled { mantissa, exponent } => ValueJson::Scaled(*mantissa, *exponent),
+                Value::Float(x) => ValueJson::Float(*x),
+                Value::Bytes(b) => ValueJson::Bytes(hex::encode(b)),
+            },
+        }
+    }
+
+    pub fn to_reading(&self) -> Result<Reading, String> {
+        let device: DeviceId = self.device.parse().map_err(|e| format!("device: {e}"))?;
+        let value = match &self.value {
+            ValueJson::Scaled(m, e) => Value::Scaled { mantissa: *m, exponent: *e },
+            ValueJson::Float(x) => Value::Float(*x),
+            ValueJson::Bytes(h) => Value::Bytes(hex::decode(h).map_err(|e| format!("bytes: {e}"))?),
+        };
+        let r = Reading { device, seq: self.seq, timestamp_ms: self.timestamp_ms, sensor: self.sensor, unit: self.unit, value };
+        r.validate().map_err(|e| e.to_string())?;
+        Ok(r)
+    }
+}
+
+/// JSON submission: one reading or a batch, with the signature in hex.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum SubmissionJson {
+    Reading { reading: ReadingJson, signature: String },
+    Batch { batch: Vec<ReadingJson>, signature: String },
+}
+
+/// Why a JSON submission was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum JsonSubmissionError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} readings in one batch")]
+    TooMany(usize),
+}
+
+impl Submission {
+    /// Parse a JSON submission (`{"reading": …, "signature": hex}` or `{"batch": […],
+    /// "signature": hex}`). The signature is checked later, as for the binary format.
+    pub fn from_json(body: &[u8]) -> Result<Self, JsonSubmissionError> {
+        let bad = JsonSubmissionError::Invalid;
+        let j: SubmissionJson = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON submission: {e}")))?;
+        let sig = |s: &str| Signature::from_hex(s).map_err(|e| bad(format!("signature: {e}")));
+        Ok(match j {
+            SubmissionJson::Reading { reading, signature } => {
+                Submission::Reading(SignedReading { reading: reading.to_reading().map_err(bad)?, signature: sig(&signature)? })
+            }
+            SubmissionJson::Batch { batch, signature } => {
+                if batch.len() > MAX_BATCH {
+                    return Err(JsonSubmissionError::TooMany(batch.len()));
+                }
+                let readings = batch.iter().map(|r| r.to_reading().map_err(bad)).collect::<Result<Vec<_>, _>>()?;
+                Submission::Batch(SignedBatch { readings, signature: sig(&signature)? })
+            }
+        })
+    }
+}
+
 type Reply = Box<dyn FnOnce(Result<Vec<Receipt>, IngestError>) + Send>;
 
 /// What the writer needs of one reading, computed on the submitter's thread.
@@ -1056,5 +1145,20 @@ mod tests {
         assert_eq!(MerkleLog::new(&c).size().unwrap(), 300);
         let mut p = Ingestor::start(&path, IngestConfig::default()).unwrap().submit_nowait(one(&k, 301));
         assert!(matches!(p.wait_timeout(Duration::from_secs(60)), Some(Ok(r)) if r[0].leaf_index == 300));
+    }
+
+    /// Found by `fuzz/` (target `submission_json`): serde_json without `float_roundtrip` read
+    /// `1e-142` as 9.999999999999999e-143, so a float reading submitted as JSON was not the
+    /// reading its device had signed, and its signature failed.
+    #[test]
+    fn a_json_float_is_the_value_its_device_signed() {
+        for x in [1e-142, 1.3333333333333337, 21.53, 5e-324, f64::MAX, -0.0, 0.1 + 0.2] {
+            let reading = Reading { device: DeviceId([1; 32]), seq: 1, timestamp_ms: 1_700_000_000_000, sensor: 1, unit: 1, value: Value::Float(x) };
+            let signature = Signature::Schnorr([7; 64]);
+            let body = serde_json::json!({ "reading": ReadingJson::from_reading(&reading), "signature": signature.to_hex() }).to_string();
+            let batch = serde_json::json!({ "batch": [ReadingJson::from_reading(&reading)], "signature": signature.to_hex() }).to_string();
+            assert_eq!(Submission::from_json(body.as_bytes()), Ok(Submission::Reading(SignedReading { reading: reading.clone(), signature })), "{body}");
+            assert_eq!(Submission::from_json(batch.as_bytes()), Ok(Submission::Batch(SignedBatch { readings: vec![reading], signature })), "{batch}");
+        }
     }
 }

@@ -57,19 +57,9 @@ pub enum PayError {
     Unauthorized(String),
 }
 
-/// Hex (de)serialization of fixed-size byte arrays.
-pub(crate) mod hexs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&bitmote_device::hex_encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
-        let s = String::deserialize(d)?;
-        bitmote_device::hex_decode(&s)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| serde::de::Error::custom(format!("expected {} hex digits", 2 * N)))
-    }
-}
+/// Hex (de)serialization of fixed-size byte arrays (its own file so the fuzz targets can
+/// compile the tick record without the Lightning node).
+pub(crate) mod hexs;
 
 /// What the meter signs, with its device key, to close session `id`: only the session's
 /// meter can end it (`POST /v1/sessions/{id}/close` `{"signature": hex}`).

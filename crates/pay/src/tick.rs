@@ -175,8 +175,9 @@ impl Account {
         if tick.amount_msat != received_msat {
             return Err(Refusal::AmountMismatch { declared: tick.amount_msat, received: received_msat });
         }
-        if tick.paid_msat != self.paid_msat + received_msat {
-            return Err(Refusal::PaidMismatch { declared: tick.paid_msat, account: self.paid_msat + received_msat });
+        // Checked: the total is the sum of real payments, but the record's numbers are not.
+        if self.paid_msat.checked_add(received_msat) != Some(tick.paid_msat) {
+            return Err(Refusal::PaidMismatch { declared: tick.paid_msat, account: self.paid_msat.saturating_add(received_msat) });
         }
         self.record(tick);
         let required = t.required_msat(tick.register_mwh);
@@ -271,5 +272,17 @@ mod tests {
         let v = acct.accept(&t, &t1, t1.amount_msat, 2000).unwrap();
         assert_eq!(v, Verdict::Short { required_msat: 500, paid_msat: 400 });
         assert_eq!(acct.paid_msat, before.paid_msat + t1.amount_msat);
+    }
+
+    /// Found by `fuzz/` (target `tick`): a record whose amount brought the account's total
+    /// over 2^64 msat panicked on the addition (overflow checks) instead of being refused.
+    #[test]
+    fn a_total_over_u64_is_refused_not_a_panic() {
+        let t = test_tariff(Mode::Postpaid);
+        let mut acct = Account { ticks: 3, register_mwh: 1000, paid_msat: u64::MAX - 5, refunded_msat: 0 };
+        let before = acct.clone();
+        let tick = Tick { session: [1; 16], tick: 3, register_mwh: 1000, amount_msat: 10, paid_msat: 4 };
+        assert_eq!(acct.accept(&t, &tick, 10, 2000), Err(Refusal::PaidMismatch { declared: 4, account: u64::MAX }));
+        assert_eq!(acct, before);
     }
 }
