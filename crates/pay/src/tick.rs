@@ -285,13 +285,15 @@ mod tests {
             assert_eq!(meter, provider);
             assert!(meter.paid_msat >= t.due_msat(register));
             if mode == Mode::Prepaid {
-                // Closing: the tick ahead is delivered, 3 mWh (0.75 msat) at a time, with
-                // 1-msat keep-alives, until the register makes the whole payment due.
+                // Closing: the tick ahead is delivered, 37 mWh (9.25 msat) a tick, with
+                // 1-msat keep-alives, until the register makes the whole payment due. (The
+                // keep-alives must be worth less than a closing tick's energy, as any real
+                // load at these prices is: 180 W for 2 s is 25 msat.)
                 let ahead = meter.credit_msat(&t);
                 assert!(ahead > 0);
                 let mut n = 0;
                 loop {
-                    register += 3;
+                    register += 37;
                     n += 1;
                     let (tick, last) = meter.closing_tick(&t, [1; 16], register);
                     assert!(last || tick.amount_msat == 1);
