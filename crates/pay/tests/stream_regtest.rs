@@ -258,9 +258,13 @@ fn stopping_anywhere_in_a_tick_closes_with_equal_accounts() {
     let http = free_addr();
     let mut paid_total = 0;
     for mode in [Mode::Postpaid, Mode::Prepaid] {
-        let (provider, meter) = p.roles(tariff(mode), http);
+        let (provider, unused) = p.roles(tariff(mode), http);
+        unused.shutdown();
+        std::thread::sleep(Duration::from_millis(500));
         // The tariff's tick is 500 ms: stops spread over it.
         for offset in [0, 120, 260, 410] {
+            // A stopped meter stays stopped (Ctrl-C): a fresh one for each session.
+            let meter = bitmote_pay::meter::Meter::start(mn.clone(), &p.dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
             let s = meter.open_session(&pn.node_id().to_string()).unwrap();
             let out = stop_mid_tick_and_close(&meter, &s.id, 4, offset);
             assert!(out.reconciled, "{mode:?} stop at +{offset} ms: {out:#?}");
@@ -279,9 +283,10 @@ fn stopping_anywhere_in_a_tick_closes_with_equal_accounts() {
             paid_total += a.paid_msat;
             eventually("money arrived", || received_msat(pn) == paid_total);
             eprintln!("{mode:?}, stop at +{offset} ms: {} ticks, {} msat, reconciled", a.ticks, a.paid_msat);
+            meter.shutdown();
+            std::thread::sleep(Duration::from_millis(500));
         }
         provider.shutdown();
-        meter.shutdown();
         std::thread::sleep(Duration::from_millis(500));
     }
     stop(&[pn, mn]);
