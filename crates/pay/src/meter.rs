@@ -358,7 +358,12 @@ impl Meter {
         let supply = line.map(|p| p.supply).unwrap_or(s.supply);
         let register = {
             let mut sim = self.sim.lock().unwrap();
-            sim.as_mut()?.advance(now_ms(), supply)
+            let sim = sim.as_mut()?;
+            // A tick pending at start (before a restart) and paid since carries a register
+            // the simulation, started from the last tick paid before, has not reached: the
+            // register never goes backwards.
+            sim.register_mwh = sim.register_mwh.max(s.account.register_mwh);
+            sim.advance(now_ms(), supply)
         };
         // Energy stopped flowing (supply cut) after it had flowed: stop paying.
         if !supply && s.account.ticks > 0 {
@@ -414,7 +419,11 @@ impl Meter {
                 Err(NodeError::DuplicatePayment) => loop {
                     match self.payment_status(&row) {
                         Some(PaymentStatus::Succeeded) => break true,
-                        Some(PaymentStatus::Pending) if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(20)),
+                        // Polled a second at a time: in between, a provider that restarted
+                        // is called back (below), or the pending HTLC never moves.
+                        Some(PaymentStatus::Pending) if Instant::now() < (started + Duration::from_secs(1)).min(give_up) => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
                         _ => break false,
                     }
                 },
