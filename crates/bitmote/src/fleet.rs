@@ -36,6 +36,10 @@ pub const RELAY: &str = "relay-1";
 const RELAY_RULE: &str = "fleet-relay-remote";
 /// Fee of the driver's transactions (regtest).
 const FEE_SAT: u64 = 1_000;
+/// How long the meter may take to close its session when `up` stops: the prepaid
+/// delivery limit (`bitmote_pay::meter::DELIVERY_LIMIT`, 30 s), the close and the
+/// receipts' flush, with room.
+const METER_STOP: Duration = Duration::from_secs(75);
 
 /// The fleet's settings, from `[fleet]` with defaults; ports resolved.
 #[derive(Debug, Clone)]
@@ -398,12 +402,14 @@ impl Fleet {
         changed
     }
 
-    /// Stop every child: the meter first (it closes its session with the provider), then
-    /// the rest together; SIGKILL for any that does not exit in time. Waits for all.
+    /// Stop every child: the meter first (it settles its tick in flight, delivers a
+    /// prepaid tick ahead, closes its session with the provider and posts its receipts:
+    /// usually a few seconds, [`METER_STOP`] at most), then the rest together; SIGKILL
+    /// for any that does not exit in time. Waits for all.
     pub fn stop(&mut self) -> Vec<(String, Option<ExitStatus>)> {
         let mut out = vec![];
         let (meters, rest): (Vec<usize>, Vec<usize>) = (0..self.members.len()).partition(|&i| self.members[i].kind == "meter");
-        for (group, grace) in [(meters, Duration::from_secs(45)), (rest, Duration::from_secs(20))] {
+        for (group, grace) in [(meters, METER_STOP), (rest, Duration::from_secs(20))] {
             for &i in &group {
                 if let Some(p) = &self.members[i].proc {
                     // SAFETY: a signal to our own child.

@@ -241,22 +241,40 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         while !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        m2.shutdown();
+        // Streaming stops; the session is still closed (tick in flight settled, prepaid
+        // tick ahead delivered) and the receipts posted before the meter exits.
+        m2.stop_streaming();
     });
     let s = m.run(&s.id, a.ticks)?;
     let out = m.close(&s.id)?;
-    if a.notary_url.is_some() && !m.flush_receipts(Duration::from_secs(15)) {
+    // Every paid tick's reading to the notary before the final statement (the notary
+    // thread runs until shutdown); the statement says how many still wait, if any.
+    let flushed = a.notary_url.is_none() || m.flush_receipts(Duration::from_secs(15));
+    if !flushed {
         eprintln!("some tick readings are not notarized yet; they will be posted on the next run");
     }
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+    let statement = serde_json::json!({
         "session": bitmote_device::hex_encode(&s.id),
         "state": out.session.state,
         "reason": out.session.reason,
         "meter": out.session.account,
         "provider": out.provider.as_ref().map(|p| &p.session.account),
         "reconciled": out.reconciled,
+        "unsettled": out.unsettled,
+        "credit_msat": out.session.account.credit_msat(&out.session.tariff) as i64,
         "notary": m.status()["notary"],
-    }))?);
+        "provider_statement": out.provider,
+        "closed_ms": bitmote_chain::now_ms(),
+    });
+    // Kept for whoever looks from outside (an operator, the fault drill): the last
+    // session's final statement, `<data-dir>/<name>/statement.json`.
+    let path = dir.join("statement.json");
+    if let Err(e) = bitmote_chain::stream::write_atomic(&path, &serde_json::to_vec_pretty(&statement)?) {
+        eprintln!("writing {}: {e}", path.display());
+    }
+    let mut short = statement.clone();
+    short.as_object_mut().map(|o| o.remove("provider_statement"));
+    println!("{}", serde_json::to_string_pretty(&short)?);
     m.shutdown();
     node.stop().ok();
     Ok(())

@@ -48,6 +48,19 @@ impl Proc {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
     }
+    /// SIGTERM (what `bitmote up` sends its meter at Ctrl-C) and wait for the exit.
+    fn term(&mut self) -> std::process::ExitStatus {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no exit within 90 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -211,4 +224,97 @@ fn each_paid_tick_is_a_notary_reading_whose_proof_verifies_against_the_chain() {
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("OK: reading"), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
     drop(provider);
     assert!(u.interrupt().success());
+}
+
+/// The meter's ticks as it counts them (paid), from its status API.
+fn meter_ticks_now(url: &str) -> Option<u64> {
+    let v: serde_json::Value = ureq::get(&format!("{url}/v1/status")).call().ok()?.into_json().ok()?;
+    v["sessions"].as_array()?.iter().filter(|s| s["state"] == "open").filter_map(|s| s["account"]["ticks"].as_u64()).max()
+}
+
+/// Wait for the meter's next paid tick, then `after_ms` more: with a 500 ms tick, about
+/// when the following tick is signed, written and sent.
+fn just_after_a_tick(url: &str, after_ms: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let n = meter_ticks_now(url).unwrap_or(0);
+    while meter_ticks_now(url).unwrap_or(0) <= n {
+        assert!(Instant::now() < deadline, "the meter stopped paying at tick {n}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(after_ms));
+}
+
+/// Prepaid, kill -9 of the meter mid-tick, of the provider, and of the meter while its
+/// tick is in flight to the dead provider (deterministically pending in its store);
+/// each restarted. Then SIGTERM to the meter (what `bitmote up` sends at Ctrl-C): its
+/// final statement, on stdout and in `<data-dir>/meter/statement.json`, says
+/// reconciled, both accounts equal to the millisatoshi, nothing unsettled, and the
+/// buyer paid exactly its energy (the tick paid ahead delivered, no refund).
+#[test]
+fn prepaid_kill_9_mid_tick_of_either_machine_then_sigterm_reconciles() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(bitmote(d).args(["node", "start"]).status().unwrap().success());
+    let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
+    let provider_args = [
+        "provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "prepaid", "--tick-ms", "500", "--grace-ms", "20000",
+    ];
+    let purl = format!("http://{p_http}");
+    let murl = format!("http://{m_http}");
+    let meter_args = ["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl];
+    let mut provider = Proc::spawn(d, &provider_args);
+    provider.expect("ready");
+    let mut meter = Proc::spawn(d, &meter_args);
+    meter.expect("session");
+    wait_ticks(&murl, 6);
+
+    // 1. The meter dies about when a tick goes out.
+    just_after_a_tick(&murl, 495);
+    meter.kill9();
+    let mut meter = Proc::spawn(d, &meter_args);
+    meter.expect("resuming session");
+    let at = ticks(&purl);
+    wait_ticks(&murl, at + 6);
+
+    // 2. The provider dies about when a tick arrives, and comes back.
+    just_after_a_tick(&murl, 497);
+    provider.kill9();
+    let mut provider = Proc::spawn(d, &provider_args);
+    provider.expect("ready");
+    let at = ticks(&purl);
+    wait_ticks(&murl, at + 6);
+
+    // 3. The provider dies; the meter's next tick cannot arrive and stays in flight in
+    //    its store while it retries; the meter dies too. Both come back.
+    provider.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    meter.kill9();
+    let mut provider = Proc::spawn(d, &provider_args);
+    provider.expect("ready");
+    let meter = Proc::spawn(d, &meter_args);
+    meter.expect("resuming session");
+    let at = ticks(&purl);
+    wait_ticks(&murl, at + 6);
+
+    // 4. SIGTERM mid-tick: the meter closes and exits.
+    just_after_a_tick(&murl, 230);
+    let mut meter = meter;
+    assert!(meter.term().success());
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("meter/statement.json")).unwrap()).unwrap();
+    assert_eq!(s["reconciled"], true, "{s:#}");
+    assert_eq!(s["unsettled"], serde_json::Value::Null, "{s:#}");
+    assert_eq!(s["meter"], s["provider"], "{s:#}");
+    assert_eq!(s["credit_msat"], 0, "the buyer paid exactly its energy: {s:#}");
+    let id = s["session"].as_str().unwrap();
+    let ps: serde_json::Value = ureq::get(&format!("{purl}/v1/sessions/{id}")).call().unwrap().into_json().unwrap();
+    assert_eq!(ps["account"], s["meter"], "{ps:#}");
+    assert_eq!(ps["state"], "closed", "{ps:#}");
+    assert_eq!(ps["refused_msat"], 0, "{ps:#}");
+    assert_eq!(ps["short"], 0, "{ps:#}");
+    let st = status(&purl);
+    assert_eq!(st["totals"]["refused"], 0, "{st:#}");
+    assert_eq!(st["sessions"].as_array().unwrap().len(), 1, "one session throughout: {st:#}");
+    eprintln!("after 3 kills and a SIGTERM: {}", s["meter"]);
+    provider.term();
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }

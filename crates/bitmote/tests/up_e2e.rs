@@ -20,6 +20,10 @@ use browser::prerequisites;
 
 /// `bitmote up` with the fleet on, every port free (fleet ports picked once and kept).
 fn start(data_dir: &Path) -> Up {
+    start_with(data_dir, 12)
+}
+
+fn start_with(data_dir: &Path, sensors: u32) -> Up {
     let mut c = bitmote(data_dir);
     c.env("BITMOTE_FLEET_ENABLED", "true")
         .env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "2")
@@ -27,7 +31,7 @@ fn start(data_dir: &Path) -> Up {
     for k in ["FLEET_PROVIDER_HTTP", "FLEET_PROVIDER_LN", "FLEET_METER_HTTP", "FLEET_METER_LN", "GATEWAY_LIGHTNING_LISTEN"] {
         c.env(format!("BITMOTE_{k}"), "127.0.0.1:0");
     }
-    c.args(["up", "--block-interval", "2", "--sensors", "12"]);
+    c.args(["up", "--block-interval", "2", "--sensors", &sensors.to_string()]);
     up_with(c)
 }
 
@@ -172,4 +176,40 @@ fn up_runs_the_whole_system_shows_it_in_a_browser_stops_every_process_and_resume
     }
     // The node is a daemon of its own then: stop it.
     assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
+}
+
+/// The newcomer's flagship run: `bitmote up` (the meter paying its provider, prepaid,
+/// through the gateway's Lightning node, where the provider's side is under its channel
+/// reserve), some seconds of streaming, Ctrl-C. The meter's final statement
+/// (`<data-dir>/fleet/meter/statement.json`) says reconciled: both accounts equal to
+/// the millisatoshi, nothing unsettled, nothing paid for energy not delivered, every
+/// tick reading notarized.
+#[test]
+fn up_then_ctrl_c_ends_with_the_meters_accounts_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let u = start_with(d, 2);
+    let meter = up_json(d)["meter_url"].as_str().unwrap().to_string();
+    let paid_ticks = || -> u64 {
+        let Some(st) = ureq::get(&format!("{meter}/v1/status")).call().ok().and_then(|r| r.into_json::<Json>().ok()) else { return 0 };
+        st["sessions"].as_array().unwrap().iter().filter(|s| s["state"] == "open").filter_map(|s| s["account"]["ticks"].as_u64()).max().unwrap_or(0)
+    };
+    eventually("the meter streaming", || paid_ticks() > 0);
+    let from = paid_ticks();
+    // About 20 s of streaming at the 2 s tick.
+    eventually("ten more ticks", || paid_ticks() >= from + 10);
+    std::thread::sleep(Duration::from_millis(700)); // somewhere inside a tick
+    let exit = u.interrupt();
+    assert!(exit.success(), "{exit}");
+    let path = d.join("fleet/meter/statement.json");
+    let s: Json = serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap();
+    println!("final statement: {s:#}");
+    assert_eq!(s["reconciled"], true, "{s:#}");
+    assert_eq!(s["unsettled"], Json::Null, "{s:#}");
+    assert_eq!(s["meter"], s["provider"], "{s:#}");
+    assert_eq!(s["state"], "closed", "{s:#}");
+    assert_eq!(s["credit_msat"], 0, "paid exactly the energy delivered: {s:#}");
+    assert!(s["meter"]["ticks"].as_u64().unwrap() >= from + 10, "{s:#}");
+    assert_eq!(s["notary"]["waiting"], 0, "every tick reading notarized: {s:#}");
+    assert_eq!(s["provider_statement"]["session"]["state"], "closed", "{s:#}");
 }

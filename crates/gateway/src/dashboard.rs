@@ -159,7 +159,7 @@ mod tests {
             "role": "meter", "power_w": 1500, "register_mwh": 2500,
             "node": { "node_id": "02ab", "onchain_sat": 100000, "lightning_sat": 49000, "channels": [] },
             "sessions": [{ "id": "s1", "tariff": { "price_msat_per_wh": 200, "tick_ms": 2000, "mode": "prepaid" },
-                           "state": "open", "supply": true, "account": { "ticks": 3, "register_mwh": 2500, "paid_msat": 700, "refunded_msat": 0 },
+                           "state": "open", "supply": true, "account": { "ticks": 3, "register_mwh": 2500, "paid_msat": 700 },
                            "energy_wh": 2.5, "due_msat": 500, "credit_msat": 200, "late": 0, "short": 0, "refused_msat": 0 }],
         });
         let body = meter.clone();

@@ -39,7 +39,7 @@ fn pay_stand_in() -> String {
             let n = n as u64;
             let session = json!({
                 "id": "5e55", "tariff": { "price_msat_per_wh": 200, "tick_ms": 2000, "mode": "prepaid" }, "state": "open", "supply": true,
-                "account": { "ticks": n, "register_mwh": n * 1500, "paid_msat": n * 700, "refunded_msat": 0 },
+                "account": { "ticks": n, "register_mwh": n * 1500, "paid_msat": n * 700 },
                 "energy_wh": n as f64 * 1.5, "due_msat": n * 300, "credit_msat": 400, "late": 0, "short": 0, "refused_msat": 0,
             });
             let node = json!({ "node_id": format!("02{role}"), "onchain_sat": 90000, "lightning_sat": 40000, "channels": [{}] });

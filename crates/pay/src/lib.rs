@@ -14,12 +14,20 @@
 //! HTTP, checks the signature against the provider's node id, and opens a session
 //! naming the tariff id and its own device key. Every tick it measures the register
 //! and pays by keysend exactly what the register makes due (postpaid: after the
-//! tick; prepaid: in advance, keeping one tick plus grace at the contracted power
-//! paid ahead, refunded at the end). The provider credits each payment only if the
-//! signature, tick number, register and amounts check out, and cuts the supply when
-//! a payment is late past the grace period or short. Both keep the same
-//! [`tick::Account`]; at the end the provider signs its statement and the meter
-//! compares it with its own, to the millisatoshi.
+//! tick; prepaid: in advance, keeping one tick paid ahead at the rate of the tick just
+//! measured). The provider credits each payment only if the signature, tick number,
+//! register and amounts check out, and cuts the supply when a payment is late past the
+//! grace period or short. Both keep the same [`tick::Account`].
+//!
+//! Closing is one agreed state: the meter first settles the tick it has in flight
+//! (its fate is in ldk-node's payment store), and, prepaid, delivers the tick paid
+//! ahead (closing ticks with no tick ahead, until the register makes the whole payment
+//! due: no refund is ever sent, so nothing depends on the provider's outbound
+//! liquidity); then it sends its final account, signed with its device key. The
+//! provider waits until it has credited every tick declared (a payment the meter saw
+//! succeed may reach the provider's event loop a moment later), ends the session at
+//! that account and signs its statement; the meter compares it with its own, to the
+//! millisatoshi.
 
 pub mod load;
 mod machine;
@@ -61,10 +69,15 @@ pub enum PayError {
 /// compile the tick record without the Lightning node).
 pub(crate) mod hexs;
 
-/// What the meter signs, with its device key, to close session `id`: only the session's
-/// meter can end it (`POST /v1/sessions/{id}/close` `{"signature": hex}`).
-pub fn close_message(id: &tick::SessionId) -> [u8; 32] {
-    bitmote_device::tagged_hash(b"bitmote/pay/close", &[id])
+/// What the meter signs, with its device key, to close session `id` with its final
+/// `account`: only the session's meter can end it, and the provider settles to the
+/// account it declares (`POST /v1/sessions/{id}/close` `{"account": {...}, "signature": hex}`).
+pub fn close_message(id: &tick::SessionId, account: &tick::Account) -> [u8; 32] {
+    let n = |x: u64| x.to_be_bytes();
+    bitmote_device::tagged_hash(
+        b"bitmote/pay/close",
+        &[id, &n(account.ticks), &n(account.register_mwh), &n(account.paid_msat)],
+    )
 }
 
 /// Parse a session id (32 hex digits).

@@ -1,12 +1,21 @@
 //! The buyer's secure energy meter: measures the energy the provider delivers and
 //! pays for it tick by tick by keysend, never more than the register makes due
-//! (prepaid: plus one tick of cover), and stops paying the moment energy stops.
+//! (prepaid: plus one tick ahead), and stops paying the moment energy stops.
 //!
 //! Crash safety: each tick is written to the store (with the signed register and the
 //! payment hash) before it is sent, and its preimage is derived from a secret of the
 //! meter and (session, tick); after a restart the pending tick is sent again with the
 //! same preimage, which ldk-node and the provider both recognise, so a tick is never
-//! paid twice. HTTP: `GET /v1/status`.
+//! paid twice.
+//!
+//! Closing ([`Meter::close`]) is one agreed state, whenever and however streaming
+//! stopped (a tick limit, Ctrl-C, a restart after `kill -9`): the tick in flight is
+//! settled first from ldk-node's payment store (succeeded: counted; failed or never
+//! sent: dropped, no money moved; still pending: the session stays open and the next
+//! run closes it); a prepaid meter then delivers its tick paid ahead with closing
+//! ticks that pay no tick ahead, ending with exactly the register's price paid (no
+//! refund is ever needed); last, the provider gets the final account, signed, and
+//! answers with its signed statement of the same account. HTTP: `GET /v1/status`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,10 +38,10 @@ use serde::Serialize;
 
 use crate::load::SimMeter;
 use crate::node::parse_node_id;
-use crate::provider::{OpenRequest, Statement, TLV_REFUND};
+use crate::provider::{CloseRequest, OpenRequest, Statement};
 use crate::store::{Session, State, Store, TickRow};
 use crate::tariff::{Mode, SignedTariff};
-use crate::tick::{Account, SessionId, TLV_TICK};
+use crate::tick::{Account, SessionId, Tick, TLV_TICK};
 use crate::PayError;
 
 /// How a session ended, and whether both accounts agree.
@@ -43,7 +52,13 @@ pub struct Outcome {
     pub provider: Option<Statement>,
     /// Both accounts equal, to the millisatoshi, and the statement's signature valid.
     pub reconciled: bool,
+    /// What is not settled yet, in words (a tick still in flight: the session stays
+    /// open; prepaid energy not delivered in time), or None.
+    pub unsettled: Option<String>,
 }
+
+/// How long a closing prepaid meter may take to deliver its tick paid ahead.
+pub const DELIVERY_LIMIT: Duration = Duration::from_secs(30);
 
 /// The running meter.
 pub struct Meter {
@@ -52,7 +67,10 @@ pub struct Meter {
     key: SigningKey,
     secret: [u8; 32],
     provider_url: String,
+    /// Stop streaming (Ctrl-C): the session can still be closed.
     stop: Arc<AtomicBool>,
+    /// Stop the machine's threads (event loop, HTTP, notary posts).
+    halt: Arc<AtomicBool>,
     waiters: Mutex<HashMap<[u8; 32], mpsc::Sender<bool>>>,
     sim: Mutex<Option<SimMeter>>,
     /// Where the tick readings go as notary receipts, and the last error doing so.
@@ -119,6 +137,7 @@ impl Meter {
             key,
             provider_url: provider_url.trim_end_matches('/').to_string(),
             stop: Arc::new(AtomicBool::new(false)),
+            halt: Arc::new(AtomicBool::new(false)),
             waiters: Mutex::new(HashMap::new()),
             sim: Mutex::new(None),
             notary: Mutex::new(None),
@@ -130,7 +149,7 @@ impl Meter {
         let router = Router::new()
             .route("/v1/status", get(|AxState(m): AxState<Arc<Meter>>| async move { Json(m.status()) }))
             .with_state(m.clone());
-        crate::machine::serve(listener, router, &m.stop);
+        crate::machine::serve(listener, router, &m.halt);
         Ok(m)
     }
 
@@ -152,7 +171,7 @@ impl Meter {
 
     fn notary_loop(&self) {
         let Some(url) = self.notary.lock().unwrap().as_ref().map(|n| format!("{}/v1/readings", n.url)) else { return };
-        while !self.stop.load(Ordering::Relaxed) {
+        while !self.halt.load(Ordering::Relaxed) {
             let wait = match self.post_some(&url) {
                 Ok(0) => Duration::from_millis(500),
                 Ok(_) => Duration::ZERO,
@@ -223,23 +242,26 @@ impl Meter {
         }
     }
 
-    pub fn shutdown(&self) {
+    /// Stop streaming ([`Meter::run`] returns at its next tick); everything else keeps
+    /// running so the session can still be closed ([`Meter::close`]) and its receipts
+    /// posted ([`Meter::flush_receipts`]). What a Ctrl-C does.
+    pub fn stop_streaming(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// Stop streaming and the machine's threads.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.halt.store(true, Ordering::Relaxed);
+    }
+
     fn event_loop(self: Arc<Self>) {
-        crate::machine::event_loop(&self.node, &self.stop, |ev| {
+        crate::machine::event_loop(&self.node, &self.halt, |ev| {
             let (hash, ok) = match ev {
                 Event::PaymentSuccessful { payment_hash, .. } => (payment_hash.0, true),
                 Event::PaymentFailed { payment_hash: Some(h), reason, .. } => {
                     tracing::warn!("payment {} failed: {reason:?}", bitmote_device::hex_encode(&h.0));
                     (h.0, false)
-                }
-                Event::PaymentReceived { amount_msat, custom_records, .. } => {
-                    if let Some(r) = custom_records.iter().find(|r| r.type_num == TLV_REFUND) {
-                        self.on_refund(&r.value, *amount_msat)?;
-                    }
-                    return Ok(());
                 }
                 _ => return Ok(()),
             };
@@ -248,19 +270,6 @@ impl Meter {
             }
             Ok(())
         });
-    }
-
-    fn on_refund(&self, session: &[u8], amount: u64) -> Result<(), PayError> {
-        let Ok(id) = <SessionId>::try_from(session) else { return Ok(()) };
-        let store = self.store.lock().unwrap();
-        if let Some(mut s) = store.session(&id)? {
-            if s.account.refunded_msat == 0 {
-                s.account.refunded_msat = amount;
-                store.put_session(&s)?;
-                tracing::info!(session = bitmote_device::hex_encode(&id), "refund of {amount} msat received");
-            }
-        }
-        Ok(())
     }
 
     /// Fetch and check the provider's tariff, and open a session under it.
@@ -298,7 +307,7 @@ impl Meter {
     }
 
     /// Stream payments for session `id` until `max_ticks` ticks are paid, the
-    /// provider ends the session or cuts the supply, or [`Meter::shutdown`].
+    /// provider ends the session or cuts the supply, or [`Meter::stop_streaming`].
     pub fn run(&self, id: &SessionId, max_ticks: Option<u64>) -> Result<Session, PayError> {
         let mut s = self.store.lock().unwrap().session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
         let t = s.tariff.clone();
@@ -310,51 +319,19 @@ impl Meter {
             let wait = next.saturating_sub(now_ms());
             std::thread::sleep(Duration::from_millis(wait));
             next += t.tick_ms;
-            let line = self.line(id);
-            if let Some(p) = &line {
-                if p.state != State::Open {
-                    s.state = p.state;
-                    s.reason = p.reason.clone();
-                    s.supply = false;
-                    tracing::warn!(session = bitmote_device::hex_encode(id), "provider ended the session: {:?}", p.reason);
-                    break;
-                }
-            }
-            let supply = line.map(|p| p.supply).unwrap_or(s.supply);
-            let register = {
-                let mut sim = self.sim.lock().unwrap();
-                sim.as_mut().unwrap().advance(now_ms(), supply)
-            };
-            // Energy stopped flowing (supply cut) after it had flowed: stop paying.
-            if !supply && s.account.ticks > 0 {
-                s.state = State::Cut;
-                s.reason = Some("no energy: the supply is off".into());
-                break;
-            }
-            s.supply = supply;
+            let Some(register) = self.measure(&mut s) else { break };
             // A tick written but not paid (before a restart, or while the provider was
             // unreachable) is sent again unchanged: same record, same preimage.
             // (Bound first: a guard in the `if let` would live through `pay`.)
             let pending = self.store.lock().unwrap().pending_tick(id)?;
             if let Some(row) = pending {
-                if let Err(e) = self.pay(&mut s, row) {
+                if let Err(e) = self.pay(&mut s, row, false) {
                     tracing::warn!("{e}");
                 }
                 continue;
             }
             let tick = s.account.next_tick(&t, *id, register);
-            let seq = self.store.lock().unwrap().next("reading_seq")?;
-            let sr = tick.sign(&self.key, seq, now_ms());
-            let row = TickRow {
-                tick,
-                payment_hash: bitmote_device::sha256(&self.preimage(id, tick.tick)),
-                reading: bitmote_device::hex_encode(&sr.encode()),
-                sent_ms: now_ms(),
-                done_ms: None,
-                latency_us: None,
-            };
-            self.store.lock().unwrap().put_tick(&s, &row)?;
-            if let Err(e) = self.pay(&mut s, row) {
+            if let Err(e) = self.send_tick(&mut s, tick, false) {
                 // Unpaid past the grace period: the provider will cut the supply, which
                 // the next look at the line shows; the tick stays pending in the store.
                 tracing::warn!("{e}");
@@ -364,10 +341,62 @@ impl Meter {
         Ok(s)
     }
 
+    /// Look at the line and read the register. None when streaming must end: the
+    /// provider ended the session, or the supply is off after energy had flowed.
+    fn measure(&self, s: &mut Session) -> Option<u64> {
+        let id = s.id;
+        let line = self.line(&id);
+        if let Some(p) = &line {
+            if p.state != State::Open {
+                s.state = p.state;
+                s.reason = p.reason.clone();
+                s.supply = false;
+                tracing::warn!(session = bitmote_device::hex_encode(&id), "provider ended the session: {:?}", p.reason);
+                return None;
+            }
+        }
+        let supply = line.map(|p| p.supply).unwrap_or(s.supply);
+        let register = {
+            let mut sim = self.sim.lock().unwrap();
+            let sim = sim.as_mut()?;
+            // A tick pending at start (before a restart) and paid since carries a register
+            // the simulation, started from the last tick paid before, has not reached: the
+            // register never goes backwards.
+            sim.register_mwh = sim.register_mwh.max(s.account.register_mwh);
+            sim.advance(now_ms(), supply)
+        };
+        // Energy stopped flowing (supply cut) after it had flowed: stop paying.
+        if !supply && s.account.ticks > 0 {
+            s.state = State::Cut;
+            s.reason = Some("no energy: the supply is off".into());
+            return None;
+        }
+        s.supply = supply;
+        Some(register)
+    }
+
+    /// Sign a new tick, write it to the store, and pay it (`closing`: see [`Meter::pay`]).
+    fn send_tick(&self, s: &mut Session, tick: Tick, closing: bool) -> Result<(), PayError> {
+        let seq = self.store.lock().unwrap().next("reading_seq")?;
+        let sr = tick.sign(&self.key, seq, now_ms());
+        let row = TickRow {
+            tick,
+            payment_hash: bitmote_device::sha256(&self.preimage(&s.id, tick.tick)),
+            reading: bitmote_device::hex_encode(&sr.encode()),
+            sent_ms: now_ms(),
+            done_ms: None,
+            latency_us: None,
+        };
+        self.store.lock().unwrap().put_tick(s, &row)?;
+        self.pay(s, row, closing)
+    }
+
     /// Send one tick (again, after a restart) and wait for its outcome; a failed
     /// attempt (peer disconnected, no route) is retried with the same preimage until
-    /// the provider's grace period would be over.
-    fn pay(&self, s: &mut Session, row: TickRow) -> Result<(), PayError> {
+    /// the provider's grace period would be over, or streaming stops (unless `closing`:
+    /// a closing tick is sent while streaming has stopped). A payment sent is always
+    /// waited for, even once streaming stops.
+    fn pay(&self, s: &mut Session, row: TickRow, closing: bool) -> Result<(), PayError> {
         let provider = parse_node_id(&s.tariff.provider)?;
         let preimage = PaymentPreimage(self.preimage(&s.id, row.tick.tick));
         let tlv = bitmote_device::hex_decode(&row.reading).unwrap_or_default();
@@ -388,9 +417,13 @@ impl Meter {
                 Ok(_) => rx.recv_timeout(give_up.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))).unwrap_or(false),
                 // Sent before a restart: its fate is in ldk-node's payment store.
                 Err(NodeError::DuplicatePayment) => loop {
-                    match self.node.payment(&PaymentId(row.payment_hash)).map(|p| p.status) {
+                    match self.payment_status(&row) {
                         Some(PaymentStatus::Succeeded) => break true,
-                        Some(PaymentStatus::Pending) if Instant::now() < give_up => std::thread::sleep(Duration::from_millis(20)),
+                        // Polled a second at a time: in between, a provider that restarted
+                        // is called back (below), or the pending HTLC never moves.
+                        Some(PaymentStatus::Pending) if Instant::now() < (started + Duration::from_secs(1)).min(give_up) => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
                         _ => break false,
                     }
                 },
@@ -400,14 +433,13 @@ impl Meter {
                 }
             };
             self.waiters.lock().unwrap().remove(&row.payment_hash);
-            if ok {
-                s.account.record(&row.tick);
-                s.last_paid_ms = now_ms();
+            // (A late success event after a timeout: the payment store knows.)
+            if ok || self.payment_status(&row) == Some(PaymentStatus::Succeeded) {
                 let lat = started.elapsed().as_micros() as u64;
-                self.store.lock().unwrap().tick_done(s, row.tick.tick, s.last_paid_ms, lat)?;
-                return Ok(());
+                return self.paid(s, &row, lat);
             }
-            if Instant::now() > give_up || self.stop.load(Ordering::Relaxed) {
+            let stopped = (!closing && self.stop.load(Ordering::Relaxed)) || self.halt.load(Ordering::Relaxed);
+            if Instant::now() > give_up || stopped {
                 return Err(PayError::Session(format!("tick {} could not be paid", row.tick.tick)));
             }
             // ldk-node reconnects to peers only once a minute: a provider that restarted
@@ -421,30 +453,133 @@ impl Meter {
         }
     }
 
-    /// End the session: ask the provider for its signed statement, wait for a prepaid
-    /// refund, and compare both accounts.
-    pub fn close(&self, id: &SessionId) -> Result<Outcome, PayError> {
-        let url = format!("{}/v1/sessions/{}/close", self.provider_url, bitmote_device::hex_encode(id));
-        let signature = bitmote_device::hex_encode(&self.key.sign(&crate::close_message(id)).encode());
-        let statement: Option<Statement> = http_post(&url, &crate::provider::CloseRequest { signature }).ok();
-        let want_refund = statement.as_ref().map_or(0, |st| st.session.account.refunded_msat);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let session = loop {
-            let s = self.store.lock().unwrap().session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
-            if s.account.refunded_msat >= want_refund || Instant::now() > deadline {
-                break s;
+    fn payment_status(&self, row: &TickRow) -> Option<PaymentStatus> {
+        self.node.payment(&PaymentId(row.payment_hash)).map(|p| p.status)
+    }
+
+    /// Count a tick whose payment succeeded.
+    fn paid(&self, s: &mut Session, row: &TickRow, latency_us: u64) -> Result<(), PayError> {
+        s.account.record(&row.tick);
+        s.last_paid_ms = now_ms();
+        self.store.lock().unwrap().tick_done(s, row.tick.tick, s.last_paid_ms, latency_us)
+    }
+
+    /// Settle the tick in flight, if any, from ldk-node's payment store, waiting while
+    /// it is pending (at most `wait`): succeeded, it is counted; failed for good or
+    /// never sent, it is dropped (no money moved). `Err(why)`: still pending.
+    fn settle_in_flight(&self, s: &mut Session, wait: Duration) -> Result<Result<(), String>, PayError> {
+        let pending = self.store.lock().unwrap().pending_tick(&s.id)?;
+        let Some(row) = pending else { return Ok(Ok(())) };
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.payment_status(&row) {
+                Some(PaymentStatus::Succeeded) => {
+                    self.paid(s, &row, 0)?;
+                    tracing::info!(session = bitmote_device::hex_encode(&s.id), "tick {} in flight at close: paid", row.tick.tick);
+                    return Ok(Ok(()));
+                }
+                Some(PaymentStatus::Pending) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Some(PaymentStatus::Pending) => {
+                    return Ok(Err(format!(
+                        "tick {} ({} msat) is still in flight; the session stays open and is closed on the next run",
+                        row.tick.tick, row.tick.amount_msat
+                    )))
+                }
+                status => {
+                    self.store.lock().unwrap().drop_unpaid_tick(&s.id, row.tick.tick)?;
+                    tracing::info!(session = bitmote_device::hex_encode(&s.id), "tick {} in flight at close: not paid ({status:?}), dropped", row.tick.tick);
+                    return Ok(Ok(()));
+                }
             }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut session = session;
-        if session.state == State::Open {
-            session.state = State::Closed;
-            session.reason = Some("closed by the meter".into());
         }
-        session.supply = false;
-        self.store.lock().unwrap().put_session(&session)?;
-        let reconciled = statement.as_ref().is_some_and(|st| st.verify(&self.node) && st.session.account == session.account);
-        Ok(Outcome { session, provider: statement, reconciled })
+    }
+
+    /// Prepaid: deliver the tick paid ahead before closing. Closing ticks pay no tick
+    /// ahead (1-msat keep-alives, so the provider keeps the supply on) until the
+    /// register makes the whole payment due; the last one pays exactly the rest.
+    /// `Ok(None)`: delivered; `Ok(Some(why))`: not all of it (not within
+    /// [`DELIVERY_LIMIT`], or the supply ended); `Err(why)`: a closing tick is still in
+    /// flight.
+    fn deliver_ahead(&self, s: &mut Session) -> Result<Result<Option<String>, String>, PayError> {
+        let t = s.tariff.clone();
+        if self.sim.lock().unwrap().is_none() {
+            *self.sim.lock().unwrap() = Some(SimMeter::new(u64::from_be_bytes(s.id[..8].try_into().unwrap()), t.max_power_w, s.account.register_mwh, now_ms()));
+        }
+        let limit = Instant::now() + DELIVERY_LIMIT;
+        let mut next = s.last_paid_ms.max(now_ms().saturating_sub(t.tick_ms)) + t.tick_ms;
+        while s.account.credit_msat(&t) > 0 {
+            if Instant::now() > limit || self.halt.load(Ordering::Relaxed) {
+                return Ok(Ok(Some(format!("{} msat paid ahead were not delivered in time", s.account.credit_msat(&t)))));
+            }
+            std::thread::sleep(Duration::from_millis(next.saturating_sub(now_ms())));
+            next += t.tick_ms;
+            let Some(register) = self.measure(s) else {
+                return Ok(Ok(Some(format!("{} msat paid ahead not delivered: the supply ended", s.account.credit_msat(&t)))));
+            };
+            let (tick, last) = s.account.closing_tick(&t, s.id, register);
+            if let Err(e) = self.send_tick(s, tick, true) {
+                tracing::warn!("{e}");
+                if let Err(why) = self.settle_in_flight(s, Duration::from_millis(t.tick_ms + t.grace_ms))? {
+                    return Ok(Err(why));
+                }
+            } else if last {
+                break;
+            }
+        }
+        Ok(Ok(None))
+    }
+
+    /// End the session as one state both sides agree on: settle the tick in flight,
+    /// deliver a prepaid tick ahead, then send the final account (signed) and compare
+    /// it with the provider's signed statement.
+    pub fn close(&self, id: &SessionId) -> Result<Outcome, PayError> {
+        let mut s = self.store.lock().unwrap().session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+        let wait = Duration::from_millis(s.tariff.tick_ms + s.tariff.grace_ms) + Duration::from_secs(10);
+        if let Err(why) = self.settle_in_flight(&mut s, wait)? {
+            tracing::warn!(session = bitmote_device::hex_encode(id), "{why}");
+            return Ok(Outcome { session: s, provider: None, reconciled: false, unsettled: Some(why) });
+        }
+        let mut unsettled = None;
+        if s.tariff.mode == Mode::Prepaid && s.state == State::Open && s.account.credit_msat(&s.tariff) > 0 {
+            match self.deliver_ahead(&mut s)? {
+                Ok(note) => unsettled = note,
+                Err(why) => {
+                    self.store.lock().unwrap().put_session(&s)?;
+                    return Ok(Outcome { session: s, provider: None, reconciled: false, unsettled: Some(why) });
+                }
+            }
+        }
+        let url = format!("{}/v1/sessions/{}/close", self.provider_url, bitmote_device::hex_encode(id));
+        let req = CloseRequest {
+            account: s.account.clone(),
+            signature: bitmote_device::hex_encode(&self.key.sign(&crate::close_message(id, &s.account)).encode()),
+        };
+        // The provider waits for the declared ticks itself; retrying covers a provider
+        // that is restarting or briefly unreachable.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let statement = loop {
+            match http_post::<Statement>(&url, &req) {
+                Ok(st) if st.session.account == s.account || Instant::now() > deadline => break Some(st),
+                Ok(st) => tracing::warn!("the provider's statement says {:?}, ours {:?}; asking again", st.session.account, s.account),
+                Err(e) if Instant::now() > deadline => {
+                    tracing::warn!("closing: {e}");
+                    break None;
+                }
+                Err(e) => tracing::warn!("closing: {e}; trying again"),
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        if s.state == State::Open {
+            s.state = State::Closed;
+            s.reason = Some("closed by the meter".into());
+        }
+        s.supply = false;
+        self.store.lock().unwrap().put_session(&s)?;
+        let reconciled = statement.as_ref().is_some_and(|st| st.verify(&self.node) && st.session.account == s.account);
+        if unsettled.is_none() && statement.is_none() {
+            unsettled = Some("the provider did not answer the close".into());
+        }
+        Ok(Outcome { session: s, provider: statement, reconciled, unsettled })
     }
 
     /// Account of a session.

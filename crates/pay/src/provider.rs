@@ -7,8 +7,9 @@
 //! - `POST /v1/sessions` `{tariff_id, meter_key, meter_node}` – open a session
 //! - `GET /v1/sessions/{id}` – the provider's account and supply state (for the
 //!   simulation this is also "the line": a meter sees whether energy flows)
-//! - `POST /v1/sessions/{id}/close` `{signature}` – end it (signed by the session's meter key,
-//!   over [`crate::close_message`]); returns the signed statement
+//! - `POST /v1/sessions/{id}/close` `{account, signature}` – end it at the meter's final
+//!   account (signed by the session's meter key, over [`crate::close_message`]); waits
+//!   until every tick declared is credited, then returns the signed statement
 //! - `GET /v1/status` – node, channels, balances, totals
 
 use std::net::SocketAddr;
@@ -29,11 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::node::parse_node_id;
 use crate::store::{Session, State, Store, TickRow};
 use crate::tariff::{SignedTariff, Tariff};
-use crate::tick::{Refusal, SessionId, Tick, Verdict, TLV_TICK};
+use crate::tick::{Account, Refusal, SessionId, Tick, Verdict, TLV_TICK};
 use crate::PayError;
-
-/// Custom TLV type of a refund record at the end of a prepaid session (odd).
-pub const TLV_REFUND: u64 = 0x6274_6B03;
 
 /// A request to open a session.
 #[derive(Debug, Serialize, Deserialize)]
@@ -163,7 +161,16 @@ impl Provider {
                 .session(&tick.session)
                 .map_err(|e| Refusal::Malformed(e.to_string()))?
                 .ok_or(Refusal::UnknownSession(hex.clone()))?;
-            if s.state != State::Open {
+            // A tick still in flight when the supply was cut, or declared by the meter's
+            // close request, is credited when it arrives (its money has come in); the
+            // supply stays off. Any other tick for an ended session is refused.
+            let open = s.state == State::Open;
+            let in_flight = match s.state {
+                State::Open => true,
+                State::Cut => s.final_ticks.is_none_or(|n| tick.tick < n),
+                State::Closed => s.final_ticks.is_some_and(|n| tick.tick < n),
+            };
+            if !in_flight {
                 return Err(Refusal::Ended(hex));
             }
             let key = DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default())
@@ -172,12 +179,12 @@ impl Provider {
             let t = now();
             let verdict = s.account.accept(&s.tariff, &tick, amount, t.saturating_sub(s.last_paid_ms))?;
             s.last_paid_ms = t;
-            s.supply = true;
             match verdict {
+                _ if !open => {}
                 Verdict::Paid if s.account.paid_msat >= s.tariff.session_limit_msat => {
                     end(&mut s, State::Closed, "session limit reached".into())
                 }
-                Verdict::Paid => {}
+                Verdict::Paid => s.supply = true,
                 Verdict::Short { required_msat, paid_msat } => {
                     s.short += 1;
                     end(&mut s, State::Cut, format!("short payment at tick {}: {paid_msat} msat paid, {required_msat} msat due", tick.tick));
@@ -252,6 +259,7 @@ impl Provider {
             refused_msat: 0,
             late: 0,
             short: 0,
+            final_ticks: None,
         };
         self.store.lock().unwrap().put_session(&s)?;
         tracing::info!(session = bitmote_device::hex_encode(&id), meter = req.meter_node, "session opened");
@@ -262,36 +270,50 @@ impl Provider {
         self.store.lock().unwrap().session(id)
     }
 
-    /// End a session at the meter's request, `signature` (hex) by the session's meter key
-    /// over [`crate::close_message`]; prepaid credit is refunded by keysend.
-    pub fn close(&self, id: &SessionId, signature: &str) -> Result<Statement, PayError> {
-        let mut s = self.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+    /// End a session at the meter's request, at the final `account` it declares, with
+    /// `signature` (hex) by the session's meter key over [`crate::close_message`]. The
+    /// meter saw its declared ticks succeed; the provider waits (up to [`CLOSE_WAIT`])
+    /// until its event loop has credited them, then signs its statement. No money is
+    /// sent back: a prepaid meter has delivered its tick ahead before closing. Closing
+    /// again returns the statement again (with any declared tick credited since).
+    pub fn close(&self, id: &SessionId, account: &Account, signature: &str) -> Result<Statement, PayError> {
+        let s = self.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
         let key = DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default())
             .map_err(|e| PayError::Session(format!("stored meter key: {e:?}")))?;
         let sig = bitmote_device::hex_decode(signature)
             .and_then(|b| bitmote_device::Signature::decode(&b).ok())
             .ok_or_else(|| PayError::Unauthorized("the close request's signature is not a signature".into()))?;
-        key.verify(&crate::close_message(id), &sig)
+        key.verify(&crate::close_message(id, account), &sig)
             .map_err(|_| PayError::Unauthorized("the close request is not signed by the session's meter".into()))?;
-        if s.state == State::Open {
-            end(&mut s, State::Closed, "closed by the meter".into());
-        }
-        let credit = s.account.credit_msat(&s.tariff);
-        if s.tariff.mode == crate::tariff::Mode::Prepaid && credit > 0 && s.account.refunded_msat == 0 {
-            let meter = parse_node_id(&s.meter_node)?;
-            let rec = ldk_node::CustomTlvRecord { type_num: TLV_REFUND, value: s.id.to_vec() };
-            // A provider whose side of the channel is still under its reserve cannot
-            // send: the credit then stays on the signed statement, owed to the meter.
-            match self.node.spontaneous_payment().send_with_custom_tlvs(credit as u64, meter, None, vec![rec]) {
-                Ok(_) => s.account.refunded_msat = credit as u64,
-                Err(e) => {
-                    tracing::warn!("refund of {credit} msat failed: {e}");
-                    s.reason = Some(format!("closed; credit of {credit} msat owed to the meter (refund failed: {e})"));
+        // From now on only the declared ticks may still be credited.
+        {
+            let store = self.store.lock().unwrap();
+            let mut s = store.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+            if s.final_ticks.is_none() {
+                s.final_ticks = Some(account.ticks);
+                if s.state == State::Open {
+                    end(&mut s, State::Closed, "closed by the meter".into());
                 }
+                store.put_session(&s)?;
             }
         }
-        self.store.lock().unwrap().put_session(&s)?;
-        Ok(Statement::sign(&self.node, s))
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let s = self.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
+            let credited = s.account.ticks >= s.final_ticks.unwrap_or(0);
+            if credited || std::time::Instant::now() >= deadline {
+                if !credited {
+                    tracing::warn!(
+                        session = bitmote_device::hex_encode(id),
+                        "closing with {} of the {} ticks the meter declared credited",
+                        s.account.ticks,
+                        s.final_ticks.unwrap_or(0)
+                    );
+                }
+                return Ok(Statement::sign(&self.node, s));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn status(&self) -> Result<serde_json::Value, PayError> {
@@ -336,9 +358,15 @@ fn api_err(code: StatusCode) -> impl Fn(PayError) -> (StatusCode, String) {
     move |e| (code, e.to_string())
 }
 
-/// `POST /v1/sessions/{id}/close`: the meter's signature over [`crate::close_message`].
+/// How long a close waits for the ticks the meter declared to be credited.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// `POST /v1/sessions/{id}/close`: the meter's final account and its signature over
+/// [`crate::close_message`].
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CloseRequest {
+    pub account: Account,
     pub signature: String,
 }
 
@@ -370,7 +398,7 @@ fn router(p: Shared) -> Router {
             "/v1/sessions/{id}/close",
             post(|AxState(p): AxState<Shared>, UrlPath(id): UrlPath<String>, Json(req): Json<CloseRequest>| async move {
                 let id = session_id(&id)?;
-                tokio::task::spawn_blocking(move || p.close(&id, &req.signature))
+                tokio::task::spawn_blocking(move || p.close(&id, &req.account, &req.signature))
                     .await
                     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
                     .map(Json)

@@ -46,6 +46,11 @@ pub struct Session {
     pub refused_msat: u64,
     pub late: u64,
     pub short: u64,
+    /// Provider: the number of ticks the meter's signed close request declared paid. A
+    /// declared tick still in flight at the close is credited when it arrives; any later
+    /// tick is refused (the session has ended).
+    #[serde(default)]
+    pub final_ticks: Option<u64>,
 }
 
 const SCHEMA: &str = "
@@ -174,6 +179,15 @@ impl Store {
         tx.execute("INSERT OR REPLACE INTO sessions (id, body) VALUES (?1, ?2)", params![&s.id[..], body])
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    /// Forget a meter's tick that was written but never paid (its payment failed for
+    /// good, or was never sent): no money moved, and the session closes without it.
+    pub fn drop_unpaid_tick(&self, session: &SessionId, tick: u64) -> Result<(), PayError> {
+        self.db
+            .execute("DELETE FROM ticks WHERE session = ?1 AND tick = ?2 AND done_ms IS NULL", params![&session[..], tick as i64])
+            .map_err(db_err)?;
+        Ok(())
     }
 
     /// Paid ticks whose signed reading the notary has not acknowledged yet:

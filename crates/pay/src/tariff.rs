@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// The meter pays before the energy flows: the provider risks nothing, the buyer
-    /// at most one tick (plus grace) at the contracted power, refunded at the end.
+    /// The meter pays before the energy flows: the supply starts after the first
+    /// payment, and each payment keeps one tick paid ahead at the rate of the tick just
+    /// measured. The buyer risks at most that tick, which is delivered when the session
+    /// closes (never refunded: returning money would need the provider's outbound
+    /// liquidity); the provider at most a rise of the load within one tick plus grace.
     Prepaid,
     /// The meter pays for each tick after it: the buyer risks nothing, the provider at
     /// most one tick (plus grace) of energy.
@@ -99,21 +102,6 @@ impl Tariff {
     pub fn due_msat(&self, register_mwh: u64) -> u64 {
         (register_mwh as u128 * self.price_msat_per_wh as u128 / 1000) as u64
     }
-
-    /// What a prepaid meter must keep paid ahead of its register: the energy of one
-    /// tick plus the grace period at the contracted power.
-    pub fn prepaid_cover_msat(&self) -> u64 {
-        let mwh = self.cap_mwh(self.tick_ms + self.grace_ms);
-        (mwh as u128 * self.price_msat_per_wh as u128).div_ceil(1000) as u64
-    }
-
-    /// The least cumulative payment a meter showing `register_mwh` must have made.
-    pub fn required_msat(&self, register_mwh: u64) -> u64 {
-        match self.mode {
-            Mode::Postpaid => self.due_msat(register_mwh),
-            Mode::Prepaid => self.due_msat(register_mwh) + self.prepaid_cover_msat(),
-        }
-    }
 }
 
 /// A tariff with the provider's node signature (zbase32, Lightning `signmessage`).
@@ -178,13 +166,11 @@ mod tests {
     }
 
     #[test]
-    fn cap_and_prepaid_cover() {
+    fn cap() {
         let t = test_tariff(Mode::Prepaid);
         // 3600 W for 3 s = 3 Wh = 3000 mWh; at 250 msat/Wh = 750 msat.
         assert_eq!(t.cap_mwh(3000), 3000);
-        assert_eq!(t.prepaid_cover_msat(), 750);
-        assert_eq!(t.required_msat(1000), 250 + 750);
-        assert_eq!(test_tariff(Mode::Postpaid).required_msat(1000), 250);
+        assert_eq!(t.due_msat(t.cap_mwh(3000)), 750);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use bitmote_device::reading::{sensor, unit, Reading, Value};
 use bitmote_device::sign::SigningKey;
 use serde::{Deserialize, Serialize};
 
-use crate::tariff::Tariff;
+use crate::tariff::{Mode, Tariff};
 
 /// Custom TLV type of a tick record ("btk" 01; odd = optional).
 pub const TLV_TICK: u64 = 0x6274_6B01;
@@ -134,8 +134,6 @@ pub struct Account {
     pub register_mwh: u64,
     /// Money paid, msat.
     pub paid_msat: u64,
-    /// Credit returned to the meter at the end, msat.
-    pub refunded_msat: u64,
 }
 
 impl Account {
@@ -144,17 +142,43 @@ impl Account {
         t.due_msat(self.register_mwh)
     }
 
-    /// Paid beyond the energy (a prepaid deposit, or 1-msat keep-alives), minus refunds.
+    /// Paid beyond the energy so far: a prepaid meter's tick ahead (delivered, never
+    /// refunded, before the session closes), or postpaid 1-msat keep-alives.
     pub fn credit_msat(&self, t: &Tariff) -> i128 {
-        self.paid_msat as i128 - self.refunded_msat as i128 - self.due_msat(t) as i128
+        self.paid_msat as i128 - self.due_msat(t) as i128
     }
 
-    /// The meter's next payment at `register_mwh`: exactly what the register makes due
-    /// (plus, prepaid, the cover for the next tick), and at least 1 msat so every tick
-    /// is paid and the provider can tell a live meter from a dead one.
+    /// The meter's next payment at `register_mwh`: exactly what the register makes due,
+    /// plus, prepaid, one tick ahead at the rate of the tick just measured (the energy
+    /// since the previous payment); at least 1 msat, so every tick is paid and the
+    /// provider can tell a live meter from a dead one.
     pub fn next_tick(&self, t: &Tariff, session: SessionId, register_mwh: u64) -> Tick {
-        let amount = t.required_msat(register_mwh).saturating_sub(self.paid_msat).max(1);
-        Tick { session, tick: self.ticks, register_mwh, amount_msat: amount, paid_msat: self.paid_msat + amount }
+        let due = t.due_msat(register_mwh);
+        let target = match t.mode {
+            Mode::Postpaid => due,
+            Mode::Prepaid => due + due.saturating_sub(self.due_msat(t)),
+        };
+        self.tick_of(session, register_mwh, target.saturating_sub(self.paid_msat).max(1))
+    }
+
+    /// A prepaid session's closing tick at `register_mwh`, with no tick ahead any more:
+    /// the tick paid ahead is being delivered. `(tick, true)`: the register has made the
+    /// whole payment due, and this last tick pays exactly the rest: the account is then
+    /// settled to the millisatoshi (paid = due). `(keep-alive, false)`: not all delivered
+    /// yet; 1 msat, so the provider keeps the supply on. (A register exactly at the
+    /// payments gets a keep-alive too: a tick always carries money, and the next
+    /// register passes it.)
+    pub fn closing_tick(&self, t: &Tariff, session: SessionId, register_mwh: u64) -> (Tick, bool) {
+        let due = t.due_msat(register_mwh);
+        if due > self.paid_msat {
+            (self.tick_of(session, register_mwh, due - self.paid_msat), true)
+        } else {
+            (self.tick_of(session, register_mwh, 1), false)
+        }
+    }
+
+    fn tick_of(&self, session: SessionId, register_mwh: u64, amount_msat: u64) -> Tick {
+        Tick { session, tick: self.ticks, register_mwh, amount_msat, paid_msat: self.paid_msat + amount_msat }
     }
 
     /// Provider side: check a received payment and credit it. `elapsed_ms` is the
@@ -180,7 +204,11 @@ impl Account {
             return Err(Refusal::PaidMismatch { declared: tick.paid_msat, account: self.paid_msat.saturating_add(received_msat) });
         }
         self.record(tick);
-        let required = t.required_msat(tick.register_mwh);
+        // In both modes the register's energy must be paid in full. The prepaid tick
+        // ahead is not checked: a meter that skips it exposes the provider to one tick
+        // plus grace, as postpaid does; and a closing meter's last ticks deliver the tick
+        // paid ahead without paying another.
+        let required = t.due_msat(tick.register_mwh);
         Ok(if self.paid_msat < required {
             Verdict::Short { required_msat: required, paid_msat: self.paid_msat }
         } else {
@@ -219,7 +247,10 @@ mod tests {
     }
 
     /// Meter and provider running the same arithmetic over a long session agree to
-    /// the millisatoshi, in both modes, with energies that never divide evenly.
+    /// the millisatoshi, in both modes, with energies that never divide evenly; a
+    /// prepaid meter is exactly one measured tick ahead, and its closing ticks deliver
+    /// that tick so the session ends with exactly the energy's price paid: nothing to
+    /// refund.
     #[test]
     fn both_sides_agree_and_never_lose_a_millisatoshi() {
         for mode in [Mode::Postpaid, Mode::Prepaid] {
@@ -227,6 +258,7 @@ mod tests {
             let (mut meter, mut provider) = (Account::default(), Account::default());
             let mut register = 0;
             for i in 0..500u64 {
+                let before = meter.clone();
                 let tick = meter.next_tick(&t, [1; 16], register);
                 assert_eq!(provider.accept(&t, &tick, tick.amount_msat, t.tick_ms), Ok(Verdict::Paid));
                 meter.record(&tick);
@@ -236,17 +268,64 @@ mod tests {
                     // Postpaid: never ahead by more than the 1-msat keep-alives of ticks
                     // whose energy was worth less than 1 msat.
                     Mode::Postpaid => assert!((0..=i as i128 + 1).contains(&credit), "credit {credit}"),
-                    // Prepaid: always at least the cover ahead.
-                    Mode::Prepaid => assert!(credit >= t.prepaid_cover_msat() as i128),
+                    // Prepaid: ahead by the price of the tick just measured (at least; a
+                    // tick whose load fell below the last one's still pays 1 msat), never
+                    // more than one tick plus grace at the contracted power.
+                    Mode::Prepaid => {
+                        let last = (t.due_msat(register) - before.due_msat(&t)) as i128;
+                        assert!(credit >= last, "credit {credit} < last tick {last}");
+                        assert!(credit <= last.max(before.credit_msat(&t) + 1), "credit {credit}");
+                        assert!(credit <= t.due_msat(t.cap_mwh(t.tick_ms + t.grace_ms)) as i128 + i as i128 + 1);
+                    }
                 }
                 register += (i * 7919) % 1999 + 1; // 1..2 Wh per tick, awkward numbers
             }
             let last = meter.next_tick(&t, [1; 16], register);
             provider.accept(&t, &last, last.amount_msat, t.tick_ms).unwrap();
             meter.record(&last);
-            assert_eq!(meter.paid_msat, t.required_msat(register).max(meter.paid_msat));
+            assert_eq!(meter, provider);
             assert!(meter.paid_msat >= t.due_msat(register));
+            if mode == Mode::Prepaid {
+                // Closing: the tick ahead is delivered, 37 mWh (9.25 msat) a tick, with
+                // 1-msat keep-alives, until the register makes the whole payment due. (The
+                // keep-alives must be worth less than a closing tick's energy, as any real
+                // load at these prices is: 180 W for 2 s is 25 msat.)
+                let ahead = meter.credit_msat(&t);
+                assert!(ahead > 0);
+                let mut n = 0;
+                loop {
+                    register += 37;
+                    n += 1;
+                    let (tick, last) = meter.closing_tick(&t, [1; 16], register);
+                    assert!(last || tick.amount_msat == 1);
+                    assert_eq!(provider.accept(&t, &tick, tick.amount_msat, t.tick_ms), Ok(Verdict::Paid));
+                    meter.record(&tick);
+                    if last {
+                        break;
+                    }
+                    assert!(n < 100_000);
+                }
+                assert_eq!(meter, provider);
+                assert_eq!(meter.paid_msat, t.due_msat(register), "settled to the msat");
+            }
         }
+    }
+
+    /// The closing tick settles exactly whatever the last register: a register past the
+    /// payments pays the difference; one short of it, or exactly at it, a keep-alive.
+    #[test]
+    fn closing_tick_settles_exactly() {
+        let t = test_tariff(Mode::Prepaid);
+        let a = Account { ticks: 5, register_mwh: 4000, paid_msat: 1500 }; // due 1000, 500 ahead
+        let keep_alive = |r| {
+            let (k, last) = a.closing_tick(&t, [1; 16], r);
+            !last && k.amount_msat == 1
+        };
+        assert!(keep_alive(5000)); // due 1250 < 1500
+        assert!(keep_alive(6000)); // due 1500 exactly
+        let (last, done) = a.closing_tick(&t, [1; 16], 6011); // due 1502
+        assert!(done);
+        assert_eq!((last.tick, last.amount_msat, last.paid_msat), (5, 2, 1502));
     }
 
     #[test]

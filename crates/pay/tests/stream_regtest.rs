@@ -36,9 +36,9 @@ fn eventually(what: &str, f: impl Fn() -> bool) {
 fn sixty_tick_sessions_reconcile_in_both_modes() {
     let p = pair(false);
     let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
-    // The provider starts with 20,000 sat on its side, above its channel reserve, so
-    // it can refund the prepaid cover at the end.
-    channel(chain, mn, pn, 1_000_000, Some(20_000_000), false);
+    // Nothing on the provider's side: under its channel reserve, it cannot send a
+    // millisatoshi, and needs not (no refund: a prepaid tick ahead is delivered).
+    channel(chain, mn, pn, 1_000_000, None, false);
 
     let http = free_addr();
     let mut paid_total = 0;
@@ -48,19 +48,28 @@ fn sixty_tick_sessions_reconcile_in_both_modes() {
         let s = meter.run(&s.id, Some(60)).unwrap();
         assert_eq!(s.state, State::Open, "{:?}", s.reason);
         assert_eq!(s.account.ticks, 60);
+        if mode == Mode::Prepaid {
+            // One measured tick paid ahead while streaming.
+            assert!(s.account.credit_msat(&s.tariff) > 0, "{:?}", s.account);
+        }
         let out = meter.close(&s.id).unwrap();
         assert!(out.reconciled, "{mode:?}: accounts differ: {out:#?}");
+        assert_eq!(out.unsettled, None, "{out:#?}");
         let a = &out.session.account;
         let t = &out.session.tariff;
         // Real energy flowed and exactly its price was paid (plus, postpaid, at most
-        // one 1-msat keep-alive per tick; prepaid, the cover, which came back).
+        // one 1-msat keep-alive per tick; prepaid, the tick ahead was delivered by the
+        // closing ticks: not a millisatoshi more than the energy).
         assert!(a.register_mwh > 60 * 10, "{a:?}");
         let credit = a.credit_msat(t);
         match mode {
-            Mode::Postpaid => assert!((0..=60).contains(&credit), "{a:?} credit {credit}"),
+            Mode::Postpaid => {
+                assert!((0..=60).contains(&credit), "{a:?} credit {credit}");
+                assert_eq!(a.ticks, 60);
+            }
             Mode::Prepaid => {
-                assert!(a.refunded_msat >= t.prepaid_cover_msat(), "{a:?}");
                 assert_eq!(credit, 0, "{a:?}");
+                assert!(a.ticks > 60, "closing ticks delivered the tick ahead: {a:?}");
             }
         }
         // The provider's Lightning node really received what the accounts say.
@@ -71,7 +80,7 @@ fn sixty_tick_sessions_reconcile_in_both_modes() {
         assert_eq!(ps.refused_msat, 0);
         // Every tick's register is a signed reading of the meter's device key.
         let ticks = meter.ticks(&s.id).unwrap();
-        assert_eq!(ticks.len(), 60);
+        assert_eq!(ticks.len() as u64, a.ticks);
         assert!(ticks.iter().all(|r| r.done_ms.is_some()));
         provider.shutdown();
         meter.shutdown();
@@ -129,8 +138,16 @@ fn late_forged_replayed_and_short_payments_are_caught() {
     assert_eq!(provider.session(&s.id).unwrap().unwrap().account, acct);
     // Nobody but the session's meter may close it: unsigned, or signed by another key, is 401.
     let close = format!("http://{http}/v1/sessions/{}/close", bitmote_device::hex_encode(&s.id));
-    let forged = bitmote_device::hex_encode(&stranger.sign(&bitmote_pay::close_message(&s.id)).encode());
-    for body in [serde_json::json!({ "signature": "00" }), serde_json::json!({ "signature": forged })] {
+    let forged = bitmote_device::hex_encode(&stranger.sign(&bitmote_pay::close_message(&s.id, &acct)).encode());
+    // And a close signed by the meter for another account than the one it carries.
+    let mut other = acct.clone();
+    other.ticks += 5;
+    let replaced = bitmote_device::hex_encode(&meter.device_key().sign(&bitmote_pay::close_message(&s.id, &other)).encode());
+    for body in [
+        serde_json::json!({ "account": acct, "signature": "00" }),
+        serde_json::json!({ "account": acct, "signature": forged }),
+        serde_json::json!({ "account": acct, "signature": replaced }),
+    ] {
         match ureq::post(&close).send_json(body) {
             Err(ureq::Error::Status(code, r)) => assert_eq!(code, 401, "{}", r.into_string().unwrap()),
             other => panic!("a close not signed by the meter was accepted: {other:?}"),
@@ -193,7 +210,86 @@ fn a_routed_session_pays_through_a_hub() {
     eprintln!("routed: {} ticks, {} msat to the provider, {fees} msat routing fees", s.account.ticks, s.account.paid_msat);
     provider.shutdown();
     meter.shutdown();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Prepaid in the same topology (`bitmote up`'s default): the provider's side of the
+    // hub's channel is under its channel reserve, so it cannot send a millisatoshi. The
+    // buyer stops mid-stream; it pays exactly the energy it consumed, nothing is owed.
+    let reserve = pn.list_channels().remove(0);
+    assert_eq!(reserve.outbound_capacity_msat, 0, "the provider can send nothing: {reserve:?}");
+    let before = received_msat(pn);
+    let (provider, meter) = p.roles(tariff(Mode::Prepaid), http);
+    let s = meter.open_session(&pn.node_id().to_string()).unwrap();
+    let out = stop_mid_tick_and_close(&meter, &s.id, 8, 230);
+    assert!(out.reconciled, "{out:#?}");
+    assert_eq!(out.unsettled, None, "{out:#?}");
+    let a = &out.session.account;
+    assert_eq!(a.paid_msat, out.session.tariff.due_msat(a.register_mwh), "paid exactly the energy: {a:?}");
+    eventually("money arrived", || received_msat(pn) == before + a.paid_msat);
+    let ps = provider.session(&s.id).unwrap().unwrap();
+    assert_eq!((ps.state, ps.refused_msat, ps.late, ps.short), (State::Closed, 0, 0, 0), "{ps:#?}");
+    eprintln!("prepaid via a hub, provider under reserve: {} ticks, {} msat, {} Wh, nothing owed", a.ticks, a.paid_msat, a.register_mwh as f64 / 1000.0);
+    provider.shutdown();
+    meter.shutdown();
     stop(&[pn, mn, &hub]);
+}
+
+/// Stream until `ticks` ticks are paid, then `offset_ms` into the next tick stop
+/// streaming (what Ctrl-C does) and close.
+fn stop_mid_tick_and_close(meter: &std::sync::Arc<bitmote_pay::meter::Meter>, id: &bitmote_pay::tick::SessionId, ticks: u64, offset_ms: u64) -> bitmote_pay::meter::Outcome {
+    let (m, sid) = (meter.clone(), *id);
+    let run = std::thread::spawn(move || m.run(&sid, None));
+    eventually("ticks paid", || meter.account(id).unwrap().unwrap().ticks >= ticks);
+    std::thread::sleep(Duration::from_millis(offset_ms));
+    meter.stop_streaming();
+    let s = run.join().unwrap().unwrap();
+    assert_eq!(s.state, State::Open, "{:?}", s.reason);
+    meter.close(id).unwrap()
+}
+
+/// Ctrl-C at any instant of a tick (before it is sent, while its payment is in flight,
+/// just after) ends in one state both sides agree on, to the millisatoshi, in both
+/// modes; prepaid, the tick ahead is delivered and nothing is left paid for nothing.
+#[test]
+fn stopping_anywhere_in_a_tick_closes_with_equal_accounts() {
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    channel(chain, mn, pn, 1_000_000, None, false);
+    let http = free_addr();
+    let mut paid_total = 0;
+    for mode in [Mode::Postpaid, Mode::Prepaid] {
+        let (provider, unused) = p.roles(tariff(mode), http);
+        unused.shutdown();
+        std::thread::sleep(Duration::from_millis(500));
+        // The tariff's tick is 500 ms: stops spread over it.
+        for offset in [0, 120, 260, 410] {
+            // A stopped meter stays stopped (Ctrl-C): a fresh one for each session.
+            let meter = bitmote_pay::meter::Meter::start(mn.clone(), &p.dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+            let s = meter.open_session(&pn.node_id().to_string()).unwrap();
+            let out = stop_mid_tick_and_close(&meter, &s.id, 4, offset);
+            assert!(out.reconciled, "{mode:?} stop at +{offset} ms: {out:#?}");
+            assert_eq!(out.unsettled, None, "{out:#?}");
+            let a = &out.session.account;
+            let ps = provider.session(&s.id).unwrap().unwrap();
+            assert_eq!(&ps.account, a, "{mode:?} +{offset} ms");
+            assert_eq!((ps.state, ps.refused_msat, ps.late, ps.short), (State::Closed, 0, 0, 0), "{ps:#?}");
+            // Every tick in the meter's store is paid: none left pending.
+            let rows = meter.ticks(&s.id).unwrap();
+            assert_eq!(rows.len() as u64, a.ticks);
+            assert!(rows.iter().all(|r| r.done_ms.is_some()));
+            if mode == Mode::Prepaid {
+                assert_eq!(a.paid_msat, out.session.tariff.due_msat(a.register_mwh), "{a:?}");
+            }
+            paid_total += a.paid_msat;
+            eventually("money arrived", || received_msat(pn) == paid_total);
+            eprintln!("{mode:?}, stop at +{offset} ms: {} ticks, {} msat, reconciled", a.ticks, a.paid_msat);
+            meter.shutdown();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        provider.shutdown();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop(&[pn, mn]);
 }
 
 /// On-chain balance, sat.

@@ -157,7 +157,7 @@ function sourceLine(s) {
 const sessionRow = ({ role, power, s, r }) =>
   `<tr><td>${esc(role)}</td><td>${short(s.id)}</td><td>${esc(s.tariff.mode)}</td><td class="${esc(s.state)}">${esc(s.state)}${s.supply ? " · supplying" : ""}</td>` +
   `<td>${num(power)}</td><td>${num(s.energy_wh, 3)}</td><td>${num(s.tariff.price_msat_per_wh)}</td><td>${r == null ? "–" : num(r, 3)}</td>` +
-  `<td>${num(s.account.ticks)}</td><td>${num(s.account.paid_msat / 1000, 3)}</td><td>${num(s.account.refunded_msat / 1000, 3)}</td>` +
+  `<td>${num(s.account.ticks)}</td><td>${num(s.account.paid_msat / 1000, 3)}</td>` +
   `<td>${num(s.due_msat)}</td><td>${num(s.credit_msat)}</td><td>${s.late} / ${s.short}</td></tr>`;
 
 function renderPay(p) {
