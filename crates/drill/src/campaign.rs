@@ -106,6 +106,7 @@ fn campaign(
     let mut order = kinds.clone();
     let mut faults_count: BTreeMap<String, u32> = BTreeMap::new();
     let mut sessions_closed = 0;
+    let mut statement_seen = checks::statement(sys).and_then(|s| s.closed_ms);
     let mut aborted = false;
     for round in 1..=opts.rounds {
         tally.round = round;
@@ -153,6 +154,7 @@ fn campaign(
             let counts = notary.check_readings(sys, &chain, &probe.acked[..acked_before], &mut rng, 8, true, &mut tally)?;
             actuators(sys, &chain, &mut miner, &mut tally)?;
             sessions_closed = checks::check_payments(sys, &mut tally, false).unwrap_or(sessions_closed).max(sessions_closed);
+            statement_seen = checks::check_statement(sys, statement_seen, &mut tally);
         Ok(format!("{} | proofs checked {}", done.join("; "), counts.proven + counts.pending))
         };
         let line = body();
@@ -181,6 +183,11 @@ fn campaign(
             let _ = checks::check_payments(sys, &mut tally, false);
             let code = sys.stop()?;
             tally.check("I5 availability", code == Some(0), || format!("the final Ctrl-C: bitmote up exited with {code:?}"));
+            // The Ctrl-C closed the meter's session: its statement must say reconciled.
+            let st = checks::statement(sys);
+            tally.check("I3 payments", st.as_ref().is_some_and(|s| s.closed_ms != statement_seen && s.reconciled), || {
+                format!("after the final Ctrl-C the meter's statement is {st:?}, not a new reconciled close")
+            });
             Ok(())
         };
         if let Err(e) = end() {

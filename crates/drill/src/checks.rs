@@ -393,6 +393,41 @@ fn superseded_commands(chain: &ChainClient, groups: &BTreeMap<String, Vec<&Actio
 
 // ---------------------------------------------------------------- I3: payments
 
+/// The meter's final statement of its last close (`fleet/meter/statement.json`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Statement {
+    pub session: String,
+    pub reconciled: bool,
+    #[serde(default)]
+    pub unsettled: Option<String>,
+    #[serde(default)]
+    pub closed_ms: Option<u64>,
+    #[serde(default)]
+    pub meter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub provider: Option<serde_json::Value>,
+}
+
+pub fn statement(sys: &System) -> Option<Statement> {
+    let b = fs::read(sys.data.join("fleet").join("meter").join("statement.json")).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+/// Every close the meter made since `seen` (by its time): reconciled, or honestly unsettled
+/// (a tick still pending, closed by the meter's next run). Returns the latest close time.
+pub fn check_statement(sys: &System, seen: Option<u64>, t: &mut Tally) -> Option<u64> {
+    let Some(st) = statement(sys) else { return seen };
+    if st.closed_ms.is_none() || st.closed_ms == seen {
+        return seen;
+    }
+    let ok = st.reconciled || st.unsettled.is_some();
+    t.check("I3 payments", ok, || {
+        format!("the meter's close of session {} is not reconciled: meter {:?}, provider {:?}", st.session, st.meter, st.provider)
+    });
+    st.closed_ms
+}
+
+
 #[derive(Clone, Debug, Deserialize)]
 struct TariffView {
     price_msat_per_wh: u64,
@@ -406,8 +441,6 @@ struct AccountView {
     ticks: u64,
     register_mwh: u64,
     paid_msat: u64,
-    #[serde(default)]
-    refunded_msat: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
