@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn a_total_over_u64_is_refused_not_a_panic() {
         let t = test_tariff(Mode::Postpaid);
-        let mut acct = Account { ticks: 3, register_mwh: 1000, paid_msat: u64::MAX - 5, refunded_msat: 0 };
+        let mut acct = Account { ticks: 3, register_mwh: 1000, paid_msat: u64::MAX - 5 };
         let before = acct.clone();
         let tick = Tick { session: [1; 16], tick: 3, register_mwh: 1000, amount_msat: 10, paid_msat: 4 };
         assert_eq!(acct.accept(&t, &tick, 10, 2000), Err(Refusal::PaidMismatch { declared: 4, account: u64::MAX }));
