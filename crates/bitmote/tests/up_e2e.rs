@@ -115,10 +115,11 @@ fn up_runs_the_whole_system_shows_it_in_a_browser_stops_every_process_and_resume
     assert_eq!(hub["enabled"], true, "{hub}");
     let m = get(&format!("{meter}/v1/status"));
     assert_eq!(m["node"]["channels"][0]["peer"], hub["node_id"], "{m}");
-    // The hub's fee is 0.1 % and no base fee: well under 1 % of what the ticks paid.
+    // The hub's fee is 0.1 % and no base fee: at most 1 % of what the ticks paid (with
+    // prepaid ticks of a few tens of msat and no cover payment, LDK rounds it down to 0).
     let paid: u64 = m["sessions"].as_array().unwrap().iter().map(|s| s["account"]["paid_msat"].as_u64().unwrap_or(0)).sum();
     let fees = m["node"]["routing_fees_paid_msat"].as_u64().unwrap();
-    assert!(fees > 0 && fees * 100 <= paid, "routing fees {fees} msat for {paid} msat of ticks: {m}");
+    assert!(paid > 0 && fees * 100 <= paid, "routing fees {fees} msat for {paid} msat of ticks: {m}");
     // Each paid tick is a notary reading of the meter's enrolled key.
     eventually("tick receipts at the notary", || get(&format!("{meter}/v1/status"))["notary"]["posted"].as_u64().unwrap_or(0) > 0);
     let (code, s) = status(d);

@@ -148,8 +148,9 @@ function sourceLine(s) {
   const st = s.status;
   const n = st.node || {};
   const meter = st.role === "meter" ? ` · <b>${num(st.power_w)} W</b>, register ${num(st.register_mwh / 1000, 3)} Wh` : "";
-  // Paid through a hub: what the hub charged for routing, over the node's life.
-  const fees = n.routing_fees_paid_msat > 0 ? ` · routing fees ${num(n.routing_fees_paid_msat / 1000, 3)} sat` : "";
+  // What a hub charged the meter for routing, over the node's life (0 when ticks of a few
+  // tens of msat meet a proportional fee: LDK rounds each forward's fee down).
+  const fees = st.role === "meter" && n.routing_fees_paid_msat != null ? ` · routing fees ${num(n.routing_fees_paid_msat / 1000, 3)} sat` : "";
   return `<p><b>${esc(st.role)}</b> ${esc(s.url)} · node ${short(n.node_id)} · on-chain ${num(n.onchain_sat)} sat · ` +
     `Lightning ${num(n.lightning_sat)} sat · ${(n.channels || []).length} channel(s)${fees}${meter}</p>`;
 }
