@@ -51,13 +51,14 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
     let shape = Shape { sensors: opts.sensors, tick_ms: 1000 };
     let mut sys = System::new(opts.exe.clone(), dir.clone(), &shape)?;
     let disk = small_disk(&sys.data.join("gateway"));
-    let net = inject::can_shape();
+    let shaping = inject::can_shape();
+    let net = shaping.is_ok();
     let mut skipped = BTreeMap::new();
     if disk.is_none() {
         skipped.insert("disk full".to_string(), "needs root and tmpfs to give the gateway a small file system".to_string());
     }
-    if !net {
-        skipped.insert("meter-provider delay, loss and disconnection".to_string(), "needs root and tc (iproute2)".to_string());
+    if let Err(why) = shaping {
+        skipped.insert("meter-provider delay, loss and disconnection".to_string(), why);
     }
     let result = campaign(opts, &mut sys, disk.clone(), net, t0, skipped);
     // Stop whatever is left before unmounting.

@@ -130,11 +130,22 @@ fn shape(ports: &[u16], delay_ms: u32, loss_pct: u32) -> Result<Shaped, DrillErr
     Ok(guard)
 }
 
-/// Whether `tc` can shape loopback here (root, iproute2).
-pub fn can_shape() -> bool {
-    let ok = Command::new("tc").args(["qdisc", "show", "dev", "lo"]).output().is_ok_and(|o| o.status.success());
+/// Whether `tc` can shape loopback here: root, iproute2, and a kernel with the prio and
+/// netem qdiscs (tried in a throwaway network namespace, so nothing real is touched).
+pub fn can_shape() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
-    ok && unsafe { libc::geteuid() } == 0
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root".into());
+    }
+    let ns = format!("bitmote-drill-probe-{}", std::process::id());
+    let run = |args: &[&str]| Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}")).and_then(|o| {
+        if o.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&o.stderr).trim().to_string()) }
+    });
+    run(&["netns", "add", &ns])?;
+    let r = run(&["netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"])
+        .and_then(|_| run(&["netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay", "1ms"]));
+    let _ = run(&["netns", "del", &ns]);
+    r.map_err(|e| format!("this kernel cannot shape traffic with tc prio + netem ({e})"))
 }
 
 /// Fill the file system at `dir` with a ballast file.
