@@ -164,6 +164,9 @@ pub struct DrillArgs {
     /// Only fault kinds whose report name contains one of these (e.g. `reorg`, `kill -9 node`).
     #[arg(long, value_name = "KIND")]
     pub only: Vec<String>,
+    /// Leave out fault kinds whose report name contains one of these.
+    #[arg(long, value_name = "KIND")]
+    pub except: Vec<String>,
     /// Also write the report as JSON here.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -207,6 +210,7 @@ fn drill(a: DrillArgs) -> Result<()> {
         quick: a.quick,
         sensors: a.sensors,
         only: a.only,
+        except: a.except,
     };
     let report = bitmote_drill::run(&opts)?;
     report.print();

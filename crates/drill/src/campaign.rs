@@ -104,6 +104,13 @@ fn campaign(
             return Err(DrillError::Setup(format!("no fault kind matches {:?}", opts.only)));
         }
     }
+    kinds.retain(|k| {
+        let name = k.instance(&mut Rng::new(0), true).kind_name();
+        !opts.except.iter().any(|o| name.contains(o.as_str()))
+    });
+    if kinds.is_empty() {
+        return Err(DrillError::Setup("every fault kind is excluded".into()));
+    }
     let mut order = kinds.clone();
     let mut faults_count: BTreeMap<String, u32> = BTreeMap::new();
     let mut sessions_closed = 0;

@@ -69,6 +69,8 @@ pub struct Options {
     pub sensors: u32,
     /// Only these fault kinds (by report name substring); all when empty.
     pub only: Vec<String>,
+    /// Not these fault kinds (by report name substring).
+    pub except: Vec<String>,
 }
 
 /// The campaign's result.
