@@ -50,17 +50,25 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
     std::fs::create_dir_all(&dir).map_err(|e| DrillError::io(format!("creating {}", dir.display()), e))?;
     let shape = Shape { sensors: opts.sensors, tick_ms: 1000 };
     let mut sys = System::new(opts.exe.clone(), dir.clone(), &shape)?;
-    let disk = small_disk(&sys.data.join("gateway"));
-    let shaping = inject::can_shape();
-    let net = shaping.is_ok();
     let mut skipped = BTreeMap::new();
-    if disk.is_none() {
+    let shaping = inject::can_shape();
+    if let Err(why) = &shaping {
+        skipped.insert("meter-provider delay, loss and disconnection".to_string(), why.clone());
+    }
+    let mut kinds = select_kinds(opts, shaping.is_ok())?;
+    // The small file system only when a full disk is among the faults to inject.
+    let disk = match kinds.contains(&Kind::DiskFull) {
+        true => small_disk(&sys.data.join("gateway")),
+        false => None,
+    };
+    if kinds.contains(&Kind::DiskFull) && disk.is_none() {
+        kinds.retain(|k| *k != Kind::DiskFull);
         skipped.insert("disk full".to_string(), "needs root and tmpfs to give the gateway a small file system".to_string());
+        if kinds.is_empty() {
+            return Err(DrillError::Setup("no fault kind left to inject".into()));
+        }
     }
-    if let Err(why) = shaping {
-        skipped.insert("meter-provider delay, loss and disconnection".to_string(), why);
-    }
-    let result = campaign(opts, &mut sys, disk.clone(), net, t0, skipped);
+    let result = campaign(opts, &mut sys, disk.clone(), kinds, t0, skipped);
     // Stop whatever is left before unmounting.
     drop(sys);
     let keep = opts.keep || result.as_ref().map_or(true, |r| !r.violations.is_empty());
@@ -82,7 +90,7 @@ fn campaign(
     opts: &Options,
     sys: &mut System,
     disk: Option<PathBuf>,
-    net: bool,
+    kinds: Vec<Kind>,
     t0: Instant,
     skipped: BTreeMap<String, String>,
 ) -> Result<Report, DrillError> {
@@ -94,23 +102,6 @@ fn campaign(
     sys.start(Duration::from_secs(900))?;
     warm_up(sys, &miner)?;
     let mut probe = Probe::enroll(sys)?;
-    let mut kinds = Kind::all(disk.is_some(), net);
-    if !opts.only.is_empty() {
-        kinds.retain(|k| {
-            let name = k.instance(&mut Rng::new(0), true).kind_name();
-            opts.only.iter().any(|o| name.contains(o.as_str()))
-        });
-        if kinds.is_empty() {
-            return Err(DrillError::Setup(format!("no fault kind matches {:?}", opts.only)));
-        }
-    }
-    kinds.retain(|k| {
-        let name = k.instance(&mut Rng::new(0), true).kind_name();
-        !opts.except.iter().any(|o| name.contains(o.as_str()))
-    });
-    if kinds.is_empty() {
-        return Err(DrillError::Setup("every fault kind is excluded".into()));
-    }
     let mut order = kinds.clone();
     let mut faults_count: BTreeMap<String, u32> = BTreeMap::new();
     let mut sessions_closed = 0;
@@ -215,6 +206,23 @@ fn campaign(
         elapsed_secs: t0.elapsed().as_secs(),
         dir: sys.dir.clone(),
     })
+}
+
+/// The fault kinds this machine can inject, narrowed by `--only` and `--except`; checked
+/// before anything starts, so a bad selection fails at once.
+fn select_kinds(opts: &Options, net: bool) -> Result<Vec<Kind>, DrillError> {
+    let mut kinds = Kind::all(true, net);
+    if !opts.only.is_empty() {
+        kinds.retain(|k| opts.only.iter().any(|o| k.name().contains(o.as_str())));
+        if kinds.is_empty() {
+            return Err(DrillError::Setup(format!("no fault kind matches {:?}", opts.only)));
+        }
+    }
+    kinds.retain(|k| !opts.except.iter().any(|o| k.name().contains(o.as_str())));
+    if kinds.is_empty() {
+        return Err(DrillError::Setup("every fault kind is excluded".into()));
+    }
+    Ok(kinds)
 }
 
 /// Mine until the meter streams (its first start funds it and opens the channels).

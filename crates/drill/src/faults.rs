@@ -95,6 +95,11 @@ impl Kind {
         v
     }
 
+    /// The name the report counts faults of this kind under.
+    pub fn name(self) -> String {
+        self.instance(&mut Rng::new(0), true).kind_name()
+    }
+
     /// A concrete fault of this kind; `quick` keeps waits short (CI).
     pub fn instance(self, rng: &mut Rng, quick: bool) -> Fault {
         let long = |rng: &mut Rng, max: u64| if quick { rng.range(1, max.min(5)) } else { rng.range(1, max) };
