@@ -315,6 +315,9 @@ impl Meter {
         // Energy is measured from now: while the meter was down its contactor was open.
         *self.sim.lock().unwrap() = Some(SimMeter::new(seed, t.max_power_w, s.account.register_mwh, now_ms()));
         let mut next = if t.mode == Mode::Prepaid && s.account.ticks == 0 { now_ms() } else { now_ms() + t.tick_ms };
+        // When the register a new tick pays for started growing: the previous new tick's
+        // measurement, or now (the simulation measures from now).
+        let mut measured_ms = now_ms();
         while s.state == State::Open && !self.stop.load(Ordering::Relaxed) && max_ticks.is_none_or(|m| s.account.ticks < m) {
             let wait = next.saturating_sub(now_ms());
             std::thread::sleep(Duration::from_millis(wait));
@@ -330,7 +333,9 @@ impl Meter {
                 }
                 continue;
             }
-            let tick = s.account.next_tick(&t, *id, register);
+            let at = now_ms();
+            let tick = s.account.next_tick(&t, *id, register, at.saturating_sub(measured_ms));
+            measured_ms = at;
             if let Err(e) = self.send_tick(&mut s, tick, false) {
                 // Unpaid past the grace period: the provider will cut the supply, which
                 // the next look at the line shows; the tick stays pending in the store.
@@ -517,6 +522,7 @@ impl Meter {
                 return Ok(Ok(Some(format!("{} msat paid ahead not delivered: the supply ended", s.account.credit_msat(&t)))));
             };
             let (tick, last) = s.account.closing_tick(&t, s.id, register);
+            tracing::debug!(credit = s.account.credit_msat(&t), register, "closing tick {} of {} msat (last: {last})", tick.tick, tick.amount_msat);
             if let Err(e) = self.send_tick(s, tick, true) {
                 tracing::warn!("{e}");
                 if let Err(why) = self.settle_in_flight(s, Duration::from_millis(t.tick_ms + t.grace_ms))? {
@@ -540,6 +546,7 @@ impl Meter {
             return Ok(Outcome { session: s, provider: None, reconciled: false, unsettled: Some(why) });
         }
         let mut unsettled = None;
+        tracing::debug!(credit = s.account.credit_msat(&s.tariff), state = ?s.state, "closing: {:?}", s.account);
         if s.tariff.mode == Mode::Prepaid && s.state == State::Open && s.account.credit_msat(&s.tariff) > 0 {
             match self.deliver_ahead(&mut s)? {
                 Ok(note) => unsettled = note,

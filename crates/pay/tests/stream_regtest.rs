@@ -121,7 +121,7 @@ fn late_forged_replayed_and_short_payments_are_caught() {
             .unwrap();
     };
     let refusals = || provider.status().unwrap()["totals"]["refused"].as_u64().unwrap();
-    let good = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 50);
+    let good = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 50, s.tariff.tick_ms);
     // Forged: signed by another key.
     let stranger = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
     send(good, &stranger, good.amount_msat, 1);
@@ -158,7 +158,7 @@ fn late_forged_replayed_and_short_payments_are_caught() {
     let reasons = st["refusals"].to_string();
     assert!(reasons.contains("signature") && reasons.contains("replayed") && reasons.contains("carried"), "{reasons}");
     // Short: consistent record, but less than the register makes due: credited, then cut.
-    let mut short = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 400);
+    let mut short = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 400, s.tariff.tick_ms);
     short.amount_msat -= 50;
     short.paid_msat -= 50;
     send(short, meter.device_key(), short.amount_msat, 4);
