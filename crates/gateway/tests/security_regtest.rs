@@ -287,6 +287,18 @@ fn every_admin_route_wants_the_admin_token_and_secrets_are_private_files() {
         let (code, v) = api(method, url, Some(&bearer), body.clone());
         assert_ne!(code, 401, "{method} {url}: {v}");
     }
+    // A rule whose confirmations would wrap `height + confirmations` (u32) is refused
+    // before it is stored or watched (issue #13, item 11).
+    for c in [u32::MAX, 10_001] {
+        let huge = json!({ "id": format!("wrap-{c}"), "device": "relay-1", "action": { "command": "on" },
+            "trigger": { "kind": "payment", "address": "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080", "min_sat": 1000, "confirmations": c } });
+        let (code, v) = api("POST", &format!("{base}/v1/rules"), Some(&bearer), Some(huge));
+        assert_eq!(code, 400, "{v}");
+        assert!(v.to_string().contains("is more than 10000"), "{v}");
+    }
+    let (_, rules) = api("GET", &format!("{base}/v1/rules"), Some(&bearer), None);
+    assert!(!rules.to_string().contains("wrap-"), "{rules}");
+
     // Public routes stay public.
     for path in ["/health", "/v1/devices", "/v1/log", "/v1/anchors", "/v1/actions", "/v1/presence", "/openapi.json"] {
         assert_eq!(api("GET", &format!("{base}{path}"), None, None).0, 200, "{path}");
