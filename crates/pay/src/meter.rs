@@ -108,13 +108,17 @@ fn http_post<T: serde::de::DeserializeOwned>(url: &str, body: &impl Serialize) -
 /// with the notary before the meter first starts.
 pub fn load_or_create_secret(data: &Path) -> Result<[u8; 32], PayError> {
     let key_path = data.join("meter.key");
+    // A key that exists but cannot be read is never replaced: a new key would make every
+    // later tick fail the provider's signature check, and lose the preimages of the old.
+    let never = "fix or remove it (it is never overwritten)";
     match std::fs::read(&key_path) {
-        Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes", key_path.display()))),
-        Err(_) => {
+        Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes; {never}", key_path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = SigningKey::generate_schnorr().map_err(|e| PayError::Config(format!("{e:?}")))?;
-            bitmote_chain::wallet::write_secret(&key_path, &k.secret_bytes()).map_err(|e| PayError::Config(e.to_string()))?;
+            bitmote_chain::wallet::create_secret(&key_path, &k.secret_bytes()).map_err(|e| PayError::Config(e.to_string()))?;
             Ok(k.secret_bytes())
         }
+        Err(e) => Err(PayError::Config(format!("{} cannot be read ({e}); {never}", key_path.display()))),
     }
 }
 
@@ -626,5 +630,27 @@ impl Meter {
             "last_receipt": last.and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()),
             "last_error": link.last_error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #13, item 9: a meter key that cannot be read is never replaced.
+    #[test]
+    fn an_unreadable_meter_key_is_refused_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let k = load_or_create_secret(d.path()).unwrap();
+        assert_eq!(load_or_create_secret(d.path()).unwrap(), k);
+        let p = d.path().join("meter.key");
+        std::fs::write(&p, b"short").unwrap();
+        let e = load_or_create_secret(d.path()).unwrap_err().to_string();
+        assert!(e.contains("is not 32 bytes") && e.contains("never overwritten"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"short");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(load_or_create_secret(d.path()).unwrap_err().to_string().contains("cannot be read"));
+        assert!(p.is_dir());
     }
 }
