@@ -86,6 +86,14 @@ pub struct GatewaySection {
     /// Its Lightning P2P address, default `127.0.0.1:9735` (`127.0.0.1:9737` beside the
     /// simulated fleet, whose provider has 9735; port 0 picks a free port once and keeps it).
     pub lightning_listen: Option<std::net::SocketAddr>,
+    /// Programs that rules and orders added over the admin API may run as `exec` actions
+    /// (absolute paths, compared exactly). Empty by default: `exec` comes only from `rules.toml`.
+    #[serde(default)]
+    pub api_exec_programs: Vec<std::path::PathBuf>,
+    /// Secret files that webhooks added over the admin API may name (the gateway reads
+    /// them). Empty by default: webhooks come only from `rules.toml`.
+    #[serde(default)]
+    pub api_webhook_secret_files: Vec<std::path::PathBuf>,
 }
 
 /// `[notary]`: anchoring policy.

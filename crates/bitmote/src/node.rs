@@ -493,6 +493,10 @@ fn start_gateway(
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     g.mqtt_broker_login = cfg.mqtt_broker_login()?;
     g.pay_status_urls = pay_status_urls;
+    g.api_actions = bitmote_gateway::ApiActions {
+        exec_programs: cfg.gateway.api_exec_programs.clone(),
+        webhook_secret_files: cfg.gateway.api_webhook_secret_files.clone(),
+    };
     if let Some(listen) = lightning {
         g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }

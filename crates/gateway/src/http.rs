@@ -422,11 +422,21 @@ async fn list_rules(State(s): State<Arc<Shared>>, _: Admin) -> Result<Json<serde
 
 async fn add_rule(State(s): State<Arc<Shared>>, _: Admin, body: Bytes) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let rule: Rule = json_body(&body)?;
+    api_may_add(&s, [Some(&rule.action), rule.revert.as_ref()])?;
     if rule.id.starts_with(ORDER_PREFIX) {
         return Err(bad(format!("rule ids starting with {ORDER_PREFIX:?} are reserved for payment orders")));
     }
     let rule = call(&s.actuator_jobs, "the actuator", move |e| e.add_rule(rule)).await?.map_err(engine_err)?;
     Ok((StatusCode::CREATED, Json(json!({ "rule": rule }))))
+}
+
+/// Actions from the API may run a program or read a file only if the configuration's
+/// allow-list names it (403 otherwise, saying why): the admin token is not a shell.
+fn api_may_add<'a>(s: &Shared, actions: impl IntoIterator<Item = Option<&'a Action>>) -> Result<(), ApiError> {
+    for a in actions.into_iter().flatten() {
+        s.api_actions.check(a).map_err(|why| ApiError(StatusCode::FORBIDDEN, why, "forbidden_action"))?;
+    }
+    Ok(())
 }
 
 async fn remove_rule(State(s): State<Arc<Shared>>, _: Admin, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -532,6 +542,7 @@ async fn order(
         return lightning_order(s, device, serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?).await;
     }
     let o: Order = serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?;
+    api_may_add(&s, [Some(&o.action), o.revert.as_ref()])?;
     // Check everything but the address before taking one from the wallet.
     let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();
     o.rule(format!("{ORDER_PREFIX}0"), &device, placeholder).check(s.network).map_err(|e| bad(e.to_string()))?;

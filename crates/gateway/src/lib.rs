@@ -81,6 +81,44 @@ pub struct GatewayConfig {
     /// The gateway's own Lightning node (off by default): invoices for Lightning rules,
     /// and a hub that accepts channels from machines.
     pub lightning: Option<lightning::LightningConfig>,
+    /// What rules and orders added over the admin API may run or read. Empty by default:
+    /// `exec` actions and webhooks (whose `secret_file` the gateway reads) come only from
+    /// the operator's `rules.toml`, so the admin token is not a shell.
+    pub api_actions: ApiActions,
+}
+
+/// The allow-list for actions that run a program or read a file, when they come from the
+/// admin API instead of the operator's `rules.toml` (`[gateway] api_exec_programs` and
+/// `api_webhook_secret_files` in `bitmote.toml`). Paths are compared exactly.
+#[derive(Clone, Debug, Default)]
+pub struct ApiActions {
+    pub exec_programs: Vec<PathBuf>,
+    pub webhook_secret_files: Vec<PathBuf>,
+}
+
+impl ApiActions {
+    /// `Err(why)` if `action` runs a program or reads a file the allow-list does not name.
+    pub fn check(&self, action: &bitmote_actuator::Action) -> Result<(), String> {
+        if let Some(e) = &action.exec {
+            if !self.exec_programs.contains(&e.program) {
+                return Err(format!(
+                    "an exec action ({}) added over the API runs a program on the gateway: exec actions come from the operator's \
+                     rules.toml, or programs listed in [gateway] api_exec_programs",
+                    e.program.display()
+                ));
+            }
+        }
+        if let Some(w) = &action.webhook {
+            if !self.webhook_secret_files.contains(&w.secret_file) {
+                return Err(format!(
+                    "a webhook added over the API makes the gateway read {}: webhooks come from the operator's rules.toml, or \
+                     secret files listed in [gateway] api_webhook_secret_files",
+                    w.secret_file.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl GatewayConfig {
@@ -99,6 +137,7 @@ impl GatewayConfig {
             actuator_retry: actuator::Retry::default(),
             pay_status_urls: vec![],
             lightning: None,
+            api_actions: ApiActions::default(),
         }
     }
 }
@@ -139,6 +178,8 @@ pub struct Shared {
     pub mqtt_auth: mqtt_front::MqttAuth,
     /// The gateway's Lightning node, when it runs one.
     pub lightning: Option<Arc<bitmote_pay::ldk_node::Node>>,
+    /// See [`GatewayConfig::api_actions`].
+    pub api_actions: ApiActions,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -254,6 +295,7 @@ impl Gateway {
             http_requests: Mutex::new(Default::default()),
             mqtt_auth: mqtt_front::MqttAuth::load(&open_db(&db_path)?)?,
             lightning: ln_node,
+            api_actions: cfg.api_actions.clone(),
         });
         let mut threads = vec![];
 
