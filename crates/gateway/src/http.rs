@@ -352,11 +352,47 @@ async fn revoke(
     Ok(Json(json!({ "device": d })))
 }
 
-async fn actions(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn actions(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Json<serde_json::Value> {
     let actions = s.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let alerts = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let admin = is_admin(&s, &headers);
+    let actions: Vec<serde_json::Value> = actions.iter().map(|a| redact_action(json!(a), admin)).collect();
     Json(json!({ "actions": actions, "alerts": alerts }))
 }
+
+/// Whether the request carries the admin token (public routes show more to the admin).
+pub(crate) fn is_admin(s: &Shared, headers: &HeaderMap) -> bool {
+    require_admin(s, headers).is_ok()
+}
+
+/// An outbox entry as an anonymous reader may see it: how it is delivered (`mqtt`,
+/// `webhook`, `exec`) but not where to (webhook URL, secret file, program and arguments),
+/// and not the address a payment went to. The admin sees everything.
+pub(crate) fn redact_action(mut v: serde_json::Value, admin: bool) -> serde_json::Value {
+    if admin {
+        return v;
+    }
+    if let Some((kind, detail)) = v["delivery"].as_object().and_then(|o| o.iter().next()).map(|(k, d)| (k.clone(), d.clone())) {
+        // A failed attempt's note may name the URL or the program: those parts go too.
+        let secrets: Vec<String> = [&detail["url"], &detail["secret_file"], &detail["program"]]
+            .into_iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .filter(|x| !x.is_empty())
+            .collect();
+        if let Some(note) = v["note"].as_str() {
+            let note = secrets.iter().fold(note.to_string(), |n, x| n.replace(x.as_str(), REDACTED));
+            v["note"] = json!(note);
+        }
+        v["delivery"] = json!({ kind: REDACTED });
+    }
+    if v["payment"].is_object() {
+        v["payment"]["address"] = json!(REDACTED);
+    }
+    v
+}
+
+/// What anonymous readers see in place of a detail only the admin may see.
+pub(crate) const REDACTED: &str = "<redacted: admin only>";
 
 async fn presence(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let p = s.presence.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -143,6 +143,20 @@ fn webhooks_and_programs_are_retried_until_acknowledged_or_expired() {
             && action(log, &dead_id)["state"] == "expired"
     });
 
+    // Anonymous readers see how actions are delivered, not where to (issue #13, item 8):
+    // no webhook URL, secret file, program or argument anywhere in the public log, nor in
+    // the dashboard; the admin sees them.
+    let public = log.to_string();
+    for secret in [hooks.to_string(), d.join("hook.secret").display().to_string(), "[\"relay-3\"]".into(), script.display().to_string()] {
+        assert!(!public.contains(&secret), "{secret} in the public action log: {public}");
+    }
+    assert_eq!(action(&log, &hook_id)["delivery"]["webhook"], "<redacted: admin only>");
+    let dash = api("GET", &format!("{base}/v1/dashboard"), None, None).1.to_string();
+    assert!(!dash.contains(&hooks.to_string()) && !dash.contains("hook.secret"), "{dash}");
+    let log = api("GET", &format!("{base}/v1/actions"), Some(&token), None).1;
+    assert!(action(&log, &hook_id)["delivery"]["webhook"]["url"].as_str().unwrap().contains("/flaky"), "{log}");
+    assert!(action(&log, &prog_id)["delivery"]["exec"]["program"].is_string(), "{log}");
+
     // The webhook: three attempts (an error, a hang cut by the timeout, a 204), each with
     // the same event id and a valid signature over timestamp and body.
     let hook = action(&log, &hook_id);
