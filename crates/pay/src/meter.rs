@@ -281,11 +281,11 @@ impl Meter {
         let st: SignedTariff = http_get(&format!("{}/v1/tariff", self.provider_url))?;
         let pk = parse_node_id(provider_node)?;
         st.check(provider_node, bitmote_chain::now_secs(), |m, sig| self.node.verify_signature(m, sig, &pk))?;
-        let req = OpenRequest {
-            tariff_id: st.id(),
-            meter_key: bitmote_device::hex_encode(&self.key.public_key().encode()),
-            meter_node: self.node.node_id().to_string(),
-        };
+        let (tariff_id, meter_key, meter_node) =
+            (st.id(), bitmote_device::hex_encode(&self.key.public_key().encode()), self.node.node_id().to_string());
+        let timestamp_ms = now_ms();
+        let signature = bitmote_device::hex_encode(&self.key.sign(&crate::open_message(&tariff_id, &meter_key, &meter_node, timestamp_ms)).encode());
+        let req = OpenRequest { tariff_id, meter_key, meter_node, timestamp_ms, signature };
         let s: Session = http_post(&format!("{}/v1/sessions", self.provider_url), &req)?;
         if s.tariff != st.tariff || s.meter_key != req.meter_key {
             return Err(PayError::Session("the provider opened the session under other terms".into()));

@@ -360,3 +360,68 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     meter.shutdown();
     stop(&[mn]);
 }
+
+/// Issue #13, item 4: opening a session takes the meter key's signature, a signed request
+/// cannot be replayed, a meter has one open session, and the provider as a whole at most
+/// `MAX_OPEN_SESSIONS`; spam does not slow the deadline checks of honest sessions (they
+/// read only open sessions). Real HTTP against a real provider on regtest.
+#[test]
+fn opening_a_session_needs_the_meter_key_and_spam_is_capped() {
+    use bitmote_pay::provider::{OpenRequest, MAX_OPEN_SESSIONS};
+    let p = pair(false);
+    let http = free_addr();
+    // A long grace period: no session is cut for lateness while the test opens them all.
+    let (provider, _meter) = p.roles(bitmote_pay::tariff::Tariff { grace_ms: 600_000, ..tariff(Mode::Postpaid) }, http);
+    let url = format!("http://{http}/v1/sessions");
+    let tariff_id = provider.tariff().id();
+    let node = p.mn.node_id().to_string();
+    let signed = |k: &SigningKey, ts: u64| {
+        let key = bitmote_device::hex_encode(&k.public_key().encode());
+        let sig = bitmote_device::hex_encode(&k.sign(&bitmote_pay::open_message(&tariff_id, &key, &node, ts)).encode());
+        OpenRequest { tariff_id: tariff_id.clone(), meter_key: key, meter_node: node.clone(), timestamp_ms: ts, signature: sig }
+    };
+    let post = |r: &OpenRequest| match ureq::post(&url).send_json(serde_json::to_value(r).unwrap()) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let k = SigningKey::schnorr_from_secret(&[11; 32]).unwrap();
+    let now = bitmote_chain::now_ms();
+    // Unsigned (the old request) and signed by another key: refused.
+    let unsigned = serde_json::json!({ "tariff_id": tariff_id, "meter_key": signed(&k, now).meter_key, "meter_node": node });
+    assert_eq!(ureq::post(&url).send_json(unsigned).unwrap_err().into_response().map(|r| r.status()), Some(422));
+    let mut forged = signed(&SigningKey::schnorr_from_secret(&[12; 32]).unwrap(), now);
+    forged.meter_key = signed(&k, now).meter_key;
+    let (code, why) = post(&forged);
+    assert_eq!(code, 401, "{why}");
+    assert!(why.contains("not signed by its meter key"), "{why}");
+    // Far from the provider's clock: refused.
+    assert_eq!(post(&signed(&k, now - 3_600_000)).0, 401);
+    // Signed: opened. The same request again (a replay), or an older one: refused.
+    let first = signed(&k, now);
+    assert_eq!(post(&first).0, 200);
+    let (code, why) = post(&first);
+    assert_eq!(code, 401, "{why}");
+    assert!(why.contains("replayed"), "{why}");
+    // A fresh request while the meter's session is open: one open session per meter.
+    let (code, why) = post(&signed(&k, now + 1));
+    assert_eq!(code, 409, "{why}");
+    // Spam from many keys: capped overall.
+    let t0 = std::time::Instant::now();
+    let mut opened = 1;
+    for i in 0u32.. {
+        let mut secret = [0u8; 32];
+        secret[..4].copy_from_slice(&i.to_be_bytes());
+        secret[31] = 1;
+        let (code, why) = post(&signed(&SigningKey::schnorr_from_secret(&secret).unwrap(), bitmote_chain::now_ms()));
+        if code != 200 {
+            assert_eq!(code, 409, "{why}");
+            assert!(why.contains("sessions are open"), "{why}");
+            break;
+        }
+        opened += 1;
+    }
+    assert_eq!(opened, MAX_OPEN_SESSIONS);
+    eprintln!("{MAX_OPEN_SESSIONS} sessions opened in {:?}", t0.elapsed());
+    assert_eq!(provider.status().unwrap()["sessions"].as_array().map(Vec::len), Some(MAX_OPEN_SESSIONS));
+}
