@@ -65,6 +65,8 @@ pub enum PayError {
     Unauthorized(String),
     #[error("busy: {0}")]
     Busy(String),
+    #[error("spending policy: {0}")]
+    Policy(#[from] tariff::PolicyError),
 }
 
 /// Hex (de)serialization of fixed-size byte arrays (its own file so the fuzz targets can

@@ -40,7 +40,7 @@ use crate::load::SimMeter;
 use crate::node::parse_node_id;
 use crate::provider::{CloseRequest, OpenRequest, Statement};
 use crate::store::{Session, State, Store, TickRow};
-use crate::tariff::{Mode, SignedTariff};
+use crate::tariff::{BuyerPolicy, Mode, SignedTariff};
 use crate::tick::{Account, SessionId, Tick, TLV_TICK};
 use crate::PayError;
 
@@ -76,6 +76,8 @@ pub struct Meter {
     /// Where the tick readings go as notary receipts, and the last error doing so.
     notary: Mutex<Option<NotaryLink>>,
     pub http_addr: SocketAddr,
+    /// What this meter is willing to pay, whatever the provider signs.
+    policy: Mutex<BuyerPolicy>,
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +148,7 @@ impl Meter {
             sim: Mutex::new(None),
             notary: Mutex::new(None),
             http_addr: listener.local_addr().map_err(|e| PayError::Config(e.to_string()))?,
+            policy: Mutex::new(BuyerPolicy::default()),
         });
         let ev = m.clone();
         std::thread::Builder::new().name("meter-events".into()).spawn(move || ev.event_loop()).expect("thread");
@@ -246,6 +249,15 @@ impl Meter {
         }
     }
 
+    /// Replace the buyer's spending policy (default: [`BuyerPolicy::default`]).
+    pub fn set_policy(&self, p: BuyerPolicy) {
+        *self.policy.lock().unwrap() = p;
+    }
+
+    pub fn policy(&self) -> BuyerPolicy {
+        self.policy.lock().unwrap().clone()
+    }
+
     /// Stop streaming ([`Meter::run`] returns at its next tick); everything else keeps
     /// running so the session can still be closed ([`Meter::close`]) and its receipts
     /// posted ([`Meter::flush_receipts`]). What a Ctrl-C does.
@@ -281,6 +293,8 @@ impl Meter {
         let st: SignedTariff = http_get(&format!("{}/v1/tariff", self.provider_url))?;
         let pk = parse_node_id(provider_node)?;
         st.check(provider_node, bitmote_chain::now_secs(), |m, sig| self.node.verify_signature(m, sig, &pk))?;
+        // Refused before anything is paid.
+        self.policy().admit(&st.tariff)?;
         let (tariff_id, meter_key, meter_node) =
             (st.id(), bitmote_device::hex_encode(&self.key.public_key().encode()), self.node.node_id().to_string());
         let timestamp_ms = now_ms();
@@ -338,8 +352,16 @@ impl Meter {
                 continue;
             }
             let at = now_ms();
+            let policy = self.policy();
             let tick = s.account.next_tick(&t, *id, register, at.saturating_sub(measured_ms));
+            let tick = s.account.with_ahead_at_most(&t, tick, policy.max_cover_msat);
             measured_ms = at;
+            let day = self.store.lock().unwrap().paid_since(now_ms().saturating_sub(24 * 3600 * 1000))?;
+            if let Err(e) = policy.allows(&t, tick.amount_msat, s.account.paid_msat, day) {
+                tracing::warn!(session = bitmote_device::hex_encode(id), "stopping: spending policy: {e}");
+                s.reason = Some(format!("spending policy: {e}"));
+                break;
+            }
             if let Err(e) = self.send_tick(&mut s, tick, false) {
                 // Unpaid past the grace period: the provider will cut the supply, which
                 // the next look at the line shows; the tick stays pending in the store.

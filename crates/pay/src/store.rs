@@ -333,6 +333,14 @@ impl Store {
     }
 
     /// Increment and return a named counter (the meter's reading sequence).
+    /// What was paid (meter) or credited (provider) in ticks sent since `since_ms`.
+    pub fn paid_since(&self, since_ms: u64) -> Result<u64, PayError> {
+        self.db
+            .query_row("SELECT COALESCE(SUM(amount_msat), 0) FROM ticks WHERE sent_ms >= ?1 AND done_ms IS NOT NULL", [since_ms as i64], |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(db_err)
+    }
+
     /// A named counter's value, if set.
     pub fn counter(&self, name: &str) -> Result<Option<u64>, PayError> {
         self.db

@@ -167,6 +167,16 @@ impl Account {
         self.tick_of(session, register_mwh, target.saturating_sub(self.paid_msat).max(1))
     }
 
+    /// `tick` (from [`Account::next_tick`]) with at most `max_ahead_msat` paid ahead of the
+    /// energy its register makes due: the buyer's cover limit. Still at least 1 msat.
+    pub fn with_ahead_at_most(&self, t: &Tariff, tick: Tick, max_ahead_msat: u64) -> Tick {
+        let most = t.due_msat(tick.register_mwh).saturating_add(max_ahead_msat).max(self.paid_msat.saturating_add(1));
+        if tick.paid_msat <= most {
+            return tick;
+        }
+        Tick { amount_msat: most - self.paid_msat, paid_msat: most, ..tick }
+    }
+
     /// A prepaid session's closing tick at `register_mwh`, with no tick ahead any more:
     /// the tick paid ahead is being delivered. `(tick, true)`: the register has made the
     /// whole payment due, and this last tick pays exactly the rest: the account is then
@@ -338,6 +348,22 @@ mod tests {
         assert_eq!(tick.paid_msat, 2 * t.due_msat(590 + 1000) - t.due_msat(590));
         // A faster tick (shorter than tick_ms) is not scaled up.
         assert_eq!(a.next_tick(&t, [1; 16], 590 + 1000, 1).paid_msat, tick.paid_msat);
+    }
+
+    #[test]
+    fn the_cover_is_capped_and_the_energy_still_paid() {
+        let t = test_tariff(Mode::Prepaid);
+        let a = Account { ticks: 3, register_mwh: 1000, paid_msat: 300 };
+        let tick = a.next_tick(&t, [1; 16], 5000, t.tick_ms);
+        let due = t.due_msat(5000);
+        assert_eq!(tick.paid_msat, due + (due - t.due_msat(1000)));
+        let capped = a.with_ahead_at_most(&t, tick, 10);
+        assert_eq!((capped.paid_msat, capped.amount_msat), (due + 10, due + 10 - 300));
+        assert_eq!(a.with_ahead_at_most(&t, tick, u64::MAX), tick);
+        // Already ahead by more than the cap: 1 msat keeps the session alive, no more.
+        let rich = Account { paid_msat: due + 500, ..a.clone() };
+        let tick = rich.next_tick(&t, [1; 16], 5000, t.tick_ms);
+        assert_eq!(rich.with_ahead_at_most(&t, tick, 10).amount_msat, 1);
     }
 
     #[test]

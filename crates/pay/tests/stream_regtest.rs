@@ -425,3 +425,44 @@ fn opening_a_session_needs_the_meter_key_and_spam_is_capped() {
     eprintln!("{MAX_OPEN_SESSIONS} sessions opened in {:?}", t0.elapsed());
     assert_eq!(provider.status().unwrap()["sessions"].as_array().map(Vec::len), Some(MAX_OPEN_SESSIONS));
 }
+
+/// Issue #13, item 1: the meter pays only within its own spending policy, whatever the
+/// provider signs. A tariff above its price limit is refused before anything is paid; a
+/// prepaid session pays at most its cover ahead and stops before passing its session limit.
+#[test]
+fn the_meter_pays_only_within_its_spending_policy() {
+    use bitmote_pay::tariff::{BuyerPolicy, Tariff};
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    channel(chain, mn, pn, 1_000_000, None, false);
+    let sent = || mn.list_payments().iter().filter(|x| x.direction == PaymentDirection::Outbound && x.status == PaymentStatus::Succeeded).count();
+    // A provider asking 1,000,000 msat per Wh (the default limit is 1,000).
+    let greedy = Tariff { price_msat_per_wh: 1_000_000, ..tariff(Mode::Prepaid) };
+    let http = free_addr();
+    let (provider, meter) = p.roles(greedy, http);
+    let before = sent();
+    let e = meter.open_session(&pn.node_id().to_string()).unwrap_err().to_string();
+    assert!(e.contains("spending policy") && e.contains("1000000 msat/Wh"), "{e}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sent(), before, "nothing was paid");
+    assert!(provider.status().unwrap()["sessions"].as_array().unwrap().is_empty(), "no session was opened");
+    provider.shutdown();
+    meter.shutdown();
+
+    // A fair price, but a small cover and a small session limit.
+    let http = free_addr();
+    let (_provider, meter) = p.roles(tariff(Mode::Prepaid), http);
+    meter.set_policy(BuyerPolicy { max_cover_msat: 3, max_session_msat: 200, ..BuyerPolicy::default() });
+    let s = meter.open_session(&pn.node_id().to_string()).unwrap();
+    let s = meter.run(&s.id, Some(1000)).unwrap();
+    assert!(s.reason.as_deref().is_some_and(|r| r.contains("spending policy")), "{:?}", s.reason);
+    assert!(s.account.paid_msat <= 200, "{:?}", s.account);
+    assert!(s.account.credit_msat(&s.tariff) <= 3, "at most the cover ahead: {:?}", s.account);
+    for row in meter.ticks(&s.id).unwrap() {
+        assert!(row.tick.paid_msat as i128 - s.tariff.due_msat(row.tick.register_mwh) as i128 <= 3, "{:?}", row.tick);
+    }
+    let out = meter.close(&s.id).unwrap();
+    assert!(out.reconciled, "{out:#?}");
+    // Closing pays for the energy delivered while the cover ran out, a tick or two.
+    assert!(out.session.account.paid_msat <= 200 + 3 + 20, "{:?}", out.session.account);
+}
