@@ -193,8 +193,10 @@ fn lightning_address(addr: &str) -> Result<SocketAddress> {
 /// Open a channel to `peer` (the provider, or a hub) if there is none, funding the meter's
 /// wallet on regtest; wait until it is usable.
 fn ensure_channel(client: &ChainClient, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64) -> Result<()> {
-    if !ln::channels_with(node, &peer).is_empty() {
-        return Ok(ln::wait_usable(client, node, peer)?);
+    // A channel there may be closed under us while we wait (LDK's force close of a channel
+    // whose state a crash lost): then a new one is opened.
+    if !ln::channels_with(node, &peer).is_empty() && ln::wait_usable_or_gone(client, node, peer)? {
+        return Ok(());
     }
     ln::open_funded_channel(client, node, peer, addr, sat, false).context("the meter's channel")?;
     println!("opened a {sat} sat channel to {peer}");

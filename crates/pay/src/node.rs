@@ -184,6 +184,18 @@ pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result
     })
 }
 
+/// Wait until a channel with `peer` is usable (`Ok(true)`), or none is left (`Ok(false)`):
+/// LDK force-closes, just after a restart, a channel whose latest state it lost (a
+/// `kill -9` between its ChannelMonitor and ChannelManager writes, on either side), and a
+/// caller waiting for that channel would wait forever.
+pub fn wait_usable_or_gone(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<bool, PayError> {
+    wait_until(node, "a usable channel", Duration::from_secs(600), mine_on_regtest(client), |n| {
+        let c = channels_with(n, &peer);
+        c.is_empty() || c.iter().any(|c| c.is_usable)
+    })?;
+    Ok(channels_with(node, &peer).iter().any(|c| c.is_usable))
+}
+
 /// Wait until `node`'s graph (from gossip) holds an announced channel from `hub` to
 /// `provider` whose hub side is enabled, so keysends to `provider` can be routed through
 /// `hub`; mining a block a second on regtest (the announcement needs 6 confirmations).
