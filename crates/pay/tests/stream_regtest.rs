@@ -466,3 +466,47 @@ fn the_meter_pays_only_within_its_spending_policy() {
     // Closing pays for the energy delivered while the cover ran out, a tick or two.
     assert!(out.session.account.paid_msat <= 200 + 3 + 20, "{:?}", out.session.account);
 }
+
+/// Issue #13, items 2 and 3: nothing is ever refunded (a prepaid tick ahead is delivered
+/// before the close), so concurrent closes cannot collect anything: eight validly signed
+/// closes at once get the same statement, the provider sends no payment, and the account
+/// stays what the meter declared. A keysend to the meter from anyone (a "refund" record or
+/// any other) is not part of any account: the meter's statement does not change.
+#[test]
+fn concurrent_closes_collect_nothing_and_strangers_keysends_change_no_account() {
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    // The provider has outbound liquidity here (a push): if any code path could refund, it could.
+    channel(chain, mn, pn, 1_000_000, Some(200_000_000), false);
+    let http = free_addr();
+    let (provider, meter) = p.roles(tariff(Mode::Prepaid), http);
+    let s = meter.open_session(&pn.node_id().to_string()).unwrap();
+    let s = meter.run(&s.id, Some(6)).unwrap();
+    let out = meter.close(&s.id).unwrap();
+    assert!(out.reconciled, "{out:#?}");
+    let account = out.session.account.clone();
+    let outbound = |n: &Node| n.list_payments().iter().filter(|x| x.direction == PaymentDirection::Outbound).count();
+    let provider_sent = outbound(pn);
+    let req = serde_json::json!({
+        "account": account,
+        "signature": bitmote_device::hex_encode(&meter.device_key().sign(&bitmote_pay::close_message(&s.id, &account)).encode()),
+    });
+    let url = format!("http://{http}/v1/sessions/{}/close", bitmote_device::hex_encode(&s.id));
+    let statements: Vec<serde_json::Value> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8).map(|_| sc.spawn(|| ureq::post(&url).send_json(req.clone()).unwrap().into_json::<serde_json::Value>().unwrap())).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for st in &statements {
+        assert_eq!(st["session"]["account"], serde_json::json!(account), "{st:#}");
+        assert_eq!(st["session"]["state"], "closed", "{st:#}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(outbound(pn), provider_sent, "the provider sent nothing");
+    // A stranger (here the provider's node, as an attacker would) keysends the meter money
+    // with records of its own.
+    let rec = CustomTlvRecord { type_num: 0x62746b03, value: b"refund 999999".to_vec() };
+    pn.spontaneous_payment().send_with_custom_tlvs(5_000, mn.node_id(), None, vec![rec]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(meter.account(&s.id).unwrap(), Some(account.clone()));
+    assert_eq!(provider.session(&s.id).unwrap().unwrap().account, account);
+}
