@@ -135,13 +135,14 @@ pub struct LightArgs {
     /// How long to wait for the device's own chain to bury a payment deep enough before refusing.
     #[arg(long, default_value_t = 30)]
     light_wait_secs: u64,
-    /// The device's own floor on the amount, whatever the command claims.
+    /// The device's own floor on the amount, whatever the command claims (required, > 0,
+    /// with `--light-client`).
     #[arg(long, default_value_t = 0)]
     min_sat: u64,
     /// The device's own floor on confirmations, whatever the command claims.
     #[arg(long, default_value_t = 1)]
     min_confirmations: u32,
-    /// Accept payments only to these addresses (default: the address the command names).
+    /// Accept payments only to these addresses (required with `--light-client`).
     #[arg(long, value_name = "ADDRESS")]
     pay_to: Vec<String>,
 }
@@ -674,6 +675,12 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
         eprintln!("actuator {name}: GPIO line driven {}", if high(&state.output) { "high" } else { "low" });
     }
     let light = match la.light_client {
+        // Without a policy of its own the device would accept whatever amount and address
+        // a (compromised) gateway claims: refuse to start (issue #13, item 12).
+        Some(_) if la.pay_to.is_empty() || la.min_sat == 0 => bail!(
+            "a light-client device needs its own payment policy: --pay-to ADDRESS (the addresses it is paid to) \
+             and --min-sat N (N > 0); without them it would accept any amount to any address the gateway names"
+        ),
         Some(peer) => {
             let l = LightClient::start(peer, la.network)?;
             let tip = l.wait_synced(Duration::from_secs(120))?;

@@ -133,8 +133,16 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let (http, mqtt) = (u.http.clone(), u.mqtt.clone());
     let node = RegtestNode::attach(&d.join("bitcoind")).unwrap().expect("up's node is running");
     enroll_lock_7(d, &http);
+    // A light client without a payment policy of its own would take the gateway's word for
+    // amount and address: it refuses to start (issue #13, item 12).
+    let out = actuator(d, &mqtt, "lock-7").args(["--count", "1", "--light-client", &node.p2p_addr().to_string()]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pay-to ADDRESS"), "{}", String::from_utf8_lossy(&out.stderr));
     let mut lock = actuator(d, &mqtt, "lock-7")
         .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
+        // Its policy: the rental address (and, for the under-confirmed claim below, the
+        // anyone-can-spend address the test chain's coinbases pay), 20,000 sat at least.
+        .args(["--pay-to", &pay_to.to_string(), "--pay-to", &op_true_address().to_string(), "--min-sat", "20000"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
