@@ -493,6 +493,12 @@ fn start_gateway(
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     g.mqtt_broker_login = cfg.mqtt_broker_login()?;
     g.pay_status_urls = pay_status_urls;
+    if let Some(m) = cfg.gateway.disk_reserve_mib {
+        g.disk.reserve_bytes = m.checked_mul(1 << 20).context("disk_reserve_mib is too large")?;
+    }
+    if let Some(m) = cfg.gateway.disk_min_free_mib {
+        g.disk.min_free_bytes = m.checked_mul(1 << 20).context("disk_min_free_mib is too large")?;
+    }
     if let Some(listen) = lightning {
         g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }

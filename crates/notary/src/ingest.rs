@@ -52,6 +52,9 @@ pub enum IngestError {
     Storage(String),
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The disk is (nearly) full: nothing of this submission was acknowledged.
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl IngestError {
@@ -67,6 +70,7 @@ impl IngestError {
             IngestError::ClockSkew { .. } => "clock_skew",
             IngestError::Storage(_) => "storage",
             IngestError::ShuttingDown => "shutting_down",
+            IngestError::DiskFull(_) => "disk_full",
         }
     }
 }
@@ -356,7 +360,12 @@ pub struct Ingestor {
     devices: Arc<RwLock<HashMap<DeviceId, Device>>>,
     admin: Mutex<Connection>,
     stats: Arc<Stats>,
+    /// Asked before each submission: `Some(why)` refuses it (a full disk).
+    gate: RwLock<Option<Gate>>,
 }
+
+/// See [`Ingestor::set_gate`].
+pub type Gate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Ingestor {
     /// Open the database at `path` (creating it) and start the writer.
@@ -392,6 +401,7 @@ impl Ingestor {
             devices,
             admin: Mutex::new(admin),
             stats,
+            gate: RwLock::new(None),
         })
     }
 
@@ -403,8 +413,17 @@ impl Ingestor {
         &self.cfg
     }
 
+    /// Refuse submissions while `gate` says why (`IngestError::DiskFull`): the gateway's
+    /// disk guard, so nothing is acknowledged that the disk may not be able to keep.
+    pub fn set_gate(&self, gate: Gate) {
+        *self.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
     /// Every check that needs no database, and the hashing the writer will need.
     fn precheck(&self, sub: &Submission) -> Result<(DeviceId, Vec<Prepared>), IngestError> {
+        if let Some(why) = self.gate.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|g| g()) {
+            return Err(IngestError::DiskFull(why));
+        }
         let readings = sub.readings();
         let first = readings.first().ok_or_else(|| IngestError::Malformed("empty batch".into()))?;
         let max_batch = self.cfg.max_batch.min(MAX_BATCH);
@@ -700,7 +719,11 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
         }
         Err(e) => {
             tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len() + twins.len());
-            let e = IngestError::Storage(e.to_string());
+            let full = e.downcast_ref::<rusqlite::Error>().and_then(|e| e.sqlite_error_code()) == Some(rusqlite::ErrorCode::DiskFull);
+            let e = match full {
+                true => IngestError::DiskFull(format!("the gateway's disk is full ({e}); nothing of this submission was acknowledged; try again when space is freed")),
+                false => IngestError::Storage(e.to_string()),
+            };
             for (_, reply) in twins {
                 reply(Err(e.clone()));
             }
