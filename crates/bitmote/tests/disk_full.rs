@@ -69,12 +69,17 @@ impl Drop for Mount {
 }
 
 /// Fill the file system at `dir` to the last byte, as the drill does.
-fn fill(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("filler");
+fn fill(dir: &Path, n: usize) -> std::path::PathBuf {
+    let path = dir.join(format!("filler-{n}"));
     let mut f = std::fs::File::create(&path).unwrap();
     for size in [1 << 20, 4096, 1] {
         let chunk = vec![0x5au8; size];
-        while f.write_all(&chunk).is_ok() {}
+        let e = loop {
+            if let Err(e) = f.write_all(&chunk) {
+                break e;
+            }
+        };
+        eprintln!("fill: {size}-byte writes stopped at {} bytes: {e}; {} bytes free", f.metadata().unwrap().len(), free(dir));
     }
     let _ = f.sync_all();
     path
@@ -159,7 +164,19 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
     eventually("the meter pays its provider through the gateway's node", Duration::from_secs(90), || provider_paid(&provider) > 0);
 
     // An outside process fills the disk.
-    let filler = fill(&gw_dir);
+    eprintln!("before the fill: {:?}", get(&format!("{gw}/v1/stats"))["disk"]);
+    // It keeps writing while there is room (the guard may give its reserve back while the
+    // filler runs, and the filler then takes that too): until the guard had to give a piece
+    // of its reserve back, which is what a runaway writer makes it do.
+    let mut fillers = vec![fill(&gw_dir, 0)];
+    eventually("the guard gives a piece of its reserve back", Duration::from_secs(10), || {
+        let disk = get(&format!("{gw}/v1/stats"))["disk"].clone();
+        eprintln!("after {} fills: {disk}", fillers.len());
+        disk["releases"].as_u64() >= Some(1) || {
+            fillers.push(fill(&gw_dir, fillers.len()));
+            false
+        }
+    });
     let paid_at_fill = provider_paid(&provider);
     let mut seq = 4;
     eventually("a reading refused for the full disk", Duration::from_secs(10), || match post(&gw, &k, seq) {
@@ -182,6 +199,7 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
     let (code, _) = post(&gw, &k, seq).expect_err("still refused while the disk is full");
     assert_eq!(code, 507);
     let paid_full = provider_paid(&provider);
+    assert!(paid_full > paid_at_fill, "the meter's payments through the gateway's node went on while the disk was full ({paid_at_fill} → {paid_full} msat)");
     // Acknowledged readings are there, with proofs.
     for id in &before {
         get(&format!("{gw}/v1/readings/{id}"));
@@ -192,8 +210,12 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
     assert!(!out.contains("panicked"), "a panic while the disk was full:\n{out}");
 
     // Space comes back: ingest acknowledges again, no restart.
-    std::fs::remove_file(&filler).unwrap();
+    for f in &fillers {
+        std::fs::remove_file(f).unwrap();
+    }
+    let freed = Instant::now();
     eventually("ingest acknowledges again after the space is freed", Duration::from_secs(20), || post(&gw, &k, seq).is_ok());
+    eprintln!("acknowledged again {:.1} s after the space was freed", freed.elapsed().as_secs_f64());
     let stats = get(&format!("{gw}/v1/stats"));
     assert_eq!(stats["disk"]["state"], "ok", "{stats}");
     assert_eq!(stats["disk"]["reserve_held_bytes"], 32 << 20, "the reserve is whole again: {stats}");
