@@ -105,7 +105,10 @@ impl DiskGuard {
         if g.cfg.reserve_bytes > 0 {
             let _ = fs::create_dir_all(&g.reserve_dir);
         }
-        g.look();
+        // One piece per look: the whole reserve before the gateway starts (as much as fits).
+        for _ in 0..PIECES.max(1) {
+            g.look();
+        }
         g
     }
 
@@ -241,7 +244,18 @@ impl DiskGuard {
         let refuse = low || held < PIECES && piece > 0;
         let was = self.refusing.swap(refuse, Ordering::SeqCst);
         match (was, refuse) {
-            (false, true) => tracing::warn!("disk: {} MiB free in {}: ingest refuses new readings until space is freed", free >> 20, self.dir.display()),
+            (false, true) if low => tracing::warn!(
+                "disk: {} MiB free in {} (under {} MiB): ingest refuses new readings until space is freed",
+                free >> 20,
+                self.dir.display(),
+                self.cfg.min_free_bytes >> 20
+            ),
+            (false, true) => tracing::warn!(
+                "disk: {} MiB of the {} MiB reserve in {} missing: ingest refuses new readings until it can be made again",
+                (PIECES - held) * piece >> 20,
+                self.cfg.reserve_bytes >> 20,
+                self.dir.display()
+            ),
             (true, false) => tracing::info!("disk: {} MiB free again: ingest accepts readings", free >> 20),
             _ => {}
         }

@@ -719,11 +719,9 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
         }
         Err(e) => {
             tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len() + twins.len());
-            let full = e.downcast_ref::<rusqlite::Error>().and_then(|e| e.sqlite_error_code()) == Some(rusqlite::ErrorCode::DiskFull);
-            let e = match full {
-                true => IngestError::DiskFull(format!("the gateway's disk is full ({e}); nothing of this submission was acknowledged; try again when space is freed")),
-                false => IngestError::Storage(e.to_string()),
-            };
+            // (A disk that filled between two looks of the gateway's guard ends here too:
+            // "storage failed, nothing was acknowledged: database or disk is full".)
+            let e = IngestError::Storage(e.to_string());
             for (_, reply) in twins {
                 reply(Err(e.clone()));
             }
@@ -1044,6 +1042,28 @@ mod tests {
         // With room again (no quota), ingest continues where it stopped.
         let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
         assert_eq!(ing.submit(one(&k, seq)).unwrap()[0].leaf_index, acked.len() as u64);
+    }
+
+    /// While the gate says the disk is full, nothing is queued or stored; once it opens
+    /// again the same reading is accepted.
+    #[test]
+    fn a_closed_gate_refuses_with_its_reason_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sqlite");
+        let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
+        let k = SigningKey::schnorr_from_secret(&[8; 32]).unwrap();
+        ing.enroll(&k.public_key(), None).unwrap();
+        ing.submit(one(&k, 1)).unwrap();
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = full.clone();
+        ing.set_gate(Arc::new(move || f.load(Ordering::SeqCst).then(|| "the gateway's disk is full".to_string())));
+        let e = ing.submit(one(&k, 2)).unwrap_err();
+        assert!(matches!(&e, IngestError::DiskFull(m) if m.contains("disk is full")), "{e}");
+        assert_eq!(e.code(), "disk_full");
+        assert_eq!(MerkleLog::new(&registry::open_db(&path).unwrap()).size().unwrap(), 1);
+        full.store(false, Ordering::SeqCst);
+        assert_eq!(ing.submit(one(&k, 2)).unwrap()[0].leaf_index, 1);
+        assert_eq!(ing.stats().rejected.get("disk_full"), Some(&1));
     }
 
     #[test]
