@@ -334,7 +334,12 @@ impl Gateway {
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.stop())) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!("stopping the Lightning node: {e}"),
-                Err(_) => tracing::error!("the Lightning node panicked while stopping (an earlier failure inside LDK); its state on disk is what it last persisted"),
+                Err(_) => {
+                    tracing::error!("the Lightning node panicked while stopping (an earlier failure inside LDK); its state on disk is what it last persisted");
+                    // ldk-node's `Drop` calls `stop` again, which would panic on the same
+                    // poisoned lock: never drop this one (the process is about to exit).
+                    std::mem::forget(n.clone());
+                }
             }
         }
         // Last: the Lightning node's final writes may need the reserve.
