@@ -1263,6 +1263,10 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, key: &str, found: Option<&Fou
                         }
                         other => other,
                     };
+                    if rule.is_none() {
+                        let rule_id = parse_key(key).map_or(key, |(r, _)| r);
+                        message.push_str(&format!("; its rule {rule_id} was removed, so nothing reverts it"));
+                    }
                     if let Some(revert) = revert {
                         let (rule, action) = revert;
                         let (_, n) = latest_revert(tx, &m.event_id)?;

@@ -296,6 +296,11 @@ impl Rule {
 
     /// Check the rule makes sense on `network`.
     pub fn check(&self, network: Network) -> Result<(), RuleError> {
+        if let Some(c) = self.trigger.confirmations() {
+            if c > MAX_CONFIRMATIONS {
+                return Err(self.invalid(format!("confirmations = {c} is more than {MAX_CONFIRMATIONS} (about 70 days of blocks)")));
+            }
+        }
         if self.id.is_empty() || self.id.contains(':') {
             return Err(self.invalid("ids must be non-empty and must not contain ':'".into()));
         }
@@ -375,6 +380,14 @@ mod tests {
         assert!(matches!(RuleSet::parse(&text, Network::Bitcoin), Err(RuleError::Invalid { .. })), "wrong network address");
         let zero = text.replace("min_sat = 20000", "min_sat = 20000, confirmations = 0");
         assert!(RuleSet::parse(&zero, Network::Regtest).unwrap_err().to_string().contains("confirmations = 0"));
+        // A number of confirmations near u32::MAX would wrap `height + confirmations`.
+        for c in [10_001u64, u32::MAX as u64] {
+            let huge = text.replace("min_sat = 20000", &format!("min_sat = 20000, confirmations = {c}"));
+            let e = RuleSet::parse(&huge, Network::Regtest).unwrap_err().to_string();
+            assert!(e.contains(&format!("confirmations = {c} is more than 10000")), "{e}");
+        }
+        let most = text.replace("min_sat = 20000", "min_sat = 20000, confirmations = 10000");
+        assert!(RuleSet::parse(&most, Network::Regtest).is_ok());
         let dup = text.replace("id = \"lease\"", "id = \"door\"");
         assert!(RuleSet::parse(&dup, Network::Regtest).unwrap_err().to_string().contains("duplicate"));
         assert!(matches!(RuleSet::parse("[[rule]]\nid = 1\n", Network::Regtest), Err(RuleError::Parse(_))));
@@ -437,6 +450,10 @@ mod tests {
 }
 
 /// A revert command meaning "the inverse of what the action did".
+/// The most confirmations a rule may ask for: deeper than any sensible finality, and
+/// small enough that `height + confirmations` stays far from overflowing a block height.
+pub const MAX_CONFIRMATIONS: u32 = 10_000;
+
 pub const INVERSE: &str = "inverse";
 
 /// The command that undoes `command`, for the commands bitmote's devices know.

@@ -93,6 +93,14 @@ pub struct GatewaySection {
     /// Free space below which ingest refuses new readings (HTTP 507, MQTT `disk_full`) until
     /// space is freed (MiB, default 32).
     pub disk_min_free_mib: Option<u64>,
+    /// Programs that rules and orders added over the admin API may run as `exec` actions
+    /// (absolute paths, compared exactly). Empty by default: `exec` comes only from `rules.toml`.
+    #[serde(default)]
+    pub api_exec_programs: Vec<std::path::PathBuf>,
+    /// Secret files that webhooks added over the admin API may name (the gateway reads
+    /// them). Empty by default: webhooks come only from `rules.toml`.
+    #[serde(default)]
+    pub api_webhook_secret_files: Vec<std::path::PathBuf>,
 }
 
 /// `[notary]`: anchoring policy.

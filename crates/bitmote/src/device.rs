@@ -170,7 +170,8 @@ pub(crate) fn write_key(path: &Path, k: &SigningKey) -> Result<()> {
         SigningKey::Schnorr(_) => "schnorr",
         SigningKey::P256(_) => "p256",
     };
-    bitmote_chain::wallet::write_secret(path, format!("{kind}:{}\n", hex::encode(k.secret_bytes())).as_bytes())?;
+    // Never over an existing file: a device key is its identity.
+    bitmote_chain::wallet::create_secret(path, format!("{kind}:{}\n", hex::encode(k.secret_bytes())).as_bytes())?;
     Ok(())
 }
 

@@ -536,9 +536,12 @@ struct DriverState {
     retired: Vec<(String, u32)>,
 }
 
-/// How deep a finished rental's end must be before its rules are removed: deeper than any
-/// reorg bitmote is expected to follow (the drill makes them up to 6 deep).
-const RULE_KEEP_BLOCKS: u32 = 12;
+/// How deep a finished rental's end must be before its rules are removed: as deep as the
+/// deepest reorg the gateway's block stream follows (`max_reorg_depth`, 100), so a reorg
+/// can always still revert (or re-fire) what they did. (The drill's reorgs are up to 6
+/// deep, but a regtest node killed at the wrong time comes back having lost tens of
+/// unflushed blocks: seen 23.) A removed rule's actions are not reverted by the engine.
+const RULE_KEEP_BLOCKS: u32 = 100;
 
 #[derive(Clone, Serialize, Deserialize)]
 struct Rental {
@@ -750,6 +753,10 @@ impl Driver {
         let rule = json!({
             "id": lease_rule, "device": LOCK, "trigger": { "kind": "height", "height": lease_end },
             "action": { "command": "lock" }, "ttl_secs": 600,
+            // The chain falls back below the lease's end (a reorg to a shorter chain, a node
+            // that lost blocks): the lease has not ended after all, so the lock opens again;
+            // it locks again (a new generation) when the chain passes the end once more.
+            "revert": { "command": "inverse" },
         });
         match self.request("POST", "/v1/rules").send_json(rule) {
             Ok(_) | Err(ureq::Error::Status(409, _)) => {}

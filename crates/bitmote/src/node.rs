@@ -499,6 +499,10 @@ fn start_gateway(
     if let Some(m) = cfg.gateway.disk_min_free_mib {
         g.disk.min_free_bytes = m.checked_mul(1 << 20).context("disk_min_free_mib is too large")?;
     }
+    g.api_actions = bitmote_gateway::ApiActions {
+        exec_programs: cfg.gateway.api_exec_programs.clone(),
+        webhook_secret_files: cfg.gateway.api_webhook_secret_files.clone(),
+    };
     if let Some(listen) = lightning {
         g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }

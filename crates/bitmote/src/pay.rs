@@ -15,7 +15,7 @@ use bitmote_pay::ldk_node::Node;
 use bitmote_pay::meter::Meter;
 use bitmote_pay::node::{self as ln, NodeConfig};
 use bitmote_pay::provider::Provider;
-use bitmote_pay::tariff::{Mode, Tariff};
+use bitmote_pay::tariff::{BuyerPolicy, Mode, Tariff};
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
@@ -88,9 +88,23 @@ pub struct MeterArgs {
     /// The provider's JSON API.
     #[arg(long, default_value = "http://127.0.0.1:8660")]
     provider_url: String,
-    /// Pin the provider's node id (otherwise taken from its API on first use).
+    /// Pin the provider's node id. Required off regtest; on regtest the node id the
+    /// provider's API gives on first use is pinned in `<data-dir>/<name>/provider.pin`.
     #[arg(long)]
     provider_node: Option<String>,
+    /// Spending policy: the highest price accepted (msat per Wh). A tariff above it is
+    /// refused before anything is paid.
+    #[arg(long, default_value_t = BuyerPolicy::default().max_price_msat_per_wh)]
+    max_price_msat_per_wh: u64,
+    /// Spending policy: the most one session may cost (msat).
+    #[arg(long, default_value_t = BuyerPolicy::default().max_session_msat)]
+    max_session_msat: u64,
+    /// Spending policy: the most all sessions may cost in any 24 hours (msat).
+    #[arg(long, default_value_t = BuyerPolicy::default().max_day_msat)]
+    max_day_msat: u64,
+    /// Spending policy: the most a prepaid meter pays ahead of its energy (msat).
+    #[arg(long, default_value_t = BuyerPolicy::default().max_cover_msat)]
+    max_cover_msat: u64,
     /// Channel size when a channel must be opened (sat).
     #[arg(long, default_value_t = 500_000)]
     channel_sat: u64,
@@ -201,10 +215,26 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         .into_json()?;
     let (provider, paddr) = machine_node(&status).with_context(|| format!("the provider at {url}"))?;
     let pnode = provider.to_string();
-    if let Some(pin) = &a.provider_node {
-        if pin != &pnode {
-            bail!("the provider at {url} is node {pnode}, not the pinned {pin}");
+    // The provider's node id is pinned: a server answering at the provider's URL cannot
+    // name another node to be paid.
+    let pin_file = dir.join("provider.pin");
+    let pin = match &a.provider_node {
+        Some(p) => p.clone(),
+        None if client.network() != bitmote_chain::bitcoin::Network::Regtest => {
+            bail!("--provider-node is required off regtest (the provider's node id, from its operator)")
         }
+        None => match std::fs::read_to_string(&pin_file) {
+            Ok(p) => p.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(&pin_file, format!("{pnode}\n")).with_context(|| format!("writing {}", pin_file.display()))?;
+                println!("pinned the provider's node id {pnode} in {}", pin_file.display());
+                pnode.clone()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_file.display())),
+        },
+    };
+    if pin != pnode {
+        bail!("the provider at {url} is node {pnode}, not the pinned {pin}");
     }
     match &a.via {
         None => ensure_channel(&client, &node, provider, paddr, a.channel_sat)?,
@@ -219,6 +249,12 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     }
     let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));
     let m = Meter::start(node.clone(), &dir, &url, http)?;
+    m.set_policy(BuyerPolicy {
+        max_price_msat_per_wh: a.max_price_msat_per_wh,
+        max_session_msat: a.max_session_msat,
+        max_day_msat: a.max_day_msat,
+        max_cover_msat: a.max_cover_msat,
+    });
     if let Some(n) = &a.notary_url {
         let k = m.device_key().public_key();
         println!(

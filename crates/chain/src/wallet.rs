@@ -72,7 +72,7 @@ fn load_or_create_seed(path: &Path) -> Result<([u8; 32], bool)> {
             let mut seed = [0u8; 32];
             thread_rng().fill_bytes(&mut seed);
             let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
-            write_secret(path, hex.as_bytes())?;
+            create_secret(path, hex.as_bytes())?;
             Ok((seed, true))
         }
         Err(e) => Err(ChainError::io(format!("reading {}", path.display()), e)),
@@ -86,25 +86,91 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
-/// Write a secret file readable by its owner only (0600), durably.
-pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A fresh private temporary file beside `path` holding `bytes`, synced: created
+/// exclusively (`O_EXCL`, mode 0600, a name no one else uses), so nothing another process
+/// made or linked there is ever opened or truncated.
+fn private_temp(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
-    let ctx = || format!("writing {}", path.display());
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| ChainError::io(ctx(), e))?;
+    let mut nonce = [0u8; 8];
+    thread_rng().fill_bytes(&mut nonce);
+    let tag: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = path.with_extension(format!("tmp.{}.{tag}", std::process::id()));
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    if let Err(e) = f.write_all(bytes).and_then(|_| f.sync_all()) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    let tmp: PathBuf = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ChainError::io(ctx(), e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| ChainError::io(ctx(), e))?;
-    fs::rename(&tmp, path).map_err(|e| ChainError::io(ctx(), e))
+    Ok(tmp)
 }
 
+fn sync_dir(path: &Path) {
+    if let Some(d) = path.parent().and_then(|d| fs::File::open(if d.as_os_str().is_empty() { Path::new(".") } else { d }).ok()) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Create a secret file readable by its owner only (0600), durably (file and directory
+/// synced), and **never over an existing file**: if `path` exists (even one that cannot be
+/// read), this fails with [`std::io::ErrorKind::AlreadyExists`]. The file appears whole or
+/// not at all (written to a private temporary file, then hard-linked into place).
+pub fn create_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    let ctx = || format!("creating {}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| ChainError::io(ctx(), e))?;
+    }
+    let tmp = private_temp(path, bytes).map_err(|e| ChainError::io(ctx(), e))?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked.map_err(|e| ChainError::io(ctx(), e))?;
+    sync_dir(path);
+    Ok(())
+}
+
+/// Write (or replace) a secret file readable by its owner only (0600), durably: a fresh
+/// private temporary file, synced, renamed over `path`, the directory synced. For secrets
+/// that are meant to be replaced (new credentials from a re-enrolment); a secret that
+/// identifies its owner (a key, a seed, a token) is made with [`create_secret`].
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    let ctx = || format!("writing {}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(|e| ChainError::io(ctx(), e))?;
+    }
+    let tmp = private_temp(path, bytes).map_err(|e| ChainError::io(ctx(), e))?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(ChainError::io(ctx(), e));
+    }
+    sync_dir(path);
+    Ok(())
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_created_private_once_and_never_over_an_existing_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sub/key");
+        create_secret(&p, b"one").unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let e = create_secret(&p, b"two").unwrap_err().to_string();
+        assert!(e.contains("exists"), "{e}");
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        // A path that exists but is no readable file (here a directory) is not replaced.
+        let dir = d.path().join("dir");
+        fs::create_dir(&dir).unwrap();
+        assert!(create_secret(&dir, b"x").is_err());
+        assert!(dir.is_dir());
+        // No temporary file is left behind.
+        let left: Vec<_> = fs::read_dir(d.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("key")]);
+        write_secret(&p, b"three").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"three");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}
 
 impl GatewayWallet {
     /// Open the wallet in `dir` (`wallet.seed`, `wallet.sqlite`), creating it on first use.

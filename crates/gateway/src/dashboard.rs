@@ -35,7 +35,9 @@ pub async fn style() -> impl IntoResponse {
 }
 
 /// Everything the page shows but the Lightning part, in one answer.
-pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+pub async fn dashboard(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Result<Json<Value>, ApiError> {
+    // Anonymous readers do not see where actions are delivered or what addresses are paid.
+    let admin = crate::http::is_admin(&s, &headers);
     // Rules live in the actuator loop; the page goes on without them if it is busy.
     let rules = call_with_timeout(&s.actuator_jobs, Duration::from_secs(2), |e| e.rules()).await.ok();
     let rules: Option<Vec<Value>> = rules.map(|rules| {
@@ -49,7 +51,11 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
                 } else {
                     "mqtt"
                 };
-                json!({ "id": r.rule.id, "device": r.rule.device, "trigger": r.rule.trigger,
+                let mut trigger = json!(r.rule.trigger);
+                if !admin && trigger.get("address").is_some() {
+                    trigger["address"] = json!(crate::http::REDACTED);
+                }
+                json!({ "id": r.rule.id, "device": r.rule.device, "trigger": trigger,
                         "command": r.rule.action.command, "delivery": delivery, "source": r.source })
             })
             .collect()
@@ -86,7 +92,8 @@ pub async fn dashboard(State(s): State<Arc<Shared>>) -> Result<Json<Value>, ApiE
             })
             .collect();
         devices.extend(presence.into_iter().map(|(name, p)| json!({ "name": name, "presence": presence_json(p) })));
-        let actions: Vec<_> = s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
+        let actions: Vec<Value> =
+            s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).map(|a| crate::http::redact_action(json!(a), admin)).collect();
         let alerts: Vec<_> = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
         Ok(Json(json!({
             "now_ms": bitmote_chain::now_ms(),

@@ -353,11 +353,47 @@ async fn revoke(
     Ok(Json(json!({ "device": d })))
 }
 
-async fn actions(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn actions(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Json<serde_json::Value> {
     let actions = s.actions.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let alerts = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let admin = is_admin(&s, &headers);
+    let actions: Vec<serde_json::Value> = actions.iter().map(|a| redact_action(json!(a), admin)).collect();
     Json(json!({ "actions": actions, "alerts": alerts }))
 }
+
+/// Whether the request carries the admin token (public routes show more to the admin).
+pub(crate) fn is_admin(s: &Shared, headers: &HeaderMap) -> bool {
+    require_admin(s, headers).is_ok()
+}
+
+/// An outbox entry as an anonymous reader may see it: how it is delivered (`mqtt`,
+/// `webhook`, `exec`) but not where to (webhook URL, secret file, program and arguments),
+/// and not the address a payment went to. The admin sees everything.
+pub(crate) fn redact_action(mut v: serde_json::Value, admin: bool) -> serde_json::Value {
+    if admin {
+        return v;
+    }
+    if let Some((kind, detail)) = v["delivery"].as_object().and_then(|o| o.iter().next()).map(|(k, d)| (k.clone(), d.clone())) {
+        // A failed attempt's note may name the URL or the program: those parts go too.
+        let secrets: Vec<String> = [&detail["url"], &detail["secret_file"], &detail["program"]]
+            .into_iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .filter(|x| !x.is_empty())
+            .collect();
+        if let Some(note) = v["note"].as_str() {
+            let note = secrets.iter().fold(note.to_string(), |n, x| n.replace(x.as_str(), REDACTED));
+            v["note"] = json!(note);
+        }
+        v["delivery"] = json!({ kind: REDACTED });
+    }
+    if v["payment"].is_object() {
+        v["payment"]["address"] = json!(REDACTED);
+    }
+    v
+}
+
+/// What anonymous readers see in place of a detail only the admin may see.
+pub(crate) const REDACTED: &str = "<redacted: admin only>";
 
 async fn presence(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let p = s.presence.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -423,11 +459,21 @@ async fn list_rules(State(s): State<Arc<Shared>>, _: Admin) -> Result<Json<serde
 
 async fn add_rule(State(s): State<Arc<Shared>>, _: Admin, body: Bytes) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let rule: Rule = json_body(&body)?;
+    api_may_add(&s, [Some(&rule.action), rule.revert.as_ref()])?;
     if rule.id.starts_with(ORDER_PREFIX) {
         return Err(bad(format!("rule ids starting with {ORDER_PREFIX:?} are reserved for payment orders")));
     }
     let rule = call(&s.actuator_jobs, "the actuator", move |e| e.add_rule(rule)).await?.map_err(engine_err)?;
     Ok((StatusCode::CREATED, Json(json!({ "rule": rule }))))
+}
+
+/// Actions from the API may run a program or read a file only if the configuration's
+/// allow-list names it (403 otherwise, saying why): the admin token is not a shell.
+fn api_may_add<'a>(s: &Shared, actions: impl IntoIterator<Item = Option<&'a Action>>) -> Result<(), ApiError> {
+    for a in actions.into_iter().flatten() {
+        s.api_actions.check(a).map_err(|why| ApiError(StatusCode::FORBIDDEN, why, "forbidden_action"))?;
+    }
+    Ok(())
 }
 
 async fn remove_rule(State(s): State<Arc<Shared>>, _: Admin, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -533,6 +579,7 @@ async fn order(
         return lightning_order(s, device, serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?).await;
     }
     let o: Order = serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?;
+    api_may_add(&s, [Some(&o.action), o.revert.as_ref()])?;
     // Check everything but the address before taking one from the wallet.
     let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();
     o.rule(format!("{ORDER_PREFIX}0"), &device, placeholder).check(s.network).map_err(|e| bad(e.to_string()))?;

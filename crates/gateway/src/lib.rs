@@ -84,6 +84,44 @@ pub struct GatewayConfig {
     pub lightning: Option<lightning::LightningConfig>,
     /// The disk reserve and the free space ingest needs (see [`disk`]).
     pub disk: disk::DiskConfig,
+    /// What rules and orders added over the admin API may run or read. Empty by default:
+    /// `exec` actions and webhooks (whose `secret_file` the gateway reads) come only from
+    /// the operator's `rules.toml`, so the admin token is not a shell.
+    pub api_actions: ApiActions,
+}
+
+/// The allow-list for actions that run a program or read a file, when they come from the
+/// admin API instead of the operator's `rules.toml` (`[gateway] api_exec_programs` and
+/// `api_webhook_secret_files` in `bitmote.toml`). Paths are compared exactly.
+#[derive(Clone, Debug, Default)]
+pub struct ApiActions {
+    pub exec_programs: Vec<PathBuf>,
+    pub webhook_secret_files: Vec<PathBuf>,
+}
+
+impl ApiActions {
+    /// `Err(why)` if `action` runs a program or reads a file the allow-list does not name.
+    pub fn check(&self, action: &bitmote_actuator::Action) -> Result<(), String> {
+        if let Some(e) = &action.exec {
+            if !self.exec_programs.contains(&e.program) {
+                return Err(format!(
+                    "an exec action ({}) added over the API runs a program on the gateway: exec actions come from the operator's \
+                     rules.toml, or programs listed in [gateway] api_exec_programs",
+                    e.program.display()
+                ));
+            }
+        }
+        if let Some(w) = &action.webhook {
+            if !self.webhook_secret_files.contains(&w.secret_file) {
+                return Err(format!(
+                    "a webhook added over the API makes the gateway read {}: webhooks come from the operator's rules.toml, or \
+                     secret files listed in [gateway] api_webhook_secret_files",
+                    w.secret_file.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl GatewayConfig {
@@ -103,6 +141,7 @@ impl GatewayConfig {
             pay_status_urls: vec![],
             lightning: None,
             disk: disk::DiskConfig::default(),
+            api_actions: ApiActions::default(),
         }
     }
 }
@@ -145,6 +184,8 @@ pub struct Shared {
     pub lightning: Option<Arc<bitmote_pay::ldk_node::Node>>,
     /// The guard of the data directory's free space (see [`disk`]).
     pub disk: Arc<disk::DiskGuard>,
+    /// See [`GatewayConfig::api_actions`].
+    pub api_actions: ApiActions,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -168,22 +209,58 @@ pub struct Gateway {
     pub mqtt_addr: Option<SocketAddr>,
 }
 
+/// The admin token in `path`, created on first start. A token file that exists but
+/// cannot be read, or is empty, is an error: replacing it would lock out every client
+/// configured with the old token, so the gateway refuses to start and says why.
 fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
-    match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => {
+    let refuse = |why: String| GatewayError::Io {
+        context: format!("{} {why}; fix or remove it (it is never overwritten)", path.display()),
+        source: std::io::Error::other(why.clone()),
+    };
+    match std::fs::read(path) {
+        Ok(b) => {
+            let t = String::from_utf8(b).map_err(|_| refuse("is not text".into()))?;
+            if t.trim().is_empty() {
+                return Err(refuse("is empty".into()));
+            }
             use std::os::unix::fs::PermissionsExt;
             if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
                 tracing::warn!("{} is readable by others than its owner; chmod 600 it", path.display());
             }
             Ok(t.trim().to_string())
         }
-        _ => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut b = [0u8; 24];
             getrandom::getrandom(&mut b).map_err(|e| GatewayError::Io { context: "random token".into(), source: e.into() })?;
             let t = hex::encode(b);
-            bitmote_chain::wallet::write_secret(path, t.as_bytes())?;
+            bitmote_chain::wallet::create_secret(path, t.as_bytes())?;
             Ok(t)
         }
+        Err(e) => Err(refuse(format!("cannot be read ({e})"))),
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    /// Issue #13, item 9: an admin token that cannot be read is never replaced.
+    #[test]
+    fn an_unreadable_or_empty_token_is_refused_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("admin.token");
+        let t = load_or_create_token(&p).unwrap();
+        assert_eq!(load_or_create_token(&p).unwrap(), t);
+        std::fs::write(&p, [0xff, 0xfe, b'\n']).unwrap();
+        let e = load_or_create_token(&p).unwrap_err().to_string();
+        assert!(e.contains("is not text") && e.contains("never overwritten"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), [0xff, 0xfe, b'\n']);
+        std::fs::write(&p, "  \n").unwrap();
+        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("is empty"));
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("cannot be read"));
+        assert!(p.is_dir());
     }
 }
 
@@ -233,6 +310,7 @@ impl Gateway {
             mqtt_auth: mqtt_front::MqttAuth::load(&open_db(&db_path)?)?,
             lightning: ln_node,
             disk,
+            api_actions: cfg.api_actions.clone(),
         });
         let mut threads = vec![];
 

@@ -51,11 +51,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use crate::mqtt_wire::{topic_safe, Who, ADMIN_USER};
-use crate::mqtt_wire::{allowed, next_packet, read_connect, ConnectRefusal};
+use crate::mqtt_wire::{allowed, check_sizes, encode_checked, next_packet, read_connect, ConnectRefusal};
 use crate::{GatewayError, Shared};
 
 /// Bytes read at a time.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// Open connections one device may have at once (a reconnecting device briefly has two).
+pub const MAX_PER_DEVICE: usize = 4;
+/// Open client connections the front serves at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 4096;
 /// Username the front uses towards the broker.
 const FRONT_USER: &str = "bitmote-front";
 
@@ -129,13 +134,17 @@ impl MqttAuth {
         }
     }
 
-    fn register(&self, id: DeviceId) -> tokio::sync::watch::Receiver<bool> {
+    /// Register an open connection of `id`; `None` if it has [`MAX_PER_DEVICE`] already.
+    fn register(&self, id: DeviceId) -> Option<tokio::sync::watch::Receiver<bool>> {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let v = live.entry(id).or_default();
         v.retain(|c| !c.is_closed());
+        if v.len() >= MAX_PER_DEVICE {
+            return None;
+        }
         v.push(tx);
-        rx
+        Some(rx)
     }
 }
 
@@ -196,14 +205,22 @@ pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener, backend: Sock
                     Err(e) => return tracing::error!("MQTT listener: {e}"),
                 };
                 let secret: Arc<str> = secret.into();
+                let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 while !shared.stop.load(Ordering::SeqCst) {
                     match tokio::time::timeout(Duration::from_millis(200), listener.accept()).await {
                         Ok(Ok((stream, peer))) => {
-                            let (shared, secret) = (shared.clone(), secret.clone());
+                            if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                                tracing::warn!(%peer, "MQTT connection refused: {MAX_CONNECTIONS} open");
+                                drop(stream);
+                                continue;
+                            }
+                            let (shared, secret, open) = (shared.clone(), secret.clone(), open.clone());
+                            open.fetch_add(1, Ordering::Relaxed);
                             tokio::spawn(async move {
                                 if let Err(e) = connection(shared, stream, backend, &secret).await {
                                     tracing::info!(%peer, "MQTT connection closed: {e}");
                                 }
+                                open.fetch_sub(1, Ordering::Relaxed);
                             });
                         }
                         Ok(Err(e)) => {
@@ -265,11 +282,15 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     let (fh, bytes) = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut client, &mut buf))
         .await
         .map_err(|_| "no CONNECT within 10 s".to_string())??;
-    let mut connect = match read_connect(fh, bytes) {
+    let mut connect = match read_connect(fh, bytes).and_then(|c| check_sizes(&c).map(|()| c)) {
         Ok(c) => c,
         Err(ConnectRefusal::Unsupported(e)) => {
             connack(&mut client, 1).await;
             return Err(e);
+        }
+        Err(ConnectRefusal::TooLarge(code, e)) => {
+            connack(&mut client, code).await;
+            return Err(format!("refused: {e}"));
         }
         Err(ConnectRefusal::Malformed(e)) => return Err(e),
     };
@@ -299,7 +320,13 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     // From here a revocation or a new password closes the connection; one that came between
     // the check above and this registration is caught by checking again.
     let mut kicked = match &who {
-        Who::Device { id, .. } => shared.mqtt_auth.register(*id),
+        Who::Device { id, .. } => match shared.mqtt_auth.register(*id) {
+            Some(rx) => rx,
+            None => {
+                connack(&mut client, 3).await;
+                return Err(format!("refused: the device has {MAX_PER_DEVICE} connections open already"));
+            }
+        },
         Who::Admin => tokio::sync::watch::channel(false).1,
     };
     if authenticate(&shared, &login.username, &login.password).as_ref() != Ok(&who) {
@@ -318,8 +345,10 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
     // The device's sessions live in its own namespace of client ids.
     connect.client_id = format!("{}.{}", who.label(), connect.client_id);
     connect.login = Some(Login::new(FRONT_USER, secret));
-    let mut first = BytesMut::new();
-    connect.write(&mut first).map_err(|e| format!("encoding CONNECT: {e:?}"))?;
+    let first = encode_checked(&connect)?;
+    // A client that sends nothing for 1.5 keep-alive periods is gone (MQTT 3.1.1, 3.1.2.10);
+    // one without keep-alive gets the longest period MQTT can name.
+    let idle = Duration::from_millis(1500 * u64::from(if connect.keep_alive == 0 { u16::MAX } else { connect.keep_alive }));
 
     let mut broker = TcpStream::connect(backend).await.map_err(|e| format!("broker: {e}"))?;
     broker.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -365,7 +394,8 @@ async fn connection(shared: Arc<Shared>, mut client: TcpStream, backend: SocketA
                 out.clear();
             }
             buf.reserve(READ_CHUNK);
-            if cr.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            let read = tokio::time::timeout(idle, cr.read_buf(&mut buf)).await.map_err(|_| format!("idle for {} s", idle.as_secs()))?;
+            if read.map_err(|e| e.to_string())? == 0 {
                 return Err("closed by the client".into());
             }
             quickack(cr.as_ref());

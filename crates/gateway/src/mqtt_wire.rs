@@ -86,6 +86,56 @@ pub enum ConnectRefusal {
     Unsupported(String),
     /// Not a CONNECT, or a malformed one: the connection is closed without an answer.
     Malformed(String),
+    /// A field longer than the front allows: answered with this CONNACK code (2 for the
+    /// client id, 4 for the login, 5 for the last will).
+    TooLarge(u8, String),
+}
+
+/// The longest client id the front takes (it prefixes the device's label, and the result
+/// must still fit MQTT's 65,535-byte strings: a longer one would be cut when re-encoded,
+/// and the broker would read the client's bytes as other fields).
+pub const MAX_CLIENT_ID: usize = 128;
+/// The longest username and password (a device's are 64 and 64 hex digits).
+pub const MAX_LOGIN: usize = 256;
+/// The longest last-will topic and payload.
+pub const MAX_WILL_TOPIC: usize = 256;
+pub const MAX_WILL_PAYLOAD: usize = 4096;
+
+/// Check the sizes of a CONNECT's fields against the front's limits.
+pub fn check_sizes(c: &Connect) -> Result<(), ConnectRefusal> {
+    if c.client_id.len() > MAX_CLIENT_ID {
+        return Err(ConnectRefusal::TooLarge(2, format!("a client id of {} bytes (at most {MAX_CLIENT_ID})", c.client_id.len())));
+    }
+    if let Some(l) = &c.login {
+        if l.username.len() > MAX_LOGIN || l.password.len() > MAX_LOGIN {
+            return Err(ConnectRefusal::TooLarge(4, format!("a username or password over {MAX_LOGIN} bytes")));
+        }
+    }
+    if let Some(w) = &c.last_will {
+        if w.topic.len() > MAX_WILL_TOPIC || w.message.len() > MAX_WILL_PAYLOAD {
+            return Err(ConnectRefusal::TooLarge(
+                5,
+                format!("a last will of {} + {} bytes (at most {MAX_WILL_TOPIC} + {MAX_WILL_PAYLOAD})", w.topic.len(), w.message.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Encode the CONNECT the front sends the broker, and read it back: it must say exactly
+/// what the front checked (nothing cut, nothing shifted), or it is not sent.
+pub fn encode_checked(c: &Connect) -> Result<BytesMut, String> {
+    let mut out = BytesMut::new();
+    c.write(&mut out).map_err(|e| format!("encoding CONNECT: {e:?}"))?;
+    let mut again = out.clone();
+    let back = match next_packet(&mut again)? {
+        Some((fh, bytes)) if again.is_empty() => read_connect(fh, bytes).map_err(|e| format!("re-reading the CONNECT: {e:?}"))?,
+        _ => return Err("the re-encoded CONNECT is not one whole packet".into()),
+    };
+    if &back != c {
+        return Err("the re-encoded CONNECT does not read back the same".into());
+    }
+    Ok(out)
 }
 
 /// Read the client's first packet as an MQTT 3.1.1 CONNECT.

@@ -32,6 +32,8 @@ fn gateway(dir: &Path, node: &RegtestNode) -> (Gateway, String, String) {
     cfg.mqtt_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.anchor_poll = Duration::from_millis(100);
     cfg.actuator_retry = Retry { first: Duration::from_millis(100), max: Duration::from_millis(400) };
+    // The one program rules added over the API may run (see the rules test).
+    cfg.api_actions.exec_programs = vec![dir.join("ok.sh")];
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
@@ -141,6 +143,20 @@ fn webhooks_and_programs_are_retried_until_acknowledged_or_expired() {
             && action(log, &dead_id)["state"] == "expired"
     });
 
+    // Anonymous readers see how actions are delivered, not where to (issue #13, item 8):
+    // no webhook URL, secret file, program or argument anywhere in the public log, nor in
+    // the dashboard; the admin sees them.
+    let public = log.to_string();
+    for secret in [hooks.to_string(), d.join("hook.secret").display().to_string(), "[\"relay-3\"]".into(), script.display().to_string()] {
+        assert!(!public.contains(&secret), "{secret} in the public action log: {public}");
+    }
+    assert_eq!(action(&log, &hook_id)["delivery"]["webhook"], "<redacted: admin only>");
+    let dash = api("GET", &format!("{base}/v1/dashboard"), None, None).1.to_string();
+    assert!(!dash.contains(&hooks.to_string()) && !dash.contains("hook.secret"), "{dash}");
+    let log = api("GET", &format!("{base}/v1/actions"), Some(&token), None).1;
+    assert!(action(&log, &hook_id)["delivery"]["webhook"]["url"].as_str().unwrap().contains("/flaky"), "{log}");
+    assert!(action(&log, &prog_id)["delivery"]["exec"]["program"].is_string(), "{log}");
+
     // The webhook: three attempts (an error, a hang cut by the timeout, a 204), each with
     // the same event id and a valid signature over timestamp and body.
     let hook = action(&log, &hook_id);
@@ -215,6 +231,28 @@ fn rules_are_managed_over_the_api_live_and_across_restarts_and_orders_need_an_on
     let mut reserved = rule.clone();
     reserved["id"] = json!("order-77");
     assert_eq!(api("POST", &rules, t, Some(reserved)).0, 400);
+    // The admin token is not a shell (issue #13, item 5): a rule or an order from the API
+    // may run only a program the configuration allows, and read no secret file it does not
+    // name; refused with 403 and why, and nothing is stored.
+    let mut shell = rule.clone();
+    shell["id"] = json!("shell");
+    shell["action"]["exec"] = json!({ "program": "/bin/sh", "args": ["-c", "touch /tmp/pwned"] });
+    let (code, body) = api("POST", &rules, t, Some(shell.clone()));
+    assert_eq!(code, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("api_exec_programs"), "{body}");
+    let mut in_revert = rule.clone();
+    in_revert["id"] = json!("shell-2");
+    in_revert["revert"] = shell["action"].clone();
+    assert_eq!(api("POST", &rules, t, Some(in_revert)).0, 403);
+    let mut reader = rule.clone();
+    reader["id"] = json!("reader");
+    reader["action"] = json!({ "command": "on", "webhook": { "url": "http://127.0.0.1:9/x", "secret_file": d.join("hook.secret") } });
+    let (code, body) = api("POST", &rules, t, Some(reader));
+    assert_eq!(code, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("api_webhook_secret_files"), "{body}");
+    let shell_order = json!({ "min_sat": 20000, "action": shell["action"].clone() });
+    let (code, body) = api("POST", &format!("{base}/v1/devices/lock-9/orders"), t, Some(shell_order));
+    assert_eq!(code, 403, "{body}");
 
     // Added, listed with where it comes from, and watched from the next block on.
     let (code, body) = api("POST", &rules, t, Some(rule.clone()));

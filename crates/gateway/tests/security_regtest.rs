@@ -287,6 +287,18 @@ fn every_admin_route_wants_the_admin_token_and_secrets_are_private_files() {
         let (code, v) = api(method, url, Some(&bearer), body.clone());
         assert_ne!(code, 401, "{method} {url}: {v}");
     }
+    // A rule whose confirmations would wrap `height + confirmations` (u32) is refused
+    // before it is stored or watched (issue #13, item 11).
+    for c in [u32::MAX, 10_001] {
+        let huge = json!({ "id": format!("wrap-{c}"), "device": "relay-1", "action": { "command": "on" },
+            "trigger": { "kind": "payment", "address": "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080", "min_sat": 1000, "confirmations": c } });
+        let (code, v) = api("POST", &format!("{base}/v1/rules"), Some(&bearer), Some(huge));
+        assert_eq!(code, 400, "{v}");
+        assert!(v.to_string().contains("is more than 10000"), "{v}");
+    }
+    let (_, rules) = api("GET", &format!("{base}/v1/rules"), Some(&bearer), None);
+    assert!(!rules.to_string().contains("wrap-"), "{rules}");
+
     // Public routes stay public.
     for path in ["/health", "/v1/devices", "/v1/log", "/v1/anchors", "/v1/actions", "/v1/presence", "/openapi.json"] {
         assert_eq!(api("GET", &format!("{base}{path}"), None, None).0, 200, "{path}");
@@ -304,5 +316,79 @@ fn every_admin_route_wants_the_admin_token_and_secrets_are_private_files() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(mode(&seed), 0o600);
+    gw.shutdown();
+}
+
+/// Issue #13, item 6: the MQTT front never forwards a CONNECT it would have to cut. A
+/// client id, login or last will over the front's limits is refused with a CONNACK that
+/// says which (2, 4, 5) — a 65,000-byte client id, once the front prefixed the device's
+/// label, would have been cut by the encoder and the broker would have read the client's
+/// bytes as the will; a device may have only so many connections open; an idle client
+/// is closed after 1.5 keep-alive periods.
+#[test]
+fn oversized_connects_extra_connections_and_idle_clients_are_refused() {
+    use rumqttc::mqttbytes::v4::{Connect, LastWill, Login};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, gw, base, token) = gateway(dir.path());
+    let mqtt = gw.mqtt_addr.unwrap();
+    let k = SigningKey::schnorr_from_secret(&[71; 32]).unwrap();
+    let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&format!("Bearer {token}")), Some(json!({ "public_key": k.public_key().to_string(), "name": "big" })));
+    assert_eq!(code, 200, "{v}");
+    let (user, pass) = (v["mqtt"]["username"].as_str().unwrap().to_string(), v["mqtt"]["password"].as_str().unwrap().to_string());
+    let id = k.public_key().device_id().to_string();
+    // Raw CONNECT bytes, and the CONNACK code the front answers (None: closed without one).
+    let connack = |c: &Connect| -> (Option<u8>, std::net::TcpStream) {
+        let mut bytes = bytes::BytesMut::new();
+        c.write(&mut bytes).unwrap();
+        let mut s = std::net::TcpStream::connect(mqtt).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut ack = [0u8; 4];
+        let code = s.read_exact(&mut ack).ok().map(|()| ack[3]);
+        (code, s)
+    };
+    let connect = |client_id: &str| {
+        let mut c = Connect::new(client_id);
+        c.login = Some(Login::new(user.clone(), pass.clone()));
+        c.keep_alive = 2;
+        c
+    };
+    assert_eq!(connack(&connect("ok")).0, Some(0), "a normal CONNECT is accepted");
+    // A client id that fits MQTT but not the front's prefix: refused, not cut.
+    assert_eq!(connack(&connect(&"x".repeat(65_000))).0, Some(2));
+    assert_eq!(connack(&connect(&"x".repeat(129))).0, Some(2));
+    let mut long_login = connect("l");
+    long_login.login = Some(Login::new(user.clone(), "p".repeat(300)));
+    assert_eq!(connack(&long_login).0, Some(4));
+    let mut big_will = connect("w");
+    big_will.last_will = Some(LastWill::new(format!("bitmote/v1/devices/{id}/presence"), vec![b'x'; 5000], rumqttc::mqttbytes::QoS::AtLeastOnce, false));
+    assert_eq!(connack(&big_will).0, Some(5));
+    // Connections per device: the first four stay open, the fifth gets CONNACK 3.
+    let open: Vec<_> = (0..4)
+        .map(|i| {
+            let (code, s) = connack(&connect(&format!("c{i}")));
+            assert_eq!(code, Some(0), "connection {i}");
+            s
+        })
+        .collect();
+    assert_eq!(connack(&connect("c4")).0, Some(3));
+    drop(open);
+    // Closed ones free their place again (the front notices within a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, mut idle) = loop {
+        let (code, s) = connack(&connect("again"));
+        if code == Some(0) || Instant::now() > deadline {
+            break (code, s);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, Some(0));
+    // Keep-alive 2 s and silence: closed after about 3 s (read returns 0 bytes: EOF).
+    let t0 = Instant::now();
+    let mut b = [0u8; 1];
+    assert_eq!(idle.read(&mut b).unwrap_or(0), 0);
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(14), "closed after {waited:?}");
     gw.shutdown();
 }

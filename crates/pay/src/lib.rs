@@ -64,6 +64,10 @@ pub enum PayError {
     Session(String),
     #[error("not authorized: {0}")]
     Unauthorized(String),
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("spending policy: {0}")]
+    Policy(#[from] tariff::PolicyError),
 }
 
 /// Hex (de)serialization of fixed-size byte arrays (its own file so the fuzz targets can
@@ -78,6 +82,18 @@ pub fn close_message(id: &tick::SessionId, account: &tick::Account) -> [u8; 32] 
     bitmote_device::tagged_hash(
         b"bitmote/pay/close",
         &[id, &n(account.ticks), &n(account.register_mwh), &n(account.paid_msat)],
+    )
+}
+
+/// What the meter signs, with its device key, to open a session (`POST /v1/sessions`):
+/// only the holder of a meter key opens sessions for it, and a captured request cannot be
+/// replayed (the provider accepts each meter's `timestamp_ms` only once, increasing, and
+/// within [`provider::OPEN_CLOCK_SKEW`] of its clock).
+pub fn open_message(tariff_id: &str, meter_key: &str, meter_node: &str, timestamp_ms: u64) -> [u8; 32] {
+    let len = |x: &str| (x.len() as u64).to_be_bytes();
+    bitmote_device::tagged_hash(
+        b"bitmote/pay/open",
+        &[&len(tariff_id), tariff_id.as_bytes(), &len(meter_key), meter_key.as_bytes(), &len(meter_node), meter_node.as_bytes(), &timestamp_ms.to_be_bytes()],
     )
 }
 

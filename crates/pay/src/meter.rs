@@ -40,7 +40,7 @@ use crate::load::SimMeter;
 use crate::node::parse_node_id;
 use crate::provider::{CloseRequest, OpenRequest, Statement};
 use crate::store::{Session, State, Store, TickRow};
-use crate::tariff::{Mode, SignedTariff};
+use crate::tariff::{BuyerPolicy, Mode, SignedTariff};
 use crate::tick::{Account, SessionId, Tick, TLV_TICK};
 use crate::PayError;
 
@@ -76,6 +76,8 @@ pub struct Meter {
     /// Where the tick readings go as notary receipts, and the last error doing so.
     notary: Mutex<Option<NotaryLink>>,
     pub http_addr: SocketAddr,
+    /// What this meter is willing to pay, whatever the provider signs.
+    policy: Mutex<BuyerPolicy>,
 }
 
 #[derive(Clone, Debug)]
@@ -108,13 +110,17 @@ fn http_post<T: serde::de::DeserializeOwned>(url: &str, body: &impl Serialize) -
 /// with the notary before the meter first starts.
 pub fn load_or_create_secret(data: &Path) -> Result<[u8; 32], PayError> {
     let key_path = data.join("meter.key");
+    // A key that exists but cannot be read is never replaced: a new key would make every
+    // later tick fail the provider's signature check, and lose the preimages of the old.
+    let never = "fix or remove it (it is never overwritten)";
     match std::fs::read(&key_path) {
-        Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes", key_path.display()))),
-        Err(_) => {
+        Ok(b) => b.try_into().map_err(|_| PayError::Config(format!("{} is not 32 bytes; {never}", key_path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = SigningKey::generate_schnorr().map_err(|e| PayError::Config(format!("{e:?}")))?;
-            bitmote_chain::wallet::write_secret(&key_path, &k.secret_bytes()).map_err(|e| PayError::Config(e.to_string()))?;
+            bitmote_chain::wallet::create_secret(&key_path, &k.secret_bytes()).map_err(|e| PayError::Config(e.to_string()))?;
             Ok(k.secret_bytes())
         }
+        Err(e) => Err(PayError::Config(format!("{} cannot be read ({e}); {never}", key_path.display()))),
     }
 }
 
@@ -142,6 +148,7 @@ impl Meter {
             sim: Mutex::new(None),
             notary: Mutex::new(None),
             http_addr: listener.local_addr().map_err(|e| PayError::Config(e.to_string()))?,
+            policy: Mutex::new(BuyerPolicy::default()),
         });
         let ev = m.clone();
         std::thread::Builder::new().name("meter-events".into()).spawn(move || ev.event_loop()).expect("thread");
@@ -242,6 +249,15 @@ impl Meter {
         }
     }
 
+    /// Replace the buyer's spending policy (default: [`BuyerPolicy::default`]).
+    pub fn set_policy(&self, p: BuyerPolicy) {
+        *self.policy.lock().unwrap() = p;
+    }
+
+    pub fn policy(&self) -> BuyerPolicy {
+        self.policy.lock().unwrap().clone()
+    }
+
     /// Stop streaming ([`Meter::run`] returns at its next tick); everything else keeps
     /// running so the session can still be closed ([`Meter::close`]) and its receipts
     /// posted ([`Meter::flush_receipts`]). What a Ctrl-C does.
@@ -277,11 +293,13 @@ impl Meter {
         let st: SignedTariff = http_get(&format!("{}/v1/tariff", self.provider_url))?;
         let pk = parse_node_id(provider_node)?;
         st.check(provider_node, bitmote_chain::now_secs(), |m, sig| self.node.verify_signature(m, sig, &pk))?;
-        let req = OpenRequest {
-            tariff_id: st.id(),
-            meter_key: bitmote_device::hex_encode(&self.key.public_key().encode()),
-            meter_node: self.node.node_id().to_string(),
-        };
+        // Refused before anything is paid.
+        self.policy().admit(&st.tariff)?;
+        let (tariff_id, meter_key, meter_node) =
+            (st.id(), bitmote_device::hex_encode(&self.key.public_key().encode()), self.node.node_id().to_string());
+        let timestamp_ms = now_ms();
+        let signature = bitmote_device::hex_encode(&self.key.sign(&crate::open_message(&tariff_id, &meter_key, &meter_node, timestamp_ms)).encode());
+        let req = OpenRequest { tariff_id, meter_key, meter_node, timestamp_ms, signature };
         let s: Session = http_post(&format!("{}/v1/sessions", self.provider_url), &req)?;
         if s.tariff != st.tariff || s.meter_key != req.meter_key {
             return Err(PayError::Session("the provider opened the session under other terms".into()));
@@ -315,6 +333,9 @@ impl Meter {
         // Energy is measured from now: while the meter was down its contactor was open.
         *self.sim.lock().unwrap() = Some(SimMeter::new(seed, t.max_power_w, s.account.register_mwh, now_ms()));
         let mut next = if t.mode == Mode::Prepaid && s.account.ticks == 0 { now_ms() } else { now_ms() + t.tick_ms };
+        // When the register a new tick pays for started growing: the previous new tick's
+        // measurement, or now (the simulation measures from now).
+        let mut measured_ms = now_ms();
         while s.state == State::Open && !self.stop.load(Ordering::Relaxed) && max_ticks.is_none_or(|m| s.account.ticks < m) {
             let wait = next.saturating_sub(now_ms());
             std::thread::sleep(Duration::from_millis(wait));
@@ -330,7 +351,17 @@ impl Meter {
                 }
                 continue;
             }
-            let tick = s.account.next_tick(&t, *id, register);
+            let at = now_ms();
+            let policy = self.policy();
+            let tick = s.account.next_tick(&t, *id, register, at.saturating_sub(measured_ms));
+            let tick = s.account.with_ahead_at_most(&t, tick, policy.max_cover_msat);
+            measured_ms = at;
+            let day = self.store.lock().unwrap().paid_since(now_ms().saturating_sub(24 * 3600 * 1000))?;
+            if let Err(e) = policy.allows(&t, tick.amount_msat, s.account.paid_msat, day) {
+                tracing::warn!(session = bitmote_device::hex_encode(id), "stopping: spending policy: {e}");
+                s.reason = Some(format!("spending policy: {e}"));
+                break;
+            }
             if let Err(e) = self.send_tick(&mut s, tick, false) {
                 // Unpaid past the grace period: the provider will cut the supply, which
                 // the next look at the line shows; the tick stays pending in the store.
@@ -517,6 +548,7 @@ impl Meter {
                 return Ok(Ok(Some(format!("{} msat paid ahead not delivered: the supply ended", s.account.credit_msat(&t)))));
             };
             let (tick, last) = s.account.closing_tick(&t, s.id, register);
+            tracing::debug!(credit = s.account.credit_msat(&t), register, "closing tick {} of {} msat (last: {last})", tick.tick, tick.amount_msat);
             if let Err(e) = self.send_tick(s, tick, true) {
                 tracing::warn!("{e}");
                 if let Err(why) = self.settle_in_flight(s, Duration::from_millis(t.tick_ms + t.grace_ms))? {
@@ -540,6 +572,7 @@ impl Meter {
             return Ok(Outcome { session: s, provider: None, reconciled: false, unsettled: Some(why) });
         }
         let mut unsettled = None;
+        tracing::debug!(credit = s.account.credit_msat(&s.tariff), state = ?s.state, "closing: {:?}", s.account);
         if s.tariff.mode == Mode::Prepaid && s.state == State::Open && s.account.credit_msat(&s.tariff) > 0 {
             match self.deliver_ahead(&mut s)? {
                 Ok(note) => unsettled = note,
@@ -619,5 +652,27 @@ impl Meter {
             "last_receipt": last.and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()),
             "last_error": link.last_error,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #13, item 9: a meter key that cannot be read is never replaced.
+    #[test]
+    fn an_unreadable_meter_key_is_refused_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let k = load_or_create_secret(d.path()).unwrap();
+        assert_eq!(load_or_create_secret(d.path()).unwrap(), k);
+        let p = d.path().join("meter.key");
+        std::fs::write(&p, b"short").unwrap();
+        let e = load_or_create_secret(d.path()).unwrap_err().to_string();
+        assert!(e.contains("is not 32 bytes") && e.contains("never overwritten"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"short");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(load_or_create_secret(d.path()).unwrap_err().to_string().contains("cannot be read"));
+        assert!(p.is_dir());
     }
 }

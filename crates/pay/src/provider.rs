@@ -4,7 +4,9 @@
 //!
 //! HTTP API (JSON, loopback by default):
 //! - `GET /v1/tariff` – the signed tariff
-//! - `POST /v1/sessions` `{tariff_id, meter_key, meter_node}` – open a session
+//! - `POST /v1/sessions` `{tariff_id, meter_key, meter_node, timestamp_ms, signature}` – open a
+//!   session (signed by the meter key over [`crate::open_message`]; one open session per
+//!   meter, [`MAX_OPEN_SESSIONS`] in all)
 //! - `GET /v1/sessions/{id}` – the provider's account and supply state (for the
 //!   simulation this is also "the line": a meter sees whether energy flows)
 //! - `POST /v1/sessions/{id}/close` `{account, signature}` – end it at the meter's final
@@ -33,14 +35,26 @@ use crate::tariff::{SignedTariff, Tariff};
 use crate::tick::{Account, Refusal, SessionId, Tick, Verdict, TLV_TICK};
 use crate::PayError;
 
-/// A request to open a session.
+/// A request to open a session, signed by the meter's device key.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OpenRequest {
     pub tariff_id: String,
     /// The meter's device key (bitmote encoding, hex): it signs every register.
     pub meter_key: String,
     pub meter_node: String,
+    /// The meter's clock (unix ms): each meter's opens must carry increasing times.
+    pub timestamp_ms: u64,
+    /// The meter key's signature (hex) over [`crate::open_message`].
+    pub signature: String,
 }
+
+/// How far an open request's time may be from the provider's clock.
+pub const OPEN_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Open sessions a provider serves at most (all meters together); each meter has at most
+/// one open session.
+pub const MAX_OPEN_SESSIONS: usize = 1000;
 
 /// A side's account of a session, signed with its node key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,11 +109,9 @@ impl Provider {
         let store = Store::open(&data.join("provider.db"))?;
         // Sessions that were open when we stopped get a fresh grace period: our own
         // downtime is not the meter's fault.
-        for mut s in store.sessions()? {
-            if s.state == State::Open {
-                s.last_paid_ms = now();
-                store.put_session(&s)?;
-            }
+        for mut s in store.open_sessions()? {
+            s.last_paid_ms = now();
+            store.put_session(&s)?;
         }
         let listener = std::net::TcpListener::bind(http).map_err(|e| PayError::Config(format!("HTTP {http}: {e}")))?;
         listener.set_nonblocking(true).map_err(|e| PayError::Config(e.to_string()))?;
@@ -220,7 +232,7 @@ impl Provider {
     fn check_deadlines(&self) -> Result<(), PayError> {
         let store = self.store.lock().unwrap();
         let t = now();
-        for mut s in store.sessions()? {
+        for mut s in store.open_sessions()? {
             let deadline = s.last_paid_ms + s.tariff.tick_ms + s.tariff.grace_ms;
             if s.state == State::Open && t > deadline {
                 s.late += 1;
@@ -239,8 +251,32 @@ impl Provider {
             return Err(PayError::Session(format!("unknown tariff {} (current: {})", req.tariff_id, self.tariff.id())));
         }
         let key = bitmote_device::hex_decode(&req.meter_key).ok_or_else(|| PayError::Session("meter_key is not hex".into()))?;
-        DeviceKey::decode(&key).map_err(|e| PayError::Session(format!("meter_key: {e:?}")))?;
+        let meter = DeviceKey::decode(&key).map_err(|e| PayError::Session(format!("meter_key: {e:?}")))?;
         parse_node_id(&req.meter_node)?;
+        // Only the meter key's holder opens sessions for it, each signed request once.
+        let sig = bitmote_device::hex_decode(&req.signature)
+            .and_then(|b| bitmote_device::Signature::decode(&b).ok())
+            .ok_or_else(|| PayError::Unauthorized("the open request's signature is not a signature".into()))?;
+        meter
+            .verify(&crate::open_message(&req.tariff_id, &req.meter_key, &req.meter_node, req.timestamp_ms), &sig)
+            .map_err(|_| PayError::Unauthorized("the open request is not signed by its meter key".into()))?;
+        let skew = OPEN_CLOCK_SKEW.as_millis() as u64;
+        if req.timestamp_ms.abs_diff(now()) > skew {
+            return Err(PayError::Unauthorized(format!("the open request's time is more than {} s from ours", skew / 1000)));
+        }
+        let store = self.store.lock().unwrap();
+        let last = format!("open_ms:{}", req.meter_key);
+        if store.counter(&last)?.is_some_and(|l| req.timestamp_ms <= l) {
+            return Err(PayError::Unauthorized("a replayed open request (its time is not after the meter's last open)".into()));
+        }
+        let open = store.open_sessions()?;
+        if open.iter().any(|s| s.meter_key == req.meter_key) {
+            return Err(PayError::Busy("this meter has an open session already (resume it, or close it first)".into()));
+        }
+        if open.len() >= MAX_OPEN_SESSIONS {
+            return Err(PayError::Busy(format!("{MAX_OPEN_SESSIONS} sessions are open: no more now")));
+        }
+        store.set_counter(&last, req.timestamp_ms)?;
         let mut id = [0u8; 16];
         id.copy_from_slice(&bitmote_device::sha256(&[&key[..], &now().to_be_bytes(), &rand_bytes()].concat())[..16]);
         let t = now();
@@ -261,7 +297,7 @@ impl Provider {
             short: 0,
             final_ticks: None,
         };
-        self.store.lock().unwrap().put_session(&s)?;
+        store.put_session(&s)?;
         tracing::info!(session = bitmote_device::hex_encode(&id), meter = req.meter_node, "session opened");
         Ok(s)
     }
@@ -381,7 +417,11 @@ fn router(p: Shared) -> Router {
         .route(
             "/v1/sessions",
             post(|AxState(p): AxState<Shared>, Json(req): Json<OpenRequest>| async move {
-                p.open(&req).map(Json).map_err(api_err(StatusCode::BAD_REQUEST))
+                p.open(&req).map(Json).map_err(|e| match e {
+                    PayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, e.to_string()),
+                    PayError::Busy(_) => (StatusCode::CONFLICT, e.to_string()),
+                    e => (StatusCode::BAD_REQUEST, e.to_string()),
+                })
             }),
         )
         .route(

@@ -106,15 +106,43 @@ impl Store {
         if !has_receipt {
             db.execute_batch("ALTER TABLE ticks ADD COLUMN receipt TEXT").map_err(db_err)?;
         }
-        Ok(Store { db })
+        // Added later too: whether a session is open, indexed, so that deadline checks and
+        // caps cost O(open sessions), not O(every session ever stored).
+        let has_open: bool = db
+            .query_row("SELECT COUNT(*) FROM pragma_table_info('sessions') WHERE name = 'open'", [], |r| r.get::<_, i64>(0))
+            .map_err(db_err)?
+            > 0;
+        let store = Store { db };
+        if !has_open {
+            store.db.execute_batch("ALTER TABLE sessions ADD COLUMN open INTEGER NOT NULL DEFAULT 0").map_err(db_err)?;
+            for s in store.sessions()? {
+                store.put_session(&s)?;
+            }
+        }
+        store.db.execute_batch("CREATE INDEX IF NOT EXISTS sessions_open ON sessions(open)").map_err(db_err)?;
+        Ok(store)
     }
 
     pub fn put_session(&self, s: &Session) -> Result<(), PayError> {
         let body = serde_json::to_string(s).expect("a session serializes");
         self.db
-            .execute("INSERT OR REPLACE INTO sessions (id, body) VALUES (?1, ?2)", params![&s.id[..], body])
+            .execute(
+                "INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)",
+                params![&s.id[..], body, s.state == State::Open],
+            )
             .map_err(db_err)?;
         Ok(())
+    }
+
+    /// The open sessions (indexed: as cheap as there are open sessions).
+    pub fn open_sessions(&self) -> Result<Vec<Session>, PayError> {
+        let mut st = self.db.prepare_cached("SELECT body FROM sessions WHERE open = 1").map_err(db_err)?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
+        let mut out = Vec::new();
+        for b in rows {
+            out.push(serde_json::from_str(&b.map_err(db_err)?).map_err(|e| PayError::Store(format!("corrupt session: {e}")))?);
+        }
+        Ok(out)
     }
 
     pub fn session(&self, id: &SessionId) -> Result<Option<Session>, PayError> {
@@ -160,7 +188,7 @@ impl Store {
             .map_err(db_err)?;
         if n == 1 {
             let body = serde_json::to_string(s).expect("a session serializes");
-            tx.execute("INSERT OR REPLACE INTO sessions (id, body) VALUES (?1, ?2)", params![&s.id[..], body])
+            tx.execute("INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)", params![&s.id[..], body, s.state == State::Open])
                 .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
@@ -176,7 +204,7 @@ impl Store {
         )
         .map_err(db_err)?;
         let body = serde_json::to_string(s).expect("a session serializes");
-        tx.execute("INSERT OR REPLACE INTO sessions (id, body) VALUES (?1, ?2)", params![&s.id[..], body])
+        tx.execute("INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)", params![&s.id[..], body, s.state == State::Open])
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
@@ -305,6 +333,30 @@ impl Store {
     }
 
     /// Increment and return a named counter (the meter's reading sequence).
+    /// What was paid (meter) or credited (provider) in ticks sent since `since_ms`.
+    pub fn paid_since(&self, since_ms: u64) -> Result<u64, PayError> {
+        self.db
+            .query_row("SELECT COALESCE(SUM(amount_msat), 0) FROM ticks WHERE sent_ms >= ?1 AND done_ms IS NOT NULL", [since_ms as i64], |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(db_err)
+    }
+
+    /// A named counter's value, if set.
+    pub fn counter(&self, name: &str) -> Result<Option<u64>, PayError> {
+        self.db
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(|v| v as u64))
+            .map_err(db_err)
+    }
+
+    pub fn set_counter(&self, name: &str, value: u64) -> Result<(), PayError> {
+        self.db
+            .execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?1, ?2)", params![name, value as i64])
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
     pub fn next(&self, name: &str) -> Result<u64, PayError> {
         self.db
             .query_row(

@@ -74,10 +74,20 @@ impl Tariff {
         serde_json::to_vec(self).expect("a tariff always serializes")
     }
 
-    /// Sanity of the numbers (a provider publishing nonsense is refused).
+    /// Sanity of the numbers (a provider publishing nonsense is refused). Every field is
+    /// bounded, so no time or amount computed from a tariff can overflow.
     pub fn check(&self, now_secs: u64) -> Result<(), TariffError> {
         if self.tick_ms < 10 || self.tick_ms > 3_600_000 {
             return Err(TariffError::Invalid("tick length must be 10 ms to 1 h"));
+        }
+        if self.grace_ms > 3_600_000 {
+            return Err(TariffError::Invalid("the grace period must be at most 1 h"));
+        }
+        if self.price_msat_per_wh > 1_000_000_000 || self.max_power_w > 100_000_000 {
+            return Err(TariffError::Invalid("price (at most 10^9 msat/Wh) or power (at most 100 MW) out of range"));
+        }
+        if self.session_limit_msat > MAX_MSAT {
+            return Err(TariffError::Invalid("the session limit is more than all bitcoin"));
         }
         if self.price_msat_per_wh == 0 || self.max_power_w == 0 || self.session_limit_msat == 0 {
             return Err(TariffError::Invalid("price, power and session limit must be positive"));
@@ -101,6 +111,68 @@ impl Tariff {
     /// remainder is never lost, it stays in the register and is paid with later energy.
     pub fn due_msat(&self, register_mwh: u64) -> u64 {
         (register_mwh as u128 * self.price_msat_per_wh as u128 / 1000) as u64
+    }
+}
+
+/// All the bitcoin there will ever be, in millisatoshis.
+pub const MAX_MSAT: u64 = 21_000_000 * 100_000_000 * 1000;
+
+/// What the buyer (the meter) is willing to pay, whatever the provider signs: a tariff
+/// outside it is refused before anything is paid, and streaming stops before a payment
+/// would pass a limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuyerPolicy {
+    /// The highest price accepted, msat per Wh.
+    pub max_price_msat_per_wh: u64,
+    /// The most one session may cost, msat (the session ends there).
+    pub max_session_msat: u64,
+    /// The most all sessions together may cost in any 24 hours, msat.
+    pub max_day_msat: u64,
+    /// The most a prepaid meter pays ahead of its energy (its cover), msat.
+    pub max_cover_msat: u64,
+}
+
+impl Default for BuyerPolicy {
+    /// A household's meter: up to 1 sat/Wh (1,000 sat/kWh), 10,000 sat a session, 50,000
+    /// sat a day, 100 sat ahead.
+    fn default() -> Self {
+        BuyerPolicy { max_price_msat_per_wh: 1_000, max_session_msat: 10_000_000, max_day_msat: 50_000_000, max_cover_msat: 100_000 }
+    }
+}
+
+/// Why the buyer's policy refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("the tariff's price {price} msat/Wh is above this meter's limit of {max} msat/Wh")]
+    Price { price: u64, max: u64 },
+    #[error("paying {amount} msat would bring this session to {total} msat, above the limit of {max} msat")]
+    Session { amount: u64, total: u64, max: u64 },
+    #[error("paying {amount} msat would bring the last 24 hours to {total} msat, above the limit of {max} msat a day")]
+    Day { amount: u64, total: u64, max: u64 },
+}
+
+impl BuyerPolicy {
+    /// Whether a session may be opened under `t`.
+    pub fn admit(&self, t: &Tariff) -> Result<(), PolicyError> {
+        if t.price_msat_per_wh > self.max_price_msat_per_wh {
+            return Err(PolicyError::Price { price: t.price_msat_per_wh, max: self.max_price_msat_per_wh });
+        }
+        Ok(())
+    }
+
+    /// Whether `amount` may be paid in a session that has paid `session_paid` under `t`,
+    /// when `day_paid` was paid in the last 24 hours.
+    pub fn allows(&self, t: &Tariff, amount: u64, session_paid: u64, day_paid: u64) -> Result<(), PolicyError> {
+        let max = self.max_session_msat.min(t.session_limit_msat);
+        let total = session_paid.saturating_add(amount);
+        if total > max {
+            return Err(PolicyError::Session { amount, total, max });
+        }
+        let total = day_paid.saturating_add(amount);
+        if total > self.max_day_msat {
+            return Err(PolicyError::Day { amount, total, max: self.max_day_msat });
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +258,34 @@ mod tests {
         bad.tariff.valid_until = u64::MAX;
         bad.tariff.tick_ms = 1;
         assert!(matches!(bad.check("02aa", 6, |_: &[u8], _: &str| true), Err(TariffError::Invalid(_))));
+        // Every field is bounded (a huge grace period used to overflow `Instant + Duration`).
+        for f in [
+            |t: &mut Tariff| t.grace_ms = u64::MAX,
+            |t: &mut Tariff| t.price_msat_per_wh = u64::MAX,
+            |t: &mut Tariff| t.max_power_w = u64::MAX,
+            |t: &mut Tariff| t.session_limit_msat = u64::MAX,
+        ] {
+            let mut t = test_tariff(Mode::Prepaid);
+            f(&mut t);
+            assert!(matches!(t.check(0), Err(TariffError::Invalid(_))), "{t:?}");
+        }
         assert_eq!(st.id().len(), 64);
+    }
+
+    #[test]
+    fn the_buyers_policy_bounds_price_session_and_day() {
+        let p = BuyerPolicy { max_price_msat_per_wh: 300, max_session_msat: 1000, max_day_msat: 1500, max_cover_msat: 50 };
+        let mut t = test_tariff(Mode::Prepaid);
+        assert_eq!(p.admit(&t), Ok(()));
+        t.price_msat_per_wh = 301;
+        assert_eq!(p.admit(&t), Err(PolicyError::Price { price: 301, max: 300 }));
+        let t = test_tariff(Mode::Prepaid);
+        assert_eq!(p.allows(&t, 100, 900, 0), Ok(()));
+        assert!(matches!(p.allows(&t, 101, 900, 0), Err(PolicyError::Session { .. })));
+        assert!(matches!(p.allows(&t, 100, 0, 1401), Err(PolicyError::Day { .. })));
+        // The tariff's own session limit, if lower, counts too.
+        let small = Tariff { session_limit_msat: 500, ..t.clone() };
+        assert!(matches!(p.allows(&small, 100, 450, 0), Err(PolicyError::Session { max: 500, .. })));
+        assert!(matches!(p.allows(&t, u64::MAX, u64::MAX, 0), Err(PolicyError::Session { .. })));
     }
 }

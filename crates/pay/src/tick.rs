@@ -148,17 +148,33 @@ impl Account {
         self.paid_msat as i128 - self.due_msat(t) as i128
     }
 
-    /// The meter's next payment at `register_mwh`: exactly what the register makes due,
-    /// plus, prepaid, one tick ahead at the rate of the tick just measured (the energy
-    /// since the previous payment); at least 1 msat, so every tick is paid and the
-    /// provider can tell a live meter from a dead one.
-    pub fn next_tick(&self, t: &Tariff, session: SessionId, register_mwh: u64) -> Tick {
+    /// The meter's next payment at `register_mwh`, measured `elapsed_ms` after the
+    /// register last paid for: exactly what the register makes due, plus, prepaid, one
+    /// tick ahead at the rate just measured (the energy since the previous payment, scaled
+    /// to one `tick_ms` when it accrued over longer: after a payment that took long, or a
+    /// restart, the buyer still pays only one tick ahead); at least 1 msat, so every tick
+    /// is paid and the provider can tell a live meter from a dead one.
+    pub fn next_tick(&self, t: &Tariff, session: SessionId, register_mwh: u64, elapsed_ms: u64) -> Tick {
         let due = t.due_msat(register_mwh);
         let target = match t.mode {
             Mode::Postpaid => due,
-            Mode::Prepaid => due + due.saturating_sub(self.due_msat(t)),
+            Mode::Prepaid => {
+                let grew = due.saturating_sub(self.due_msat(t)) as u128;
+                let ahead = grew * t.tick_ms as u128 / (elapsed_ms.max(t.tick_ms).max(1) as u128);
+                due.saturating_add(ahead as u64)
+            }
         };
         self.tick_of(session, register_mwh, target.saturating_sub(self.paid_msat).max(1))
+    }
+
+    /// `tick` (from [`Account::next_tick`]) with at most `max_ahead_msat` paid ahead of the
+    /// energy its register makes due: the buyer's cover limit. Still at least 1 msat.
+    pub fn with_ahead_at_most(&self, t: &Tariff, tick: Tick, max_ahead_msat: u64) -> Tick {
+        let most = t.due_msat(tick.register_mwh).saturating_add(max_ahead_msat).max(self.paid_msat.saturating_add(1));
+        if tick.paid_msat <= most {
+            return tick;
+        }
+        Tick { amount_msat: most - self.paid_msat, paid_msat: most, ..tick }
     }
 
     /// A prepaid session's closing tick at `register_mwh`, with no tick ahead any more:
@@ -259,7 +275,7 @@ mod tests {
             let mut register = 0;
             for i in 0..500u64 {
                 let before = meter.clone();
-                let tick = meter.next_tick(&t, [1; 16], register);
+                let tick = meter.next_tick(&t, [1; 16], register, t.tick_ms);
                 assert_eq!(provider.accept(&t, &tick, tick.amount_msat, t.tick_ms), Ok(Verdict::Paid));
                 meter.record(&tick);
                 assert_eq!(meter, provider);
@@ -280,7 +296,7 @@ mod tests {
                 }
                 register += (i * 7919) % 1999 + 1; // 1..2 Wh per tick, awkward numbers
             }
-            let last = meter.next_tick(&t, [1; 16], register);
+            let last = meter.next_tick(&t, [1; 16], register, t.tick_ms);
             provider.accept(&t, &last, last.amount_msat, t.tick_ms).unwrap();
             meter.record(&last);
             assert_eq!(meter, provider);
@@ -313,6 +329,43 @@ mod tests {
 
     /// The closing tick settles exactly whatever the last register: a register past the
     /// payments pays the difference; one short of it, or exactly at it, a keep-alive.
+    /// A tick measured long after the previous one (its payment took 22 s while the
+    /// provider restarted) pays the energy of those 22 s in full, but only one tick ahead
+    /// at their average rate, not 22 s ahead (found by `pay_cli`: 1,513 msat ahead that a
+    /// close could not deliver in time).
+    #[test]
+    fn a_late_tick_pays_its_energy_and_only_one_tick_ahead() {
+        let t = test_tariff(Mode::Prepaid);
+        let a = Account { ticks: 15, register_mwh: 590, paid_msat: 0 };
+        let a = Account { paid_msat: t.due_msat(a.register_mwh) + 1, ..a };
+        let gap = 44 * t.tick_ms;
+        let tick = a.next_tick(&t, [1; 16], 590 + 44_000, gap);
+        let due = t.due_msat(590 + 44_000);
+        let grew = due - t.due_msat(590);
+        assert_eq!(tick.paid_msat, due + grew / 44);
+        // At the usual pace, the whole growth is the tick ahead, as before.
+        let tick = a.next_tick(&t, [1; 16], 590 + 1000, t.tick_ms);
+        assert_eq!(tick.paid_msat, 2 * t.due_msat(590 + 1000) - t.due_msat(590));
+        // A faster tick (shorter than tick_ms) is not scaled up.
+        assert_eq!(a.next_tick(&t, [1; 16], 590 + 1000, 1).paid_msat, tick.paid_msat);
+    }
+
+    #[test]
+    fn the_cover_is_capped_and_the_energy_still_paid() {
+        let t = test_tariff(Mode::Prepaid);
+        let a = Account { ticks: 3, register_mwh: 1000, paid_msat: 300 };
+        let tick = a.next_tick(&t, [1; 16], 5000, t.tick_ms);
+        let due = t.due_msat(5000);
+        assert_eq!(tick.paid_msat, due + (due - t.due_msat(1000)));
+        let capped = a.with_ahead_at_most(&t, tick, 10);
+        assert_eq!((capped.paid_msat, capped.amount_msat), (due + 10, due + 10 - 300));
+        assert_eq!(a.with_ahead_at_most(&t, tick, u64::MAX), tick);
+        // Already ahead by more than the cap: 1 msat keeps the session alive, no more.
+        let rich = Account { paid_msat: due + 500, ..a.clone() };
+        let tick = rich.next_tick(&t, [1; 16], 5000, t.tick_ms);
+        assert_eq!(rich.with_ahead_at_most(&t, tick, 10).amount_msat, 1);
+    }
+
     #[test]
     fn closing_tick_settles_exactly() {
         let t = test_tariff(Mode::Prepaid);
@@ -332,16 +385,16 @@ mod tests {
     fn provider_refuses_replays_lies_and_detects_short_payments() {
         let t = test_tariff(Mode::Postpaid);
         let mut acct = Account::default();
-        let t0 = acct.next_tick(&t, [1; 16], 1000);
+        let t0 = acct.next_tick(&t, [1; 16], 1000, t.tick_ms);
         acct.accept(&t, &t0, t0.amount_msat, 2000).unwrap();
         // The same tick again.
         assert_eq!(acct.accept(&t, &t0, t0.amount_msat, 2000), Err(Refusal::WrongTick { got: 0, expected: 1 }));
-        let mut t1 = acct.next_tick(&t, [1; 16], 2000);
+        let mut t1 = acct.next_tick(&t, [1; 16], 2000, t.tick_ms);
         assert!(matches!(acct.accept(&t, &t1, t1.amount_msat - 1, 2000), Err(Refusal::AmountMismatch { .. })));
         let mut back = t1;
         back.register_mwh = 10;
         assert!(matches!(acct.accept(&t, &back, back.amount_msat, 2000), Err(Refusal::RegisterBackwards { .. })));
-        let mut huge = acct.next_tick(&t, [1; 16], 1_000_000);
+        let mut huge = acct.next_tick(&t, [1; 16], 1_000_000, t.tick_ms);
         huge.paid_msat = acct.paid_msat + huge.amount_msat;
         assert!(matches!(acct.accept(&t, &huge, huge.amount_msat, 2000), Err(Refusal::Implausible { .. })));
         let before = acct.clone();

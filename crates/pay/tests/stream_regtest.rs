@@ -121,7 +121,7 @@ fn late_forged_replayed_and_short_payments_are_caught() {
             .unwrap();
     };
     let refusals = || provider.status().unwrap()["totals"]["refused"].as_u64().unwrap();
-    let good = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 50);
+    let good = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 50, s.tariff.tick_ms);
     // Forged: signed by another key.
     let stranger = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
     send(good, &stranger, good.amount_msat, 1);
@@ -158,7 +158,7 @@ fn late_forged_replayed_and_short_payments_are_caught() {
     let reasons = st["refusals"].to_string();
     assert!(reasons.contains("signature") && reasons.contains("replayed") && reasons.contains("carried"), "{reasons}");
     // Short: consistent record, but less than the register makes due: credited, then cut.
-    let mut short = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 400);
+    let mut short = acct.next_tick(&s.tariff, s.id, acct.register_mwh + 400, s.tariff.tick_ms);
     short.amount_msat -= 50;
     short.paid_msat -= 50;
     send(short, meter.device_key(), short.amount_msat, 4);
@@ -359,4 +359,110 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     eprintln!("force close: meter recovered {back} sat of {} after the timelock", 300_000 - paid / 1000);
     meter.shutdown();
     stop(&[mn]);
+}
+
+/// Issue #13, item 4: opening a session takes the meter key's signature, a signed request
+/// cannot be replayed, a meter has one open session, and the provider as a whole at most
+/// `MAX_OPEN_SESSIONS`; spam does not slow the deadline checks of honest sessions (they
+/// read only open sessions). Real HTTP against a real provider on regtest.
+#[test]
+fn opening_a_session_needs_the_meter_key_and_spam_is_capped() {
+    use bitmote_pay::provider::{OpenRequest, MAX_OPEN_SESSIONS};
+    let p = pair(false);
+    let http = free_addr();
+    // A long grace period: no session is cut for lateness while the test opens them all.
+    let (provider, _meter) = p.roles(bitmote_pay::tariff::Tariff { grace_ms: 600_000, ..tariff(Mode::Postpaid) }, http);
+    let url = format!("http://{http}/v1/sessions");
+    let tariff_id = provider.tariff().id();
+    let node = p.mn.node_id().to_string();
+    let signed = |k: &SigningKey, ts: u64| {
+        let key = bitmote_device::hex_encode(&k.public_key().encode());
+        let sig = bitmote_device::hex_encode(&k.sign(&bitmote_pay::open_message(&tariff_id, &key, &node, ts)).encode());
+        OpenRequest { tariff_id: tariff_id.clone(), meter_key: key, meter_node: node.clone(), timestamp_ms: ts, signature: sig }
+    };
+    let post = |r: &OpenRequest| match ureq::post(&url).send_json(serde_json::to_value(r).unwrap()) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let k = SigningKey::schnorr_from_secret(&[11; 32]).unwrap();
+    let now = bitmote_chain::now_ms();
+    // Unsigned (the old request) and signed by another key: refused.
+    let unsigned = serde_json::json!({ "tariff_id": tariff_id, "meter_key": signed(&k, now).meter_key, "meter_node": node });
+    assert_eq!(ureq::post(&url).send_json(unsigned).unwrap_err().into_response().map(|r| r.status()), Some(422));
+    let mut forged = signed(&SigningKey::schnorr_from_secret(&[12; 32]).unwrap(), now);
+    forged.meter_key = signed(&k, now).meter_key;
+    let (code, why) = post(&forged);
+    assert_eq!(code, 401, "{why}");
+    assert!(why.contains("not signed by its meter key"), "{why}");
+    // Far from the provider's clock: refused.
+    assert_eq!(post(&signed(&k, now - 3_600_000)).0, 401);
+    // Signed: opened. The same request again (a replay), or an older one: refused.
+    let first = signed(&k, now);
+    assert_eq!(post(&first).0, 200);
+    let (code, why) = post(&first);
+    assert_eq!(code, 401, "{why}");
+    assert!(why.contains("replayed"), "{why}");
+    // A fresh request while the meter's session is open: one open session per meter.
+    let (code, why) = post(&signed(&k, now + 1));
+    assert_eq!(code, 409, "{why}");
+    // Spam from many keys: capped overall.
+    let t0 = std::time::Instant::now();
+    let mut opened = 1;
+    for i in 0u32.. {
+        let mut secret = [0u8; 32];
+        secret[..4].copy_from_slice(&i.to_be_bytes());
+        secret[31] = 1;
+        let (code, why) = post(&signed(&SigningKey::schnorr_from_secret(&secret).unwrap(), bitmote_chain::now_ms()));
+        if code != 200 {
+            assert_eq!(code, 409, "{why}");
+            assert!(why.contains("sessions are open"), "{why}");
+            break;
+        }
+        opened += 1;
+    }
+    assert_eq!(opened, MAX_OPEN_SESSIONS);
+    eprintln!("{MAX_OPEN_SESSIONS} sessions opened in {:?}", t0.elapsed());
+    assert_eq!(provider.status().unwrap()["sessions"].as_array().map(Vec::len), Some(MAX_OPEN_SESSIONS));
+}
+
+/// Issue #13, item 1: the meter pays only within its own spending policy, whatever the
+/// provider signs. A tariff above its price limit is refused before anything is paid; a
+/// prepaid session pays at most its cover ahead and stops before passing its session limit.
+#[test]
+fn the_meter_pays_only_within_its_spending_policy() {
+    use bitmote_pay::tariff::{BuyerPolicy, Tariff};
+    let p = pair(false);
+    let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
+    channel(chain, mn, pn, 1_000_000, None, false);
+    let sent = || mn.list_payments().iter().filter(|x| x.direction == PaymentDirection::Outbound && x.status == PaymentStatus::Succeeded).count();
+    // A provider asking 1,000,000 msat per Wh (the default limit is 1,000).
+    let greedy = Tariff { price_msat_per_wh: 1_000_000, ..tariff(Mode::Prepaid) };
+    let http = free_addr();
+    let (provider, meter) = p.roles(greedy, http);
+    let before = sent();
+    let e = meter.open_session(&pn.node_id().to_string()).unwrap_err().to_string();
+    assert!(e.contains("spending policy") && e.contains("1000000 msat/Wh"), "{e}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sent(), before, "nothing was paid");
+    assert!(provider.status().unwrap()["sessions"].as_array().unwrap().is_empty(), "no session was opened");
+    provider.shutdown();
+    meter.shutdown();
+
+    // A fair price, but a small cover and a small session limit.
+    let http = free_addr();
+    let (_provider, meter) = p.roles(tariff(Mode::Prepaid), http);
+    meter.set_policy(BuyerPolicy { max_cover_msat: 3, max_session_msat: 200, ..BuyerPolicy::default() });
+    let s = meter.open_session(&pn.node_id().to_string()).unwrap();
+    let s = meter.run(&s.id, Some(1000)).unwrap();
+    assert!(s.reason.as_deref().is_some_and(|r| r.contains("spending policy")), "{:?}", s.reason);
+    assert!(s.account.paid_msat <= 200, "{:?}", s.account);
+    assert!(s.account.credit_msat(&s.tariff) <= 3, "at most the cover ahead: {:?}", s.account);
+    for row in meter.ticks(&s.id).unwrap() {
+        assert!(row.tick.paid_msat as i128 - s.tariff.due_msat(row.tick.register_mwh) as i128 <= 3, "{:?}", row.tick);
+    }
+    let out = meter.close(&s.id).unwrap();
+    assert!(out.reconciled, "{out:#?}");
+    // Closing pays for the energy delivered while the cover ran out, a tick or two.
+    assert!(out.session.account.paid_msat <= 200 + 3 + 20, "{:?}", out.session.account);
 }
