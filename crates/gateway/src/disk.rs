@@ -80,8 +80,9 @@ pub struct DiskGuard {
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable struct.
+    // SAFETY: statvfs is plain old data, for which all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized, writable struct.
     let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
@@ -252,7 +253,7 @@ impl DiskGuard {
             ),
             (false, true) => tracing::warn!(
                 "disk: {} MiB of the {} MiB reserve in {} missing: ingest refuses new readings until it can be made again",
-                (PIECES - held) * piece >> 20,
+                ((PIECES - held) * piece) >> 20,
                 self.cfg.reserve_bytes >> 20,
                 self.dir.display()
             ),
