@@ -86,6 +86,13 @@ pub struct GatewaySection {
     /// Its Lightning P2P address, default `127.0.0.1:9735` (`127.0.0.1:9737` beside the
     /// simulated fleet, whose provider has 9735; port 0 picks a free port once and keeps it).
     pub lightning_listen: Option<std::net::SocketAddr>,
+    /// Disk reserve the gateway keeps in its data directory and gives back to the file
+    /// system when it is full, so the notary's commits and the Lightning node's writes can
+    /// complete (MiB, default 32; 0 = none).
+    pub disk_reserve_mib: Option<u64>,
+    /// Free space below which ingest refuses new readings (HTTP 507, MQTT `disk_full`) until
+    /// space is freed (MiB, default 32).
+    pub disk_min_free_mib: Option<u64>,
     /// Programs that rules and orders added over the admin API may run as `exec` actions
     /// (absolute paths, compared exactly). Empty by default: `exec` comes only from `rules.toml`.
     #[serde(default)]
@@ -184,6 +191,8 @@ impl Config {
         }
         env!("BITMOTE_GATEWAY_LIGHTNING_LISTEN", self.gateway.lightning_listen, "host:port");
         env!("BITMOTE_GATEWAY_URL", self.gateway.url);
+        env!("BITMOTE_GATEWAY_DISK_RESERVE_MIB", self.gateway.disk_reserve_mib, "a number of MiB");
+        env!("BITMOTE_GATEWAY_DISK_MIN_FREE_MIB", self.gateway.disk_min_free_mib, "a number of MiB");
         if let Some(v) = get("BITMOTE_GATEWAY_PAY_STATUS_URLS") {
             self.gateway.pay_status_urls = v.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
         }

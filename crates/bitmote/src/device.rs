@@ -479,6 +479,12 @@ impl MqttLink {
                 return Ok(v);
             }
             if topic.ends_with("/errors") {
+                let code = v["code"].as_str().unwrap_or("");
+                // Nothing was stored, for a reason that passes (a full disk, a storage error,
+                // a stop): the caller sends the same readings again.
+                if matches!(code, "disk_full" | "storage" | "shutting_down") {
+                    bail!("not stored for now ({code}): {}", v["error"].as_str().unwrap_or("?"));
+                }
                 bail!("refused: {}", v["error"].as_str().unwrap_or("?"));
             }
         }

@@ -493,6 +493,12 @@ fn start_gateway(
     g.mqtt_broker = cfg.gateway.mqtt_broker.clone();
     g.mqtt_broker_login = cfg.mqtt_broker_login()?;
     g.pay_status_urls = pay_status_urls;
+    if let Some(m) = cfg.gateway.disk_reserve_mib {
+        g.disk.reserve_bytes = m.checked_mul(1 << 20).context("disk_reserve_mib is too large")?;
+    }
+    if let Some(m) = cfg.gateway.disk_min_free_mib {
+        g.disk.min_free_bytes = m.checked_mul(1 << 20).context("disk_min_free_mib is too large")?;
+    }
     g.api_actions = bitmote_gateway::ApiActions {
         exec_programs: cfg.gateway.api_exec_programs.clone(),
         webhook_secret_files: cfg.gateway.api_webhook_secret_files.clone(),

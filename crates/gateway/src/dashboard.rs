@@ -99,6 +99,7 @@ pub async fn dashboard(State(s): State<Arc<Shared>>, headers: axum::http::Header
             "now_ms": bitmote_chain::now_ms(),
             "log": { "tree_size": size, "root": hex::encode(root), "checkpoint": s.signer.sign(size, root) },
             "ingest": s.ingest.stats(),
+            "disk": s.disk.status(),
             "anchors": {
                 "status": *s.anchor_status.lock().unwrap_or_else(|p| p.into_inner()),
                 "node": *s.node_status.lock().unwrap_or_else(|p| p.into_inner()),

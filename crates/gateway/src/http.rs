@@ -45,6 +45,7 @@ impl From<IngestError> for ApiError {
             IngestError::BadSignature(_) | IngestError::ClockSkew { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::Replay { .. } => StatusCode::CONFLICT,
             IngestError::Storage(_) | IngestError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError(status, e.to_string(), e.code())
     }
@@ -402,7 +403,7 @@ async fn presence(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
 }
 
 async fn stats(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(json!({ "ingest": s.ingest.stats() }))
+    Json(json!({ "ingest": s.ingest.stats(), "disk": s.disk.status() }))
 }
 
 /// How long an API call waits for the loop that owns the engine or the wallet.

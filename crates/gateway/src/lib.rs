@@ -10,6 +10,7 @@
 pub mod actuator;
 pub mod dashboard;
 pub mod deliver;
+pub mod disk;
 pub mod http;
 pub mod lightning;
 pub mod metrics;
@@ -81,6 +82,8 @@ pub struct GatewayConfig {
     /// The gateway's own Lightning node (off by default): invoices for Lightning rules,
     /// and a hub that accepts channels from machines.
     pub lightning: Option<lightning::LightningConfig>,
+    /// The disk reserve and the free space ingest needs (see [`disk`]).
+    pub disk: disk::DiskConfig,
     /// What rules and orders added over the admin API may run or read. Empty by default:
     /// `exec` actions and webhooks (whose `secret_file` the gateway reads) come only from
     /// the operator's `rules.toml`, so the admin token is not a shell.
@@ -137,6 +140,7 @@ impl GatewayConfig {
             actuator_retry: actuator::Retry::default(),
             pay_status_urls: vec![],
             lightning: None,
+            disk: disk::DiskConfig::default(),
             api_actions: ApiActions::default(),
         }
     }
@@ -178,6 +182,8 @@ pub struct Shared {
     pub mqtt_auth: mqtt_front::MqttAuth,
     /// The gateway's Lightning node, when it runs one.
     pub lightning: Option<Arc<bitmote_pay::ldk_node::Node>>,
+    /// The guard of the data directory's free space (see [`disk`]).
+    pub disk: Arc<disk::DiskGuard>,
     /// See [`GatewayConfig::api_actions`].
     pub api_actions: ApiActions,
 }
@@ -197,6 +203,8 @@ pub struct Gateway {
     shared: Arc<Shared>,
     runtime: Option<tokio::runtime::Runtime>,
     threads: Vec<JoinHandle<()>>,
+    disk_thread: Option<JoinHandle<()>>,
+    stopped: bool,
     pub http_addr: SocketAddr,
     pub mqtt_addr: Option<SocketAddr>,
 }
@@ -261,15 +269,21 @@ impl Gateway {
     pub fn start(cfg: GatewayConfig, client: ChainClient) -> Result<Gateway, GatewayError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| GatewayError::Io { context: format!("creating {}", cfg.data_dir.display()), source: e })?;
+        // The disk guard first: its reserve is made before anything else takes the space.
+        let disk = disk::DiskGuard::new(&cfg.data_dir, cfg.disk.clone());
         let db_path = cfg.data_dir.join("notary.sqlite");
         let ingest = Ingestor::start(&db_path, IngestConfig::default())?;
+        {
+            let d = disk.clone();
+            ingest.set_gate(Arc::new(move || d.refusal()));
+        }
         let signer = CheckpointSigner::load_or_create(&cfg.data_dir.join("checkpoint.key"), &cfg.log_origin)?;
         let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
         let network = client.network();
         let (actuator_jobs, actuator_rx) = mpsc::channel();
         let (wallet_jobs, wallet_rx) = mpsc::channel();
         let ln_node = match &cfg.lightning {
-            Some(l) => Some(lightning::start_node(l, &cfg.data_dir, &client)?),
+            Some(l) => Some(lightning::start_node(l, &cfg.data_dir, &client, &disk)?),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -295,6 +309,7 @@ impl Gateway {
             http_requests: Mutex::new(Default::default()),
             mqtt_auth: mqtt_front::MqttAuth::load(&open_db(&db_path)?)?,
             lightning: ln_node,
+            disk,
             api_actions: cfg.api_actions.clone(),
         });
         let mut threads = vec![];
@@ -363,8 +378,9 @@ impl Gateway {
             let fund = cfg.lightning.as_ref().is_some_and(|l| l.regtest_fund);
             threads.push(lightning::start_events(shared.clone(), fund)?);
         }
+        let disk_thread = shared.disk.start().map_err(|e| GatewayError::Io { context: "spawning the disk guard".into(), source: e })?;
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
-        Ok(Gateway { shared, runtime: Some(runtime), threads, http_addr, mqtt_addr })
+        Ok(Gateway { shared, runtime: Some(runtime), threads, disk_thread: Some(disk_thread), stopped: false, http_addr, mqtt_addr })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -377,6 +393,11 @@ impl Gateway {
     }
 
     fn stop_all(&mut self) {
+        // Once: `shutdown` stops, then `drop` finds it done (a second `Node::stop` after a
+        // panic inside LDK would panic again, in a destructor, and abort the process).
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
@@ -386,9 +407,23 @@ impl Gateway {
             let _ = t.join();
         }
         if let Some(n) = &self.shared.lightning {
-            if let Err(e) = n.stop() {
-                tracing::debug!("stopping the Lightning node: {e}");
+            // LDK panics on a poisoned lock, which an earlier panic inside it leaves behind:
+            // a stop must still be a stop (and exit 0), so such a panic is caught and logged.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| n.stop())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("stopping the Lightning node: {e}"),
+                Err(_) => {
+                    tracing::error!("the Lightning node panicked while stopping (an earlier failure inside LDK); its state on disk is what it last persisted");
+                    // ldk-node's `Drop` calls `stop` again, which would panic on the same
+                    // poisoned lock: never drop this one (the process is about to exit).
+                    std::mem::forget(n.clone());
+                }
             }
+        }
+        // Last: the Lightning node's final writes may need the reserve.
+        self.shared.disk.stop();
+        if let Some(t) = self.disk_thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -70,7 +70,9 @@ fn apply_fees(node: &Node) {
 }
 
 /// Start the node under `<data_dir>/ldk` on the chain `client` talks to.
-pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient) -> Result<Arc<Node>, GatewayError> {
+/// Its store asks `disk` for room when a write is refused, and its log pauses while the
+/// disk is short of space (see [`crate::disk`]).
+pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient, disk: &Arc<crate::disk::DiskGuard>) -> Result<Arc<Node>, GatewayError> {
     let nc = NodeConfig {
         dir: bitmote_pay::node::node_dir(data_dir),
         listen: cfg.listen,
@@ -78,7 +80,10 @@ pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient) 
         alias: cfg.alias.clone(),
         announce: cfg.announce,
     };
-    let node = bitmote_pay::node::start(&nc).map_err(|e| GatewayError::Lightning(e.to_string()))?;
+    let log = Arc::new(bitmote_pay::ldk_store::FileLog::new(nc.dir.join("ldk_node.log"), bitmote_pay::ldk_node::logger::LogLevel::Info));
+    disk.set_log(log.clone());
+    let storage = bitmote_pay::node::NodeStorage { room: Some(disk.clone() as Arc<dyn bitmote_pay::ldk_store::MakeRoom>), log: Some(log) };
+    let node = bitmote_pay::node::start_with(&nc, storage).map_err(|e| GatewayError::Lightning(e.to_string()))?;
     tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "Lightning node up");
     Ok(node)
 }

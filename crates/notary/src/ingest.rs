@@ -52,6 +52,9 @@ pub enum IngestError {
     Storage(String),
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The disk is (nearly) full: nothing of this submission was acknowledged.
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl IngestError {
@@ -67,6 +70,7 @@ impl IngestError {
             IngestError::ClockSkew { .. } => "clock_skew",
             IngestError::Storage(_) => "storage",
             IngestError::ShuttingDown => "shutting_down",
+            IngestError::DiskFull(_) => "disk_full",
         }
     }
 }
@@ -356,7 +360,12 @@ pub struct Ingestor {
     devices: Arc<RwLock<HashMap<DeviceId, Device>>>,
     admin: Mutex<Connection>,
     stats: Arc<Stats>,
+    /// Asked before each submission: `Some(why)` refuses it (a full disk).
+    gate: RwLock<Option<Gate>>,
 }
+
+/// See [`Ingestor::set_gate`].
+pub type Gate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Ingestor {
     /// Open the database at `path` (creating it) and start the writer.
@@ -392,6 +401,7 @@ impl Ingestor {
             devices,
             admin: Mutex::new(admin),
             stats,
+            gate: RwLock::new(None),
         })
     }
 
@@ -403,8 +413,17 @@ impl Ingestor {
         &self.cfg
     }
 
+    /// Refuse submissions while `gate` says why (`IngestError::DiskFull`): the gateway's
+    /// disk guard, so nothing is acknowledged that the disk may not be able to keep.
+    pub fn set_gate(&self, gate: Gate) {
+        *self.gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
     /// Every check that needs no database, and the hashing the writer will need.
     fn precheck(&self, sub: &Submission) -> Result<(DeviceId, Vec<Prepared>), IngestError> {
+        if let Some(why) = self.gate.read().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|g| g()) {
+            return Err(IngestError::DiskFull(why));
+        }
         let readings = sub.readings();
         let first = readings.first().ok_or_else(|| IngestError::Malformed("empty batch".into()))?;
         let max_batch = self.cfg.max_batch.min(MAX_BATCH);
@@ -700,6 +719,8 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
         }
         Err(e) => {
             tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len() + twins.len());
+            // (A disk that filled between two looks of the gateway's guard ends here too:
+            // "storage failed, nothing was acknowledged: database or disk is full".)
             let e = IngestError::Storage(e.to_string());
             for (_, reply) in twins {
                 reply(Err(e.clone()));
@@ -1021,6 +1042,28 @@ mod tests {
         // With room again (no quota), ingest continues where it stopped.
         let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
         assert_eq!(ing.submit(one(&k, seq)).unwrap()[0].leaf_index, acked.len() as u64);
+    }
+
+    /// While the gate says the disk is full, nothing is queued or stored; once it opens
+    /// again the same reading is accepted.
+    #[test]
+    fn a_closed_gate_refuses_with_its_reason_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sqlite");
+        let ing = Ingestor::start(&path, IngestConfig::default()).unwrap();
+        let k = SigningKey::schnorr_from_secret(&[8; 32]).unwrap();
+        ing.enroll(&k.public_key(), None).unwrap();
+        ing.submit(one(&k, 1)).unwrap();
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = full.clone();
+        ing.set_gate(Arc::new(move || f.load(Ordering::SeqCst).then(|| "the gateway's disk is full".to_string())));
+        let e = ing.submit(one(&k, 2)).unwrap_err();
+        assert!(matches!(&e, IngestError::DiskFull(m) if m.contains("disk is full")), "{e}");
+        assert_eq!(e.code(), "disk_full");
+        assert_eq!(MerkleLog::new(&registry::open_db(&path).unwrap()).size().unwrap(), 1);
+        full.store(false, Ordering::SeqCst);
+        assert_eq!(ing.submit(one(&k, 2)).unwrap()[0].leaf_index, 1);
+        assert_eq!(ing.stats().rejected.get("disk_full"), Some(&1));
     }
 
     #[test]

@@ -32,6 +32,7 @@
 pub mod load;
 mod machine;
 pub mod meter;
+pub mod ldk_store;
 pub mod node;
 pub mod provider;
 pub mod store;

@@ -45,8 +45,23 @@ fn rpc_credentials(rpc: &RpcConfig) -> Result<(String, u16, String, String), Pay
     Ok((host.to_string(), port, user, pass))
 }
 
+/// How the node keeps its state on disk: a [`MakeRoom`](crate::ldk_store::MakeRoom) its
+/// store asks for space when a write is refused, and its log file (to pause it).
+#[derive(Clone, Default)]
+pub struct NodeStorage {
+    pub room: Option<Arc<dyn crate::ldk_store::MakeRoom>>,
+    pub log: Option<Arc<crate::ldk_store::FileLog>>,
+}
+
 /// Build and start the node.
 pub fn start(cfg: &NodeConfig) -> Result<Arc<Node>, PayError> {
+    start_with(cfg, NodeStorage::default())
+}
+
+/// Build and start the node, its store and log as `storage` says. The store is ldk-node's
+/// SQLite store (the same file `Builder::build` uses) with refused writes retried, and the
+/// log never panics on a full disk (see [`crate::ldk_store`]).
+pub fn start_with(cfg: &NodeConfig, storage: NodeStorage) -> Result<Arc<Node>, PayError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|e| PayError::Io(cfg.dir.clone(), e))?;
     let addr = SocketAddress::from(cfg.listen);
     let mut config = Config {
@@ -62,7 +77,8 @@ pub fn start(cfg: &NodeConfig) -> Result<Arc<Node>, PayError> {
     let (host, port, user, pass) = rpc_credentials(&cfg.rpc)?;
     b.set_chain_source_bitcoind_rpc(host, port, user, pass);
     b.set_gossip_source_p2p();
-    b.set_filesystem_logger(Some(cfg.dir.join("ldk_node.log").to_string_lossy().into_owned()), Some(LogLevel::Info));
+    let log = storage.log.unwrap_or_else(|| Arc::new(crate::ldk_store::FileLog::new(cfg.dir.join("ldk_node.log"), LogLevel::Info)));
+    b.set_custom_logger(log);
     let alias = ldk_node::lightning::routing::gossip::NodeAlias({
         let mut a = [0u8; 32];
         let n = cfg.alias.len().min(32);
@@ -70,7 +86,9 @@ pub fn start(cfg: &NodeConfig) -> Result<Arc<Node>, PayError> {
         a
     });
     b.set_node_alias(alias.to_string()).map_err(|e| PayError::Node(format!("alias: {e}")))?;
-    let node = b.build().map_err(|e| PayError::Node(format!("building the Lightning node: {e}")))?;
+    let store = crate::ldk_store::GuardedStore::open(&cfg.dir, storage.room).map_err(|e| PayError::Node(format!("opening the Lightning store in {}: {e}", cfg.dir.display())))?;
+    let store = Arc::new(crate::ldk_store::SharedStore(Arc::new(store)));
+    let node = b.build_with_store(store).map_err(|e| PayError::Node(format!("building the Lightning node: {e}")))?;
     node.start().map_err(|e| PayError::Node(format!("starting the Lightning node: {e}")))?;
     Ok(Arc::new(node))
 }
