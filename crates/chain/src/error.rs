@@ -84,4 +84,33 @@ impl ChainError {
     }
 }
 
+/// Why the node refused a transaction (`sendrawtransaction`), by its RPC error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// -25 (`RPC_VERIFY_ERROR`): an input is missing or already spent
+    /// (`bad-txns-inputs-missingorspent`): a parent is gone from the chain and the mempool,
+    /// or a conflicting spend confirmed. Sending it again cannot help.
+    MissingInputs,
+    /// -26 (`RPC_VERIFY_REJECTED`): refused by consensus or policy (a conflict in the
+    /// mempool, non-final, premature coinbase spend, fee too low).
+    Rejected,
+    /// -27 (`RPC_VERIFY_ALREADY_IN_CHAIN`): it is already in the chain.
+    AlreadyInChain,
+}
+
+impl ChainError {
+    /// The node's reason for refusing a broadcast, when this is such a refusal.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ChainError::Rpc { method, code, .. } if method == "sendrawtransaction" => match code {
+                -25 => Some(Rejection::MissingInputs),
+                -26 => Some(Rejection::Rejected),
+                -27 => Some(Rejection::AlreadyInChain),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 pub type Result<T, E = ChainError> = std::result::Result<T, E>;
