@@ -114,3 +114,22 @@ impl ChainError {
 }
 
 pub type Result<T, E = ChainError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(method: &str, code: i32) -> ChainError {
+        ChainError::Rpc { method: method.into(), code, message: "whatever the node says".into() }
+    }
+
+    #[test]
+    fn a_broadcast_refusal_is_told_by_its_code_not_its_message() {
+        assert_eq!(rpc("sendrawtransaction", -25).rejection(), Some(Rejection::MissingInputs));
+        assert_eq!(rpc("sendrawtransaction", -26).rejection(), Some(Rejection::Rejected));
+        assert_eq!(rpc("sendrawtransaction", -27).rejection(), Some(Rejection::AlreadyInChain));
+        assert_eq!(rpc("sendrawtransaction", -5).rejection(), None);
+        assert_eq!(rpc("getblock", -25).rejection(), None, "only a broadcast is refused");
+        assert_eq!(ChainError::Config("x".into()).rejection(), None);
+    }
+}
