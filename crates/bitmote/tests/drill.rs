@@ -18,8 +18,8 @@ fn a_short_seeded_campaign_finds_no_violation() {
         .env("RUST_LOG", "warn")
         // The fault kinds that hold today. Still open (issue 16), so not in CI yet: a full
         // disk breaks the gateway's Lightning node (LDK panics when it cannot persist a
-        // channel monitor), and after a kill -9 of `up` the anchoring wallet can keep
-        // spending a coin that is gone (`bad-txns-inputs-missingorspent`, anchoring stops).
+        // channel monitor). (The anchoring stall after a kill -9 of the node or of `up`,
+        // `bad-txns-inputs-missingorspent`, is fixed and pinned by anchor_regtest.)
         .args(["drill", "--quick", "--sensors", "2", "--rounds", &rounds, "--seed", &seed, "--keep"])
         .args(["--only", "reorg", "--only", "node outage", "--only", "SIGTERM node", "--only", "sensor", "--only", "actuator"])
         .arg("--dir")

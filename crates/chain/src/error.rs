@@ -84,4 +84,52 @@ impl ChainError {
     }
 }
 
+/// Why the node refused a transaction (`sendrawtransaction`), by its RPC error code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// -25 (`RPC_VERIFY_ERROR`): an input is missing or already spent
+    /// (`bad-txns-inputs-missingorspent`): a parent is gone from the chain and the mempool,
+    /// or a conflicting spend confirmed. Sending it again cannot help.
+    MissingInputs,
+    /// -26 (`RPC_VERIFY_REJECTED`): refused by consensus or policy (a conflict in the
+    /// mempool, non-final, premature coinbase spend, fee too low).
+    Rejected,
+    /// -27 (`RPC_VERIFY_ALREADY_IN_CHAIN`): it is already in the chain.
+    AlreadyInChain,
+}
+
+impl ChainError {
+    /// The node's reason for refusing a broadcast, when this is such a refusal.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ChainError::Rpc { method, code, .. } if method == "sendrawtransaction" => match code {
+                -25 => Some(Rejection::MissingInputs),
+                -26 => Some(Rejection::Rejected),
+                -27 => Some(Rejection::AlreadyInChain),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 pub type Result<T, E = ChainError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(method: &str, code: i32) -> ChainError {
+        ChainError::Rpc { method: method.into(), code, message: "whatever the node says".into() }
+    }
+
+    #[test]
+    fn a_broadcast_refusal_is_told_by_its_code_not_its_message() {
+        assert_eq!(rpc("sendrawtransaction", -25).rejection(), Some(Rejection::MissingInputs));
+        assert_eq!(rpc("sendrawtransaction", -26).rejection(), Some(Rejection::Rejected));
+        assert_eq!(rpc("sendrawtransaction", -27).rejection(), Some(Rejection::AlreadyInChain));
+        assert_eq!(rpc("sendrawtransaction", -5).rejection(), None);
+        assert_eq!(rpc("getblock", -25).rejection(), None, "only a broadcast is refused");
+        assert_eq!(ChainError::Config("x".into()).rejection(), None);
+    }
+}

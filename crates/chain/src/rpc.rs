@@ -343,6 +343,15 @@ impl ChainClient {
         self.raw("sendrawtransaction", &[json!(serialize_hex(tx))])
     }
 
+    /// Whether `txid` is in the node's mempool (`getmempoolentry`; -5 means it is not).
+    pub fn in_mempool(&self, txid: &Txid) -> Result<bool> {
+        match self.raw::<serde::de::IgnoredAny>("getmempoolentry", &[json!(txid)]) {
+            Ok(_) => Ok(true),
+            Err(ChainError::Rpc { code: -5, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Fee rate for confirmation within `target_blocks`; falls back to
     /// [`FALLBACK_FEE_RATE`] on regtest or when the node has no estimate yet.
     pub fn fee_rate(&self, target_blocks: u16) -> Result<FeeRate> {

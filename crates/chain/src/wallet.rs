@@ -9,6 +9,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bdk_wallet::bitcoin::bip32::Xpriv;
@@ -19,7 +20,7 @@ use bdk_wallet::rusqlite::Connection;
 use bdk_wallet::{KeychainKind, PersistedWallet, SignOptions, Wallet};
 use bitcoin::{Address, Amount, Block, FeeRate, Network, Transaction, Txid};
 
-use crate::error::{ChainError, Result};
+use crate::error::{ChainError, Rejection, Result};
 use crate::rpc::{BlockId, ChainClient};
 use crate::stream::{BlockEvent, BlockStream, StreamConfig};
 use crate::now_secs;
@@ -37,6 +38,16 @@ pub enum TxStatus {
     Unconfirmed,
     /// In the best chain at this block.
     Confirmed(BlockId),
+}
+
+/// What [`GatewayWallet::reconcile`] did with a transaction the node's mempool lacked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Sent again; the node took it back into its mempool.
+    Rebroadcast { txid: Txid },
+    /// The node refused it: forgotten, with the wallet transactions spending it
+    /// (`with_descendants`, the transaction itself first).
+    Forgotten { txid: Txid, rejection: Rejection, reason: String, with_descendants: Vec<Txid> },
 }
 
 /// A persisted BDK wallet that follows the chain through [`BlockStream`] events.
@@ -339,10 +350,110 @@ impl GatewayWallet {
         Ok(tx)
     }
 
-    /// Drop a transaction that was built but never made it to the network.
+    /// Drop a transaction that did not make it to the network, or can no longer confirm,
+    /// together with every wallet transaction spending its outputs: its inputs are the
+    /// wallet's coins again and its outputs are no longer spendable.
+    ///
+    /// BDK's `cancel_tx` alone only frees the change address: the transaction stays in the
+    /// wallet's graph, and one that left the chain in a reorg (or was never mined) stays
+    /// "unconfirmed" there forever, its change selected for the next spend, which the node
+    /// refuses (`bad-txns-inputs-missingorspent`). So it is marked evicted, which takes it
+    /// out of the wallet's view until it is seen in a block again.
     pub fn forget(&mut self, tx: &Transaction) -> Result<()> {
+        let dropped = self.evict(&[tx.compute_txid()]);
         self.wallet.cancel_tx(tx);
+        self.persist()?;
+        if !dropped.is_empty() {
+            tracing::info!(?dropped, "the wallet forgot transactions that cannot confirm");
+        }
+        Ok(())
+    }
+
+    /// The wallet's unconfirmed transactions, parents before children.
+    fn unconfirmed(&self) -> Vec<(Txid, Arc<Transaction>, u64)> {
+        let mut left: Vec<(Txid, Arc<Transaction>, u64)> = self
+            .wallet
+            .transactions()
+            .filter_map(|t| match t.chain_position {
+                ChainPosition::Unconfirmed { last_seen, .. } => Some((t.tx_node.txid, t.tx_node.tx.clone(), last_seen.unwrap_or(0))),
+                ChainPosition::Confirmed { .. } => None,
+            })
+            .collect();
+        left.sort_by_key(|(txid, _, seen)| (*seen, *txid));
+        let mut out: Vec<(Txid, Arc<Transaction>, u64)> = Vec::with_capacity(left.len());
+        while !left.is_empty() {
+            // The first one none of whose inputs is another one still left (a cycle cannot
+            // happen between valid transactions; if it did, take the first anyway).
+            let i = left
+                .iter()
+                .position(|(_, tx, _)| !tx.input.iter().any(|i| left.iter().any(|(t, _, _)| *t == i.previous_output.txid)))
+                .unwrap_or(0);
+            out.push(left.remove(i));
+        }
+        out
+    }
+
+    /// Mark `roots` and their unconfirmed descendants in the wallet as evicted (not persisted).
+    /// Returns what was evicted, parents first.
+    fn evict(&mut self, roots: &[Txid]) -> Vec<Txid> {
+        let mut gone: Vec<Txid> = vec![];
+        let mut at = now_secs();
+        for (txid, tx, seen) in self.unconfirmed() {
+            if roots.contains(&txid) || tx.input.iter().any(|i| gone.contains(&i.previous_output.txid)) {
+                gone.push(txid);
+                at = at.max(seen); // eviction counts only if not older than the last sighting
+            }
+        }
+        if !gone.is_empty() {
+            self.wallet.apply_evicted_txs(gone.iter().map(|t| (*t, at)));
+        }
+        gone
+    }
+
+    /// Record that the node accepted `tx` into its mempool just now (after a rebroadcast),
+    /// so the wallet counts it again even if it had been evicted.
+    pub fn mark_broadcast(&mut self, tx: &Transaction) -> Result<()> {
+        let txid = tx.compute_txid();
+        let seen = now_secs().max(self.wallet.tx_graph().get_last_evicted(txid).map_or(0, |e| e + 1));
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), seen)]);
         self.persist()
+    }
+
+    /// Make the wallet's unconfirmed transactions agree with the node. Each one the node's
+    /// mempool does not hold (a node restarted without its mempool, a reorg whose new
+    /// branch left it out) is sent again, parents first; one the node refuses because an
+    /// input is gone or it can never be valid (-25, -26) is forgotten with its descendants,
+    /// so their coins are not spent again. Returns what happened to each transaction the
+    /// node did not hold. Call it when the wallet has applied every block of the node's
+    /// chain, or a transaction mined in a block not applied yet may be forgotten until
+    /// that block is (a block always brings a forgotten transaction back).
+    pub fn reconcile(&mut self, client: &ChainClient) -> Result<Vec<Reconciled>> {
+        let mut out = vec![];
+        let mut gone: Vec<Txid> = vec![];
+        for (txid, tx, _) in self.unconfirmed() {
+            if gone.contains(&txid) || client.in_mempool(&txid)? {
+                continue;
+            }
+            match client.broadcast(&tx) {
+                Ok(_) => {
+                    self.mark_broadcast(&tx)?;
+                    out.push(Reconciled::Rebroadcast { txid });
+                }
+                Err(e) => match e.rejection() {
+                    Some(Rejection::AlreadyInChain) => {}
+                    Some(rejection @ (Rejection::MissingInputs | Rejection::Rejected)) => {
+                        let dropped = self.evict(&[txid]);
+                        self.wallet.cancel_tx(&tx);
+                        let reason = e.to_string();
+                        gone.extend(dropped.iter().copied());
+                        out.push(Reconciled::Forgotten { txid, rejection, reason, with_descendants: dropped });
+                    }
+                    None => return Err(e),
+                },
+            }
+        }
+        self.persist()?;
+        Ok(out)
     }
 
     /// Fee paid by a wallet transaction.

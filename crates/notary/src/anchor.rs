@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bitcoin::consensus::encode::{deserialize, serialize};
 use bitcoin::{BlockHash, FeeRate, Transaction, Txid};
-use bitmote_chain::wallet::{GatewayWallet, TxStatus};
-use bitmote_chain::{BlockStream, ChainClient, ChainError, StreamConfig};
+use bitmote_chain::wallet::{GatewayWallet, Reconciled, TxStatus};
+use bitmote_chain::{BlockStream, ChainClient, ChainError, Rejection, StreamConfig};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::{ANCHOR_PAYLOAD_LEN, ANCHOR_TAG};
@@ -32,6 +32,10 @@ pub enum AnchorError {
     Unfunded { balance: u64, address: String },
     #[error("corrupt anchor record: {0}")]
     Corrupt(String),
+    /// The node refused a freshly built anchor transaction, and the one rebuilt after the
+    /// wallet was brought in line with the node too. The wallet has forgotten both.
+    #[error("the node refused anchor transaction {txid} ({rejection:?}): {reason}")]
+    Refused { txid: Txid, rejection: Rejection, reason: String },
 }
 
 pub type Result<T, E = AnchorError> = std::result::Result<T, E>;
@@ -151,6 +155,9 @@ pub enum AnchorEvent {
     Reorged { id: i64, txid: Txid, was_height: u32 },
     /// The anchor can no longer confirm; a new anchor will cover its readings.
     Abandoned { id: i64, txid: Txid, reason: String },
+    /// A wallet transaction missing from the node's mempool was sent again, or forgotten
+    /// (with its descendants) because the node refused it.
+    Wallet(Reconciled),
 }
 
 /// Everything a proof needs about the anchor that covers a leaf.
@@ -252,7 +259,22 @@ impl Anchorer {
             self.wallet.sync(&self.client)?; // persist (and catch anything that arrived meanwhile)
         }
         self.tip_height = self.wallet.tip().height;
-        // 2. Update every anchor that is not final (and, after blocks left the chain, every
+        // 2. The wallet's unconfirmed transactions against the node's mempool (emptied by a
+        //    node restart, or left without the parents a reorg took out): send them again,
+        //    parents first, or forget those whose inputs are gone, before anything is built
+        //    on them. Only when the wallet has every block of the node's chain.
+        if self.client.tip()?.hash == self.wallet.tip().hash {
+            for r in self.wallet.reconcile(&self.client)? {
+                match &r {
+                    Reconciled::Rebroadcast { txid } => tracing::warn!(%txid, "the node had lost wallet transaction {txid}; sent it again"),
+                    Reconciled::Forgotten { txid, reason, with_descendants, .. } => {
+                        tracing::warn!(%txid, ?with_descendants, "the node refuses wallet transaction {txid} ({reason}); the wallet forgot it")
+                    }
+                }
+                events.push(AnchorEvent::Wallet(r));
+            }
+        }
+        // 3. Update every anchor that is not final (and, after blocks left the chain, every
         //    anchor confirmed above the fork point).
         self.refresh(&mut events)?;
         if self.recheck_above.is_some() {
@@ -261,7 +283,7 @@ impl Anchorer {
                 self.recheck_above = None; // the wallet follows the node's chain again
             }
         }
-        // 3. New anchor if due.
+        // 4. New anchor if due.
         if let Some(head) = head {
             self.maybe_anchor(head, &mut events)?;
         }
@@ -341,19 +363,29 @@ impl Anchorer {
         let Some((txid, raw)) = txs.last() else { return Ok(()) };
         let tx: Transaction = deserialize(raw).map_err(|e| AnchorError::Corrupt(e.to_string()))?;
         match self.client.broadcast(&tx) {
-            Ok(_) => Ok(()),
-            Err(ChainError::Rpc { code: -27, .. }) => Ok(()), // already in the chain/mempool
-            Err(ChainError::Rpc { code, message, .. }) if code == -25 || code == -26 => {
-                self.db.execute("UPDATE anchors SET state='abandoned' WHERE id=?1", [id])?;
-                for (_, raw) in txs {
-                    if let Ok(t) = deserialize::<Transaction>(raw) {
-                        self.wallet.forget(&t)?;
-                    }
-                }
-                events.push(AnchorEvent::Abandoned { id, txid: *txid, reason: message });
+            Ok(_) => {
+                self.wallet.mark_broadcast(&tx)?;
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => match e.rejection() {
+                Some(Rejection::AlreadyInChain) => Ok(()),
+                Some(Rejection::MissingInputs | Rejection::Rejected) => {
+                    self.db.execute("UPDATE anchors SET state='abandoned' WHERE id=?1", [id])?;
+                    for (_, raw) in txs {
+                        if let Ok(t) = deserialize::<Transaction>(raw) {
+                            self.wallet.forget(&t)?;
+                        }
+                    }
+                    let reason = match &e {
+                        ChainError::Rpc { message, .. } => message.clone(),
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(id, %txid, "anchor {id} can no longer confirm ({reason}); its readings go into the next anchor");
+                    events.push(AnchorEvent::Abandoned { id, txid: *txid, reason });
+                    Ok(())
+                }
+                None => Err(e.into()),
+            },
         }
     }
 
@@ -372,7 +404,15 @@ impl Anchorer {
             return Ok(());
         }
         let tx = self.wallet.bump_fee(old, rate)?;
-        let fee = self.broadcast_built(&tx)?;
+        let fee = match self.broadcast_built(&tx, events) {
+            Ok(fee) => fee,
+            Err(AnchorError::Refused { txid, reason, .. }) => {
+                // Forgotten with what it spent; the next poll sees where the original stands.
+                tracing::warn!(id, %old, %txid, "the node refused the fee bump of anchor {id}: {reason}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let txid = tx.compute_txid();
         let t = self.db.unchecked_transaction()?;
         record_tx(&t, id, &tx, fee)?;
@@ -387,13 +427,21 @@ impl Anchorer {
     }
 
     /// Broadcast a transaction the wallet just built; if the node refuses it, the wallet
-    /// forgets it (its coins are free again). Returns the fee paid.
-    fn broadcast_built(&mut self, tx: &Transaction) -> Result<u64> {
-        if let Err(e) = self.client.broadcast(tx) {
-            self.wallet.forget(tx)?;
-            return Err(e.into());
+    /// forgets it (its coins are free again). A refusal (-25, -26) also brings the wallet
+    /// in line with the node's mempool (a parent it spends may be gone), and is
+    /// [`AnchorError::Refused`]: the transaction is never sent again, a new one is built.
+    /// Returns the fee paid.
+    fn broadcast_built(&mut self, tx: &Transaction, events: &mut Vec<AnchorEvent>) -> Result<u64> {
+        let Err(e) = self.client.broadcast(tx) else { return Ok(self.wallet.fee(tx)?.to_sat()) };
+        self.wallet.forget(tx)?;
+        match e.rejection() {
+            Some(rejection @ (Rejection::MissingInputs | Rejection::Rejected)) => {
+                let reason = e.to_string();
+                events.extend(self.wallet.reconcile(&self.client)?.into_iter().map(AnchorEvent::Wallet));
+                Err(AnchorError::Refused { txid: tx.compute_txid(), rejection, reason })
+            }
+            _ => Err(e.into()),
         }
-        Ok(self.wallet.fee(tx)?.to_sat())
     }
 
     fn maybe_anchor(&mut self, head: LogHead, events: &mut Vec<AnchorEvent>) -> Result<()> {
@@ -414,15 +462,28 @@ impl Anchorer {
             return Ok(());
         }
         let rate = self.client.fee_rate(self.cfg.fee_target_blocks)?.min(self.cfg.max_fee_rate);
-        let tx = match self.wallet.op_return_tx(&anchor_payload(&head), rate) {
-            Ok(tx) => tx,
-            Err(ChainError::Wallet(msg)) if msg.contains("Insufficient funds") || msg.contains("InsufficientFunds") => {
-                let address = self.wallet.new_address()?.to_string();
-                return Err(AnchorError::Unfunded { balance: self.wallet.spendable().to_sat(), address });
+        // A refused transaction is never sent again: the wallet forgets it (and whatever it
+        // spent that the node no longer has), and the anchor is built again once from the
+        // coins that are left.
+        let mut attempts = 0;
+        let (tx, fee) = loop {
+            attempts += 1;
+            let tx = match self.wallet.op_return_tx(&anchor_payload(&head), rate) {
+                Ok(tx) => tx,
+                Err(ChainError::Wallet(msg)) if msg.contains("Insufficient funds") || msg.contains("InsufficientFunds") => {
+                    let address = self.wallet.new_address()?.to_string();
+                    return Err(AnchorError::Unfunded { balance: self.wallet.spendable().to_sat(), address });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            match self.broadcast_built(&tx, events) {
+                Ok(fee) => break (tx, fee),
+                Err(AnchorError::Refused { txid, reason, .. }) if attempts < 2 => {
+                    tracing::warn!(%txid, "the node refused a new anchor transaction ({reason}); building it again");
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e.into()),
         };
-        let fee = self.broadcast_built(&tx)?;
         let txid = tx.compute_txid();
         let t = self.db.unchecked_transaction()?;
         t.execute(

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
+use bitmote_chain::wallet::Reconciled;
 use bitmote_chain::ChainClient;
 use bitmote_notary::anchor::{find_anchor, AnchorConfig, AnchorEvent, AnchorState, Anchorer, LogHead};
 use serde_json::json;
@@ -79,6 +80,14 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     mine_empty(c);
     mine_empty(c);
     let ev = a.poll(None).unwrap();
+    // The wallet saw the replaced version t2 in the mempool once, so with t2b out of the
+    // chain it counts t2 as unconfirmed again; the node refuses it (t2b, back in its
+    // mempool, pays more), and the wallet forgets t2.
+    let (wallet, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| matches!(e, AnchorEvent::Wallet(_)));
+    assert!(
+        wallet.iter().all(|e| matches!(e, AnchorEvent::Wallet(Reconciled::Forgotten { txid, .. }) if *txid == t2)),
+        "{wallet:?}"
+    );
     assert!(matches!(ev[0], AnchorEvent::Reorged { txid, .. } if txid == t2b), "{ev:?}");
     let info = a.list().unwrap();
     assert_eq!(info[0].state, AnchorState::Pending);
@@ -162,4 +171,160 @@ fn an_anchor_re_mined_at_the_same_height_names_the_new_block() {
     let info = &a.list().unwrap()[0];
     assert_eq!((info.block_height, info.block_hash), (Some(height), Some(new)), "the record follows the anchor into the new block");
     assert_eq!(info.state, AnchorState::Confirmed);
+}
+
+/// Found by `bitmote drill` (issue 16): anchors chained on each other's change, a reorg
+/// that takes them out of the chain, and a node restarted without its mempool (a kill -9).
+/// First the coins they spend still exist: they go back to the node parents first and
+/// confirm. Then a reorg double-spends the coin under the whole chain of anchors: the
+/// wallet must forget them (BDK kept them as unconfirmed forever, and every new anchor
+/// spent their change: `bad-txns-inputs-missingorspent` on every poll, no root anchored
+/// again), abandon them, and anchor the log again from coins that exist, so that every
+/// reading's proof verifies against the chain at the end.
+#[test]
+fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_mempool() {
+    use bitmote_chain::bitcoin::{Amount, TxOut};
+    use bitmote_chain::regtest::{coinbase_at, spend_op_true};
+    use bitmote_device::reading::{sensor, unit};
+    use bitmote_device::{Reading, SignedReading, SigningKey, Value};
+    use bitmote_notary::ingest::{IngestConfig, Ingestor, Receipt, Submission};
+    use bitmote_notary::log::MerkleLog;
+    use bitmote_notary::proof::assemble;
+    use bitmote_notary::registry::open_db;
+    use bitmote_notary::verify::{verify_bundle, Policy};
+
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = RegtestOptions::new(exe);
+    opts.data_dir = Some(dir.path().join("bitcoind"));
+    // As after a kill -9: the node comes back with an empty mempool.
+    opts.extra_args = vec!["-persistmempool=0".into()];
+    let mut node = RegtestNode::start(opts.clone()).unwrap();
+    let restart = |node: RegtestNode| {
+        node.stop().unwrap();
+        RegtestNode::start(opts.clone()).unwrap()
+    };
+    let c = node.client().fresh().unwrap();
+    let db = dir.path().join("notary.sqlite");
+    let ing = Ingestor::start(&db, IngestConfig::default()).unwrap();
+    let key = SigningKey::schnorr_from_secret(&[21; 32]).unwrap();
+    ing.enroll(&key.public_key(), None).unwrap();
+    let mut seq = 0;
+    let mut receipts: Vec<(Receipt, Reading)> = vec![];
+    let mut ingest = |n: usize, receipts: &mut Vec<(Receipt, Reading)>| {
+        for _ in 0..n {
+            seq += 1;
+            let r = Reading {
+                device: key.public_key().device_id(),
+                seq,
+                timestamp_ms: bitmote_chain::now_ms(),
+                sensor: sensor::TEMPERATURE,
+                unit: unit::CELSIUS,
+                value: Value::Scaled { mantissa: seq as i64, exponent: 0 },
+            };
+            let rc = ing.submit(Submission::Reading(SignedReading::sign(&key, r.clone()).unwrap())).unwrap();
+            receipts.push((rc[0], r));
+        }
+    };
+    let conn = open_db(&db).unwrap();
+    let log_head = || {
+        let log = MerkleLog::new(&conn);
+        let size = log.size().unwrap();
+        LogHead { size, root: log.root_at(size).unwrap() }
+    };
+    let in_mempool = |c: &ChainClient, t: &bitmote_chain::bitcoin::Txid| c.in_mempool(t).unwrap();
+
+    // The wallet's only coin: a payment from an anyone-can-spend coinbase (so the drill's
+    // kind of double spend can take it away later), confirmed.
+    let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    let mut a = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap();
+    node.mine(101).unwrap();
+    let coinbase = coinbase_at(&c, 1).unwrap();
+    let to_wallet = TxOut { value: Amount::from_sat(10_000_000), script_pubkey: a.wallet().new_address().unwrap().script_pubkey() };
+    // Through an intermediate transaction the wallet does not see: when a conflicting
+    // spend of it is mined, the wallet sees nothing conflict with its payment (as when
+    // the node lost the blocks that made a coin), yet the payment's input is gone.
+    let parent = spend_op_true(&coinbase, vec![TxOut { value: Amount::from_sat(20_000_000), script_pubkey: op_true_address().script_pubkey() }], 1_000).unwrap();
+    let funding = spend_op_true(&parent, vec![to_wallet], 1_000).unwrap();
+    c.broadcast(&parent).unwrap();
+    c.broadcast(&funding).unwrap();
+    let funding_block = node.mine(1).unwrap()[0];
+    a.poll(None).unwrap();
+    assert_eq!(a.wallet().spendable().to_sat(), 10_000_000);
+
+    // Three anchors, each spending the previous one's change, each confirmed.
+    let mut anchors = vec![];
+    for _ in 0..3 {
+        ingest(5, &mut receipts);
+        let ev = a.poll(Some(log_head())).unwrap();
+        let Some(&AnchorEvent::Broadcast { txid, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else { panic!("{ev:?}") };
+        let block = node.mine(1).unwrap()[0];
+        assert!(a.poll(None).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid: t, .. } if *t == txid)));
+        anchors.push((txid, block));
+    }
+
+    // 1. A reorg takes the last two out (back to the mempool, the second one's parent
+    //    unconfirmed), then the node restarts without its mempool: both go back to the
+    //    node, parents first, and confirm again.
+    c.invalidate_block(&anchors[1].1).unwrap();
+    mine_empty(&c);
+    mine_empty(&c);
+    mine_empty(&c);
+    node = restart(node);
+    assert!(!in_mempool(&c, &anchors[1].0) && !in_mempool(&c, &anchors[2].0), "the restarted node has an empty mempool");
+    let ev = a.poll(Some(log_head())).unwrap();
+    assert!(in_mempool(&c, &anchors[1].0) && in_mempool(&c, &anchors[2].0), "sent again, parent first: {ev:?}");
+    node.mine(1).unwrap();
+    a.poll(Some(log_head())).unwrap();
+    let states: Vec<AnchorState> = a.list().unwrap().iter().map(|i| i.state).collect();
+    assert_eq!(states, vec![AnchorState::Confirmed; 3]);
+
+    // 2. A deeper reorg takes out the funding payment and every anchor, and its new branch
+    //    double-spends the coin under the payment: no anchor can ever confirm again. More
+    //    readings arrive meanwhile; the node restarts (empty mempool).
+    ingest(5, &mut receipts);
+    c.invalidate_block(&funding_block).unwrap();
+    let double_spend = spend_op_true(&coinbase, vec![], 5_000).unwrap();
+    let hex = bitmote_chain::bitcoin::consensus::encode::serialize_hex(&double_spend);
+    let _: serde_json::Value = c.raw("generateblock", &[json!(op_true_address().to_string()), json!([hex])]).unwrap();
+    for _ in 0..8 {
+        mine_empty(&c);
+    }
+    node = restart(node);
+    // The wallet forgets the payment and the anchors, the anchors are abandoned, and with no
+    // coin left the anchorer asks for funds (instead of spending a coin that is gone).
+    let mut polls = 0;
+    let err = loop {
+        polls += 1;
+        match a.poll(Some(log_head())) {
+            Ok(ev) => {
+                assert!(!ev.iter().any(|e| matches!(e, AnchorEvent::Broadcast { .. })), "an anchor built on coins that are gone: {ev:?}");
+                assert!(polls < 10, "{ev:?}");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, bitmote_notary::anchor::AnchorError::Unfunded { balance: 0, .. }), "{err}");
+    let states: Vec<AnchorState> = a.list().unwrap().iter().map(|i| i.state).collect();
+    assert_eq!(states, vec![AnchorState::Abandoned; 3]);
+    assert!(a.wallet().status(funding.compute_txid()) == bitmote_chain::wallet::TxStatus::Unknown, "the double-spent payment is forgotten");
+
+    // Funded again, the log is anchored again from the new coin, and every reading ever
+    // acknowledged is provable against the chain.
+    let addr = a.wallet().new_address().unwrap();
+    c.mine(1, &addr).unwrap();
+    node.mine(100).unwrap();
+    let ev = a.poll(Some(log_head())).unwrap();
+    let Some(&AnchorEvent::Broadcast { txid, tree_size, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else { panic!("{ev:?}") };
+    assert_eq!(tree_size, receipts.len() as u64);
+    node.mine(1).unwrap();
+    assert!(a.poll(Some(log_head())).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid: t, .. } if *t == txid)));
+    for (rc, r) in &receipts {
+        let bundle = assemble(&conn, &c, &rc.reading_id, None).unwrap();
+        let file = r.encode();
+        let v = verify_bundle(&bundle, &c, &Policy { reading_file: Some(&file), ..Default::default() })
+            .unwrap_or_else(|e| panic!("reading {} does not verify: {e:?}", rc.leaf_index));
+        assert_eq!(v.tree_size, receipts.len() as u64);
+    }
+    drop(node);
 }
