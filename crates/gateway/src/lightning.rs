@@ -77,6 +77,7 @@ pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient) 
         rpc: client.config().clone(),
         alias: cfg.alias.clone(),
         announce: cfg.announce,
+        announce_as: None,
     };
     let node = bitmote_pay::node::start(&nc).map_err(|e| GatewayError::Lightning(e.to_string()))?;
     tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "Lightning node up");
