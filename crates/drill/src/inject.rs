@@ -252,8 +252,8 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
             let ports = format!("provider HTTP :{}, Lightning :{}", ctx.sys.ports.provider_http, ctx.sys.ports.provider_ln);
             Ok(match link {
                 Link::Cut => format!(
-                    "{ports} cut for {secs} s: {} of {open} open connection(s) closed at once, new ones refused meanwhile",
-                    c.cut
+                    "{ports} cut for {secs} s: {} of {open} open connection(s) closed at once, {} new one(s) refused",
+                    c.cut, c.refused
                 ),
                 _ => format!(
                     "{ports}: {delay_ms} ms delay, {loss_pct} % loss for {secs} s: {} chunk(s) delayed, {} stall(s) injected ({} ms in all), {} connection(s) made, {} B forwarded",

@@ -13,8 +13,12 @@
 //!   round trip the delay imposes, doubling on consecutive losses in that direction (TCP's
 //!   exponential backoff), at most [`MAX_RTO`].
 //! - **cut** (loss 100 %): every open connection is closed at once (shut down both ways,
-//!   then reset as its sockets go), chunks in flight are dropped, and the public ports
-//!   stop listening, so new connections are refused until the link is set back.
+//!   then reset as its sockets go), chunks in flight are dropped, and every new connection
+//!   is reset as soon as it is accepted (refused) until the link is set back. The public
+//!   ports stay bound throughout: a port let go on a shared machine is soon another
+//!   process's (seen: another `bitmote up` picked the proxy's Lightning port as a free one
+//!   during a cut, and the hub then dialled it), and a loopback connect to a port nobody
+//!   listens on can even connect to itself.
 //!
 //! [`Counters`] say what was done (connections cut, chunks delayed, stalls injected), so
 //! the drill's report can tell a fault that bit from one that found nothing to bite.
@@ -73,6 +77,8 @@ pub struct Counters {
     pub upstream_failed: u64,
     /// Open connections closed by a cut.
     pub cut: u64,
+    /// New connections refused (reset at once) while the link was cut.
+    pub refused: u64,
     /// Chunks read to be forwarded (all are, unless a cut drops them), and their bytes.
     pub chunks: u64,
     pub bytes: u64,
@@ -90,6 +96,7 @@ impl Counters {
             accepted: self.accepted - before.accepted,
             upstream_failed: self.upstream_failed - before.upstream_failed,
             cut: self.cut - before.cut,
+            refused: self.refused - before.refused,
             chunks: self.chunks - before.chunks,
             bytes: self.bytes - before.bytes,
             delayed: self.delayed - before.delayed,
@@ -104,6 +111,7 @@ struct AtomicCounters {
     accepted: AtomicU64,
     upstream_failed: AtomicU64,
     cut: AtomicU64,
+    refused: AtomicU64,
     chunks: AtomicU64,
     bytes: AtomicU64,
     delayed: AtomicU64,
@@ -144,8 +152,6 @@ fn no_linger(s: &TcpStream) {
 
 struct State {
     link: Link,
-    /// One per route; `None` while the link is cut (the port refuses connections).
-    listeners: Vec<Option<TcpListener>>,
     open: HashMap<u64, Open>,
     next_id: u64,
 }
@@ -186,46 +192,36 @@ impl Proxy {
     pub fn start(routes: &[(SocketAddr, SocketAddr)], seed: u64) -> Result<Proxy, DrillError> {
         let mut listeners = vec![];
         for (public, _) in routes {
-            listeners.push(Some(listen(*public).map_err(|e| DrillError::io(format!("proxy: listening on {public}"), e))?));
+            listeners.push(listen(*public).map_err(|e| DrillError::io(format!("proxy: listening on {public}"), e))?);
         }
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { link: Link::Clear, listeners, open: HashMap::new(), next_id: 0 }),
+            state: Mutex::new(State { link: Link::Clear, open: HashMap::new(), next_id: 0 }),
             routes: routes.to_vec(),
             counters: AtomicCounters::default(),
             stop: AtomicBool::new(false),
             seed,
         });
         let mut threads = vec![];
-        for i in 0..routes.len() {
+        for (i, l) in listeners.into_iter().enumerate() {
             let s = shared.clone();
             let t = std::thread::Builder::new()
                 .name(format!("proxy-accept-{}", routes[i].0.port()))
-                .spawn(move || accept_loop(&s, i))
+                .spawn(move || accept_loop(&s, l, i))
                 .map_err(|e| DrillError::io("proxy: starting a thread", e))?;
             threads.push(t);
         }
         Ok(Proxy { shared, threads })
     }
 
-    /// Set the link. `Cut` closes every open connection and the public ports before it
-    /// returns; anything else listens again at once (retried by the accept loop if the
-    /// port cannot be bound yet).
+    /// Set the link. `Cut` closes every open connection before it returns, and from then
+    /// on new ones are refused until the link is set to something else.
     pub fn set(&self, link: Link) {
         let mut st = self.shared.lock();
         st.link = link;
         if link == Link::Cut {
-            for l in st.listeners.iter_mut() {
-                *l = None;
-            }
             for (_, o) in st.open.drain() {
                 o.kill();
                 add(&self.shared.counters.cut, 1);
-            }
-        } else {
-            for (i, l) in st.listeners.iter_mut().enumerate() {
-                if l.is_none() {
-                    *l = listen(self.shared.routes[i].0).ok();
-                }
             }
         }
     }
@@ -241,6 +237,7 @@ impl Proxy {
             accepted: g(&c.accepted),
             upstream_failed: g(&c.upstream_failed),
             cut: g(&c.cut),
+            refused: g(&c.refused),
             chunks: g(&c.chunks),
             bytes: g(&c.bytes),
             delayed: g(&c.delayed),
@@ -258,55 +255,48 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        {
-            let mut st = self.shared.lock();
-            st.listeners.clear();
-            for (_, o) in st.open.drain() {
-                o.kill();
-            }
-        }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        for (_, o) in self.shared.lock().open.drain() {
+            o.kill();
         }
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, route: usize) {
+fn accept_loop(shared: &Arc<Shared>, listener: TcpListener, route: usize) {
     let (public, inner) = shared.routes[route];
     while !shared.stop.load(Ordering::SeqCst) {
-        let accepted = {
-            let mut st = shared.lock();
-            if st.link != Link::Cut && st.listeners.get(route).is_some_and(Option::is_none) {
-                // Set back after a cut, but the port could not be bound then.
-                match listen(public) {
-                    Ok(l) => st.listeners[route] = Some(l),
-                    Err(e) => tracing::warn!("proxy: listening on {public} again: {e}"),
-                }
-            }
-            match st.listeners.get(route).and_then(Option::as_ref).map(TcpListener::accept) {
-                Some(Ok((s, _))) => Some(s),
-                Some(Err(e)) if e.kind() != ErrorKind::WouldBlock => {
+        let client = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                if e.kind() != ErrorKind::WouldBlock {
                     tracing::warn!("proxy: accepting on {public}: {e}");
-                    None
                 }
-                _ => None,
+                std::thread::sleep(POLL);
+                continue;
             }
         };
-        match accepted {
-            Some(client) => {
-                let s = shared.clone();
-                if let Err(e) = std::thread::Builder::new().name("proxy-conn".into()).spawn(move || connect(&s, client, inner)) {
-                    tracing::warn!("proxy: {e}");
-                }
-            }
-            None => std::thread::sleep(POLL),
+        if shared.link() == Link::Cut {
+            // Refused: reset at once (the port stays ours, see the module doc).
+            no_linger(&client);
+            add(&shared.counters.refused, 1);
+            continue;
+        }
+        let s = shared.clone();
+        if let Err(e) = std::thread::Builder::new().name("proxy-conn".into()).spawn(move || connect(&s, client, inner)) {
+            tracing::warn!("proxy: {e}");
         }
     }
 }
 
 /// Connect a new client to the inner port and start its two directions.
 fn connect(shared: &Arc<Shared>, client: TcpStream, inner: SocketAddr) {
-    let server = match TcpStream::connect_timeout(&inner, UPSTREAM_TIMEOUT) {
+    // (A loopback connect to a port nobody listens on can connect to itself: not a provider.)
+    let server = match TcpStream::connect_timeout(&inner, UPSTREAM_TIMEOUT).and_then(|s| {
+        let own = s.local_addr()? == s.peer_addr()?;
+        if own { Err(std::io::Error::new(ErrorKind::ConnectionRefused, "connected to itself")) } else { Ok(s) }
+    }) {
         Ok(s) => s,
         Err(_) => {
             // What the client would see of a provider that is down: a reset.
@@ -564,11 +554,17 @@ mod tests {
             Ok(n) => panic!("{n} bytes came through a cut link"),
             Err(e) => assert!(matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted), "{e}"),
         }
-        // New connections are refused.
-        let e = TcpStream::connect(at).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+        // New connections are refused: reset at once, nothing passes.
+        let mut s1 = client(at);
+        let _ = s1.write_all(b"refused?");
+        match s1.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes came through a cut link"),
+            Err(e) => assert!(matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted), "{e}"),
+        }
         let c = p.counters();
-        assert_eq!((c.accepted, c.cut), (1, 1), "{c:?}");
+        assert_eq!((c.accepted, c.cut, c.refused), (1, 1, 1), "{c:?}");
+        assert_eq!(p.open(), 0);
         // The link is back: a new connection works.
         p.set(Link::Clear);
         let mut s2 = client(at);
