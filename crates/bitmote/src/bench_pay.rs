@@ -155,6 +155,7 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
             rpc: chain.rpc_config().clone(),
             alias: name.into(),
             announce: false,
+            announce_as: None,
         })
     };
     let (mn, pn) = (machine("meter")?, machine("provider")?);

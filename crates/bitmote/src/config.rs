@@ -54,6 +54,14 @@ pub struct FleetSection {
     pub provider_http: Option<std::net::SocketAddr>,
     /// The provider's Lightning P2P address (default 127.0.0.1:9735; port 0 as above).
     pub provider_ln: Option<std::net::SocketAddr>,
+    /// Where the provider process binds its JSON API, when that is not where it is reached
+    /// (`provider_http`, which the meter and the dashboard use): behind a port forward or a
+    /// proxy. Default: `provider_http`.
+    pub provider_http_bind: Option<std::net::SocketAddr>,
+    /// Where the provider's Lightning node listens, when that is not where peers reach it
+    /// (`provider_ln`, which it then announces: `bitmote provider run --ln-announce`).
+    /// Default: `provider_ln`.
+    pub provider_ln_bind: Option<std::net::SocketAddr>,
     /// The meter's JSON API (default 127.0.0.1:8661; port 0 as above).
     pub meter_http: Option<std::net::SocketAddr>,
     /// The meter's Lightning P2P address (default 127.0.0.1:9736; port 0 as above).
@@ -214,6 +222,8 @@ impl Config {
         env!("BITMOTE_FLEET_TICK_MS", f.tick_ms, "a number of ms");
         env!("BITMOTE_FLEET_PROVIDER_HTTP", f.provider_http, "host:port");
         env!("BITMOTE_FLEET_PROVIDER_LN", f.provider_ln, "host:port");
+        env!("BITMOTE_FLEET_PROVIDER_HTTP_BIND", f.provider_http_bind, "host:port");
+        env!("BITMOTE_FLEET_PROVIDER_LN_BIND", f.provider_ln_bind, "host:port");
         env!("BITMOTE_FLEET_METER_HTTP", f.meter_http, "host:port");
         env!("BITMOTE_FLEET_METER_LN", f.meter_ln, "host:port");
         Ok(())
@@ -388,6 +398,7 @@ mod tests {
             "BITMOTE_FLEET_SENSORS" => Some("7".into()),
             "BITMOTE_FLEET_METER" => Some("false".into()),
             "BITMOTE_FLEET_PROVIDER_HTTP" => Some("127.0.0.1:0".into()),
+            "BITMOTE_FLEET_PROVIDER_LN_BIND" => Some("127.0.0.1:19735".into()),
             "BITMOTE_GATEWAY_PAY_STATUS_URLS" => Some("http://a, http://b".into()),
             "BITMOTE_NOTARY_LOG_ORIGIN" => Some("example/log".into()),
             _ => None,
@@ -396,6 +407,7 @@ mod tests {
         assert_eq!(cfg.fleet.sensors, Some(7));
         assert_eq!(cfg.fleet.meter, Some(false));
         assert_eq!(cfg.fleet.provider_http, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(cfg.fleet.provider_ln_bind, Some("127.0.0.1:19735".parse().unwrap()));
         assert_eq!(cfg.gateway.pay_status_urls, ["http://a", "http://b"]);
         assert_eq!(cfg.notary.log_origin.as_deref(), Some("example/log"));
         let err = parse("").unwrap().apply_env(|k| (k == "BITMOTE_FLEET_SENSORS").then(|| "many".into())).unwrap_err();

@@ -54,8 +54,13 @@ pub struct Plan {
     pub relay_every_blocks: u32,
     pub meter: bool,
     pub tick_ms: u64,
+    /// Where the provider is reached (its API; its Lightning node, which it announces).
     pub provider_http: SocketAddr,
     pub provider_ln: SocketAddr,
+    /// Where the provider process binds them (the same unless it sits behind a port
+    /// forward or a proxy: `[fleet] provider_http_bind`, `provider_ln_bind`).
+    pub provider_http_bind: SocketAddr,
+    pub provider_ln_bind: SocketAddr,
     pub meter_http: SocketAddr,
     pub meter_ln: SocketAddr,
     /// The gateway's Lightning node, the hub the meter pays the provider through (None:
@@ -87,6 +92,16 @@ impl Plan {
             changed = true;
             Ok(a)
         };
+        let provider_http = port("provider_http", f.provider_http, 8660)?;
+        let provider_ln = port("provider_ln", f.provider_ln, 9735)?;
+        let provider_http_bind = match f.provider_http_bind {
+            Some(b) => port("provider_http_bind", Some(b), 0)?,
+            None => provider_http,
+        };
+        let provider_ln_bind = match f.provider_ln_bind {
+            Some(b) => port("provider_ln_bind", Some(b), 0)?,
+            None => provider_ln,
+        };
         let plan = Plan {
             sensors: sensors.or(f.sensors).unwrap_or(24),
             sensor_interval_ms: f.sensor_interval_ms.unwrap_or(2000).max(10),
@@ -98,8 +113,10 @@ impl Plan {
             relay_every_blocks: f.relay_every_blocks.unwrap_or(4),
             meter: f.meter.unwrap_or(true),
             tick_ms: f.tick_ms.unwrap_or(2000).max(100),
-            provider_http: port("provider_http", f.provider_http, 8660)?,
-            provider_ln: port("provider_ln", f.provider_ln, 9735)?,
+            provider_http,
+            provider_ln,
+            provider_http_bind,
+            provider_ln_bind,
             meter_http: port("meter_http", f.meter_http, 8661)?,
             meter_ln: port("meter_ln", f.meter_ln, 9736)?,
             gateway_ln: match cfg.gateway.lightning {
@@ -260,21 +277,25 @@ impl Fleet {
             None => tracing::warn!("no embedded MQTT broker: the fleet runs without its lock and relay"),
         }
         if plan.meter {
-            let provider = vec![
+            let mut provider: Vec<OsString> = vec![
                 "provider".into(),
                 "run".into(),
                 "--name".into(),
                 "provider".into(),
                 "--ln-listen".into(),
-                plan.provider_ln.to_string().into(),
+                plan.provider_ln_bind.to_string().into(),
                 "--http".into(),
-                plan.provider_http.to_string().into(),
+                plan.provider_http_bind.to_string().into(),
                 "--tick-ms".into(),
                 plan.tick_ms.to_string().into(),
                 // Generous: on a busy machine a tick can be late without the meter cheating.
                 "--grace-ms".into(),
                 (plan.tick_ms * 5).to_string().into(),
             ];
+            // Peers (the hub) must connect where the provider is reached, not where it binds.
+            if plan.provider_ln != plan.provider_ln_bind {
+                provider.extend(["--ln-announce".into(), plan.provider_ln.to_string().into()]);
+            }
             member("provider".into(), "provider", &dir, provider, Some(plan.provider_url()), None);
             // The meter's device key, made here so it can be enrolled before the meter first
             // starts: each paid tick's signed register then goes to the notary as a receipt.
@@ -489,7 +510,7 @@ const HUB_CHANNEL_SAT: u64 = 1_000_000;
 pub fn link_hub_to_provider(hub: std::sync::Arc<bitmote_pay::ldk_node::Node>, client: ChainClient, provider_url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use bitmote_pay::node as ln;
     let provider = move |agent: &ureq::Agent| -> Result<_> {
-        crate::pay::machine_node(&agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
+        crate::pay::machine_node(agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
     };
     let watch = move || {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();

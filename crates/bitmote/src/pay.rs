@@ -61,6 +61,12 @@ pub struct Machine {
 pub struct ProviderArgs {
     #[command(flatten)]
     machine: Machine,
+    /// The Lightning address peers must connect to when it is not the one listened on (a
+    /// port forward or a proxy in front of the provider): announced in gossip and shown in
+    /// the status as `node.announced`, which hubs and meters connect to. Default: the
+    /// listening address.
+    #[arg(long, value_name = "ADDR")]
+    ln_announce: Option<SocketAddr>,
     /// Price per Wh in millisatoshis.
     #[arg(long, default_value_t = 250)]
     price_msat_per_wh: u64,
@@ -122,7 +128,7 @@ pub struct MeterArgs {
     notary_url: Option<String>,
 }
 
-fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
+fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16, announce_as: Option<SocketAddr>) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
     let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
     let client = crate::node::connect(g, &cfg)?;
     let name = m.name.clone().unwrap_or_else(|| role.to_string());
@@ -135,9 +141,13 @@ fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16) -> Result<(A
         // A provider announces its address, so a hub can open an announced channel to it
         // and meters elsewhere can route to it; a meter stays private.
         announce: role == "provider",
+        announce_as,
     };
     let node = ln::start(&ncfg).context("starting the Lightning node")?;
-    tracing::info!("{role} node {} listening on {}", node.node_id(), ncfg.listen);
+    match announce_as {
+        Some(a) => tracing::info!("{role} node {} listening on {}, reached at {a}", node.node_id(), ncfg.listen),
+        None => tracing::info!("{role} node {} listening on {}", node.node_id(), ncfg.listen),
+    }
     Ok((node, dir, client))
 }
 
@@ -156,7 +166,7 @@ pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
         ProviderCommand::Run(a) => a,
     };
     let stop = crate::node::stop_flag()?;
-    let (node, dir, _client) = start_node(g, &a.machine, "provider", 9735)?;
+    let (node, dir, _client) = start_node(g, &a.machine, "provider", 9735, a.ln_announce)?;
     let tariff = Tariff {
         provider: String::new(),
         price_msat_per_wh: a.price_msat_per_wh,
@@ -178,12 +188,29 @@ pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
     Ok(())
 }
 
-/// A machine's Lightning node id and first listening address, from its `/v1/status`
-/// (`node.node_id`, `node.listening`).
-pub(crate) fn machine_node(status: &serde_json::Value) -> Result<(PublicKey, SocketAddress)> {
-    let id = status["node"]["node_id"].as_str().context("a status without node id")?;
-    let addr = status["node"]["listening"][0].as_str().context("a node without a Lightning address")?;
-    Ok((ln::parse_node_id(id)?, lightning_address(addr)?))
+/// The part of a machine's `/v1/status` that says how to reach its Lightning node.
+#[derive(serde::Deserialize)]
+struct MachineStatus {
+    node: NodeAddressing,
+}
+
+#[derive(serde::Deserialize)]
+struct NodeAddressing {
+    node_id: String,
+    #[serde(default)]
+    listening: Vec<String>,
+    /// Where peers must connect (`--ln-announce`); absent from older versions' status.
+    #[serde(default)]
+    announced: Vec<String>,
+}
+
+/// A machine's Lightning node id and the address peers must connect to, from its
+/// `/v1/status`: the first announced address (`node.announced`: behind a port forward or a
+/// proxy it is not the one listened on), else the first listening one.
+pub(crate) fn machine_node(status: serde_json::Value) -> Result<(PublicKey, SocketAddress)> {
+    let s: MachineStatus = serde_json::from_value(status).context("a status without its node's id")?;
+    let addr = s.node.announced.first().or(s.node.listening.first()).context("a node without a Lightning address")?;
+    Ok((ln::parse_node_id(&s.node.node_id)?, lightning_address(addr)?))
 }
 
 fn lightning_address(addr: &str) -> Result<SocketAddress> {
@@ -209,13 +236,13 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         MeterCommand::Run(a) => a,
     };
     let stop = crate::node::stop_flag()?;
-    let (node, dir, client) = start_node(g, &a.machine, "meter", 9736)?;
+    let (node, dir, client) = start_node(g, &a.machine, "meter", 9736, None)?;
     let url = a.provider_url.trim_end_matches('/').to_string();
     let status: serde_json::Value = ureq::get(&format!("{url}/v1/status"))
         .call()
         .with_context(|| format!("the provider at {url} is offline"))?
         .into_json()?;
-    let (provider, paddr) = machine_node(&status).with_context(|| format!("the provider at {url}"))?;
+    let (provider, paddr) = machine_node(status).with_context(|| format!("the provider at {url}"))?;
     let pnode = provider.to_string();
     // The provider's node id is pinned: a server answering at the provider's URL cannot
     // name another node to be paid.
@@ -316,4 +343,25 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     m.shutdown();
     node.stop().ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "02eec7245d6b7d2ccb30380bfbe2a3648cd7a942653f5aa340edcea1f283686619";
+
+    #[test]
+    fn peers_connect_to_the_announced_address_else_the_listening_one() {
+        let s = serde_json::json!({ "node": { "node_id": ID, "listening": ["127.0.0.1:19735"], "announced": ["127.0.0.1:9735"] } });
+        let (id, addr) = machine_node(s).unwrap();
+        assert_eq!(id.to_string(), ID);
+        assert_eq!(addr.to_string(), "127.0.0.1:9735");
+        // A status from before `announced` existed.
+        let old = serde_json::json!({ "node": { "node_id": ID, "listening": ["127.0.0.1:19735"] } });
+        assert_eq!(machine_node(old).unwrap().1.to_string(), "127.0.0.1:19735");
+        for bad in [serde_json::json!({}), serde_json::json!({ "node": { "node_id": ID } }), serde_json::json!({ "node": { "node_id": "x", "listening": ["127.0.0.1:1"] } })] {
+            assert!(machine_node(bad.clone()).is_err(), "{bad}");
+        }
+    }
 }

@@ -233,6 +233,7 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
         rpc: chain.rpc_config().clone(),
         alias: "customer".into(),
         announce: false,
+        announce_as: None,
     })
     .unwrap();
     node::fund_on_regtest(chain.client(), &payer, 1).unwrap();

@@ -11,6 +11,7 @@ use crate::checks::{self, NotaryView, Tally};
 use crate::faults::{Fault, Kind};
 use crate::inject::{self, Ctx};
 use crate::probe::Probe;
+use crate::proxy::Proxy;
 use crate::rng::Rng;
 use crate::system::{Shape, System};
 use crate::{DrillError, Options, Report};
@@ -51,11 +52,10 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
     let shape = Shape { sensors: opts.sensors, tick_ms: 1000 };
     let mut sys = System::new(opts.exe.clone(), dir.clone(), &shape)?;
     let mut skipped = BTreeMap::new();
-    let shaping = inject::can_shape();
-    if let Err(why) = &shaping {
-        skipped.insert("meter-provider delay, loss and disconnection".to_string(), why.clone());
-    }
-    let mut kinds = select_kinds(opts, shaping.is_ok())?;
+    let mut kinds = select_kinds(opts)?;
+    // The provider's public ports are the proxy's, for the whole campaign (transparent
+    // until a network fault sets it); it goes after `sys`, once nothing uses it.
+    let proxy = Proxy::start(&sys.provider_routes(), opts.seed)?;
     // The small file system only when a full disk is among the faults to inject.
     let disk = match kinds.contains(&Kind::DiskFull) {
         true => small_disk(&sys.data.join("gateway")),
@@ -68,9 +68,10 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
             return Err(DrillError::Setup("no fault kind left to inject".into()));
         }
     }
-    let result = campaign(opts, &mut sys, disk.clone(), kinds, t0, skipped);
+    let result = campaign(opts, &mut sys, &proxy, disk.clone(), kinds, t0, skipped);
     // Stop whatever is left before unmounting.
     drop(sys);
+    drop(proxy);
     let keep = opts.keep || result.as_ref().map_or(true, |r| !r.violations.is_empty());
     if let Some(d) = &disk {
         if keep {
@@ -89,6 +90,7 @@ pub fn run(opts: &Options) -> Result<Report, DrillError> {
 fn campaign(
     opts: &Options,
     sys: &mut System,
+    proxy: &Proxy,
     disk: Option<PathBuf>,
     kinds: Vec<Kind>,
     t0: Instant,
@@ -121,7 +123,7 @@ fn campaign(
         let mut body = || -> Result<String, DrillError> {
             let mut done = vec![];
             {
-                let mut ctx = Ctx { sys: &mut *sys, miner: &mut miner, probe: &mut probe, rng: &mut rng, tally: &mut tally, disk: disk.clone(), tick_ms: 1000 };
+                let mut ctx = Ctx { sys: &mut *sys, miner: &mut miner, probe: &mut probe, rng: &mut rng, tally: &mut tally, disk: disk.clone(), proxy, tick_ms: 1000 };
                 for step in 0..STEPS {
                     for (at, f) in &faults {
                         if *at == step {
@@ -208,10 +210,10 @@ fn campaign(
     })
 }
 
-/// The fault kinds this machine can inject, narrowed by `--only` and `--except`; checked
-/// before anything starts, so a bad selection fails at once.
-fn select_kinds(opts: &Options, net: bool) -> Result<Vec<Kind>, DrillError> {
-    let mut kinds = Kind::all(true, net);
+/// The fault kinds, narrowed by `--only` and `--except`; checked before anything starts,
+/// so a bad selection fails at once.
+fn select_kinds(opts: &Options) -> Result<Vec<Kind>, DrillError> {
+    let mut kinds = Kind::all(true);
     if !opts.only.is_empty() {
         kinds.retain(|k| opts.only.iter().any(|o| k.name().contains(o.as_str())));
         if kinds.is_empty() {

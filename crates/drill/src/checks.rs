@@ -470,7 +470,9 @@ fn tick_plus_grace_msat(t: &TariffView) -> u64 {
 /// sides have closed (agreed or not).
 pub fn check_payments(sys: &System, t: &mut Tally, closes_only: bool) -> Result<u64, DrillError> {
     let Some(st) = sys.status() else { return Ok(0) };
-    let (Some(m), Some(p)) = (st.meter_url, st.provider_url) else { return Ok(0) };
+    let (Some(m), Some(_)) = (st.meter_url, st.provider_url) else { return Ok(0) };
+    // The provider past the drill's proxy (a network fault may be on).
+    let p = sys.provider_direct_url();
     let read = |u: &str| -> Result<MachineStatus, DrillError> {
         serde_json::from_value(sys.get_url(&format!("{u}/v1/status"))?).map_err(|e| DrillError::Http(format!("{u}/v1/status: {e}")))
     };

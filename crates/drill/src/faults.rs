@@ -58,8 +58,8 @@ pub enum Fault {
     BrokerRestart,
     /// The gateway's file system is full for a while (a ballast file fills a small quota).
     DiskFull { secs: u64 },
-    /// Delay and loss on the provider's ports (Lightning and HTTP) for a while; loss 100 %
-    /// is a disconnection.
+    /// Delay and loss on the provider's ports (Lightning and HTTP), in the drill's proxy,
+    /// for a while; loss 100 % is a disconnection ([`crate::proxy::Link`]).
     Network { delay_ms: u32, loss_pct: u32, secs: u64 },
 }
 
@@ -79,7 +79,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn all(disk: bool, network: bool) -> Vec<Kind> {
+    pub fn all(disk: bool) -> Vec<Kind> {
         let mut v = vec![Kind::Reorg, Kind::Reorg, Kind::Reorg];
         for t in Target::ALL {
             v.push(Kind::Kill(t));
@@ -89,9 +89,7 @@ impl Kind {
         if disk {
             v.push(Kind::DiskFull);
         }
-        if network {
-            v.extend([Kind::NetworkDelayLoss, Kind::NetworkDisconnect]);
-        }
+        v.extend([Kind::NetworkDelayLoss, Kind::NetworkDisconnect]);
         v
     }
 

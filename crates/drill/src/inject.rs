@@ -5,13 +5,13 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::chainops::Miner;
 use crate::checks::Tally;
 use crate::faults::{Fault, Target};
 use crate::probe::Probe;
+use crate::proxy::{Link, Proxy};
 use crate::rng::Rng;
 use crate::system::{signal, System};
 use crate::DrillError;
@@ -27,6 +27,8 @@ pub struct Ctx<'a> {
     pub tally: &'a mut Tally,
     /// The gateway's data directory when it is a small file system of the drill's (tmpfs).
     pub disk: Option<PathBuf>,
+    /// The proxy in front of the provider's ports.
+    pub proxy: &'a Proxy,
     pub tick_ms: u64,
 }
 
@@ -96,56 +98,12 @@ impl Drop for Ballast {
     }
 }
 
-/// Removes the traffic shaping on drop.
-struct Shaped;
-impl Drop for Shaped {
+/// Sets the proxy's link back to clear on drop: a fault never outlives its round.
+struct Heal<'a>(&'a Proxy);
+impl Drop for Heal<'_> {
     fn drop(&mut self) {
-        let _ = Command::new("tc").args(["qdisc", "del", "dev", "lo", "root"]).output();
+        self.0.set(Link::Clear);
     }
-}
-
-fn tc(args: &[&str]) -> Result<(), DrillError> {
-    let out = Command::new("tc").args(args).output().map_err(|e| DrillError::io("running tc", e))?;
-    if !out.status.success() {
-        return Err(DrillError::Fault(format!("tc {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
-}
-
-/// Delay and loss on traffic to and from `ports` on loopback (a prio qdisc whose fourth
-/// band is netem; u32 filters send the ports' packets there; the rest is untouched).
-fn shape(ports: &[u16], delay_ms: u32, loss_pct: u32) -> Result<Shaped, DrillError> {
-    let _ = Command::new("tc").args(["qdisc", "del", "dev", "lo", "root"]).output();
-    tc(&["qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4", "priomap", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0"])?;
-    let guard = Shaped;
-    let delay = format!("{delay_ms}ms");
-    let loss = format!("{loss_pct}%");
-    tc(&["qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay", &delay, "loss", &loss])?;
-    for p in ports {
-        let p = p.to_string();
-        for dir in ["dport", "sport"] {
-            tc(&["filter", "add", "dev", "lo", "parent", "1:0", "protocol", "ip", "prio", "1", "u32", "match", "ip", dir, &p, "0xffff", "flowid", "1:4"])?;
-        }
-    }
-    Ok(guard)
-}
-
-/// Whether `tc` can shape loopback here: root, iproute2, and a kernel with the prio and
-/// netem qdiscs (tried in a throwaway network namespace, so nothing real is touched).
-pub fn can_shape() -> Result<(), String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root".into());
-    }
-    let ns = format!("bitmote-drill-probe-{}", std::process::id());
-    let run = |args: &[&str]| Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}")).and_then(|o| {
-        if o.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&o.stderr).trim().to_string()) }
-    });
-    run(&["netns", "add", &ns])?;
-    let r = run(&["netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "4"])
-        .and_then(|_| run(&["netns", "exec", &ns, "tc", "qdisc", "add", "dev", "lo", "parent", "1:4", "handle", "40:", "netem", "delay", "1ms"]));
-    let _ = run(&["netns", "del", &ns]);
-    r.map_err(|e| format!("this kernel cannot shape traffic with tc prio + netem ({e})"))
 }
 
 /// Fill the file system at `dir` with a ballast file.
@@ -283,11 +241,25 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
             Ok(format!("gateway disk full for {secs} s ({during} readings acknowledged meanwhile)"))
         }
         Fault::Network { delay_ms, loss_pct, secs } => {
-            let ports = [ctx.sys.ports.provider_ln, ctx.sys.ports.provider_http];
-            let guard = shape(&ports, *delay_ms, *loss_pct)?;
+            let proxy = ctx.proxy;
+            let (before, open) = (proxy.counters(), proxy.open());
+            let link = Link::from_fault(*delay_ms, *loss_pct);
+            proxy.set(link);
+            let heal = Heal(proxy);
             ctx.busy(Duration::from_secs(*secs), true);
-            drop(guard);
-            Ok(format!("provider ports {ports:?}: {delay_ms} ms, {loss_pct} % loss for {secs} s"))
+            drop(heal);
+            let c = proxy.counters().since(&before);
+            let ports = format!("provider HTTP :{}, Lightning :{}", ctx.sys.ports.provider_http, ctx.sys.ports.provider_ln);
+            Ok(match link {
+                Link::Cut => format!(
+                    "{ports} cut for {secs} s: {} of {open} open connection(s) closed at once, {} new one(s) refused",
+                    c.cut, c.refused
+                ),
+                _ => format!(
+                    "{ports}: {delay_ms} ms delay, {loss_pct} % loss for {secs} s: {} chunk(s) delayed, {} stall(s) injected ({} ms in all), {} connection(s) made, {} B forwarded",
+                    c.delayed, c.stalls, c.stalled_ms, c.accepted, c.bytes
+                ),
+            })
         }
     }
 }

@@ -8,6 +8,9 @@
 //! outside ([`checks`]). The same seed and round count replay the same faults in the same
 //! order (what the processes do in between depends on timing, as in the field).
 //!
+//! The provider sits behind the drill's TCP [`proxy`] (its public ports are the proxy's),
+//! so network faults between meter and provider need no kernel support.
+//!
 //! Data path: [`campaign::run`] → [`faults::Kind`] → [`inject`] → [`checks`] → [`Report`].
 
 pub mod campaign;
@@ -16,6 +19,7 @@ pub mod checks;
 pub mod faults;
 pub mod inject;
 pub mod probe;
+pub mod proxy;
 pub mod rng;
 pub mod system;
 

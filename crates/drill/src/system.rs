@@ -48,8 +48,13 @@ pub struct Ports {
     pub http: u16,
     pub mqtt: u16,
     pub gateway_ln: u16,
+    /// Where the provider is reached: the drill's proxy listens there.
     pub provider_http: u16,
     pub provider_ln: u16,
+    /// Where the provider binds (`[fleet] provider_http_bind`, `provider_ln_bind`): the
+    /// proxy forwards there.
+    pub provider_http_inner: u16,
+    pub provider_ln_inner: u16,
     pub meter_http: u16,
     pub meter_ln: u16,
 }
@@ -67,6 +72,8 @@ impl Ports {
             gateway_ln: free_port()?,
             provider_http: free_port()?,
             provider_ln: free_port()?,
+            provider_http_inner: free_port()?,
+            provider_ln_inner: free_port()?,
             meter_http: free_port()?,
             meter_ln: free_port()?,
         })
@@ -165,7 +172,8 @@ impl System {
              [notary]\nanchor_interval_secs = 2\nbump_after_blocks = 3\n\n\
              [fleet]\nsensors = {sensors}\nsensor_interval_ms = 700\nbatch_every = 2\nbatch_size = 4\n\
              rental_every_blocks = 4\nlease_blocks = 3\nrelay_every_blocks = 3\ntick_ms = {tick}\n\
-             provider_http = \"127.0.0.1:{ph}\"\nprovider_ln = \"127.0.0.1:{pl}\"\nmeter_http = \"127.0.0.1:{mh}\"\nmeter_ln = \"127.0.0.1:{ml}\"\n",
+             provider_http = \"127.0.0.1:{ph}\"\nprovider_ln = \"127.0.0.1:{pl}\"\n\
+             provider_http_bind = \"127.0.0.1:{phi}\"\nprovider_ln_bind = \"127.0.0.1:{pli}\"\nmeter_http = \"127.0.0.1:{mh}\"\nmeter_ln = \"127.0.0.1:{ml}\"\n",
             http = ports.http,
             mqtt = ports.mqtt,
             gln = ports.gateway_ln,
@@ -173,6 +181,8 @@ impl System {
             tick = shape.tick_ms,
             ph = ports.provider_http,
             pl = ports.provider_ln,
+            phi = ports.provider_http_inner,
+            pli = ports.provider_ln_inner,
             mh = ports.meter_http,
             ml = ports.meter_ln,
         );
@@ -316,6 +326,19 @@ impl System {
     pub fn status(&self) -> Option<UpStatus> {
         let b = fs::read(self.data.join("up.json")).ok()?;
         serde_json::from_slice(&b).ok()
+    }
+
+    /// The provider's API at the port it binds, past the proxy: the drill observes the
+    /// provider from outside, not over the link it impairs.
+    pub fn provider_direct_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.provider_http_inner)
+    }
+
+    /// The routes of the drill's proxy: (public, inner) for the provider's API and node.
+    pub fn provider_routes(&self) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let at = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let p = &self.ports;
+        vec![(at(p.provider_http), at(p.provider_http_inner)), (at(p.provider_ln), at(p.provider_ln_inner))]
     }
 
     pub fn bitcoind_dir(&self) -> PathBuf {

@@ -79,6 +79,7 @@ pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient, 
         rpc: client.config().clone(),
         alias: cfg.alias.clone(),
         announce: cfg.announce,
+        announce_as: None,
     };
     let log = Arc::new(bitmote_pay::ldk_store::FileLog::new(nc.dir.join("ldk_node.log"), bitmote_pay::ldk_node::logger::LogLevel::Info));
     disk.set_log(log.clone());

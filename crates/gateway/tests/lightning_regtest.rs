@@ -154,6 +154,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         rpc: chain.rpc_config().clone(),
         alias: "payer".into(),
         announce: false,
+        announce_as: None,
     })
     .unwrap();
     node::fund_on_regtest(chain.client(), &payer, 2).unwrap();
@@ -172,6 +173,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         rpc: chain.rpc_config().clone(),
         alias: "shop".into(),
         announce: false,
+        announce_as: None,
     })
     .unwrap();
     node::fund_on_regtest(chain.client(), &shop, 1).unwrap();

@@ -78,6 +78,9 @@ pub fn node_json(node: &Node) -> serde_json::Value {
     serde_json::json!({
         "node_id": node.node_id().to_string(),
         "listening": node.listening_addresses().unwrap_or_default().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        // Where peers must connect: the announced addresses (ldk-node falls back to the
+        // listening ones), which differ behind a port forward or a proxy.
+        "announced": node.announcement_addresses().unwrap_or_default().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "onchain_sat": b.total_onchain_balance_sats,
         "lightning_sat": b.total_lightning_balance_sats,
         "channels": channels,

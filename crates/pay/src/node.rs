@@ -27,6 +27,10 @@ pub struct NodeConfig {
     /// Announce our address so channels opened with `announced = true` enter the
     /// public graph (a routing hub needs this).
     pub announce: bool,
+    /// The address to announce instead of `listen`, when peers reach this node elsewhere
+    /// (a port forward, a proxy): what its status and its gossip tell them to connect to.
+    /// Announced even when `announce` is false (a private node's status still shows it).
+    pub announce_as: Option<std::net::SocketAddr>,
 }
 
 /// Read the user and password of a bitcoind RPC config (a cookie is read now).
@@ -70,8 +74,10 @@ pub fn start_with(cfg: &NodeConfig, storage: NodeStorage) -> Result<Arc<Node>, P
         listening_addresses: Some(vec![addr.clone()]),
         ..Config::default()
     };
-    if cfg.announce {
-        config.announcement_addresses = Some(vec![addr]);
+    match cfg.announce_as {
+        Some(a) => config.announcement_addresses = Some(vec![SocketAddress::from(a)]),
+        None if cfg.announce => config.announcement_addresses = Some(vec![addr]),
+        None => {}
     }
     let mut b = Builder::from_config(config);
     let (host, port, user, pass) = rpc_credentials(&cfg.rpc)?;

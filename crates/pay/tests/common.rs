@@ -32,6 +32,7 @@ pub fn machine(chain: &RegtestNode, dir: &Path, alias: &str, announce: bool) -> 
         rpc: chain.rpc_config().clone(),
         alias: alias.into(),
         announce,
+        announce_as: None,
     };
     node::start(&cfg).unwrap()
 }
