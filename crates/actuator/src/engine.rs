@@ -356,6 +356,9 @@ struct Watched {
 pub struct Engine {
     db: Connection,
     watched: Vec<Watched>,
+    /// API rules removed since: they fire nothing new, but what they already did is still
+    /// reverted if its trigger leaves the best chain, and stands again if it comes back.
+    retired: Vec<Watched>,
     network: Network,
 }
 
@@ -380,12 +383,18 @@ impl Engine {
                 db.execute_batch(&format!("ALTER TABLE act_invoices ADD COLUMN {col} {ty}"))?;
             }
         }
-        let stored: Vec<Rule> = {
-            let mut st = db.prepare("SELECT rule FROM act_rules ORDER BY n")?;
-            let rows = st.query_map([], |r| json_col(r, 0))?;
-            rows.collect::<Result<_, _>>()?
+        let removed_col: bool = db.prepare("SELECT 1 FROM pragma_table_info('act_rules') WHERE name = 'removed'")?.exists([])?;
+        if !removed_col {
+            db.execute_batch("ALTER TABLE act_rules ADD COLUMN removed INTEGER NOT NULL DEFAULT 0")?;
+        }
+        let load = |removed: bool| -> Result<Vec<Rule>> {
+            let mut st = db.prepare("SELECT rule FROM act_rules WHERE removed = ?1 ORDER BY n")?;
+            let rows = st.query_map([removed], |r| json_col(r, 0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
         };
-        let mut engine = Engine { db, watched: vec![], network };
+        let (stored, retired) = (load(false)?, load(true)?);
+        let retired = retired.into_iter().map(|rule| Ok(Watched { script: rule.watched_script(network)?, rule, source: RuleSource::Api })).collect::<Result<_>>()?;
+        let mut engine = Engine { db, watched: vec![], retired, network };
         let sources = rules.rules.into_iter().map(|r| (r, RuleSource::File)).chain(stored.into_iter().map(|r| (r, RuleSource::Api)));
         for (rule, source) in sources {
             // API rules were checked when added; a secret file gone since then must not stop
@@ -421,6 +430,9 @@ impl Engine {
             return Err(EngineError::RuleExists(rule.id));
         }
         let json = serde_json::to_string(&rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        // A removed rule's id may be used again: the new rule replaces the old for good.
+        self.db.execute("DELETE FROM act_rules WHERE id = ?1 AND removed = 1", [&rule.id])?;
+        self.retired.retain(|w| w.rule.id != rule.id);
         self.db.execute("INSERT INTO act_rules (n, id, rule) VALUES (?1, ?2, ?3)", params![n, rule.id, json])?;
         self.watch(rule.clone(), RuleSource::Api)?;
         Ok(rule)
@@ -430,15 +442,25 @@ impl Engine {
         self.add_rule_with(|_| rule)
     }
 
-    /// Stop watching an API rule and forget it. Actions it already made due stay in the
-    /// outbox and are still delivered; its payments not yet buried never fire.
+    /// Stop watching an API rule. Actions it already made due stay in the outbox and are
+    /// still delivered; its payments not yet buried never fire. What it already did is
+    /// still reconciled with the best chain (reverted if its trigger is reorged out, standing
+    /// again if it comes back), however deep the reorg: the rule is kept as retired.
     pub fn remove_rule(&mut self, id: &str) -> Result<Rule> {
         let i = self.watched.iter().position(|w| w.rule.id == id).ok_or_else(|| EngineError::NoSuchRule(id.into()))?;
         if self.watched[i].source == RuleSource::File {
             return Err(EngineError::FileRule(id.into()));
         }
-        self.db.execute("DELETE FROM act_rules WHERE id = ?1", [id])?;
-        Ok(self.watched.remove(i).rule)
+        self.db.execute("UPDATE act_rules SET removed = 1 WHERE id = ?1", [id])?;
+        let w = self.watched.remove(i);
+        let rule = w.rule.clone();
+        self.retired.push(w);
+        Ok(rule)
+    }
+
+    /// The rule `id` for reconciling a trigger: watched (`true`), or retired (`false`).
+    fn rule_for(&self, id: &str) -> Option<(&Rule, bool)> {
+        rule_for(&self.watched, &self.retired, id)
     }
 
     /// The Lightning rule `id` (for a payment order).
@@ -684,19 +706,23 @@ impl Engine {
         match ev {
             BlockEvent::Connected { block, .. } => {
                 // Payment rules by the script they watch: one lookup per output.
-                let mut by_script: HashMap<&ScriptBuf, Vec<&Watched>> = HashMap::new();
-                for w in &self.watched {
+                // Retired rules too, for payments they already acted on that come back.
+                let mut by_script: HashMap<&ScriptBuf, Vec<(&Watched, bool)>> = HashMap::new();
+                for (w, active) in self.watched.iter().map(|w| (w, true)).chain(self.retired.iter().map(|w| (w, false))) {
                     if let Some(script) = &w.script {
-                        by_script.entry(script).or_default().push(w);
+                        by_script.entry(script).or_default().push((w, active));
                     }
                 }
                 for t in &block.txdata {
                     let mut txid = None;
                     for (vout, o) in t.output.iter().enumerate() {
-                        for w in by_script.get(&o.script_pubkey).into_iter().flatten() {
+                        for (w, active) in by_script.get(&o.script_pubkey).into_iter().flatten() {
                             let Trigger::Payment { min_sat, .. } = &w.rule.trigger else { continue };
                             if o.value.to_sat() >= *min_sat {
                                 let txid: &str = txid.get_or_insert_with(|| t.compute_txid().to_string());
+                                if !active && !acted_on(&tx, &format!("{}:{txid}:{vout}", w.rule.id))? {
+                                    continue;
+                                }
                                 tx.execute(
                                     "INSERT OR REPLACE INTO act_payments (rule_id, txid, vout, amount, height, block_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                                     params![w.rule.id, txid, vout as u32, o.value.to_sat() as i64, id.height, id.hash.to_string()],
@@ -717,8 +743,11 @@ impl Engine {
                     for o in &t.output {
                         let Some(cmd) = crate::command::decode(&o.script_pubkey) else { continue };
                         let txid = t.compute_txid().to_string();
-                        for w in &self.watched {
+                        for (w, active) in self.watched.iter().map(|w| (w, true)).chain(self.retired.iter().map(|w| (w, false))) {
                             let Trigger::Command { key, .. } = &w.rule.trigger else { continue };
+                            if !active && !acted_on(&tx, &format!("{}:cmd:{}", w.rule.id, cmd.seq))? {
+                                continue;
+                            }
                             let Ok(key) = key.parse::<bitmote_device::PublicKey>() else { continue };
                             if !cmd.verify(&key, &w.rule.device) {
                                 continue; // not for this rule (or forged): only its key counts
@@ -747,7 +776,7 @@ impl Engine {
                 // What is final now and has no action standing or closed (never fired, or
                 // cancelled or reverted by a reorg and back since): one query per rule.
                 let tip = id.height as i64;
-                for w in &self.watched {
+                for w in self.watched.iter().chain(self.retired.iter()) {
                     let rid = &w.rule.id;
                     match &w.rule.trigger {
                         Trigger::Payment { confirmations, .. } => {
@@ -803,7 +832,7 @@ impl Engine {
                 // … and those this block made final are final no more (buried one block
                 // less, or below their height again).
                 let h = id.height as i64;
-                for w in &self.watched {
+                for w in self.watched.iter().chain(self.retired.iter()) {
                     let rid = &w.rule.id;
                     match &w.rule.trigger {
                         Trigger::Payment { confirmations, .. } => {
@@ -827,9 +856,9 @@ impl Engine {
             }
         }
         for (rule_id, key) in touched {
-            let rule = self.watched.iter().find(|w| w.rule.id == rule_id).map(|w| &w.rule);
+            let (rule, active) = rule_for(&self.watched, &self.retired, &rule_id).map_or((None, false), |(r, a)| (Some(r), a));
             let found = lookup(&tx, rule, &key, tip)?;
-            reconcile(&tx, rule, &key, found.as_ref(), id.height, &mut out)?;
+            reconcile(&tx, rule, active, &key, found.as_ref(), id.height, &mut out)?;
         }
         let cursor = ev.cursor_after();
         tx.execute(
@@ -964,11 +993,11 @@ impl Engine {
             .query_row("SELECT reverts, trigger_key, rule_id FROM act_outbox WHERE event_id = ?1", [event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         let Some((Some(_), Some(key), rule_id)) = row else { return Ok(()) };
-        let rule = self.watched.iter().find(|w| w.rule.id == rule_id).map(|w| &w.rule);
+        let (rule, active) = self.rule_for(&rule_id).map_or((None, false), |(r, a)| (Some(r), a));
         let tip: Option<u32> = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten();
         let found = lookup(tx, rule, &key, tip)?;
         let mut out = vec![];
-        reconcile(tx, rule, &key, found.as_ref(), tip.unwrap_or(0), &mut out)?;
+        reconcile(tx, rule, active, &key, found.as_ref(), tip.unwrap_or(0), &mut out)?;
         for e in out {
             tracing::info!("actuator, after {event_id}: {e:?}");
         }
@@ -1137,6 +1166,17 @@ fn latest_revert(tx: &Connection, event_id: &str) -> Result<(Option<Row>, u32)> 
     Ok((row, n))
 }
 
+/// The rule `id` among the watched (`true`) and the retired (`false`) rules.
+fn rule_for<'a>(watched: &'a [Watched], retired: &'a [Watched], id: &str) -> Option<(&'a Rule, bool)> {
+    watched.iter().find(|w| w.rule.id == id).map(|w| (&w.rule, true)).or_else(|| retired.iter().find(|w| w.rule.id == id).map(|w| (&w.rule, false)))
+}
+
+/// Whether the outbox has an action for the trigger `key` (a retired rule's trigger that
+/// comes back is recorded again only then).
+fn acted_on(tx: &Connection, key: &str) -> Result<bool> {
+    Ok(tx.prepare_cached("SELECT 1 FROM act_outbox WHERE trigger_key = ?1 LIMIT 1")?.exists([key])?)
+}
+
 /// The event id of generation `g` of the trigger `key`: the key itself first, then
 /// `<key>:g<g>` — a new id, because a device executes each event id at most once and
 /// the action it reverted must be able to run again.
@@ -1170,7 +1210,11 @@ fn revert_id(event_id: &str, n: u32) -> String {
 /// * not final, action due → cancelled; delivered or acknowledged → reverted, with an alert
 ///   and the rule's revert action, if any;
 /// * expired and refused actions are closed: nothing changes them.
-fn reconcile(tx: &Connection, rule: Option<&Rule>, key: &str, found: Option<&Found>, height: u32, out: &mut Vec<EngineEvent>) -> Result<()> {
+///
+/// A retired rule (`active` false: removed over the API) starts nothing new (no first
+/// generation), but what it did is reconciled like any other.
+#[allow(clippy::too_many_arguments)]
+fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, found: Option<&Found>, height: u32, out: &mut Vec<EngineEvent>) -> Result<()> {
     let latest = latest_action(tx, key)?;
     let now = now_ms();
     match found.filter(|f| f.final_) {
@@ -1185,7 +1229,7 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, key: &str, found: Option<&Fou
                 }
                 Ok(())
             };
-            let Some(m) = latest else { return fire(1, out) };
+            let Some(m) = latest else { return if active { fire(1, out) } else { Ok(()) } };
             match m.state {
                 OutboxState::Due | OutboxState::Delivered | OutboxState::Acked | OutboxState::Expired | OutboxState::Refused => {}
                 OutboxState::Cancelled => {
@@ -1791,6 +1835,41 @@ mod reorg_tests {
         assert_eq!(s.executed, vec![(key, "unlock".to_string())]);
     }
 
+    /// A rule removed over the API after it fired still reverts what it did when its
+    /// payment leaves the best chain, however deep the reorg (the drill: a regtest node
+    /// killed at the wrong time came back having lost all 420 of its blocks, long after the
+    /// fleet had removed the rental's rule), and its action stands again if the payment
+    /// comes back; but the removed rule fires nothing new, also across a restart.
+    #[test]
+    fn a_removed_rule_still_reconciles_what_it_did_but_fires_nothing_new() {
+        let mut s = Sim::new(vec![]);
+        s.e.add_rule(door(1)).unwrap();
+        s.connect(vec![]);
+        let p = pay(1, &address(1), 25_000);
+        let key = format!("door:{}:0", p.compute_txid());
+        s.connect(vec![p.clone()]);
+        assert!(s.e.mark_delivered(&key).unwrap() && s.e.mark_acked(&key).unwrap());
+        s.mine(3);
+        s.e.remove_rule("door").unwrap();
+        assert!(s.e.rules().is_empty());
+        for _ in 0..4 {
+            s.disconnect();
+        }
+        let item = s.e.get(&key).unwrap().unwrap();
+        assert_eq!(item.state, OutboxState::Reverted);
+        let revert = s.e.get(&format!("{key}:revert")).unwrap().expect("a revert was queued");
+        assert_eq!((revert.command.as_str(), revert.state), ("lock", OutboxState::Due));
+        // The payment is mined again before the revert went out: the action stands again.
+        s.connect(vec![p]);
+        assert_eq!(s.e.get(&key).unwrap().unwrap().state, OutboxState::Acked);
+        // A new payment to the removed rule's address fires nothing, before or after a restart.
+        let again = pay(2, &address(1), 25_000);
+        let other = format!("door:{}:0", again.compute_txid());
+        s.connect(vec![again]);
+        s.mine(2);
+        assert!(s.e.get(&other).unwrap().is_none(), "the removed rule fired");
+    }
+
     #[test]
     fn a_revert_in_flight_when_the_payment_returns_is_awaited_then_answered() {
         let mut s = Sim::new(vec![door(1)]);
@@ -1915,7 +1994,9 @@ mod reorg_tests {
 
     #[test]
     fn confirmations_near_u32_max_never_overflow() {
-        let mut s = Sim::new(vec![door(u32::MAX)]);
+        // Such rules are refused now (at most MAX_CONFIRMATIONS); the most allowed works.
+        assert!(RuleSet::new(vec![door(u32::MAX)], Network::Regtest).is_err());
+        let mut s = Sim::new(vec![door(crate::rules::MAX_CONFIRMATIONS)]);
         s.connect(vec![pay(1, &address(1), 25_000)]);
         s.mine(3);
         s.disconnect();
