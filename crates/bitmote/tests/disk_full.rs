@@ -161,7 +161,7 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
         .unwrap();
     let before: Vec<String> = (1..=3).map(|s| post(&gw, &k, s).expect("acknowledged before the disk is full")).collect();
     // Payments flow through the gateway's node before the fault.
-    eventually("the meter pays its provider through the gateway's node", Duration::from_secs(90), || provider_paid(&provider) > 0);
+    eventually("the meter pays its provider through the gateway's node", Duration::from_secs(240), || provider_paid(&provider) > 0);
 
     // An outside process fills the disk.
     eprintln!("before the fill: {:?}", get(&format!("{gw}/v1/stats"))["disk"]);

@@ -105,8 +105,19 @@ impl DiskGuard {
         });
         if g.cfg.reserve_bytes > 0 {
             let _ = fs::create_dir_all(&g.reserve_dir);
+            // The whole reserve before the gateway starts (as much as fits), before the
+            // first look, so a start with room to spare logs no refusal.
+            for i in 0..PIECES {
+                let whole = fs::metadata(g.piece(i)).is_ok_and(|m| m.len() == g.piece_size());
+                let room = free_bytes(&g.dir).is_ok_and(|f| f >= g.cfg.min_free_bytes + g.piece_size());
+                if !whole && room {
+                    if let Err(e) = g.make_piece(i) {
+                        tracing::debug!("making the disk reserve: {e}");
+                    }
+                }
+            }
         }
-        // One piece per look: the whole reserve before the gateway starts (as much as fits).
+        // One piece per look for what did not fit.
         for _ in 0..PIECES.max(1) {
             g.look();
         }

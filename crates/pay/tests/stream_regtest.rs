@@ -306,6 +306,13 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     let mut t = tariff(Mode::Postpaid);
     t.price_msat_per_wh = 20_000_000;
     let (provider, meter) = p.roles(t, http);
+    // A buyer who agreed to that price (its spending policy allows it).
+    meter.set_policy(bitmote_pay::tariff::BuyerPolicy {
+        max_price_msat_per_wh: 20_000_000,
+        max_session_msat: 100_000_000,
+        max_day_msat: 1_000_000_000,
+        ..Default::default()
+    });
     let mine = || {
         chain.mine(1).unwrap();
     };
