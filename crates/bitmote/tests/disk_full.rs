@@ -16,12 +16,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bitmote_device::reading::{sensor, unit};
-use bitmote_device::{Reading, SignedReading, SigningKey, Value};
+use bitmote_device::SigningKey;
 use serde_json::Value as Json;
 
 mod common;
-use common::up_with;
+use common::{post_temperature as post, up_with};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -29,27 +28,6 @@ fn free_port() -> u16 {
 
 fn get(url: &str) -> Json {
     ureq::get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")).into_json().unwrap()
-}
-
-/// Post reading `seq` of `k`: `Ok(reading id)`, or `Err((status, body))`.
-fn post(gw: &str, k: &SigningKey, seq: u64) -> Result<String, (u16, Json)> {
-    let r = Reading {
-        device: k.public_key().device_id(),
-        seq,
-        timestamp_ms: bitmote_chain::now_ms(),
-        sensor: sensor::TEMPERATURE,
-        unit: unit::CELSIUS,
-        value: Value::Scaled { mantissa: 200 + seq as i64, exponent: -1 },
-    };
-    let body = SignedReading::sign(k, r).unwrap().encode();
-    match ureq::post(&format!("{gw}/v1/readings")).set("Content-Type", "application/octet-stream").send_bytes(&body) {
-        Ok(resp) => {
-            let v: Json = resp.into_json().unwrap();
-            Ok(v["receipts"][0]["reading_id"].as_str().unwrap().to_string())
-        }
-        Err(ureq::Error::Status(code, resp)) => Err((code, resp.into_json().unwrap_or(Json::Null))),
-        Err(e) => panic!("reading {seq}: {e}"),
-    }
 }
 
 fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -14,8 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bitmote_device::reading::{sensor, unit};
-use bitmote_device::{Reading, SignedReading, SigningKey, Value};
+use bitmote_device::SigningKey;
 use serde_json::Value as Json;
 
 mod common;
@@ -35,21 +34,7 @@ fn enroll(data_dir: &Path, gw: &str, k: &SigningKey) {
 
 /// Post reading `seq` of `k`: the receipt's reading id (panics unless acknowledged).
 fn post(gw: &str, k: &SigningKey, seq: u64) -> String {
-    let r = Reading {
-        device: k.public_key().device_id(),
-        seq,
-        timestamp_ms: bitmote_chain::now_ms(),
-        sensor: sensor::TEMPERATURE,
-        unit: unit::CELSIUS,
-        value: Value::Scaled { mantissa: 200 + seq as i64, exponent: -1 },
-    };
-    let body = SignedReading::sign(k, r).unwrap().encode();
-    let resp = ureq::post(&format!("{gw}/v1/readings"))
-        .set("Content-Type", "application/octet-stream")
-        .send_bytes(&body)
-        .unwrap_or_else(|e| panic!("reading {seq} not acknowledged: {e}"));
-    let v: Json = resp.into_json().unwrap();
-    v["receipts"][0]["reading_id"].as_str().unwrap().to_string()
+    common::post_temperature(gw, k, seq).unwrap_or_else(|(code, body)| panic!("reading {seq} not acknowledged: {code} {body}"))
 }
 
 fn proof(gw: &str, id: &str) -> bitmote_notary::proof::ProofBundle {

@@ -311,7 +311,7 @@ impl Meter {
 
     /// The most recent open session in the store (to resume after a restart).
     pub fn open_sessions(&self) -> Result<Vec<Session>, PayError> {
-        Ok(self.store.lock().unwrap().sessions()?.into_iter().filter(|s| s.state == State::Open).collect())
+        self.store.lock().unwrap().open_sessions()
     }
 
     fn preimage(&self, id: &SessionId, tick: u64) -> [u8; 32] {

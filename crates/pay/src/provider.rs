@@ -254,12 +254,8 @@ impl Provider {
         let meter = DeviceKey::decode(&key).map_err(|e| PayError::Session(format!("meter_key: {e:?}")))?;
         parse_node_id(&req.meter_node)?;
         // Only the meter key's holder opens sessions for it, each signed request once.
-        let sig = bitmote_device::hex_decode(&req.signature)
-            .and_then(|b| bitmote_device::Signature::decode(&b).ok())
-            .ok_or_else(|| PayError::Unauthorized("the open request's signature is not a signature".into()))?;
-        meter
-            .verify(&crate::open_message(&req.tariff_id, &req.meter_key, &req.meter_node, req.timestamp_ms), &sig)
-            .map_err(|_| PayError::Unauthorized("the open request is not signed by its meter key".into()))?;
+        let message = crate::open_message(&req.tariff_id, &req.meter_key, &req.meter_node, req.timestamp_ms);
+        check_signed(&meter, &message, &req.signature, "open request", "its meter key")?;
         let skew = OPEN_CLOCK_SKEW.as_millis() as u64;
         if req.timestamp_ms.abs_diff(now()) > skew {
             return Err(PayError::Unauthorized(format!("the open request's time is more than {} s from ours", skew / 1000)));
@@ -316,11 +312,7 @@ impl Provider {
         let s = self.session(id)?.ok_or_else(|| PayError::Session("unknown session".into()))?;
         let key = DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default())
             .map_err(|e| PayError::Session(format!("stored meter key: {e:?}")))?;
-        let sig = bitmote_device::hex_decode(signature)
-            .and_then(|b| bitmote_device::Signature::decode(&b).ok())
-            .ok_or_else(|| PayError::Unauthorized("the close request's signature is not a signature".into()))?;
-        key.verify(&crate::close_message(id, account), &sig)
-            .map_err(|_| PayError::Unauthorized("the close request is not signed by the session's meter".into()))?;
+        check_signed(&key, &crate::close_message(id, account), signature, "close request", "the session's meter")?;
         // From now on only the declared ticks may still be credited.
         {
             let store = self.store.lock().unwrap();
@@ -389,6 +381,15 @@ fn rand_bytes() -> [u8; 16] {
 }
 
 type Shared = Arc<Provider>;
+
+/// Check that `signature` (hex) is `key`'s over `message`: a meter's signed request
+/// (`what`, e.g. "open request"), which only `signer` may make.
+fn check_signed(key: &DeviceKey, message: &[u8; 32], signature: &str, what: &str, signer: &str) -> Result<(), PayError> {
+    let sig = bitmote_device::hex_decode(signature)
+        .and_then(|b| bitmote_device::Signature::decode(&b).ok())
+        .ok_or_else(|| PayError::Unauthorized(format!("the {what}'s signature is not a signature")))?;
+    key.verify(message, &sig).map_err(|_| PayError::Unauthorized(format!("the {what} is not signed by {signer}")))
+}
 
 fn api_err(code: StatusCode) -> impl Fn(PayError) -> (StatusCode, String) {
     move |e| (code, e.to_string())

@@ -88,3 +88,28 @@ impl Drop for Up {
         }
     }
 }
+
+/// Post signed temperature reading `seq` of `k` (20.0 °C + seq / 10) to the gateway at
+/// `gw`: `Ok(reading id)` when acknowledged, `Err((status, body))` when refused; a
+/// transport error panics.
+pub fn post_temperature(gw: &str, k: &bitmote_device::SigningKey, seq: u64) -> Result<String, (u16, serde_json::Value)> {
+    use bitmote_device::reading::{sensor, unit};
+    use bitmote_device::{Reading, SignedReading, Value};
+    let r = Reading {
+        device: k.public_key().device_id(),
+        seq,
+        timestamp_ms: bitmote_chain::now_ms(),
+        sensor: sensor::TEMPERATURE,
+        unit: unit::CELSIUS,
+        value: Value::Scaled { mantissa: 200 + seq as i64, exponent: -1 },
+    };
+    let body = SignedReading::sign(k, r).unwrap().encode();
+    match ureq::post(&format!("{gw}/v1/readings")).set("Content-Type", "application/octet-stream").send_bytes(&body) {
+        Ok(resp) => {
+            let v: serde_json::Value = resp.into_json().unwrap();
+            Ok(v["receipts"][0]["reading_id"].as_str().unwrap().to_string())
+        }
+        Err(ureq::Error::Status(code, resp)) => Err((code, resp.into_json().unwrap_or(serde_json::Value::Null))),
+        Err(e) => panic!("reading {seq}: {e}"),
+    }
+}
