@@ -120,6 +120,8 @@ impl Store {
             }
         }
         store.db.execute_batch("CREATE INDEX IF NOT EXISTS sessions_open ON sessions(open)").map_err(db_err)?;
+        // The meter's day total (`paid_since`, before every payment) reads one day of ticks.
+        store.db.execute_batch("CREATE INDEX IF NOT EXISTS ticks_sent ON ticks(sent_ms)").map_err(db_err)?;
         Ok(store)
     }
 
@@ -136,7 +138,12 @@ impl Store {
 
     /// The open sessions (indexed: as cheap as there are open sessions).
     pub fn open_sessions(&self) -> Result<Vec<Session>, PayError> {
-        let mut st = self.db.prepare_cached("SELECT body FROM sessions WHERE open = 1").map_err(db_err)?;
+        self.sessions_where("SELECT body FROM sessions WHERE open = 1")
+    }
+
+    /// The sessions a `SELECT body …` query gives.
+    fn sessions_where(&self, sql: &str) -> Result<Vec<Session>, PayError> {
+        let mut st = self.db.prepare_cached(sql).map_err(db_err)?;
         let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
         let mut out = Vec::new();
         for b in rows {
@@ -155,13 +162,7 @@ impl Store {
     }
 
     pub fn sessions(&self) -> Result<Vec<Session>, PayError> {
-        let mut st = self.db.prepare("SELECT body FROM sessions").map_err(db_err)?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
-        let mut out = Vec::new();
-        for b in rows {
-            out.push(serde_json::from_str(&b.map_err(db_err)?).map_err(|e| PayError::Store(format!("corrupt session: {e}")))?);
-        }
-        Ok(out)
+        self.sessions_where("SELECT body FROM sessions")
     }
 
     /// Record a tick (meter: before sending; provider: on receipt) together with the
