@@ -223,14 +223,20 @@ impl Anchorer {
         db.busy_timeout(Duration::from_secs(10))?;
         db.execute_batch(SCHEMA)?;
         let mut wallet = GatewayWallet::open(wallet_dir, &client)?;
+        // The wallet's last block still on the node's chain, *before* catching up: after a
+        // node that lost blocks (or a reorg while the gateway was down), the sync replaces
+        // the stale blocks in the wallet, and every anchor confirmed above the fork point,
+        // final or not, must be checked again (`refresh`: back to pending and rebroadcast,
+        // or confirmed in the new branch). Taken after the sync, the fork point would be
+        // the new tip, and an anchor final in a lost block would keep naming that block
+        // (found by `bitmote drill`: proofs answering 503 after a node crash and a restart).
+        let stale_tip = wallet.tip().height;
+        let fork = wallet.resume_point(&client)?;
         wallet.sync(&client)?;
-        // From the wallet's last block still on the node's chain: after a node that lost
-        // blocks (or a reorg while the gateway was down), the new branch replaces them in the
-        // wallet and `refresh` sees anchors confirmed there go back to pending (rebroadcast).
-        let from = wallet.resume_point(&client)?;
+        let from = wallet.tip();
         let stream = BlockStream::from_cursor(client.fresh()?, Some(from), StreamConfig::default());
-        let tip_height = wallet.tip().height;
-        let recheck_above = (from.height < tip_height).then_some(from.height);
+        let tip_height = from.height;
+        let recheck_above = (fork.height < stale_tip).then_some(fork.height);
         Ok(Anchorer { db, wallet, client, stream, cfg, tip_height, recheck_above })
     }
 

@@ -328,3 +328,51 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     }
     drop(node);
 }
+
+/// Found by `bitmote drill` (issue 16): an anchor final in blocks the node then lost (a
+/// crash before it flushed them), noticed only when anchoring reopens (the gateway reopens
+/// it whenever the node comes back). Catching the wallet up first and taking the fork
+/// point afterwards found no fork at all, so the anchor, final by then, kept naming a block
+/// that is not on the node's chain, and its readings' proofs answered 503 from then on.
+/// Here the node's chain is replaced below the anchor's block while anchoring is closed,
+/// by more blocks than make an anchor final: at reopening the anchor goes back to pending
+/// (its transaction is back in the mempool), and confirms again in the node's branch.
+#[test]
+fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked_again() {
+    let node = node();
+    let c = node.client();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    let open = |cfg: &AnchorConfig| Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap();
+    let mut a = open(&cfg);
+    let addr = a.wallet().new_address().unwrap();
+    c.mine(1, &addr).unwrap();
+    node.mine(100).unwrap();
+    a.poll(None).unwrap();
+    let ev = a.poll(Some(head(10))).unwrap();
+    assert!(matches!(ev[0], AnchorEvent::Broadcast { .. }), "{ev:?}");
+    let lost = node.mine(1).unwrap()[0];
+    node.mine(cfg.final_confirmations + 2).unwrap();
+    a.poll(None).unwrap();
+    let info = a.list().unwrap().remove(0);
+    assert_eq!((info.state, info.block_hash), (AnchorState::Confirmed, Some(lost)));
+    assert!(info.confirmations > cfg.final_confirmations, "{info:?}");
+    drop(a);
+
+    // The node's chain loses the anchor's block and everything after it; a longer branch
+    // without the anchor replaces them (its transaction is back in the mempool).
+    c.invalidate_block(&lost).unwrap();
+    for _ in 0..cfg.final_confirmations + 4 {
+        mine_empty(&c);
+    }
+    let mut a = open(&cfg);
+    a.poll(None).unwrap();
+    let info = a.list().unwrap().remove(0);
+    assert_eq!(info.state, AnchorState::Pending, "the anchor still names block {:?}, which the node's chain lost: {info:?}", info.block_hash);
+
+    let again = node.mine(1).unwrap()[0];
+    a.poll(None).unwrap();
+    let info = a.list().unwrap().remove(0);
+    assert_eq!((info.state, info.block_hash), (AnchorState::Confirmed, Some(again)), "{info:?}");
+    assert_eq!(c.block_hash(info.block_height.unwrap()).unwrap(), Some(again));
+}
