@@ -3,7 +3,7 @@
 //! `<data-dir>/<name>/`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,6 +237,25 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     };
     let stop = crate::node::stop_flag()?;
     let (node, dir, client) = start_node(g, &a.machine, "meter", 9736, None)?;
+    // Until the session streams there is nothing to close: a stop (a SIGTERM, or `up`
+    // dying: the fleet's members get SIGTERM then) ends the meter at once, its Lightning
+    // node stopped cleanly, instead of after the waits for a channel or a route (up to
+    // 10 minutes each, with the hub maybe gone). Found by `bitmote drill`: a meter left
+    // waiting after a `kill -9` of `up` held its Lightning port against the next one.
+    let streaming = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, streaming, node) = (stop.clone(), streaming.clone(), node.clone());
+        std::thread::spawn(move || {
+            while !streaming.load(Ordering::SeqCst) {
+                if stop.load(Ordering::SeqCst) {
+                    eprintln!("stopped before the session started streaming");
+                    node.stop().ok();
+                    std::process::exit(0);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
     let url = a.provider_url.trim_end_matches('/').to_string();
     let status: serde_json::Value = ureq::get(&format!("{url}/v1/status"))
         .call()
@@ -278,6 +297,8 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     }
     let http = a.machine.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8661)));
     let m = Meter::start(node.clone(), &dir, &url, http)?;
+    // From here a stop closes the session the normal way (below).
+    streaming.store(true, Ordering::SeqCst);
     m.set_policy(BuyerPolicy {
         max_price_msat_per_wh: a.max_price_msat_per_wh,
         max_session_msat: a.max_session_msat,

@@ -435,3 +435,35 @@ fn prepaid_kill_9_mid_tick_of_either_machine_then_sigterm_reconciles() {
     provider.term();
     assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
 }
+
+/// Found by `bitmote drill` (issue 16): a meter stopped before its session streams — here
+/// waiting for a route through a hub that has no channel to the provider, as when `up` is
+/// killed and its gateway (the hub) is gone — exits at once on SIGTERM (what `up`'s death
+/// sends its fleet), its Lightning node stopped and its port free. It used to sit in the
+/// wait (up to 10 minutes), holding the port the next `up`'s meter needed.
+#[test]
+fn a_meter_stopped_while_it_waits_for_a_route_exits_at_once_and_frees_its_port() {
+    let dir = Kept::new();
+    let d = dir.path();
+    assert!(bitmote(d).args(["node", "start"]).status().unwrap().success());
+    let (p_ln, p_http, h_ln, h_http, m_ln, m_http) = (port(), port(), port(), port(), port(), port());
+    let purl = format!("http://{p_http}");
+    let _provider = Proc::spawn(d, &["provider", "run", "--ln-listen", &p_ln, "--http", &p_http]);
+    _provider.expect("ready");
+    // A second Lightning node, with no channel to the provider, as the meter's hub.
+    let hub = Proc::spawn(d, &["provider", "run", "--name", "hub", "--ln-listen", &h_ln, "--http", &h_http]);
+    let hub_id = hub.expect("ready").split_whitespace().nth(1).unwrap().to_string();
+    let via = format!("{hub_id}@{h_ln}");
+    let mut meter = Proc::spawn(d, &["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl, "--via", &via]);
+    meter.expect("waiting for the hub's channel to the provider");
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let status = meter.term();
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(30), "the meter took {took:?} to stop");
+    // Its Lightning port is free for the next meter.
+    TcpListener::bind(&m_ln).unwrap_or_else(|e| panic!("the meter's Lightning port {m_ln} is still taken: {e}"));
+    drop(hub);
+    assert!(bitmote(d).args(["node", "stop"]).status().unwrap().success());
+}
