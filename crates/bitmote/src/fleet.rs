@@ -29,6 +29,9 @@ use crate::config::Config;
 use crate::device;
 use crate::Global;
 
+/// A member that ran this long before it exited is restarted after the first backoff (2 s).
+const RAN_WELL: Duration = Duration::from_secs(10);
+
 /// The lock rented by payment orders and the relay switched by signed on-chain commands.
 pub const LOCK: &str = "lock-1";
 pub const RELAY: &str = "relay-1";
@@ -395,8 +398,12 @@ impl Fleet {
                 match p.try_wait() {
                     Ok(Some(status)) => {
                         m.proc = None;
-                        if m.started.elapsed() > Duration::from_secs(60) {
-                            m.backoff = Duration::from_secs(2); // it ran well for a while
+                        // A member that got going (it ran for a while) and then died is
+                        // restarted promptly, however often it happens (a machine killed from
+                        // outside, as the fault drill does every few rounds); only one that
+                        // dies right after starting (a crash loop) backs off, up to a minute.
+                        if m.started.elapsed() > RAN_WELL {
+                            m.backoff = Duration::from_secs(2);
                         }
                         append(&m.log, &format!("{} exited ({status}); restarting in {} s", m.name, m.backoff.as_secs()));
                         tracing::warn!("fleet: {} exited ({status}); restarting in {} s (log {})", m.name, m.backoff.as_secs(), m.log.display());

@@ -202,6 +202,7 @@ fn campaign(
         skipped_kinds: skipped,
         checks_passed: tally.passed.clone(),
         violations: tally.violations.clone(),
+        upstream_limits: tally.upstream.values().cloned().collect(),
         readings_acknowledged: probe.acked.len() as u64,
         readings_acknowledged_during_outages: probe.acked.iter().filter(|a| a.during_outage).count() as u64,
         sessions_closed,
@@ -276,7 +277,7 @@ fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Ta
                 sys.get_json(&format!("/v1/readings/{id}/proof")).ok().and_then(|b| serde_json::from_value::<bitmote_notary::proof::ProofBundle>(b).ok()).is_some_and(|b| !b.is_pending())
             });
             let idle = checks::actions(sys).is_ok_and(|a| checks::outbox_busy(&a).is_empty());
-            if anchored && idle {
+            if anchored && idle && fleet_whole(sys) {
                 return Ok(());
             }
         }
@@ -286,6 +287,16 @@ fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Ta
         }
         std::thread::sleep(Duration::from_millis(800));
     }
+}
+
+/// Every member of the fleet running again (a killed one is restarted by `up`), and the
+/// meter and the provider answering: the checks, and the final Ctrl-C's close, are about a
+/// whole system, not one caught while a machine restarts.
+fn fleet_whole(sys: &System) -> bool {
+    let members = sys.members();
+    let running = !members.is_empty() && members.iter().all(|m| m.pid.is_some_and(crate::system::process_alive));
+    let answers = |u: Option<String>| u.is_none_or(|u| sys.get_url(&format!("{u}/v1/status")).is_ok());
+    running && sys.status().is_some_and(|st| answers(st.meter_url) && answers(Some(sys.provider_direct_url())))
 }
 
 /// I2, giving deliveries still on their way up to a minute (blocks keep coming).

@@ -87,6 +87,10 @@ pub struct Report {
     pub skipped_kinds: BTreeMap<String, String>,
     pub checks_passed: BTreeMap<&'static str, u64>,
     pub violations: Vec<Violation>,
+    /// Checks that did not hold because of a known limit of a dependency (LDK's force close
+    /// after a `kill -9`, rust-lightning#4286) and held in the weaker form it leaves: not
+    /// violations of bitmote's guarantees, but never hidden either.
+    pub upstream_limits: Vec<Violation>,
     /// Readings the probe had acknowledged, all proven at the end unless a violation says otherwise.
     pub readings_acknowledged: u64,
     pub readings_acknowledged_during_outages: u64,
@@ -113,6 +117,12 @@ impl Report {
             "readings acknowledged: {} ({} while the node was down); sessions closed on both sides: {}",
             self.readings_acknowledged, self.readings_acknowledged_during_outages, self.sessions_closed
         );
+        if !self.upstream_limits.is_empty() {
+            println!("known upstream limits hit (not counted as violations): {}", self.upstream_limits.len());
+            for v in &self.upstream_limits {
+                println!("  round {:>4}  {}: {}", v.round, v.invariant, v.detail);
+            }
+        }
         if self.violations.is_empty() {
             println!("violations: 0");
         } else {
