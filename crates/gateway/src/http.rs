@@ -26,6 +26,8 @@ use crate::{Job, Shared};
 
 /// Largest request body (a full batch of 4096 readings with payloads fits).
 pub const MAX_BODY: usize = 8 << 20;
+/// The body limit of every other route (enrolment, rules, orders, revocations: small JSON).
+pub const MAX_SMALL_BODY: usize = 64 << 10;
 
 /// An API error: HTTP status and a JSON body `{ "error": message, "code": reason }`.
 pub struct ApiError(StatusCode, String, &'static str);
@@ -69,7 +71,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(crate::metrics::metrics))
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
-        .route("/v1/readings", post(post_readings))
+        .route("/v1/readings", post(post_readings).layer(DefaultBodyLimit::max(MAX_BODY)))
         .route("/v1/readings/{id}", get(get_reading))
         .route("/v1/readings/{id}/proof", get(get_proof))
         .route("/v1/readings/{id}/proof.ots", get(get_ots))
@@ -86,7 +88,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rules/{id}", delete(remove_rule))
         .route("/v1/devices/{id}/orders", post(order))
         .route("/v1/lightning", get(lightning))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        // Only a batch of readings needs a large body; every other route reads a small JSON.
+        .layer(DefaultBodyLimit::max(MAX_SMALL_BODY))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::metrics::count_requests))
         .with_state(shared)
 }
@@ -347,7 +350,9 @@ async fn revoke(
     Json(r): Json<Revoke>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
-    let d = s.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))?;
+    // A SQLite write: off the async workers, as every other database call here.
+    let s2 = s.clone();
+    let d = blocking(move || s2.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))).await?;
     // Its MQTT connections are closed now; new ones are refused (the device is revoked).
     s.mqtt_auth.kick(&id);
     Ok(Json(json!({ "device": d })))

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_front;
 pub mod mqtt_wire;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,8 @@ pub struct GatewayConfig {
     /// `exec` actions and webhooks (whose `secret_file` the gateway reads) come only from
     /// the operator's `rules.toml`, so the admin token is not a shell.
     pub api_actions: ApiActions,
+    /// The HTTP listener's connection cap and timeouts ([`serve::HttpLimits`]).
+    pub http_limits: serve::HttpLimits,
 }
 
 /// The allow-list for actions that run a program or read a file, when they come from the
@@ -142,6 +145,7 @@ impl GatewayConfig {
             lightning: None,
             disk: disk::DiskConfig::default(),
             api_actions: ApiActions::default(),
+            http_limits: serve::HttpLimits::default(),
         }
     }
 }
@@ -327,6 +331,7 @@ impl Gateway {
             );
         }
 
+        raise_fd_limit();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -340,15 +345,14 @@ impl Gateway {
         {
             let app = http::router(shared.clone());
             let shared = shared.clone();
+            let limits = cfg.http_limits.clone();
             runtime.spawn(async move {
                 let stop = async move {
                     while !shared.stop.load(Ordering::SeqCst) {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 };
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-                    tracing::error!("HTTP server stopped: {e}");
-                }
+                serve::serve(listener, app, limits, stop).await;
             });
         }
 
@@ -462,6 +466,21 @@ pub(crate) fn node_seen(shared: &Shared, result: Result<(), &bitmote_chain::Chai
             Err(e) => tracing::warn!("the Bitcoin node is unavailable ({e}); ingest goes on, anchoring resumes when it is back"),
         }
         *cur = now;
+    }
+}
+
+/// Every HTTP and MQTT connection is a file descriptor: the soft limit (often 1,024) is
+/// raised to the hard one, so the connection caps (4,096 each by default) are what limits.
+fn raise_fd_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                tracing::warn!("could not raise the open file limit to {}", r.rlim_max);
+            }
+        }
     }
 }
 

@@ -230,12 +230,15 @@ impl Anchorer {
         // or confirmed in the new branch). Taken after the sync, the fork point would be
         // the new tip, and an anchor final in a lost block would keep naming that block
         // (found by `bitmote drill`: proofs answering 503 after a node crash and a restart).
+        // The stream then follows from the wallet's last block on the node's chain after the
+        // sync: not its tip, which stays on the lost blocks until the node's chain has a
+        // block at a height the wallet has (a node back at the fork point exactly).
         let stale_tip = wallet.tip().height;
         let fork = wallet.resume_point(&client)?;
         wallet.sync(&client)?;
-        let from = wallet.tip();
+        let from = wallet.resume_point(&client)?;
         let stream = BlockStream::from_cursor(client.fresh()?, Some(from), StreamConfig::default());
-        let tip_height = from.height;
+        let tip_height = wallet.tip().height;
         let recheck_above = (fork.height < stale_tip).then_some(fork.height);
         Ok(Anchorer { db, wallet, client, stream, cfg, tip_height, recheck_above })
     }
