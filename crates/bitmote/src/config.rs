@@ -109,6 +109,13 @@ pub struct GatewaySection {
     /// them). Empty by default: webhooks come only from `rules.toml`.
     #[serde(default)]
     pub api_webhook_secret_files: Vec<std::path::PathBuf>,
+    /// Most HTTP connections open at once; one more is answered 503 (default 4096).
+    pub http_max_connections: Option<usize>,
+    /// A request's head must arrive within this (ms, default 10000); an idle connection is
+    /// closed after it.
+    pub http_header_timeout_ms: Option<u64>,
+    /// A whole request, body included, within this (ms, default 30000), else 408.
+    pub http_request_timeout_ms: Option<u64>,
 }
 
 /// `[notary]`: anchoring policy.

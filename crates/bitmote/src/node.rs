@@ -525,6 +525,19 @@ fn start_gateway(
         exec_programs: cfg.gateway.api_exec_programs.clone(),
         webhook_secret_files: cfg.gateway.api_webhook_secret_files.clone(),
     };
+    let gw = &cfg.gateway;
+    if let Some(n) = gw.http_max_connections {
+        anyhow::ensure!(n > 0, "http_max_connections must be at least 1");
+        g.http_limits.max_connections = n;
+    }
+    if let Some(ms) = gw.http_header_timeout_ms {
+        anyhow::ensure!(ms > 0, "http_header_timeout_ms must be at least 1");
+        g.http_limits.header_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ms) = gw.http_request_timeout_ms {
+        anyhow::ensure!(ms > 0, "http_request_timeout_ms must be at least 1");
+        g.http_limits.request_timeout = Duration::from_millis(ms);
+    }
     if let Some(listen) = lightning {
         g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }

@@ -339,7 +339,7 @@ impl Gateway {
             .build()
             .map_err(|e| GatewayError::Io { context: "starting the async runtime".into(), source: e })?;
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(cfg.http_listen))
+            .block_on(async { serve::bind(cfg.http_listen, &cfg.http_limits) })
             .map_err(|e| GatewayError::Io { context: format!("binding HTTP on {}", cfg.http_listen), source: e })?;
         let http_addr = listener.local_addr().map_err(|e| GatewayError::Io { context: "HTTP address".into(), source: e })?;
         {

@@ -43,6 +43,17 @@ impl Default for HttpLimits {
     }
 }
 
+/// Bind the HTTP listener with a listen backlog as deep as the connection cap (the kernel
+/// caps it at `net.core.somaxconn`): with the default 1,024 a burst of connections overflows
+/// the accept queue and clients wait for SYN retransmissions (seconds) before they are even
+/// seen, let alone answered.
+pub fn bind(addr: SocketAddr, limits: &HttpLimits) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(limits.max_connections).unwrap_or(u32::MAX).max(1024))
+}
+
 /// Serve `app` on `listener` until `stop` completes; then stop accepting and give the
 /// connections open their current request (at most the request timeout).
 pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop: impl Future<Output = ()>) {
