@@ -4,7 +4,7 @@
 //! verifier run against the gateway's node, the dashboard ([`crate::dashboard`]), Prometheus
 //! metrics ([`crate::metrics`]) and the OpenAPI description at `/openapi.json`.
 
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bitmote_actuator::{Action, EngineError, Rule, Trigger};
-use bitmote_chain::bitcoin::{Address, ScriptBuf};
+use bitmote_chain::bitcoin::{Address, Block, BlockHash, ScriptBuf};
 use bitmote_device::{DeviceId, PublicKey};
 use bitmote_notary::ingest::{IngestError, JsonSubmissionError, Receipt, Submission};
 use bitmote_notary::log::MerkleLog;
@@ -166,9 +166,37 @@ async fn get_reading(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Re
     .await
 }
 
+/// The last anchor blocks proofs needed, by hash (a block never changes under its hash):
+/// anonymous `proof`, `proof.ots` and `verify` calls then cost the node one `getblock` per
+/// anchor, not one per request (issue 13, item 7).
+#[derive(Default)]
+pub struct BlockCache(Mutex<std::collections::VecDeque<(BlockHash, Arc<Block>)>>);
+
+/// Blocks [`BlockCache`] keeps (most recent use first out last).
+const CACHED_BLOCKS: usize = 32;
+
+impl BlockCache {
+    pub fn get(&self, client: &bitmote_chain::ChainClient, hash: &BlockHash) -> Result<Arc<Block>, bitmote_chain::ChainError> {
+        {
+            let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = c.iter().position(|(h, _)| h == hash) {
+                let hit = c.remove(i).expect("index from position");
+                let block = hit.1.clone();
+                c.push_front(hit);
+                return Ok(block);
+            }
+        }
+        let block = Arc::new(client.block(hash)?);
+        let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        c.push_front((*hash, block.clone()));
+        c.truncate(CACHED_BLOCKS);
+        Ok(block)
+    }
+}
+
 fn proof_of(s: &Shared, id: [u8; 32]) -> Result<bitmote_notary::proof::ProofBundle, ApiError> {
     let c = s.db().map_err(internal)?;
-    bitmote_notary::proof::assemble(&c, &s.client, &id, Some(&s.signer)).map_err(|e| match e {
+    bitmote_notary::proof::assemble_with(&c, &|h| s.blocks.get(&s.client, h), &id, Some(&s.signer)).map_err(|e| match e {
         bitmote_notary::proof::AssembleError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string(), "not_found"),
         bitmote_notary::proof::AssembleError::Chain(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "node_unavailable"),
         other => internal(other),

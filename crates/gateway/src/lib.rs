@@ -190,6 +190,8 @@ pub struct Shared {
     pub disk: Arc<disk::DiskGuard>,
     /// See [`GatewayConfig::api_actions`].
     pub api_actions: ApiActions,
+    /// Anchor blocks fetched for proofs ([`http::BlockCache`]).
+    pub blocks: http::BlockCache,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -315,6 +317,7 @@ impl Gateway {
             lightning: ln_node,
             disk,
             api_actions: cfg.api_actions.clone(),
+            blocks: http::BlockCache::default(),
         });
         let mut threads = vec![];
 

@@ -288,6 +288,7 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
     let confirmed = |size: u64| anchors()["anchors"].as_array().unwrap().iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() >= Some(size));
     let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, 1)).unwrap().encode());
     assert_eq!(code, 200, "{body}");
+    let first = body["receipts"][0]["reading_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !confirmed(1) {
         node.mine(1).unwrap();
@@ -295,6 +296,8 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(anchors()["node"], "ok");
+    let anchored: ProofBundle = get(&format!("{base}/v1/readings/{first}/proof")).into_json().unwrap();
+    assert!(!anchored.is_pending());
 
     // Down (stopped, as for an upgrade).
     node.stop().unwrap();
@@ -318,6 +321,10 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
         let bundle: ProofBundle = get(&format!("{base}/v1/readings/{id}/proof")).into_json().unwrap();
         assert!(bundle.is_pending(), "a proof during the outage says pending");
     }
+    // An anchored reading's proof needs the anchor's block, which the gateway fetched once
+    // and keeps by hash: served during the outage too, the same bundle.
+    let cached: ProofBundle = get(&format!("{base}/v1/readings/{first}/proof")).into_json().unwrap();
+    assert_eq!(serde_json::to_value(&cached).unwrap(), serde_json::to_value(&anchored).unwrap());
     std::thread::sleep(Duration::from_secs(3)); // a few failed rounds of both loops
 
     // Back: the same gateway anchors the readings of the outage.

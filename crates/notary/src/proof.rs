@@ -401,6 +401,18 @@ pub fn assemble(
     id: &[u8; 32],
     signer: Option<&crate::checkpoint::CheckpointSigner>,
 ) -> Result<ProofBundle, AssembleError> {
+    assemble_with(conn, &|h| client.block(h).map(std::sync::Arc::new), id, signer)
+}
+
+/// [`assemble`], with the anchor's block from `block` (a block never changes under its
+/// hash, so a cache in front of the node is always right; the gateway keeps one, so that
+/// anonymous proof requests cost the node one `getblock` per anchor, not one per request).
+pub fn assemble_with(
+    conn: &rusqlite::Connection,
+    block: &dyn Fn(&bitcoin::BlockHash) -> Result<std::sync::Arc<Block>, bitmote_chain::ChainError>,
+    id: &[u8; 32],
+    signer: Option<&crate::checkpoint::CheckpointSigner>,
+) -> Result<ProofBundle, AssembleError> {
     let stored = crate::ingest::reading_by_id(conn, id)?.ok_or_else(|| AssembleError::NotFound(hex::encode(id)))?;
     let device = crate::registry::get(conn, &stored.reading.device)?
         .ok_or(crate::registry::RegistryError::Unknown(stored.reading.device))?;
@@ -408,7 +420,7 @@ pub fn assemble(
     let index = stored.leaf_index;
     let (size, anchor, message) = match crate::anchor::covering(conn, index)? {
         Some(a) => {
-            let block = client.block(&a.block_hash)?;
+            let block = block(&a.block_hash)?;
             let ev = AnchorEvidence::from_block(&block, a.tx.compute_txid(), a.block_height)?;
             (a.tree_size, Some(ev), String::new())
         }
