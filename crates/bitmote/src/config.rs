@@ -116,6 +116,11 @@ pub struct GatewaySection {
     pub http_header_timeout_ms: Option<u64>,
     /// A whole request, body included, within this (ms, default 30000), else 408.
     pub http_request_timeout_ms: Option<u64>,
+    /// Anonymous `proof`, `proof.ots` and `verify` calls per second and client address
+    /// (bursts of twice that; default 20; 0 = no limit); over it, 429.
+    pub http_anonymous_per_sec: Option<u32>,
+    /// Apply that limit to loopback clients too (default false; set it behind a local proxy).
+    pub http_rate_limit_loopback: Option<bool>,
 }
 
 /// `[notary]`: anchoring policy.

@@ -538,6 +538,12 @@ fn start_gateway(
         anyhow::ensure!(ms > 0, "http_request_timeout_ms must be at least 1");
         g.http_limits.request_timeout = Duration::from_millis(ms);
     }
+    if let Some(n) = gw.http_anonymous_per_sec {
+        g.http_limits.anonymous_per_sec = n;
+    }
+    if let Some(b) = gw.http_rate_limit_loopback {
+        g.http_limits.limit_loopback = b;
+    }
     if let Some(listen) = lightning {
         g.lightning = Some(bitmote_gateway::lightning::LightningConfig { listen, ..Default::default() });
     }

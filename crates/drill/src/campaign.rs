@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::chainops::Miner;
 use crate::checks::{self, NotaryView, Tally};
+use crate::customer::Customer;
 use crate::faults::{Fault, Kind};
 use crate::inject::{self, Ctx};
 use crate::probe::Probe;
@@ -104,6 +105,11 @@ fn campaign(
     sys.start(Duration::from_secs(900))?;
     warm_up(sys, &miner)?;
     let mut probe = Probe::enroll(sys)?;
+    // I4: a customer buying Lightning-paid actions on the lock (its own seed, so that the
+    // faults a seed injects stay those of campaigns before it).
+    println!("drill: a customer's Lightning node opens a channel to the gateway's (I4)");
+    let mut customer = Customer::start(sys)?;
+    let mut buy_rng = Rng::new(opts.seed ^ 0x1_4c0f_fee);
     let mut order = kinds.clone();
     let mut faults_count: BTreeMap<String, u32> = BTreeMap::new();
     let mut sessions_closed = 0;
@@ -125,6 +131,9 @@ fn campaign(
             {
                 let mut ctx = Ctx { sys: &mut *sys, miner: &mut miner, probe: &mut probe, rng: &mut rng, tally: &mut tally, disk: disk.clone(), proxy, tick_ms: 1000 };
                 for step in 0..STEPS {
+                    if step == 1 && buy_rng.chance(1, 2) {
+                        done.push(customer.buy(ctx.sys, round));
+                    }
                     for (at, f) in &faults {
                         if *at == step {
                             *faults_count.entry(f.kind_name()).or_default() += 1;
@@ -154,6 +163,7 @@ fn campaign(
             notary.check_log(sys, &mut tally)?;
             let counts = notary.check_readings(sys, &chain, &probe.acked[..acked_before], &mut rng, 8, true, &mut tally)?;
             actuators(sys, &chain, &mut miner, &mut tally)?;
+            customer.check(sys, false, &mut tally)?;
             sessions_closed = checks::check_payments(sys, &mut tally, false).unwrap_or(sessions_closed).max(sessions_closed);
             statement_seen = checks::check_statement(sys, statement_seen, &mut tally);
         Ok(format!("{} | proofs checked {}", done.join("; "), counts.proven + counts.pending))
@@ -181,6 +191,8 @@ fn campaign(
             notary.check_log(sys, &mut tally)?;
             notary.check_readings(sys, &chain, &all, &mut rng, usize::MAX, true, &mut tally)?;
             actuators(sys, &chain, &mut miner, &mut tally)?;
+            customer.wait_settled(Duration::from_secs(90));
+            customer.check(sys, true, &mut tally)?;
             let _ = checks::check_payments(sys, &mut tally, false);
             let code = sys.stop()?;
             tally.check("I5 availability", code == Some(0), || format!("the final Ctrl-C: bitmote up exited with {code:?}"));
@@ -206,6 +218,8 @@ fn campaign(
         readings_acknowledged: probe.acked.len() as u64,
         readings_acknowledged_during_outages: probe.acked.iter().filter(|a| a.during_outage).count() as u64,
         sessions_closed,
+        lightning_orders: customer.counts().0 as u64,
+        lightning_orders_not_placed: u64::from(customer.not_placed),
         elapsed_secs: t0.elapsed().as_secs(),
         dir: sys.dir.clone(),
     })

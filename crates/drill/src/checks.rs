@@ -8,8 +8,8 @@
 //!   expired or the device refused it; if it is not final, net zero. No event twice.
 //! - **I3 payments**: sessions closed on both sides have equal accounts to the msat; an
 //!   open session's two accounts never differ by more than one tick plus grace.
-//! - **I4** (Lightning-paid actions claimed only after the device's acknowledgement) needs
-//!   Lightning rules in the fleet; see the campaign's report for whether it was exercised.
+//! - **I4 lightning**: a customer's payment for a Lightning-paid action succeeds only if the
+//!   device ran the action; one whose action will not run is failed back ([`crate::customer`]).
 //! - **I5 availability**: checked where the faults happen (`crate::inject`): readings are
 //!   acknowledged while the node is down, and no process exits because the node went away.
 
@@ -232,6 +232,12 @@ struct Actions {
 struct DeviceState {
     #[serde(default)]
     executed: Vec<String>,
+}
+
+/// The event ids a fleet actuator executed, from its own `state.json` (one entry per run).
+pub fn executed(sys: &System, device: &str) -> Vec<String> {
+    let path = sys.data.join("fleet").join(device).join("state.json");
+    fs::read(&path).ok().and_then(|b| serde_json::from_slice::<DeviceState>(&b).ok()).map(|s| s.executed).unwrap_or_default()
 }
 
 pub fn actions(sys: &System) -> Result<Vec<Action>, DrillError> {

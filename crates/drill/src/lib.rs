@@ -16,6 +16,7 @@
 pub mod campaign;
 pub mod chainops;
 pub mod checks;
+pub mod customer;
 pub mod faults;
 pub mod inject;
 pub mod probe;
@@ -95,6 +96,10 @@ pub struct Report {
     pub readings_acknowledged: u64,
     pub readings_acknowledged_during_outages: u64,
     pub sessions_closed: u64,
+    /// Lightning-paid actions the customer bought (I4), and orders it could not place (the
+    /// lock offline, no usable channel at that moment).
+    pub lightning_orders: u64,
+    pub lightning_orders_not_placed: u64,
     pub elapsed_secs: u64,
     pub dir: PathBuf,
 }
@@ -117,6 +122,7 @@ impl Report {
             "readings acknowledged: {} ({} while the node was down); sessions closed on both sides: {}",
             self.readings_acknowledged, self.readings_acknowledged_during_outages, self.sessions_closed
         );
+        println!("Lightning-paid actions bought: {} ({} orders not placed)", self.lightning_orders, self.lightning_orders_not_placed);
         if !self.upstream_limits.is_empty() {
             println!("known upstream limits hit (not counted as violations): {}", self.upstream_limits.len());
             for v in &self.upstream_limits {

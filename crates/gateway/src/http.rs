@@ -73,9 +73,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/readings", post(post_readings).layer(DefaultBodyLimit::max(MAX_BODY)))
         .route("/v1/readings/{id}", get(get_reading))
-        .route("/v1/readings/{id}/proof", get(get_proof))
-        .route("/v1/readings/{id}/proof.ots", get(get_ots))
-        .route("/v1/readings/{id}/verify", post(verify))
+        .merge(
+            // The anonymous routes that reach the Bitcoin node: limited per client address.
+            Router::new()
+                .route("/v1/readings/{id}/proof", get(get_proof))
+                .route("/v1/readings/{id}/proof.ots", get(get_ots))
+                .route("/v1/readings/{id}/verify", post(verify))
+                .route_layer(axum::middleware::from_fn_with_state(shared.clone(), anonymous_rate)),
+        )
         .route("/v1/log", get(get_log))
         .route("/v1/log/consistency", get(get_consistency))
         .route("/v1/anchors", get(get_anchors))
@@ -92,6 +97,24 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_SMALL_BODY))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::metrics::count_requests))
         .with_state(shared)
+}
+
+/// [`crate::serve::RateLimiter`] in front of the routes that reach the node: `429` with
+/// `Retry-After` when a client's bucket is empty; the admin token is never limited.
+async fn anonymous_rate(State(s): State<Arc<Shared>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if let Some(peer) = crate::serve::peer(req.extensions()) {
+        if !is_admin(&s, req.headers()) {
+            if let Err(wait) = s.anonymous_rate.check(peer.ip()) {
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                let mut r = ApiError(StatusCode::TOO_MANY_REQUESTS, format!("too many requests from {}; try again in {secs} s", peer.ip()), "rate_limited").into_response();
+                if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                    r.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                return r;
+            }
+        }
+    }
+    next.run(req).await
 }
 
 async fn health() -> &'static str {

@@ -192,6 +192,8 @@ pub struct Shared {
     pub api_actions: ApiActions,
     /// Anchor blocks fetched for proofs ([`http::BlockCache`]).
     pub blocks: http::BlockCache,
+    /// Anonymous calls to the routes that reach the node, per client ([`serve::RateLimiter`]).
+    pub anonymous_rate: serve::RateLimiter,
 }
 
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
@@ -318,6 +320,7 @@ impl Gateway {
             disk,
             api_actions: cfg.api_actions.clone(),
             blocks: http::BlockCache::default(),
+            anonymous_rate: serve::RateLimiter::new(&cfg.http_limits),
         });
         let mut threads = vec![];
 

@@ -35,11 +35,71 @@ pub struct HttpLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    /// Anonymous calls per second and client address to the routes that reach the node
+    /// (`proof`, `proof.ots`, `verify`), with bursts of twice that; 0 = no limit
+    /// (`[gateway] http_anonymous_per_sec`, default 20). The admin token is never limited.
+    pub anonymous_per_sec: u32,
+    /// Limit loopback clients too (`http_rate_limit_loopback`, default false: local tools
+    /// and tests are the operator's own). Behind a reverse proxy on the same host every
+    /// client is loopback: set it, or limit in the proxy.
+    pub limit_loopback: bool,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        HttpLimits { max_connections: 4096, header_timeout: Duration::from_secs(10), request_timeout: Duration::from_secs(30) }
+        HttpLimits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            anonymous_per_sec: 20,
+            limit_loopback: false,
+        }
+    }
+}
+
+/// Token buckets per client address ([`HttpLimits::anonymous_per_sec`]).
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_sec: f64,
+    burst: f64,
+    loopback: bool,
+    buckets: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+/// Client addresses remembered at most; idle ones are forgotten first.
+const MAX_CLIENTS: usize = 65_536;
+
+impl RateLimiter {
+    pub fn new(limits: &HttpLimits) -> RateLimiter {
+        let per_sec = f64::from(limits.anonymous_per_sec);
+        RateLimiter { per_sec, burst: (2.0 * per_sec).max(1.0), loopback: limits.limit_loopback, buckets: Default::default() }
+    }
+
+    /// Take a token for `ip`: `Err(wait)` when its bucket is empty, with the time until
+    /// the next token.
+    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), Duration> {
+        if self.per_sec == 0.0 || (ip.is_loopback() && !self.loopback) {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if b.len() >= MAX_CLIENTS && !b.contains_key(&ip) {
+            // A full bucket is a client idle for burst/rate seconds: forgetting it changes nothing.
+            let full = Duration::from_secs_f64(self.burst / self.per_sec);
+            b.retain(|_, (_, t)| now.duration_since(*t) < full);
+            if b.len() >= MAX_CLIENTS {
+                return Err(Duration::from_secs(1)); // too many clients at once: everyone waits
+            }
+        }
+        let (tokens, at) = b.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_sec))
+        }
     }
 }
 
@@ -115,6 +175,39 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn a_client_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+        let l = RateLimiter::new(&HttpLimits { anonymous_per_sec: 5, ..Default::default() });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..10 {
+            assert!(l.check(a).is_ok());
+        }
+        let wait = l.check(a).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(200), "{wait:?}");
+        assert!(l.check(b).is_ok(), "another client has its own bucket");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(l.check(a).is_ok(), "a token came back after 1/rate");
+    }
+
+    #[test]
+    fn loopback_and_zero_are_not_limited_unless_asked() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let free = RateLimiter::new(&HttpLimits { anonymous_per_sec: 1, ..Default::default() });
+        assert!((0..100).all(|_| free.check(lo).is_ok()));
+        let strict = RateLimiter::new(&HttpLimits { anonymous_per_sec: 1, limit_loopback: true, ..Default::default() });
+        assert!(strict.check(lo).is_ok() && strict.check(lo).is_ok());
+        assert!(strict.check(lo).is_err());
+        let off = RateLimiter::new(&HttpLimits { anonymous_per_sec: 0, limit_loopback: true, ..Default::default() });
+        assert!((0..100).all(|_| off.check(lo).is_ok()));
+    }
 }
 
 /// The client's address, as the accept loop saw it.

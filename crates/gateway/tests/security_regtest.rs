@@ -485,3 +485,49 @@ fn idle_connections_and_slow_bodies_do_not_starve_ingest() {
     }
     drop(full);
 }
+
+/// Issue 13, item 7: the anonymous routes that reach the Bitcoin node (`proof`, `proof.ots`,
+/// `verify`) are rate-limited per client address: a burst of twice the rate, then 429 with
+/// Retry-After; the admin token is not limited, and other routes are not either.
+#[test]
+fn anonymous_proof_and_verify_calls_are_rate_limited_per_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, _gw, base, token) = gateway_with(dir.path(), |cfg| {
+        cfg.http_limits.anonymous_per_sec = 2;
+        cfg.http_limits.limit_loopback = true; // the test's client is on loopback
+    });
+    let bearer = format!("Bearer {token}");
+    let k = SigningKey::schnorr_from_secret(&[72; 32]).unwrap();
+    let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": "counted" })));
+    assert_eq!(code, 200, "{v}");
+    let r: Json = ureq::post(&format!("{base}/v1/readings")).set("Content-Type", "application/octet-stream").send_bytes(&reading(&k, 1)).unwrap().into_json().unwrap();
+    let id = r["receipts"][0]["reading_id"].as_str().unwrap().to_string();
+    let proof = format!("{base}/v1/readings/{id}/proof");
+    let get = |auth: Option<&str>| {
+        let mut req = ureq::get(&proof);
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        match req.call() {
+            Ok(r) => (r.status(), None),
+            Err(ureq::Error::Status(code, r)) => (code, r.header("Retry-After").map(String::from)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // The burst (4), then refused; the route's own answers were all 200 (a pending proof).
+    // (A slow machine may see a token come back meanwhile: at most one more per 500 ms.)
+    let answers: Vec<u16> = (0..8).map(|_| get(None).0).collect();
+    assert_eq!(&answers[..4], &[200; 4], "{answers:?}");
+    assert!(answers[4..].contains(&429), "{answers:?}");
+    let (code, retry) = get(None);
+    assert_eq!(code, 429);
+    assert!(retry.as_deref().and_then(|r| r.parse::<u64>().ok()).is_some_and(|s| s >= 1), "{retry:?}");
+    let (code, v) = api("POST", &format!("{base}/v1/readings/{id}/verify"), None, None);
+    assert_eq!((code, v["code"].as_str()), (429, Some("rate_limited")), "{v}");
+    // The admin is not limited; nor are the other anonymous routes.
+    assert!((0..10).all(|_| get(Some(&bearer)).0 == 200));
+    assert!((0..10).all(|_| ureq::get(&format!("{base}/v1/log")).call().is_ok_and(|r| r.status() == 200)));
+    // A token comes back after 1/rate.
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(get(None).0, 200);
+}
