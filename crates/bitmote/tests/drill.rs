@@ -36,7 +36,8 @@ fn a_short_seeded_campaign_finds_no_violation() {
     // At least one fault per round, and every invariant was actually checked.
     let faults: u64 = r["faults"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert!(faults >= rounds.parse::<u64>().unwrap(), "{stdout}");
-    for inv in ["I1 notary", "I2 actuators", "I3 payments", "I5 availability"] {
+    // (I4: the drill's customer buys a Lightning-paid action in about every other round.)
+    for inv in ["I1 notary", "I2 actuators", "I3 payments", "I4 lightning", "I5 availability"] {
         assert!(r["checks_passed"][inv].as_u64().unwrap_or(0) > 0, "{inv} was never checked: {stdout}");
     }
     assert!(r["readings_acknowledged"].as_u64().unwrap() > 0);
