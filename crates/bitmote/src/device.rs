@@ -395,6 +395,13 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
                     if msg.contains("answered 4") || msg.contains("refused:") {
                         return Err(e);
                     }
+                    // Stopped while the gateway does not answer (`up` killed: its fleet gets
+                    // SIGTERM): nothing was acknowledged, so nothing is lost; the next start
+                    // sends these readings again, with the same sequence numbers.
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        eprintln!("stopped while the gateway does not answer ({e}); seq {seq} is sent again at the next start");
+                        return Ok(());
+                    }
                     eprintln!("send failed ({e}); retrying");
                     std::thread::sleep(Duration::from_secs(1));
                 }

@@ -108,3 +108,43 @@ fn help_explains_the_commands() {
         assert!(text.contains(word), "--help mentions {word}:\n{text}");
     }
 }
+
+/// Found by `up_e2e` (a `kill -9` of `up`, whose fleet then gets SIGTERM): a sensor whose
+/// gateway does not answer retried its send forever and never looked at its stop flag, so
+/// it outlived `up`. Stopped now, it exits; nothing was acknowledged, so nothing is lost
+/// (its sequence number is unchanged and the next start sends the same readings).
+#[test]
+fn a_sensor_stopped_while_its_gateway_does_not_answer_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("s.key");
+    std::fs::write(&key, format!("schnorr:{}", "11".repeat(32))).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut sensor = bitmote(d)
+        .env("BITMOTE_GATEWAY_URL", format!("http://{closed}"))
+        .args(["device", "sensor", "--key", key.to_str().unwrap(), "--transport", "http"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(sensor.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("send failed") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0, "the sensor ended before trying to send");
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(sensor.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = sensor.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = sensor.kill();
+            panic!("the sensor did not stop within 30 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!key.with_extension("seq").exists() || std::fs::read_to_string(key.with_extension("seq")).unwrap().trim() == "1");
+}
