@@ -68,7 +68,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
         let path = dir.path().join(format!("{name}.key"));
         crate::device::write_key(&path, &key)?;
         let d = gw.shared().ingest.enroll(&key.public_key(), Some(name))?;
-        let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &gw.shared().db()?, &d.id)?;
+        let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &*gw.shared().db()?, &d.id)?;
         bitmote_chain::wallet::write_secret(&crate::device::mqtt_file(&path), creds.password.as_bytes())?;
     }
 

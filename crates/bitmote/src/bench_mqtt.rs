@@ -156,7 +156,7 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
     let key = SigningKey::schnorr_from_secret(&[0x5a; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let id = key.public_key().device_id();
     let d = gw.shared().ingest.enroll(&key.public_key(), Some("bench-1"))?;
-    let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &gw.shared().db()?, &d.id)?;
+    let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &*gw.shared().db()?, &d.id)?;
     let login = Some((creds.username.as_str(), creds.password.as_str()));
 
     let pipelined = messages * 10;

@@ -154,6 +154,8 @@ impl GatewayConfig {
 pub struct Shared {
     pub ingest: Ingestor,
     pub db_path: PathBuf,
+    /// Idle read connections for [`Shared::db`].
+    db_pool: Mutex<Vec<rusqlite::Connection>>,
     pub client: ChainClient,
     pub signer: CheckpointSigner,
     pub admin_token: String,
@@ -196,13 +198,49 @@ pub struct Shared {
     pub anonymous_rate: serve::RateLimiter,
 }
 
+/// Idle connections [`Shared::db`] keeps at most.
+const DB_POOL_IDLE: usize = 8;
+
+/// A connection from [`Shared::db`]'s pool.
+pub struct PooledDb<'a> {
+    conn: Option<rusqlite::Connection>,
+    pool: &'a Mutex<Vec<rusqlite::Connection>>,
+}
+
+impl std::ops::Deref for PooledDb<'_> {
+    type Target = rusqlite::Connection;
+    fn deref(&self) -> &rusqlite::Connection {
+        self.conn.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for PooledDb<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            // Only a connection with no transaction left open goes back.
+            if c.is_autocommit() {
+                let mut idle = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < DB_POOL_IDLE {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}
+
 /// A closure run by the loop that owns a `T`, so the API can use it without sharing it.
 pub type Job<T> = Box<dyn FnOnce(&mut T) + Send>;
 
 impl Shared {
-    /// A fresh read connection to the notary database.
-    pub fn db(&self) -> rusqlite::Result<rusqlite::Connection> {
-        open_db(&self.db_path)
+    /// A read connection to the notary database, from a small pool (opening one costs
+    /// pragmas and a cold page cache, on every request otherwise); it goes back on drop.
+    pub fn db(&self) -> rusqlite::Result<PooledDb<'_>> {
+        let idle = self.db_pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => open_db(&self.db_path)?,
+        };
+        Ok(PooledDb { conn: Some(conn), pool: &self.db_pool })
     }
 }
 
@@ -297,6 +335,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             ingest,
             db_path: db_path.clone(),
+            db_pool: Mutex::new(vec![]),
             client: client.fresh()?,
             signer,
             admin_token,
