@@ -154,7 +154,8 @@ pub async fn submit(shared: &Arc<Shared>, sub: Submission) -> Result<Vec<Receipt
 }
 
 async fn post_readings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
-    let sub = parse_submission(&headers, &body)?;
+    // Decoding (and for JSON, parsing) up to 8 MiB is CPU work: off the async workers.
+    let sub = blocking(move || parse_submission(&headers, &body)).await?;
     let receipts = submit(&s, sub).await?;
     Ok(Json(json!({ "receipts": receipts })))
 }
