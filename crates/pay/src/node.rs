@@ -168,7 +168,13 @@ pub fn open_channel(
         node.open_channel(peer, addr, sat, push_msat, None)
     };
     opened.map_err(|e| PayError::Node(format!("opening a channel to {peer}: {e}")))?;
-    wait_usable(client, node, peer)
+    // Until it is usable, or gone: an open the peer dropped (it restarted during the
+    // negotiation) leaves no channel, and waiting for it would wait the full 10 minutes
+    // (found by `bitmote drill`: the hub's reopen to a provider killed mid-open).
+    if !wait_usable_or_gone(client, node, peer)? {
+        return Err(PayError::Node(format!("the channel to {peer} did not open (the peer dropped it, or went away during the open)")));
+    }
+    Ok(())
 }
 
 /// On-chain funds a node keeps beyond a channel's size when it opens one (fees, and the
