@@ -307,10 +307,11 @@ fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Ta
 /// meter and the provider answering: the checks, and the final Ctrl-C's close, are about a
 /// whole system, not one caught while a machine restarts.
 fn fleet_whole(sys: &System) -> bool {
-    let members = sys.members();
+    let Some(st) = sys.status() else { return false };
+    let members = st.fleet.unwrap_or_default();
     let running = !members.is_empty() && members.iter().all(|m| m.pid.is_some_and(crate::system::process_alive));
-    let answers = |u: Option<String>| u.is_none_or(|u| sys.get_url(&format!("{u}/v1/status")).is_ok());
-    running && sys.status().is_some_and(|st| answers(st.meter_url) && answers(Some(sys.provider_direct_url())))
+    let answers = |u: &str| sys.get_url(&format!("{u}/v1/status")).is_ok();
+    running && st.meter_url.as_deref().is_none_or(answers) && answers(&sys.provider_direct_url())
 }
 
 /// I2, giving deliveries still on their way up to a minute (blocks keep coming).

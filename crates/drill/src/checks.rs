@@ -220,6 +220,16 @@ pub struct Action {
     /// For a revert, the event id of the action it reverts.
     #[serde(default)]
     pub reverts: Option<String>,
+    /// For a Lightning-paid action, where its payment stands.
+    #[serde(default)]
+    pub lightning: Option<LightningView>,
+}
+
+/// The `lightning` part of an action: `claim` is `held`, `claimed` or `failed_back`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LightningView {
+    #[serde(default)]
+    pub claim: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -292,10 +302,7 @@ pub fn check_actuators(
     // What each device executed, from its own durable state.
     let mut executed: HashMap<String, u32> = HashMap::new();
     for d in devices {
-        let path = sys.data.join("fleet").join(d).join("state.json");
-        let Ok(bytes) = fs::read(&path) else { continue };
-        let st: DeviceState = serde_json::from_slice(&bytes).unwrap_or_default();
-        for id in st.executed {
+        for id in self::executed(sys, d) {
             *executed.entry(id).or_default() += 1;
         }
     }

@@ -122,15 +122,6 @@ impl Customer {
     /// its way, is left for a later check, unless `last_call`.
     pub fn check(&mut self, sys: &System, last_call: bool, t: &mut Tally) -> Result<(), DrillError> {
         let actions = crate::checks::actions(sys)?;
-        let raw: serde_json::Value = sys.get_json("/v1/actions")?;
-        let claims: std::collections::HashMap<String, String> = raw["actions"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|a| Some((a["event_id"].as_str()?.to_string(), a["lightning"]["claim"].as_str().unwrap_or("").to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
         let executed = crate::checks::executed(sys, DEVICE);
         for o in self.orders.iter_mut().filter(|o| !o.done) {
             let status = self.node.payment(&o.payment).map(|p| p.status);
@@ -138,7 +129,7 @@ impl Customer {
             let ran = executed.iter().filter(|e| **e == o.event_id).count();
             let state = action.map(|a| a.state.as_str()).unwrap_or("none");
             let terminal = matches!(state, "acked" | "expired" | "refused" | "cancelled" | "none");
-            let claim = claims.get(&o.event_id).map(String::as_str).unwrap_or("");
+            let claim = action.and_then(|a| a.lightning.as_ref()).and_then(|l| l.claim.as_deref()).unwrap_or("");
             let what = || format!("order {} (round {}): payment {status:?}, action {state}, claim {claim:?}, executed {ran} time(s)", o.event_id, o.round);
             match status {
                 Some(PaymentStatus::Succeeded) => {
