@@ -21,6 +21,13 @@ fn mine_empty(c: &ChainClient) -> bitmote_chain::bitcoin::BlockHash {
     v["hash"].as_str().unwrap().parse().unwrap()
 }
 
+/// A coinbase to the anchorer's wallet, matured (the 100 blocks after it).
+fn fund(node: &RegtestNode, a: &mut Anchorer) {
+    let addr = a.wallet().new_address().unwrap();
+    node.client().mine(1, &addr).unwrap();
+    node.mine(100).unwrap();
+}
+
 fn head(size: u64) -> LogHead {
     LogHead { size, root: [size as u8; 32] }
 }
@@ -40,9 +47,7 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     assert!(err.to_string().contains("fund it at bcrt1"), "{err}");
 
     // Fund by mining to the wallet, then let the coinbase mature.
-    let addr = a.wallet().new_address().unwrap();
-    c.mine(1, &addr).unwrap();
-    node.mine(100).unwrap();
+    fund(&node, &mut a);
     assert!(a.poll(None).unwrap().is_empty());
     assert!(a.wallet().spendable().to_sat() > 0);
 
@@ -146,9 +151,7 @@ fn an_anchor_re_mined_at_the_same_height_names_the_new_block() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     let mut a = Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg).unwrap();
-    let addr = a.wallet().new_address().unwrap();
-    c.mine(1, &addr).unwrap();
-    node.mine(100).unwrap();
+    fund(&node, &mut a);
     a.poll(None).unwrap();
     let ev = a.poll(Some(head(10))).unwrap();
     let AnchorEvent::Broadcast { txid, .. } = ev[0] else { panic!("{ev:?}") };
@@ -311,9 +314,7 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
 
     // Funded again, the log is anchored again from the new coin, and every reading ever
     // acknowledged is provable against the chain.
-    let addr = a.wallet().new_address().unwrap();
-    c.mine(1, &addr).unwrap();
-    node.mine(100).unwrap();
+    fund(&node, &mut a);
     let ev = a.poll(Some(log_head())).unwrap();
     let Some(&AnchorEvent::Broadcast { txid, tree_size, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else { panic!("{ev:?}") };
     assert_eq!(tree_size, receipts.len() as u64);
@@ -345,9 +346,7 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     let open = |cfg: &AnchorConfig| Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap();
     let mut a = open(&cfg);
-    let addr = a.wallet().new_address().unwrap();
-    c.mine(1, &addr).unwrap();
-    node.mine(100).unwrap();
+    fund(&node, &mut a);
     a.poll(None).unwrap();
     let ev = a.poll(Some(head(10))).unwrap();
     assert!(matches!(ev[0], AnchorEvent::Broadcast { .. }), "{ev:?}");
