@@ -602,6 +602,7 @@ mod tests {
             trigger: Some("payment".into()),
             trigger_key: None,
             reverts: None,
+            lightning: None,
         };
         assert_eq!(trigger_key(&a("r:t:0", Some("t"))), trigger_key(&a("r:t:0:revert", Some("t"))));
         assert_eq!(trigger_key(&a("r:height:5", None)), "r|r:height:5");
