@@ -360,11 +360,14 @@ pub struct Engine {
     /// reverted if its trigger leaves the best chain, and stands again if it comes back.
     retired: Vec<Watched>,
     network: Network,
+    /// The gateway's identity (its log origin), which on-chain commands are signed for.
+    gateway: String,
 }
 
 impl Engine {
-    /// Open the database and watch the file's `rules` and the rules added over the API.
-    pub fn open(path: &Path, rules: RuleSet, network: Network) -> Result<Self> {
+    /// Open the database and watch the file's `rules` and the rules added over the API,
+    /// for the gateway whose log origin is `gateway` on `network`.
+    pub fn open(path: &Path, rules: RuleSet, network: Network, gateway: &str) -> Result<Self> {
         let db = Connection::open(path)?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
@@ -383,6 +386,13 @@ impl Engine {
                 db.execute_batch(&format!("ALTER TABLE act_invoices ADD COLUMN {col} {ty}"))?;
             }
         }
+        for col in ["key", "device"] {
+            let have: bool = db.prepare("SELECT 1 FROM pragma_table_info('act_commands') WHERE name = ?1")?.exists([col])?;
+            if !have {
+                db.execute_batch(&format!("ALTER TABLE act_commands ADD COLUMN {col} TEXT"))?;
+            }
+        }
+        db.execute_batch("CREATE INDEX IF NOT EXISTS act_commands_key ON act_commands(key, device, seq)")?;
         let removed_col: bool = db.prepare("SELECT 1 FROM pragma_table_info('act_rules') WHERE name = 'removed'")?.exists([])?;
         if !removed_col {
             db.execute_batch("ALTER TABLE act_rules ADD COLUMN removed INTEGER NOT NULL DEFAULT 0")?;
@@ -394,7 +404,7 @@ impl Engine {
         };
         let (stored, retired) = (load(false)?, load(true)?);
         let retired = retired.into_iter().map(|rule| Ok(Watched { script: rule.watched_script(network)?, rule, source: RuleSource::Api })).collect::<Result<_>>()?;
-        let mut engine = Engine { db, watched: vec![], retired, network };
+        let mut engine = Engine { db, watched: vec![], retired, network, gateway: gateway.to_string() };
         let sources = rules.rules.into_iter().map(|r| (r, RuleSource::File)).chain(stored.into_iter().map(|r| (r, RuleSource::Api)));
         for (rule, source) in sources {
             // API rules were checked when added; a secret file gone since then must not stop
@@ -744,31 +754,43 @@ impl Engine {
                         let Some(cmd) = crate::command::decode(&o.script_pubkey) else { continue };
                         let txid = t.compute_txid().to_string();
                         for (w, active) in self.watched.iter().map(|w| (w, true)).chain(self.retired.iter().map(|w| (w, false))) {
-                            let Trigger::Command { key, .. } = &w.rule.trigger else { continue };
+                            let Trigger::Command { key: key_hex, domain: Some(domain), .. } = &w.rule.trigger else { continue };
                             if !active && !acted_on(&tx, &format!("{}:cmd:{}", w.rule.id, cmd.seq))? {
                                 continue;
                             }
-                            let Ok(key) = key.parse::<bitmote_device::PublicKey>() else { continue };
-                            if !cmd.verify(&key, &w.rule.device) {
-                                continue; // not for this rule (or forged): only its key counts
+                            let Ok(key) = key_hex.parse::<bitmote_device::PublicKey>() else { continue };
+                            let scope = crate::command::Scope { network: self.network, gateway: &self.gateway, domain, device: &w.rule.device };
+                            if !cmd.verify(&key, &scope) {
+                                continue; // not for this rule (forged, or signed for another context)
                             }
                             let refuse = |reason: String| EngineEvent::CommandRefused { rule_id: w.rule.id.clone(), txid: txid.clone(), reason };
+                            if id.height > cmd.expires {
+                                out.push(refuse(format!("command {} expired at height {}, mined at {}", cmd.seq, cmd.expires, id.height)));
+                                continue;
+                            }
                             if w.rule.action.command != "*" && w.rule.action.command != cmd.command {
                                 out.push(refuse(format!("command {:?} is not allowed by the rule (allowed: {:?})", cmd.command, w.rule.action.command)));
                                 continue;
                             }
+                            // Sequence numbers go up per (key, device), whichever rule took
+                            // the command: a rule renamed or added again starts from there.
                             // Only the commands on the best chain count: one whose block a
                             // reorg disconnected is gone from this table, so the same command
                             // mined again in the new branch is accepted (and is the same
-                            // trigger, `rule:cmd:seq`: it takes effect once).
-                            let last: Option<u32> = tx.query_row("SELECT MAX(seq) FROM act_commands WHERE rule_id = ?1", [&w.rule.id], |r| r.get(0))?;
+                            // trigger, `rule:cmd:seq`: it takes effect once). Two rules
+                            // taking the same command (the same transaction) both act on it.
+                            let last: Option<u32> = tx.query_row(
+                                "SELECT MAX(seq) FROM act_commands WHERE key = ?1 AND device = ?2 AND txid != ?3",
+                                params![key_hex, w.rule.device, txid],
+                                |r| r.get(0),
+                            )?;
                             if last.is_some_and(|l| cmd.seq <= l) {
                                 out.push(refuse(format!("replayed or out-of-order sequence number {} (last {})", cmd.seq, last.unwrap_or(0))));
                                 continue;
                             }
                             tx.execute(
-                                "INSERT INTO act_commands (rule_id, seq, txid, command, height, block_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                                params![w.rule.id, cmd.seq, txid, cmd.command, id.height, id.hash.to_string()],
+                                "INSERT OR IGNORE INTO act_commands (rule_id, seq, txid, command, height, block_hash, key, device) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                params![w.rule.id, cmd.seq, txid, cmd.command, id.height, id.hash.to_string(), key_hex, w.rule.device],
                             )?;
                         }
                     }
@@ -1386,7 +1408,7 @@ mod tests {
         let coffee = rule("coffee", Trigger::Lightning { amount_msat: 50_000, expiry_secs: 600 });
         let lease = rule("lease", Trigger::Height { height: 900 });
         let rules = RuleSet::new(vec![coffee.clone(), lease], Network::Regtest).unwrap();
-        let mut e = Engine::open(&path, rules.clone(), Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules.clone(), Network::Regtest, "gw.test/log").unwrap();
 
         assert_eq!(e.lightning_rule("coffee").unwrap(), coffee);
         assert!(e.lightning_rule("lease").unwrap_err().to_string().contains("not a Lightning rule"));
@@ -1406,7 +1428,7 @@ mod tests {
         assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), Some(EngineEvent::Due { event_id: event_id.clone() }));
         assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None);
         drop(e);
-        let mut e = Engine::open(&path, rules, Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules, Network::Regtest, "gw.test/log").unwrap();
         assert_eq!(e.lightning_received(&h1, 50_000).unwrap(), None, "after a restart too");
         let log = e.log().unwrap();
         assert_eq!(log.len(), 1);
@@ -1439,7 +1461,7 @@ mod tests {
         let mut coffee = rule("coffee", Trigger::Lightning { amount_msat: 50_000, expiry_secs: 600 });
         coffee.ttl_secs = None;
         let rules = RuleSet::new(vec![coffee.clone()], Network::Regtest).unwrap();
-        let mut e = Engine::open(&path, rules.clone(), Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules.clone(), Network::Regtest, "gw.test/log").unwrap();
         let tip = |e: &mut Engine, height: u32| {
             e.db.execute("INSERT OR REPLACE INTO act_cursor (k, height, hash) VALUES (0, ?1, ?2)", params![height, "00".repeat(32)]).unwrap();
         };
@@ -1464,7 +1486,7 @@ mod tests {
         // The device acknowledges: claim it (again after a restart, until recorded).
         assert!(e.mark_acked(&id(h)).unwrap());
         drop(e);
-        let mut e = Engine::open(&path, rules, Network::Regtest).unwrap();
+        let mut e = Engine::open(&path, rules, Network::Regtest, "gw.test/log").unwrap();
         let s = e.claims_to_settle().unwrap();
         assert_eq!(s.len(), 1);
         assert!(s[0].claim && s[0].payment_hash == *h && s[0].amount_msat == 50_000 && s[0].preimage == "ab".repeat(32), "{s:?}");
@@ -1597,7 +1619,7 @@ mod reorg_tests {
     impl Sim {
         fn new(rules: Vec<Rule>) -> Sim {
             let dir = tempfile::tempdir().unwrap();
-            let e = Engine::open(&dir.path().join("a.sqlite"), RuleSet::new(rules, Network::Regtest).unwrap(), Network::Regtest).unwrap();
+            let e = Engine::open(&dir.path().join("a.sqlite"), RuleSet::new(rules, Network::Regtest).unwrap(), Network::Regtest, "gw.test/log").unwrap();
             let mut s = Sim { e, _dir: dir, chain: vec![], nonce: 0, executed: vec![], done: HashSet::new(), delivered: HashSet::new() };
             s.connect(vec![]);
             s
@@ -1931,6 +1953,76 @@ mod reorg_tests {
         assert_eq!(s.net("lease:height:5"), 1);
     }
 
+    const DOMAIN: &str = "test/doors";
+
+    /// A command for the Sim's gateway (`gw.test/log` on regtest) in [`DOMAIN`], valid up to height 1,000.
+    fn signed(key: &bitmote_device::SigningKey, device: &str, seq: u32, word: &str) -> Vec<u8> {
+        let scope = crate::command::Scope { network: Network::Regtest, gateway: "gw.test/log", domain: DOMAIN, device };
+        crate::command::encode(key, &scope, seq, 1_000, word).unwrap()
+    }
+
+    fn command_rule(id: &str, key: &bitmote_device::SigningKey) -> Rule {
+        Rule {
+            id: id.into(),
+            device: "lock-9".into(),
+            trigger: Trigger::Command { key: key.public_key().to_string(), domain: Some(DOMAIN.into()), confirmations: 1 },
+            action: Action { command: "*".into(), args: serde_json::Value::Null, webhook: None, exec: None },
+            revert: None,
+            ttl_secs: None,
+        }
+    }
+
+    /// Issue #13 item 10: a command copied into a new transaction after its rule was
+    /// renamed (removed, and added again under another id) is a replay, refused; so is a
+    /// command signed for another network, gateway or domain (ignored: not for this
+    /// rule), and one mined after its expiry height.
+    #[test]
+    fn an_old_command_is_refused_after_its_rule_is_renamed_and_in_any_other_context() {
+        use bitmote_device::SigningKey;
+        let key = SigningKey::schnorr_from_secret(&[7; 32]).unwrap();
+        let mut s = Sim::new(vec![]);
+        s.e.add_rule(command_rule("door-a", &key)).unwrap();
+        let unlock = signed(&key, "lock-9", 1, "unlock");
+        let c1 = op_return(1, unlock.clone());
+        let txid = c1.compute_txid();
+        s.connect(vec![c1]);
+        s.deliver(&move |s: &Sim, _: &OutboxItem| s.is_final(&txid, 1));
+        assert_eq!(s.executed.len(), 1, "the command ran once: {:?}", s.executed);
+        // The rule is renamed: removed, and added again under another id.
+        s.e.remove_rule("door-a").unwrap();
+        s.e.add_rule(command_rule("door-b", &key)).unwrap();
+        // Anyone copies the mined payload into a new transaction of theirs.
+        let evs = s.connect(vec![op_return(2, unlock)]);
+        assert!(
+            evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { rule_id, reason, .. } if rule_id == "door-b" && reason.contains("replayed"))),
+            "the copy is a replay under the new rule id too: {evs:?}"
+        );
+        // Signed for another network, gateway or domain: not a command for this rule at all.
+        let other = |network, gateway, domain| {
+            let scope = crate::command::Scope { network, gateway, domain, device: "lock-9" };
+            op_return(3, crate::command::encode(&key, &scope, 2, 1_000, "unlock").unwrap())
+        };
+        let evs = s.connect(vec![
+            other(Network::Signet, "gw.test/log", DOMAIN),
+            other(Network::Regtest, "other.test/log", DOMAIN),
+            other(Network::Regtest, "gw.test/log", "other/doors"),
+        ]);
+        assert!(evs.is_empty(), "{evs:?}");
+        // Expired: valid up to height 3, mined later.
+        let scope = crate::command::Scope { network: Network::Regtest, gateway: "gw.test/log", domain: DOMAIN, device: "lock-9" };
+        let late = op_return(4, crate::command::encode(&key, &scope, 5, 3, "unlock").unwrap());
+        let evs = s.connect(vec![late]);
+        assert!(evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { reason, .. } if reason.contains("expired at height 3"))), "{evs:?}");
+        s.mine(2);
+        s.deliver(&|_: &Sim, _: &OutboxItem| true);
+        assert_eq!(s.executed.len(), 1, "nothing else ran: {:?}", s.executed);
+        // A new command (the next sequence number, in scope, in time) still works.
+        s.connect(vec![op_return(5, signed(&key, "lock-9", 2, "lock"))]);
+        s.deliver(&|_: &Sim, _: &OutboxItem| true);
+        let ran: Vec<&str> = s.executed.iter().map(|(a, _)| a.as_str()).collect();
+        assert_eq!(ran, ["door-a:cmd:1", "door-b:cmd:2"]);
+    }
+
     #[test]
     fn an_on_chain_command_mined_again_after_a_reorg_is_the_same_command_and_takes_effect_again() {
         use bitmote_device::SigningKey;
@@ -1938,13 +2030,13 @@ mod reorg_tests {
         let rule = Rule {
             id: "door-cmd".into(),
             device: "lock-9".into(),
-            trigger: Trigger::Command { key: key.public_key().to_string(), confirmations: 2 },
+            trigger: Trigger::Command { key: key.public_key().to_string(), domain: Some(DOMAIN.into()), confirmations: 2 },
             action: Action { command: "*".into(), args: serde_json::Value::Null, webhook: None, exec: None },
             revert: Some(Action { command: "lock".into(), args: serde_json::Value::Null, webhook: None, exec: None }),
             ttl_secs: None,
         };
         let mut s = Sim::new(vec![rule]);
-        let c1 = op_return(1, crate::command::encode(&key, "lock-9", 1, "unlock").unwrap());
+        let c1 = op_return(1, signed(&key, "lock-9", 1, "unlock"));
         let txid = c1.compute_txid();
         let check = move |s: &Sim, _: &OutboxItem| s.is_final(&txid, 2);
         s.connect(vec![c1.clone()]);
@@ -1971,13 +2063,13 @@ mod reorg_tests {
         let rule = Rule {
             id: "relay-cmd".into(),
             device: "relay-9".into(),
-            trigger: Trigger::Command { key: key.public_key().to_string(), confirmations: 1 },
+            trigger: Trigger::Command { key: key.public_key().to_string(), domain: Some(DOMAIN.into()), confirmations: 1 },
             action: Action { command: "*".into(), args: serde_json::Value::Null, webhook: None, exec: None },
             revert: Some(Action { command: crate::rules::INVERSE.into(), args: serde_json::Value::Null, webhook: None, exec: None }),
             ttl_secs: None,
         };
         let mut s = Sim::new(vec![rule]);
-        let on = op_return(1, crate::command::encode(&key, "relay-9", 1, "on").unwrap());
+        let on = op_return(1, signed(&key, "relay-9", 1, "on"));
         let txid = on.compute_txid();
         let check = move |s: &Sim, _: &OutboxItem| s.is_final(&txid, 1);
         s.connect(vec![on]);
@@ -2020,7 +2112,7 @@ mod reorg_tests {
                 .unwrap();
             }
         }
-        let e = Engine::open(&path, RuleSet::default(), Network::Regtest).unwrap();
+        let e = Engine::open(&path, RuleSet::default(), Network::Regtest, "gw.test/log").unwrap();
         let a = e.get("door:aa:0").unwrap().unwrap();
         assert_eq!((a.trigger_key.as_deref(), a.generation, a.reverts), (Some("door:aa:0"), Some(1), None));
         let r = e.get("door:aa:0:revert").unwrap().unwrap();

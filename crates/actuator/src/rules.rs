@@ -16,6 +16,14 @@
 //! action = { command = "off" }
 //!
 //! [[rule]]
+//! id = "door-7-remote"
+//! device = "lock-7"
+//! # an OP_RETURN signed by this key for this gateway, network, domain and device
+//! trigger = { kind = "command", key = "01…", domain = "site-7/doors", confirmations = 2 }
+//! action = { command = "*" }              # whatever word the command carries
+//! revert = { command = "inverse" }
+//!
+//! [[rule]]
 //! id = "coffee"
 //! device = "lock-7"
 //! # paid by a BOLT11 invoice of the gateway's Lightning node (one per payment order)
@@ -63,12 +71,18 @@ pub enum Trigger {
     /// The chain reaching `height` (leases, timeouts).
     Height { height: u32 },
     /// An authenticated on-chain command for this rule's device: an OP_RETURN
-    /// `"BMC" 0x01 || seq u32 || len u8 || command || BIP340 signature` by `key`
-    /// (see [`crate::command`]), buried under `confirmations` blocks. Sequence numbers
-    /// only go up, so a command can never be replayed.
+    /// `"BM" 0x02 || seq u32 || expires u24 || command || BIP340 signature` by `key`
+    /// over the network, the gateway's log origin, `domain` and the device (see
+    /// [`crate::command`]), mined by its expiry height and buried under `confirmations`
+    /// blocks. Sequence numbers only go up per (key, device), so a command can never be
+    /// replayed, here or anywhere else.
     Command {
         /// The authorized key (hex, bitmote encoding `01 || x-only key`).
         key: String,
+        /// The command domain the signer signs (e.g. `site-7/doors`). Required; optional
+        /// only so that a rule stored before it existed still loads (it matches nothing).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        domain: Option<String>,
         #[serde(default = "one")]
         confirmations: u32,
     },
@@ -315,10 +329,20 @@ impl Rule {
                 return Err(self.invalid("min_sat must be positive".into()));
             }
         }
-        if let Trigger::Command { key, confirmations } = &self.trigger {
+        if let Trigger::Command { key, confirmations, domain } = &self.trigger {
             let k: bitmote_device::PublicKey = key.parse().map_err(|e| self.invalid(format!("key: {e}")))?;
             if !matches!(k, bitmote_device::PublicKey::Schnorr(_)) {
                 return Err(self.invalid("on-chain commands are signed with BIP340 keys (01…)".into()));
+            }
+            let Some(domain) = domain else {
+                return Err(self.invalid(
+                    "name the command domain the signer signs (domain = \"site-7/doors\"): a command is bound to it, \
+                     to the network, the gateway's log origin and the device"
+                        .into(),
+                ));
+            };
+            if domain.is_empty() || domain.len() > crate::command::MAX_NAME || self.device.len() > crate::command::MAX_NAME {
+                return Err(self.invalid(format!("the domain and the device are 1 to {} bytes", crate::command::MAX_NAME)));
             }
             if *confirmations == 0 {
                 return Err(self.invalid("confirmations = 0 is not supported; use at least 1".into()));
@@ -393,6 +417,20 @@ mod tests {
         assert!(matches!(RuleSet::parse("[[rule]]\nid = 1\n", Network::Regtest), Err(RuleError::Parse(_))));
         let typo = text.replace("ttl_secs", "ttl_sec");
         assert!(RuleSet::parse(&typo, Network::Regtest).is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn a_command_rule_names_its_domain() {
+        let key = "01".to_string() + &"79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
+        let text = |trigger: &str| format!("[[rule]]\nid = \"remote\"\ndevice = \"lock-7\"\ntrigger = {trigger}\naction = {{ command = \"*\" }}\n");
+        let without = text(&format!("{{ kind = \"command\", key = \"{key}\" }}"));
+        let e = RuleSet::parse(&without, Network::Regtest).unwrap_err().to_string();
+        assert!(e.contains("name the command domain"), "{e}");
+        let empty = text(&format!("{{ kind = \"command\", key = \"{key}\", domain = \"\" }}"));
+        assert!(RuleSet::parse(&empty, Network::Regtest).unwrap_err().to_string().contains("1 to 255 bytes"));
+        let with = text(&format!("{{ kind = \"command\", key = \"{key}\", domain = \"site-7/doors\" }}"));
+        let rs = RuleSet::parse(&with, Network::Regtest).unwrap();
+        assert!(matches!(&rs.rules[0].trigger, Trigger::Command { domain: Some(d), .. } if d == "site-7/doors"));
     }
 
     #[test]

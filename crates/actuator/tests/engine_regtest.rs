@@ -28,7 +28,7 @@ struct Runner {
 
 impl Runner {
     fn open(db: &std::path::Path, rules: &RuleSet, c: &ChainClient) -> Runner {
-        let engine = Engine::open(db, rules.clone(), Network::Regtest).unwrap();
+        let engine = Engine::open(db, rules.clone(), Network::Regtest, "gw.test/log").unwrap();
         let stored = engine.cursor().unwrap().map(Some);
         let stream = BlockStream::resume(c.fresh().unwrap(), stored, Start::Tip, StreamConfig::default()).unwrap();
         Runner { engine, stream }
@@ -155,6 +155,16 @@ fn payments_fire_once_when_buried_and_reorgs_cancel_or_revert() {
     assert!(log.iter().any(|i| i.event_id == fired[0] && i.state == OutboxState::Due));
 }
 
+/// The context the engine here runs in ([`Runner::open`]): regtest, gateway `gw.test/log`, domain `test/doors`.
+fn scope(device: &str) -> bitmote_actuator::command::Scope<'_> {
+    bitmote_actuator::command::Scope { network: Network::Regtest, gateway: "gw.test/log", domain: "test/doors", device }
+}
+
+/// Command `seq` for `device` in [`scope`], valid up to height 10,000.
+fn signed(key: &bitmote_device::SigningKey, device: &str, seq: u32, word: &str) -> Vec<u8> {
+    bitmote_actuator::command::encode(key, &scope(device), seq, 10_000, word).unwrap()
+}
+
 #[test]
 fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_do_not() {
     use bitmote_actuator::command;
@@ -165,8 +175,8 @@ fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_
     let intruder = SigningKey::schnorr_from_secret(&[6; 32]).unwrap();
     let rules = RuleSet::parse(
         &format!(
-            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{pk}\" }}\naction = {{ command = \"*\" }}\n\n\
-             [[rule]]\nid = \"relay-cmd\"\ndevice = \"relay-1\"\ntrigger = {{ kind = \"command\", key = \"{pk}\" }}\naction = {{ command = \"on\" }}\n",
+            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{pk}\", domain = \"test/doors\" }}\naction = {{ command = \"*\" }}\n\n\
+             [[rule]]\nid = \"relay-cmd\"\ndevice = \"relay-1\"\ntrigger = {{ kind = \"command\", key = \"{pk}\", domain = \"test/doors\" }}\naction = {{ command = \"on\" }}\n",
             pk = operator.public_key()
         ),
         Network::Regtest,
@@ -182,19 +192,21 @@ fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_
         evs.iter().filter_map(|e| if let EngineEvent::CommandRefused { reason, .. } = e { Some(reason.clone()) } else { None }).collect()
     };
 
-    let unlock = command::encode(&operator, "lock-9", 1, "unlock").unwrap();
+    let unlock = signed(&operator, "lock-9", 1, "unlock");
     send(&mut wallet, unlock.clone());
     node.mine(1).unwrap();
     let evs = r.drain();
     assert_eq!(dues(&evs), vec!["door-cmd:cmd:1".to_string()], "{evs:?}");
     assert_eq!(r.engine.get("door-cmd:cmd:1").unwrap().unwrap().command, "unlock");
 
-    // The same signed command again (a replay), a forgery, the right key for another device,
-    // and a command the relay's rule does not allow: none fires.
+    // The same signed command again (a replay), a forgery, the right key for another device
+    // or another gateway, and a command the relay's rule does not allow: none fires.
     send(&mut wallet, unlock);
-    send(&mut wallet, command::encode(&intruder, "lock-9", 7, "unlock").unwrap());
-    send(&mut wallet, command::encode(&operator, "lock-8", 9, "unlock").unwrap());
-    send(&mut wallet, command::encode(&operator, "relay-1", 1, "off").unwrap());
+    send(&mut wallet, signed(&intruder, "lock-9", 7, "unlock"));
+    send(&mut wallet, signed(&operator, "lock-8", 9, "unlock"));
+    let elsewhere = command::Scope { gateway: "other.test/log", ..scope("lock-9") };
+    send(&mut wallet, command::encode(&operator, &elsewhere, 9, 1_000, "unlock").unwrap());
+    send(&mut wallet, signed(&operator, "relay-1", 1, "off"));
     node.mine(1).unwrap();
     let evs = r.drain();
     assert!(dues(&evs).is_empty(), "{evs:?}");
@@ -204,8 +216,8 @@ fn signed_on_chain_commands_fire_once_and_replays_forgeries_and_disallowed_ones_
     assert_eq!(reasons.len(), 2, "forgeries and other devices' commands are simply not ours: {reasons:?}");
 
     // The next number works, and carries its own command word.
-    send(&mut wallet, command::encode(&operator, "lock-9", 2, "lock").unwrap());
-    send(&mut wallet, command::encode(&operator, "relay-1", 2, "on").unwrap());
+    send(&mut wallet, signed(&operator, "lock-9", 2, "lock"));
+    send(&mut wallet, signed(&operator, "relay-1", 2, "on"));
     node.mine(1).unwrap();
     let mut d = dues(&r.drain());
     d.sort();
@@ -289,7 +301,7 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
         Network::Regtest,
     )
     .unwrap();
-    let err = Engine::open(&db, clash, Network::Regtest).err().expect("refused").to_string();
+    let err = Engine::open(&db, clash, Network::Regtest, "gw.test/log").err().expect("refused").to_string();
     assert!(err.contains("order-1") && err.contains("rename it in the file"), "{err}");
 }
 
@@ -375,14 +387,13 @@ fn a_payment_reorged_out_and_mined_again_opens_the_lock_again_after_its_revert()
 /// again from the mempool: not refused as a replay, it runs again (new event id).
 #[test]
 fn a_signed_command_reorged_out_and_mined_again_takes_effect_again() {
-    use bitmote_actuator::command;
     use bitmote_device::SigningKey;
     let (node, dir, mut wallet) = funded_node();
     let c = node.client();
     let operator = SigningKey::schnorr_from_secret(&[5; 32]).unwrap();
     let rules = RuleSet::parse(
         &format!(
-            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{}\", confirmations = 2 }}\naction = {{ command = \"*\" }}\nrevert = {{ command = \"lock\" }}\n",
+            "[[rule]]\nid = \"door-cmd\"\ndevice = \"lock-9\"\ntrigger = {{ kind = \"command\", key = \"{}\", domain = \"test/doors\", confirmations = 2 }}\naction = {{ command = \"*\" }}\nrevert = {{ command = \"lock\" }}\n",
             operator.public_key()
         ),
         Network::Regtest,
@@ -390,7 +401,7 @@ fn a_signed_command_reorged_out_and_mined_again_takes_effect_again() {
     .unwrap();
     let mut r = Runner::open(&dir.path().join("act.sqlite"), &rules, c);
     r.drain();
-    let tx = wallet.op_return_tx(&command::encode(&operator, "lock-9", 1, "unlock").unwrap(), FeeRate::from_sat_per_vb_u32(2)).unwrap();
+    let tx = wallet.op_return_tx(&signed(&operator, "lock-9", 1, "unlock"), FeeRate::from_sat_per_vb_u32(2)).unwrap();
     c.broadcast(&tx).unwrap();
     let b_cmd = node.mine(1).unwrap()[0];
     node.mine(1).unwrap();

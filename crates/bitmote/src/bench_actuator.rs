@@ -225,7 +225,7 @@ fn rules_bench(dir: &Path, n: u32) -> Result<Value> {
     };
     let mut out = json!({ "rules": n, "outputs": 5_000 });
     for (key, set) in [("with_rules", rules), ("no_rules", vec![])] {
-        let mut engine = Engine::open(&dir.join(format!("{key}.sqlite")), RuleSet::new(set, Network::Regtest)?, Network::Regtest)?;
+        let mut engine = Engine::open(&dir.join(format!("{key}.sqlite")), RuleSet::new(set, Network::Regtest)?, Network::Regtest, "bench.local/log")?;
         let (mut prev, mut times) = (BlockHash::all_zeros(), vec![]);
         for height in 1..=BLOCKS {
             let b = block(height, prev);

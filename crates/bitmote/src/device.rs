@@ -82,12 +82,24 @@ pub enum DeviceCommand {
         /// The target device's name.
         #[arg(long)]
         device: String,
-        /// Sequence number: greater than any earlier command under this rule.
+        /// Sequence number: greater than any earlier command by this key for this device.
         #[arg(long)]
         seq: u32,
-        /// The command word (at most 7 bytes), e.g. unlock.
+        /// The command word (at most 6 bytes), e.g. unlock.
         #[arg(long)]
         command: String,
+        /// The chain the command is for: bitcoin, testnet, testnet4, signet or regtest.
+        #[arg(long, value_parser = parse_network)]
+        network: bitmote_chain::bitcoin::Network,
+        /// The gateway the command is for: its log origin (`origin` in `GET /v1/log`).
+        #[arg(long, value_name = "ORIGIN")]
+        gateway: String,
+        /// The command domain the rule names (`domain = "…"`).
+        #[arg(long)]
+        domain: String,
+        /// The last block height the command may be mined at (at most 16,777,215).
+        #[arg(long, value_name = "HEIGHT")]
+        expires: u32,
     },
     /// Run a simulated actuator (a lock or relay): receive commands over MQTT, act once per
     /// command, acknowledge, report presence.
@@ -255,13 +267,18 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             let login = mqtt_password(mqtt_password_file.as_deref(), key.as_deref())?.map(|p| (user, p));
             actuator(&name, &mqtt, login, &state, count, gpio.as_deref(), light)
         }
-        DeviceCommand::Command { key, device, seq, command } => {
+        DeviceCommand::Command { key, device, seq, command, network, gateway, domain, expires } => {
             let k = read_key(&key)?;
-            let payload = bitmote_actuator::command::encode(&k, &device, seq, &command).map_err(|e| anyhow::anyhow!(e))?;
+            let scope = bitmote_actuator::command::Scope { network, gateway: &gateway, domain: &domain, device: &device };
+            let payload = bitmote_actuator::command::encode(&k, &scope, seq, expires, &command)?;
             println!("{}", hex::encode(payload));
             Ok(())
         }
     }
+}
+
+fn parse_network(s: &str) -> Result<bitmote_chain::bitcoin::Network, String> {
+    s.parse().or_else(|_| bitmote_chain::bitcoin::Network::from_core_arg(s)).map_err(|_| format!("{s:?} is not a network (bitcoin, testnet, testnet4, signet, regtest)"))
 }
 
 /// Where `device enroll --key K` writes the MQTT password: beside the key, `K` with extension `.mqtt`.

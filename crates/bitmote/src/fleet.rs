@@ -37,6 +37,10 @@ pub const LOCK: &str = "lock-1";
 pub const RELAY: &str = "relay-1";
 /// The rule that authorizes the fleet's operator key to command the relay.
 const RELAY_RULE: &str = "fleet-relay-remote";
+/// The command domain of the relay's rule, which the operator key signs.
+const RELAY_DOMAIN: &str = "fleet/relay";
+/// Blocks a relay command stays valid for after the height it was made at.
+const RELAY_VALID_BLOCKS: u32 = 144;
 /// Fee of the driver's transactions (regtest).
 const FEE_SAT: u64 = 1_000;
 /// How long the meter may take to close its session when `up` stops: the prepaid
@@ -593,6 +597,8 @@ pub struct Driver {
     plan: Plan,
     has_lock: bool,
     relay_rule: bool,
+    /// The gateway's log origin, once asked (see [`Driver::gateway_origin`]).
+    origin: String,
 }
 
 impl Driver {
@@ -619,6 +625,7 @@ impl Driver {
             plan: fleet.plan.clone(),
             has_lock: has("lock"),
             relay_rule: false,
+            origin: String::new(),
         };
         if has("relay") && d.plan.relay_every_blocks > 0 {
             d.ensure_relay_rule()?;
@@ -637,20 +644,54 @@ impl Driver {
             .set("Authorization", &format!("Bearer {}", self.token))
     }
 
+    /// The gateway's identity, which commands are signed for: its log origin.
+    fn gateway_origin(&self) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct Log {
+            origin: String,
+        }
+        let log: Log = self.request("GET", "/v1/log").call().map_err(device::api_err)?.into_json()?;
+        Ok(log.origin)
+    }
+
     /// The rule letting the operator key command the relay (kept by the gateway across restarts).
     fn ensure_relay_rule(&mut self) -> Result<()> {
         let rule = json!({
             "id": RELAY_RULE, "device": RELAY,
-            "trigger": { "kind": "command", "key": self.operator.public_key().to_string(), "confirmations": 1 },
+            "trigger": { "kind": "command", "key": self.operator.public_key().to_string(), "domain": RELAY_DOMAIN, "confirmations": 1 },
             "action": { "command": "*" }, "revert": { "command": "inverse" }, "ttl_secs": 600,
         });
-        match self.request("POST", "/v1/rules").send_json(rule) {
-            Ok(_) | Err(ureq::Error::Status(409, _)) => {
-                self.relay_rule = true;
-                Ok(())
+        match self.request("POST", "/v1/rules").send_json(rule.clone()) {
+            Ok(_) => {}
+            Err(ureq::Error::Status(409, _)) if self.stored_relay_rule_predates_domains()? => {
+                // Stored before commands named a domain: it matches no command any more.
+                self.request("DELETE", &format!("/v1/rules/{RELAY_RULE}")).call().map_err(device::api_err)?;
+                self.request("POST", "/v1/rules").send_json(rule).map_err(device::api_err).context("adding the relay's rule")?;
             }
-            Err(e) => Err(device::api_err(e)).context("adding the relay's rule"),
+            Err(ureq::Error::Status(409, _)) => {}
+            Err(e) => return Err(device::api_err(e)).context("adding the relay's rule"),
         }
+        self.relay_rule = true;
+        Ok(())
+    }
+
+    /// Whether the gateway keeps the relay's rule from before commands named a domain.
+    fn stored_relay_rule_predates_domains(&self) -> Result<bool> {
+        #[derive(serde::Deserialize)]
+        struct Rules {
+            rules: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            id: String,
+            trigger: TriggerDomain,
+        }
+        #[derive(serde::Deserialize)]
+        struct TriggerDomain {
+            domain: Option<String>,
+        }
+        let r: Rules = self.request("GET", "/v1/rules").call().map_err(device::api_err)?.into_json()?;
+        Ok(r.rules.iter().any(|e| e.id == RELAY_RULE && e.trigger.domain.is_none()))
     }
 
     /// A mature, unspent anyone-can-spend coinbase worth at least `sat` (regtest).
@@ -700,7 +741,16 @@ impl Driver {
         }
         let word = if self.state.relay_on { "off" } else { "on" };
         let seq = self.state.relay_seq + 1;
-        let payload = bitmote_actuator::command::encode(&self.operator, RELAY, seq, word).map_err(|e| anyhow::anyhow!(e))?;
+        if self.origin.is_empty() {
+            self.origin = self.gateway_origin()?;
+        }
+        let scope = bitmote_actuator::command::Scope {
+            network: self.client.network(),
+            gateway: &self.origin,
+            domain: RELAY_DOMAIN,
+            device: RELAY,
+        };
+        let payload = bitmote_actuator::command::encode(&self.operator, &scope, seq, height + RELAY_VALID_BLOCKS, word)?;
         // The sequence number is spent before the command is sent: never reused.
         self.state.relay_seq = seq;
         self.save()?;

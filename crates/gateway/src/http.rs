@@ -300,6 +300,7 @@ async fn get_log(State(s): State<Arc<Shared>>) -> Result<Json<serde_json::Value>
         let size = log.size().map_err(internal)?;
         let root = log.root_at(size).map_err(internal)?;
         Ok(Json(json!({
+            "origin": s.signer.name(),
             "tree_size": size,
             "root": hex::encode(root),
             "checkpoint": s.signer.sign(size, root),
