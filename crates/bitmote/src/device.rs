@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{DeviceId, PublicKey, Reading, SignedBatch, SignedReading, SigningKey, Value};
-use bitmote_light::{LightClient, PaymentClaim};
+use bitmote_light::{PaymentClaim, PaymentPolicy, Peers};
 use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, HeaderSource, HeadersFile, Policy};
@@ -139,8 +139,10 @@ pub struct LightArgs {
     /// P2P address of a Bitcoin node serving compact block filters. The device then acts
     /// on an opening command (unlock, open, on) only when the payment it claims is in the
     /// device's own chain, deep enough; closing commands (lock, close, off) need none.
+    /// Give it several times to follow several peers: a payment then counts only if every
+    /// one of them shows it, in the same block.
     #[arg(long, value_name = "HOST:PORT")]
-    light_client: Option<std::net::SocketAddr>,
+    light_client: Vec<std::net::SocketAddr>,
     /// The chain the light client follows.
     #[arg(long, default_value = "regtest")]
     network: bitmote_chain::bitcoin::Network,
@@ -154,9 +156,17 @@ pub struct LightArgs {
     /// The device's own floor on confirmations, whatever the command claims.
     #[arg(long, default_value_t = 1)]
     min_confirmations: u32,
-    /// Accept payments only to these addresses (required with `--light-client`).
+    /// Accept payments to these addresses (with `--light-client`, this or
+    /// `--pay-to-descriptor` is required).
     #[arg(long, value_name = "ADDRESS")]
     pay_to: Vec<String>,
+    /// Accept payments to the addresses of this public output descriptor, e.g. the gateway
+    /// wallet's `receive_descriptor` (`GET /v1/wallet`), where every payment order is paid.
+    #[arg(long, value_name = "DESCRIPTOR")]
+    pay_to_descriptor: Vec<String>,
+    /// How many addresses of each descriptor are accepted (indexes 0 to N-1).
+    #[arg(long, value_name = "N", default_value_t = bitmote_light::policy::DEFAULT_MAX_INDEX)]
+    descriptor_max_index: u32,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -603,7 +613,7 @@ fn opens(command: &str) -> bool {
 }
 
 /// A light-client device's check of the payment a command claims; the outpoint, or why not.
-fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]) -> std::result::Result<String, String> {
+fn check_payment(light: &Peers, policy: &mut PaymentPolicy, a: &LightArgs, cmd: &Json, paid: &[String]) -> std::result::Result<String, String> {
     let p = &cmd["payment"];
     if p.is_null() {
         return Err("the command claims no payment: this device acts only on payments it checks itself".into());
@@ -617,7 +627,7 @@ fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]
         .and_then(|x| x.require_network(a.network).ok())
         .ok_or_else(|| format!("payment address {address:?} is not a {} address", a.network))?
         .script_pubkey();
-    if !a.pay_to.is_empty() && !a.pay_to.iter().any(|x| x == address) {
+    if !policy.accepts(&script) {
         return Err(format!("{address} is not an address this device accepts payments to"));
     }
     let vout = u32::try_from(field("vout")?).map_err(|_| "payment vout out of range".to_string())?;
@@ -629,7 +639,7 @@ fn check_payment(light: &LightClient, a: &LightArgs, cmd: &Json, paid: &[String]
         txid,
         vout,
         script_pubkey: script,
-        min_sat: field("amount_sat")?.max(a.min_sat),
+        min_sat: field("amount_sat")?.max(policy.min_sat),
         height: u32::try_from(field("height")?).map_err(|_| "payment height out of range".to_string())?,
         confirmations: (cmd["confirmations"].as_u64().unwrap_or(0).min(u32::MAX as u64) as u32).max(a.min_confirmations),
     };
@@ -704,20 +714,18 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
     if gpio.is_some() {
         eprintln!("actuator {name}: GPIO line driven {}", if high(&state.output) { "high" } else { "low" });
     }
-    let light = match la.light_client {
-        // Without a policy of its own the device would accept whatever amount and address
-        // a (compromised) gateway claims: refuse to start (issue #13, item 12).
-        Some(_) if la.pay_to.is_empty() || la.min_sat == 0 => bail!(
-            "a light-client device needs its own payment policy: --pay-to ADDRESS (the addresses it is paid to) \
-             and --min-sat N (N > 0); without them it would accept any amount to any address the gateway names"
-        ),
-        Some(peer) => {
-            let l = LightClient::start(peer, la.network)?;
+    let mut light = match la.light_client.as_slice() {
+        [] => None,
+        peers => {
+            // Without a policy of its own the device would accept whatever amount and
+            // address a (compromised) gateway claims: refuse to start (issue #13, item 12).
+            let policy = PaymentPolicy::new(la.network, &la.pay_to, &la.pay_to_descriptor, la.descriptor_max_index, la.min_sat)?;
+            let l = Peers::start(peers, la.network)?;
             let tip = l.wait_synced(Duration::from_secs(120))?;
-            eprintln!("actuator {name}: light client synced with {peer} to block {tip}");
-            Some(l)
+            let names: Vec<String> = l.addrs().map(|a| a.to_string()).collect();
+            eprintln!("actuator {name}: light client synced with {} to block {tip}", names.join(", "));
+            Some((l, policy))
         }
-        None => None,
     };
     let (host, port) = mqtt.rsplit_once(':').context("--mqtt must be host:port")?;
     let presence = format!("bitmote/{name}/presence");
@@ -770,8 +778,8 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                 };
                 let Some(id) = cmd["event_id"].as_str().map(str::to_string) else { continue };
                 let command = cmd["command"].as_str().unwrap_or("");
-                let checked = match &light {
-                    Some(l) if opens(command) && !state.done.contains(&id) => Some(check_payment(l, &la, &cmd, &state.paid)),
+                let checked = match &mut light {
+                    Some((l, policy)) if opens(command) && !state.done.contains(&id) => Some(check_payment(l, policy, &la, &cmd, &state.paid)),
                     _ => None,
                 };
                 if let Some(Err(reason)) = &checked {

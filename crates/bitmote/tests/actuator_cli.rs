@@ -190,6 +190,39 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let state: Json = serde_json::from_slice(&std::fs::read(d.join("lock-7.json")).unwrap()).unwrap();
     assert_eq!((state["output"].as_str(), state["done"].as_array().unwrap().len()), (Some("open"), 1));
     assert_eq!(state["paid"][0].as_str().unwrap(), format!("{txid}:{}", acked["payment"]["vout"]));
+
+    // The lock again, now pinning the gateway wallet's receive descriptor instead of an
+    // address: a payment order (a fresh wallet address each) opens it without reconfiguring
+    // it, and an address the descriptor does not derive is refused.
+    let admin = |method: &str, path: &str| ureq::request(method, &format!("{http}{path}")).set("Authorization", &format!("Bearer {}", token.trim()));
+    let wallet: Json = admin("GET", "/v1/wallet").call().unwrap().into_json().unwrap();
+    let desc = wallet["receive_descriptor"].as_str().unwrap().to_string();
+    assert!(desc.starts_with("wpkh([") && !desc.contains("prv"), "{desc}");
+    assert_eq!(ureq::get(&format!("{http}/v1/wallet")).call().unwrap_err().into_response().map(|r| r.status()), Some(401), "admin only");
+    let mut lock = actuator(d, &mqtt, "lock-7")
+        .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
+        .args(["--pay-to-descriptor", &desc, "--min-sat", "20000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(lock.stdout.take().unwrap()));
+    let mut lines = lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap());
+    wait_presence(&http, "lock-7", "online");
+    claim("fake-3", txid.clone(), pay_to.to_string(), tip.height, 1);
+    let v = lines.next().expect("the lock printed a line");
+    assert_eq!(v["event_id"].as_str(), Some("fake-3"), "{v}");
+    assert!(v["refused"].as_str().unwrap().contains("is not an address this device accepts payments to"), "{v}");
+    let order: Json = admin("POST", "/v1/devices/lock-7/orders")
+        .send_json(serde_json::json!({ "min_sat": 20000, "confirmations": 1, "action": { "command": "unlock" }, "ttl_secs": 600 }))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    let to: Address = order["address"].as_str().unwrap().parse::<Address<_>>().unwrap().require_network(Network::Regtest).unwrap();
+    let paid = customer_pays(d, &to);
+    let v = lines.next().expect("the lock acted");
+    assert_eq!((v["command"].as_str(), v["output"].as_str()), (Some("unlock"), Some("open")), "{v}");
+    assert!(v["event_id"].as_str().unwrap().starts_with(&format!("{}:{paid}:", order["order_id"].as_str().unwrap())), "{v}");
+    assert!(lock.wait().unwrap().success());
     assert!(u.interrupt().success());
 }
 

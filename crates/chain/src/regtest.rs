@@ -52,6 +52,10 @@ impl RegtestOptions {
     }
 }
 
+/// What bitcoind says when it will not start because an index is not on its chain: the
+/// index's best block is on another branch, or unknown.
+const INDEX_MISMATCH: [&str; 2] = ["index may be corrupted", "Please rebuild the index"];
+
 /// Ports and binary of a node, remembered in `<data_dir>/bitmote-node.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -139,7 +143,7 @@ impl RegtestNode {
         // A port picked as free can be taken by someone else before bitcoind binds it: retry.
         let mut last = None;
         for _ in 0..3 {
-            match Self::spawn(&opts, false) {
+            match Self::spawn_repairing(&opts, false) {
                 Ok(n) => return Ok(n),
                 Err(e @ ChainError::Process(_)) if opts.rpc_port.is_none() => last = Some(e),
                 Err(e) => return Err(e),
@@ -150,7 +154,7 @@ impl RegtestNode {
 
     /// Start a detached bitcoind that keeps running after this process exits.
     pub fn start_daemon(opts: RegtestOptions) -> Result<Self> {
-        Self::spawn(&opts, true)
+        Self::spawn_repairing(&opts, true)
     }
 
     /// Connect to a node already running on `data_dir` (started by [`RegtestNode::start_daemon`]).
@@ -176,6 +180,42 @@ impl RegtestNode {
             opts: Some(opts),
             graceful_drop: false,
         }))
+    }
+
+    /// [`Self::spawn`]; but when bitcoind refuses to start because an index it keeps (the
+    /// transaction or block filter index, data derived from its blocks) does not match its
+    /// chain, remove the indexes and start once more: bitcoind rebuilds them from its blocks.
+    /// Found by `bitmote drill`: a kill -9 right after a reorg left the chain state on the old
+    /// branch and the block filter index on the new one, and bitcoind then refused every start
+    /// ("Cannot read last block filter header; index may be corrupted").
+    fn spawn_repairing(opts: &RegtestOptions, daemon: bool) -> Result<Self> {
+        let Some(dir) = &opts.data_dir else { return Self::spawn(opts, daemon) };
+        // What bitcoind logs during this attempt (its error comes before many lines of shutdown).
+        let log = dir.join("regtest").join("debug.log");
+        let offset = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let logged_since = || -> String {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut text = String::new();
+            if let Ok(mut f) = fs::File::open(&log) {
+                if f.seek(SeekFrom::Start(offset)).is_ok() {
+                    let _ = f.take(4 << 20).read_to_string(&mut text);
+                }
+            }
+            text
+        };
+        match Self::spawn(opts, daemon) {
+            Err(ChainError::Process(msg)) if INDEX_MISMATCH.iter().any(|m| msg.contains(m) || logged_since().contains(m)) => {
+                let indexes = dir.join("regtest").join("indexes");
+                tracing::warn!(
+                    "bitcoind refused to start: an index does not match its chain (a crash left them apart); \
+                     removing {} for bitcoind to rebuild it from its blocks",
+                    indexes.display()
+                );
+                fs::remove_dir_all(&indexes).map_err(|e| ChainError::io(format!("removing {}", indexes.display()), e))?;
+                Self::spawn(opts, daemon)
+            }
+            r => r,
+        }
     }
 
     fn spawn(opts: &RegtestOptions, daemon: bool) -> Result<Self> {
@@ -341,7 +381,7 @@ impl RegtestNode {
             return Err(ChainError::Process("bitcoind is still running; stop it before restarting".into()));
         }
         let opts = self.opts.clone().ok_or_else(|| ChainError::Process("unknown start options".into()))?;
-        let mut fresh = Self::spawn(&opts, false)?;
+        let mut fresh = Self::spawn_repairing(&opts, false)?;
         // Take over the new process (what is left of `fresh` is a detached record, which
         // its drop leaves alone); keep our temp dir, ports and drop policy.
         self.process = std::mem::replace(&mut fresh.process, Process::Detached);

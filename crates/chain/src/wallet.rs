@@ -224,6 +224,12 @@ impl GatewayWallet {
         self.network
     }
 
+    /// The public descriptor (no private key) of the addresses payment orders are paid to:
+    /// a light-client device pins it to accept any of them (`--pay-to-descriptor`).
+    pub fn receive_descriptor(&self) -> String {
+        self.wallet.public_descriptor(KeychainKind::External).to_string()
+    }
+
     fn persist(&mut self) -> Result<()> {
         self.wallet.persist(&mut self.db).map_err(|e| werr("persisting the wallet", e))?;
         Ok(())

@@ -334,3 +334,79 @@ fn a_node_that_lost_its_last_blocks_is_followed_back_to_the_fork_point() {
     }
     assert_eq!(model, active_chain(c), "then the node's branch connected");
 }
+
+/// Found by `bitmote drill` (a kill -9 right after a reorg): a node whose block filter index
+/// is on another branch than its chain state refuses to start ("index may be corrupted"),
+/// every time; so does one whose index names a block it does not know ("Please rebuild the
+/// index"). Both simulated exactly, with the index of another node copied in while both are
+/// stopped: the node starts anyway, having rebuilt its indexes, and serves its filters again.
+#[test]
+fn a_node_whose_filter_index_is_not_on_its_chain_starts_again_with_its_indexes_rebuilt() {
+    use serde_json::{json, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let opts_for = |name: &str| {
+        let mut o = RegtestOptions::new(bitcoind());
+        o.data_dir = Some(dir.path().join(name));
+        o
+    };
+    let synced = |c: &ChainClient, height: u32| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let info: Value = c.raw("getindexinfo", &[json!("basic block filter index")]).unwrap();
+            let idx = &info["basic block filter index"];
+            if idx["synced"] == true && idx["best_block_height"] == height {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the filter index never caught up: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let filters = |n: &str| dir.path().join(n).join("regtest/indexes/blockfilter");
+    let debug_log = |n: &str| std::fs::read_to_string(dir.path().join(n).join("regtest/debug.log")).unwrap();
+    // The index of B, copied into A, then A started: it must come up with its own chain and
+    // a rebuilt index, after bitcoind refused the first start with `refusal`.
+    let swap_and_start = |a: &str, b: &str, tip: bitmote_chain::BlockId, refusal: &str| {
+        std::fs::remove_dir_all(filters(a)).unwrap();
+        copy_dir(&filters(b), &filters(a));
+        let before = debug_log(a).len();
+        let node = RegtestNode::start(opts_for(a)).unwrap();
+        assert!(debug_log(a)[before..].contains(refusal), "the first start was refused with {refusal:?} (else this tests nothing)");
+        assert_eq!(node.client().tip().unwrap(), tip, "the chain is as it was");
+        synced(node.client(), tip.height);
+        let f: Value = node.client().raw("getblockfilter", &[json!(tip.hash.to_string())]).unwrap();
+        assert!(f["filter"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+        node
+    };
+
+    // 1. B's chain is its own: A does not know B's best block.
+    let a = RegtestNode::start(opts_for("a")).unwrap();
+    a.mine(20).unwrap();
+    synced(a.client(), 20);
+    let b = RegtestNode::start(opts_for("b")).unwrap();
+    b.client().mine(25, &other_address()).unwrap();
+    synced(b.client(), 25);
+    let tip = a.client().tip().unwrap();
+    a.stop().unwrap();
+    b.stop().unwrap();
+    let a = swap_and_start("a", "b", tip, "Please rebuild the index");
+
+    // 2. The drill's case, as it happened: the chain state and the index flushed at the
+    // tip (gettxoutsetinfo flushes), a reorg onto a longer branch (the index writes the new
+    // branch's filters at once, its best block only at the next flush), then kill -9.
+    let _: Value = a.client().raw("gettxoutsetinfo", &[json!("none")]).unwrap();
+    let old = a.client().tip().unwrap();
+    a.client().invalidate_block(&a.client().block_hash(16).unwrap().unwrap()).unwrap();
+    a.client().mine(6, &other_address()).unwrap();
+    synced(a.client(), 21);
+    let mut a = a;
+    a.kill().unwrap();
+    let before = debug_log("a").len();
+    let a = RegtestNode::start(opts_for("a")).unwrap();
+    let log = &debug_log("a")[before..];
+    eprintln!("after the kill: tip {:?} (flushed tip {old:?}); refused: {}", a.client().tip().unwrap(), log.contains("index may be corrupted"));
+    assert!(log.contains("index may be corrupted"), "the first start was refused (else this tests nothing)");
+    let tip = a.client().tip().unwrap();
+    synced(a.client(), tip.height);
+    let f: Value = a.client().raw("getblockfilter", &[json!(tip.hash.to_string())]).unwrap();
+    assert!(f["filter"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
+}

@@ -93,6 +93,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/rules/{id}", delete(remove_rule))
         .route("/v1/devices/{id}/orders", post(order))
         .route("/v1/lightning", get(lightning))
+        .route("/v1/wallet", get(wallet))
         // Only a batch of readings needs a large body; every other route reads a small JSON.
         .layer(DefaultBodyLimit::max(MAX_SMALL_BODY))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), crate::metrics::count_requests))
@@ -562,6 +563,12 @@ impl Order {
             ttl_secs: self.ttl_secs,
         }
     }
+}
+
+/// The gateway wallet's receive descriptor (admin: it names every address orders are paid to).
+async fn wallet(State(s): State<Arc<Shared>>, _: Admin) -> Result<Json<serde_json::Value>, ApiError> {
+    let descriptor = call(&s.wallet_jobs, "the gateway wallet", |w| w.receive_descriptor()).await?;
+    Ok(Json(json!({ "network": s.network.to_core_arg(), "receive_descriptor": descriptor })))
 }
 
 async fn lightning(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -13,6 +13,14 @@
 //! is deep enough, its filter matches the script, and the block itself (fetched over P2P,
 //! its merkle root checked against the header) holds the output. Anything else is a
 //! [`LightError`] that says why, and the device refuses to act.
+//!
+//! One peer can hide blocks or show a chain of its own (with enough hash power, or on a
+//! test network). [`Peers`] follows several peers, each with its own client, and accepts a
+//! payment only if every one of them finds it, in the same block: a peer that does not,
+//! or that shows another block at that height, makes the device refuse.
+
+pub mod policy;
+pub use policy::{PaymentPolicy, PolicyError};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +51,12 @@ pub enum LightError {
     NoTransaction { height: u32, txid: Txid },
     #[error("output {txid}:{vout} {why}")]
     BadOutput { txid: Txid, vout: u32, why: String },
+    #[error("peer {peer}: {error}")]
+    Peer { peer: SocketAddr, error: Box<LightError> },
+    #[error("the peers disagree: {a} has block {a_block} at height {height}, {b} has {b_block}")]
+    Disagree { height: u32, a: SocketAddr, a_block: BlockHash, b: SocketAddr, b_block: BlockHash },
+    #[error("no peer to follow")]
+    NoPeers,
 }
 
 /// What the device is told triggered a command.
@@ -307,5 +321,69 @@ fn apply(st: &mut State, ev: Event) {
             st.filters.retain(|k, _| k + KEEP_FILTERS > top || wanted.contains(k));
             st.wanted = wanted;
         }
+    }
+}
+
+/// Several peers, each followed by a [`LightClient`] of its own (issue #13 item 12): a
+/// payment counts only if every peer finds it, in the same block.
+pub struct Peers {
+    clients: Vec<(SocketAddr, LightClient)>,
+}
+
+impl Peers {
+    /// Start a client for each peer (at least one).
+    pub fn start(peers: &[SocketAddr], network: Network) -> Result<Self, LightError> {
+        if peers.is_empty() {
+            return Err(LightError::NoPeers);
+        }
+        let clients = peers
+            .iter()
+            .map(|&peer| LightClient::start(peer, network).map(|c| (peer, c)).map_err(|e| LightError::Peer { peer, error: Box::new(e) }))
+            .collect::<Result<_, _>>()?;
+        Ok(Peers { clients })
+    }
+
+    /// Wait until every client has synced; the lowest of their tips.
+    pub fn wait_synced(&self, timeout: Duration) -> Result<u32, LightError> {
+        let mut low = u32::MAX;
+        for (peer, c) in &self.clients {
+            low = low.min(c.wait_synced(timeout).map_err(|e| LightError::Peer { peer: *peer, error: Box::new(e) })?);
+        }
+        Ok(low)
+    }
+
+    /// The peers followed.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.clients.iter().map(|(p, _)| *p)
+    }
+
+    /// [`LightClient::verify_payment`] on every peer at once: the payment as the least
+    /// buried view shows it, if every peer finds it in the same block; else why not (the
+    /// first peer that refused, or two that show different blocks; with one peer, its own
+    /// error as it is).
+    pub fn verify_payment(&self, claim: &PaymentClaim, wait: Duration) -> Result<Confirmed, LightError> {
+        if let [(_, only)] = self.clients.as_slice() {
+            return only.verify_payment(claim, wait); // one peer: its own answer, unwrapped
+        }
+        let results: Vec<(SocketAddr, Result<Confirmed, LightError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = self.clients.iter().map(|(peer, c)| (*peer, s.spawn(move || c.verify_payment(claim, wait)))).collect();
+            handles
+                .into_iter()
+                .map(|(peer, h)| (peer, h.join().unwrap_or_else(|_| Err(LightError::Client("the check panicked".into())))))
+                .collect()
+        });
+        let mut agreed: Option<(SocketAddr, Confirmed)> = None;
+        for (peer, r) in results {
+            let ok = r.map_err(|e| LightError::Peer { peer, error: Box::new(e) })?;
+            match &agreed {
+                None => agreed = Some((peer, ok)),
+                Some((a, first)) if first.block_hash != ok.block_hash => {
+                    return Err(LightError::Disagree { height: claim.height, a: *a, a_block: first.block_hash, b: peer, b_block: ok.block_hash });
+                }
+                Some((_, first)) if ok.confirmations < first.confirmations => agreed = Some((peer, ok)),
+                Some(_) => {}
+            }
+        }
+        agreed.map(|(_, c)| c).ok_or(LightError::NoPeers)
     }
 }
