@@ -220,6 +220,7 @@ fn campaign(
         sessions_closed,
         lightning_orders: customer.counts().0 as u64,
         lightning_orders_not_placed: u64::from(customer.not_placed),
+        customer_channels_reopened: u64::from(customer.reopened),
         elapsed_secs: t0.elapsed().as_secs(),
         dir: sys.dir.clone(),
     })

@@ -43,6 +43,8 @@ pub struct Customer {
     orders: Vec<Order>,
     /// Orders the gateway refused (the lock offline, the gateway restarting), by reason.
     pub not_placed: u32,
+    /// Channels to the gateway opened again after the last one was closed.
+    pub reopened: u32,
 }
 
 impl Customer {
@@ -76,16 +78,21 @@ impl Customer {
             "ttl_secs": 600,
         });
         sys.post("/v1/rules", "application/json", rule.to_string().as_bytes())?;
-        Ok(Customer { node, gateway, orders: vec![], not_placed: 0 })
+        Ok(Customer { node, gateway, orders: vec![], not_placed: 0, reopened: 0 })
     }
 
     /// Buy one action: order it (the gateway makes the invoice), pay the invoice. The
     /// payment is then on its way; [`Customer::check`] looks at how it ended.
     pub fn buy(&mut self, sys: &System, round: u32) -> String {
-        let usable = self.node.list_channels().iter().any(|c| c.counterparty_node_id == self.gateway && c.is_usable);
-        if !usable {
-            self.not_placed += 1;
-            return "customer: no usable channel to the gateway now".into();
+        let mut note = String::new();
+        if !self.usable() {
+            match self.restore(sys) {
+                Ok(how) => note = format!("customer {how}; "),
+                Err(why) => {
+                    self.not_placed += 1;
+                    return format!("customer: no usable channel to the gateway now ({why})");
+                }
+            }
         }
         let order = match sys.post(&format!("/v1/devices/{DEVICE}/orders"), "application/json", format!("{{\"rule\":\"{RULE}\"}}").as_bytes()) {
             Ok(o) => o,
@@ -109,13 +116,41 @@ impl Customer {
             Ok(payment) => {
                 self.orders.push(Order { event_id: event_id.to_string(), payment, round, done: false });
                 let short: String = event_id.rsplit(':').next().unwrap_or(event_id).chars().take(8).collect();
-                format!("customer paid order {short}…")
+                format!("{note}customer paid order {short}…")
             }
             Err(e) => {
                 self.not_placed += 1;
                 format!("customer: the payment could not start ({e})")
             }
         }
+    }
+
+    fn usable(&self) -> bool {
+        self.node.list_channels().iter().any(|c| c.counterparty_node_id == self.gateway && c.is_usable)
+    }
+
+    /// Make the channel to the gateway usable again, as a customer would: reconnect at once
+    /// when the gateway came back (ldk-node retries only every minute or so), and open a new
+    /// channel when the old one is gone (force-closed after a `kill -9` of `up`, which LDK 0.2
+    /// may do: rust-lightning#4286). What was done, or why not.
+    fn restore(&mut self, sys: &System) -> Result<&'static str, String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sys.ports.gateway_ln));
+        let open = self.node.list_channels().into_iter().any(|c| c.counterparty_node_id == self.gateway);
+        if open {
+            self.node.connect(self.gateway, addr.into(), true).map_err(|e| format!("reconnecting: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if self.usable() {
+                    return Ok("reconnected");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return Err("reconnected, but the channel is not usable within 10 s".into());
+        }
+        let chain = sys.chain().map_err(|e| e.to_string())?;
+        node::open_funded_channel(&chain, &self.node, self.gateway, addr.into(), 200_000, false).map_err(|e| format!("reopening: {e}"))?;
+        self.reopened += 1;
+        Ok("opened a new channel")
     }
 
     /// I4 over every order not settled yet. A payment still pending, or an action still on

@@ -100,6 +100,8 @@ pub struct Report {
     /// lock offline, no usable channel at that moment).
     pub lightning_orders: u64,
     pub lightning_orders_not_placed: u64,
+    /// Channels the customer opened to the gateway again, after the last one closed.
+    pub customer_channels_reopened: u64,
     pub elapsed_secs: u64,
     pub dir: PathBuf,
 }
@@ -122,7 +124,10 @@ impl Report {
             "readings acknowledged: {} ({} while the node was down); sessions closed on both sides: {}",
             self.readings_acknowledged, self.readings_acknowledged_during_outages, self.sessions_closed
         );
-        println!("Lightning-paid actions bought: {} ({} orders not placed)", self.lightning_orders, self.lightning_orders_not_placed);
+        println!(
+            "Lightning-paid actions bought: {} ({} orders not placed; the customer's channel opened again {} time(s))",
+            self.lightning_orders, self.lightning_orders_not_placed, self.customer_channels_reopened
+        );
         if !self.upstream_limits.is_empty() {
             println!("known upstream limits hit (not counted as violations): {}", self.upstream_limits.len());
             for v in &self.upstream_limits {
