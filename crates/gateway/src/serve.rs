@@ -117,7 +117,17 @@ pub fn bind(addr: SocketAddr, limits: &HttpLimits) -> std::io::Result<TcpListene
 /// Serve `app` on `listener` until `stop` completes; then stop accepting and give the
 /// connections open their current request (at most the request timeout).
 pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop: impl Future<Output = ()>) {
-    let app = app.layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout));
+    let secs = limits.request_timeout.as_secs_f64();
+    let app = app
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        // The timeout answers with an empty body: give it the API's `{error, code}` form.
+        .layer(axum::middleware::map_response(move |r: axum::response::Response| async move {
+            if r.status() == StatusCode::REQUEST_TIMEOUT && !r.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+                let body = serde_json::json!({ "error": format!("the request was not complete within {secs} s"), "code": "request_timeout" });
+                return axum::response::IntoResponse::into_response((StatusCode::REQUEST_TIMEOUT, axum::Json(body)));
+            }
+            r
+        }));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(stop);

@@ -436,11 +436,23 @@ fn idle_connections_and_slow_bodies_do_not_starve_ingest() {
     assert_eq!(v["receipts"].as_array().map(Vec::len), Some(1), "{v}");
 
     // The slow bodies are answered 408 at the request timeout; the idle connections closed.
-    for c in &mut slow {
+    for (i, c) in slow.iter_mut().enumerate() {
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut head = [0u8; 12];
         c.read_exact(&mut head).unwrap();
         assert_eq!(&head, b"HTTP/1.1 408", "{}", String::from_utf8_lossy(&head));
+        if i == 0 {
+            // With the API's error body, like every other refusal.
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let (mut text, mut buf) = (String::new(), [0u8; 4096]);
+            while !text.contains("request_timeout") {
+                match c.read(&mut buf) {
+                    Ok(n) if n > 0 => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                    _ => break,
+                }
+            }
+            assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+        }
     }
     for mut c in idle {
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
