@@ -608,7 +608,10 @@ impl Meter {
         }
         s.supply = false;
         self.store.lock().unwrap().put_session(&s)?;
-        let reconciled = statement.as_ref().is_some_and(|st| st.verify(&self.node) && st.session.account == s.account);
+        // Only the provider the session's tariff names can reconcile it, and only this session.
+        let reconciled = statement
+            .as_ref()
+            .is_some_and(|st| st.verify_by(&self.node, &s.tariff.provider) && st.session.id == s.id && st.session.account == s.account);
         if unsettled.is_none() && statement.is_none() {
             unsettled = Some("the provider did not answer the close".into());
         }

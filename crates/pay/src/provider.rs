@@ -70,9 +70,12 @@ impl Statement {
         let signature = node.sign_message(&serde_json::to_vec(&session).expect("serializes"));
         Statement { session, signature, signer: node.node_id().to_string() }
     }
-    pub fn verify(&self, node: &Node) -> bool {
-        let Ok(pk) = parse_node_id(&self.signer) else { return false };
-        node.verify_signature(&serde_json::to_vec(&self.session).expect("serializes"), &self.signature, &pk)
+    /// Whether `expected` (a node id: for a meter, the provider its tariff pinned) signed
+    /// this statement. The statement's own `signer` field is not trusted: anyone answering at
+    /// the provider's URL could sign with a key of their own and name it.
+    pub fn verify_by(&self, node: &Node, expected: &str) -> bool {
+        let Ok(pk) = parse_node_id(expected) else { return false };
+        self.signer == expected && node.verify_signature(&serde_json::to_vec(&self.session).expect("serializes"), &self.signature, &pk)
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bitmote_pay::ldk_node::lightning_types::payment::PaymentPreimage;
 use bitmote_pay::ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
 use bitmote_pay::ldk_node::{CustomTlvRecord, Node};
+use bitmote_pay::provider::Statement;
 use bitmote_pay::store::State;
 use bitmote_pay::tariff::Mode;
 use bitmote_pay::tick::{Tick, TLV_TICK};
@@ -510,6 +511,16 @@ fn concurrent_closes_collect_nothing_and_strangers_keysends_change_no_account() 
         assert_eq!(st["session"]["account"], serde_json::json!(account), "{st:#}");
         assert_eq!(st["session"]["state"], "closed", "{st:#}");
     }
+    // A statement counts only if the provider the tariff pinned signed it (issue #13 item 3):
+    // one signed by another node key naming itself, or the provider's signature under
+    // another signer's name, does not.
+    let genuine: Statement = serde_json::from_value(statements[0].clone()).unwrap();
+    let provider_id = pn.node_id().to_string();
+    assert!(genuine.verify_by(mn, &provider_id));
+    let forged = Statement::sign(mn, genuine.session.clone());
+    assert!(!forged.verify_by(mn, &provider_id), "signed by another key");
+    let renamed = Statement { signer: mn.node_id().to_string(), ..genuine.clone() };
+    assert!(!renamed.verify_by(mn, &provider_id) && !renamed.verify_by(mn, &mn.node_id().to_string()));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(outbound(pn), provider_sent, "the provider sent nothing");
     // A stranger (here the provider's node, as an attacker would) keysends the meter money
