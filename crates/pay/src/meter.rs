@@ -548,6 +548,12 @@ impl Meter {
                 return Ok(Ok(Some(format!("{} msat paid ahead not delivered: the supply ended", s.account.credit_msat(&t)))));
             };
             let (tick, last) = s.account.closing_tick(&t, s.id, register);
+            // The spending policy holds for the closing ticks too: none takes the session or
+            // the day past its limit.
+            let day = self.store.lock().unwrap().paid_since(now_ms().saturating_sub(24 * 3600 * 1000))?;
+            if let Err(e) = self.policy().allows(&t, tick.amount_msat, s.account.paid_msat, day) {
+                return Ok(Ok(Some(format!("{} msat paid ahead not delivered: spending policy: {e}", s.account.credit_msat(&t)))));
+            }
             tracing::debug!(credit = s.account.credit_msat(&t), register, "closing tick {} of {} msat (last: {last})", tick.tick, tick.amount_msat);
             if let Err(e) = self.send_tick(s, tick, true) {
                 tracing::warn!("{e}");
