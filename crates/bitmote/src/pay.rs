@@ -3,6 +3,7 @@
 //! `<data-dir>/<name>/`.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,25 +266,7 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     let pnode = provider.to_string();
     // The provider's node id is pinned: a server answering at the provider's URL cannot
     // name another node to be paid.
-    let pin_file = dir.join("provider.pin");
-    let pin = match &a.provider_node {
-        Some(p) => p.clone(),
-        None if client.network() != bitmote_chain::bitcoin::Network::Regtest => {
-            bail!("--provider-node is required off regtest (the provider's node id, from its operator)")
-        }
-        None => match std::fs::read_to_string(&pin_file) {
-            Ok(p) => p.trim().to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::write(&pin_file, format!("{pnode}\n")).with_context(|| format!("writing {}", pin_file.display()))?;
-                println!("pinned the provider's node id {pnode} in {}", pin_file.display());
-                pnode.clone()
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_file.display())),
-        },
-    };
-    if pin != pnode {
-        bail!("the provider at {url} is node {pnode}, not the pinned {pin}");
-    }
+    pinned_provider(client.network(), a.provider_node.as_deref(), &dir.join("provider.pin"), &pnode, &url)?;
     match &a.via {
         None => ensure_channel(&client, &node, provider, paddr, a.channel_sat)?,
         Some(hub) => {
@@ -366,6 +349,31 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     Ok(())
 }
 
+/// The provider's node id this meter pays: `given` (`--provider-node`, required off regtest),
+/// or on regtest the one pinned in `pin_file` at the first start (trust on first use). The
+/// node the provider's URL reports now must be that one.
+fn pinned_provider(network: bitmote_chain::bitcoin::Network, given: Option<&str>, pin_file: &Path, reported: &str, url: &str) -> Result<String> {
+    let pin = match given {
+        Some(p) => p.to_string(),
+        None if network != bitmote_chain::bitcoin::Network::Regtest => {
+            bail!("--provider-node is required off regtest (the provider's node id, from its operator)")
+        }
+        None => match std::fs::read_to_string(pin_file) {
+            Ok(p) => p.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::write(pin_file, format!("{reported}\n")).with_context(|| format!("writing {}", pin_file.display()))?;
+                println!("pinned the provider's node id {reported} in {}", pin_file.display());
+                reported.to_string()
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_file.display())),
+        },
+    };
+    if pin != reported {
+        bail!("the provider at {url} is node {reported}, not the pinned {pin}");
+    }
+    Ok(pin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,5 +392,26 @@ mod tests {
         for bad in [serde_json::json!({}), serde_json::json!({ "node": { "node_id": ID } }), serde_json::json!({ "node": { "node_id": "x", "listening": ["127.0.0.1:1"] } })] {
             assert!(machine_node(bad.clone()).is_err(), "{bad}");
         }
+    }
+
+    /// Issue #13 item 1: whoever answers at the provider's URL cannot name another node to
+    /// be paid: not against `--provider-node`, not against the id pinned at the first start.
+    #[test]
+    fn the_provider_node_is_pinned_and_another_one_refused() {
+        use bitmote_chain::bitcoin::Network;
+        const OTHER: &str = "03b31e5bbf2cdbe115b485a2b480e70a1ef3951a0dc6df4b1232e0e56f3dce18d6";
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("provider.pin");
+        let e = pinned_provider(Network::Bitcoin, None, &pin, ID, "u").unwrap_err().to_string();
+        assert!(e.contains("--provider-node is required off regtest"), "{e}");
+        assert!(!pin.exists());
+        let e = pinned_provider(Network::Bitcoin, Some(ID), &pin, OTHER, "u").unwrap_err().to_string();
+        assert!(e.contains(&format!("is node {OTHER}, not the pinned {ID}")), "{e}");
+        assert_eq!(pinned_provider(Network::Bitcoin, Some(ID), &pin, ID, "u").unwrap(), ID);
+        // Regtest: the first start pins what the provider reports; later starts hold to it.
+        assert_eq!(pinned_provider(Network::Regtest, None, &pin, ID, "u").unwrap(), ID);
+        assert_eq!(std::fs::read_to_string(&pin).unwrap().trim(), ID);
+        let e = pinned_provider(Network::Regtest, None, &pin, OTHER, "u").unwrap_err().to_string();
+        assert!(e.contains("not the pinned"), "{e}");
     }
 }
