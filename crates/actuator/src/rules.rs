@@ -318,6 +318,12 @@ impl Rule {
         if self.id.is_empty() || self.id.contains(':') {
             return Err(self.invalid("ids must be non-empty and must not contain ':'".into()));
         }
+        for a in std::iter::once(&self.action).chain(self.revert.as_ref()) {
+            let d = depth(&a.args);
+            if d > MAX_ARGS_DEPTH {
+                return Err(self.invalid(format!("the args of {:?} are nested {d} deep, more than {MAX_ARGS_DEPTH}", a.command)));
+            }
+        }
         if self.device.is_empty() {
             return Err(self.invalid("device is empty".into()));
         }
@@ -420,6 +426,22 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_args_are_refused() {
+        // The fuzz target's find: dotted keys nest args past serde_json's read-back limit.
+        let dotted: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+        let text = format!(
+            "[[rule]]\nid = \"r\"\ndevice = \"relay-3\"\ntrigger = {{ kind = \"height\", height = 9 }}\naction = {{ command = \"on\", args.{} = 1 }}\n",
+            dotted.join(".")
+        );
+        let e = RuleSet::parse(&text, Network::Regtest).unwrap_err().to_string();
+        assert!(e.contains("nested 60 deep, more than 32"), "{e}");
+        let ok = text.replace(&dotted.join("."), &dotted[..32].join("."));
+        let rs = RuleSet::parse(&ok, Network::Regtest).unwrap();
+        let json = serde_json::to_string(&rs.rules[0]).unwrap();
+        assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), rs.rules[0], "what is accepted loads back");
+    }
+
+    #[test]
     fn a_command_rule_names_its_domain() {
         let key = "01".to_string() + &"79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
         let text = |trigger: &str| format!("[[rule]]\nid = \"remote\"\ndevice = \"lock-7\"\ntrigger = {trigger}\naction = {{ command = \"*\" }}\n");
@@ -491,6 +513,27 @@ mod tests {
 /// The most confirmations a rule may ask for: deeper than any sensible finality, and
 /// small enough that `height + confirmations` stays far from overflowing a block height.
 pub const MAX_CONFIRMATIONS: u32 = 10_000;
+
+/// Deepest nesting of an action's `args`. Found by the `rules_toml` fuzz target: TOML's dotted
+/// keys nest args deeper than serde_json reads back (128), so a rule that parsed could store
+/// actions the engine cannot load again.
+pub const MAX_ARGS_DEPTH: usize = 32;
+
+/// How deep a JSON value nests (a scalar is 0).
+fn depth(v: &serde_json::Value) -> usize {
+    // Iterative: a value nested far too deep must not overflow the stack here either.
+    let mut stack = vec![(v, 0usize)];
+    let mut most = 0;
+    while let Some((v, d)) = stack.pop() {
+        most = most.max(d);
+        match v {
+            serde_json::Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            serde_json::Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    most
+}
 
 pub const INVERSE: &str = "inverse";
 
