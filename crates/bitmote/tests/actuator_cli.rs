@@ -138,17 +138,10 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let out = actuator(d, &mqtt, "lock-7").args(["--count", "1", "--light-client", &node.p2p_addr().to_string()]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pay-to ADDRESS"), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut lock = actuator(d, &mqtt, "lock-7")
-        .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
-        // Its policy: the rental address (and, for the under-confirmed claim below, the
-        // anyone-can-spend address the test chain's coinbases pay), 20,000 sat at least.
-        .args(["--pay-to", &pay_to.to_string(), "--pay-to", &op_true_address().to_string(), "--min-sat", "20000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(lock.stdout.take().unwrap()));
-    let mut lines = lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap());
-    wait_presence(&http, "lock-7", "online");
+    // Its policy: the rental address (and, for the under-confirmed claim below, the
+    // anyone-can-spend address the test chain's coinbases pay), 20,000 sat at least.
+    let (mut lock, mut lines) =
+        light_lock_7(d, &mqtt, &http, &node, &["--pay-to", &pay_to.to_string(), "--pay-to", &op_true_address().to_string(), "--min-sat", "20000"]);
 
     // A compromised gateway (here: anyone with the admin token, whose MQTT identity may
     // publish on every topic) claims payments.
@@ -199,15 +192,7 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     let desc = wallet["receive_descriptor"].as_str().unwrap().to_string();
     assert!(desc.starts_with("wpkh([") && !desc.contains("prv"), "{desc}");
     assert_eq!(ureq::get(&format!("{http}/v1/wallet")).call().unwrap_err().into_response().map(|r| r.status()), Some(401), "admin only");
-    let mut lock = actuator(d, &mqtt, "lock-7")
-        .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
-        .args(["--pay-to-descriptor", &desc, "--min-sat", "20000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = std::io::BufRead::lines(std::io::BufReader::new(lock.stdout.take().unwrap()));
-    let mut lines = lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap());
-    wait_presence(&http, "lock-7", "online");
+    let (mut lock, mut lines) = light_lock_7(d, &mqtt, &http, &node, &["--pay-to-descriptor", &desc, "--min-sat", "20000"]);
     claim("fake-3", txid.clone(), pay_to.to_string(), tip.height, 1);
     let v = lines.next().expect("the lock printed a line");
     assert_eq!(v["event_id"].as_str(), Some("fake-3"), "{v}");
@@ -384,6 +369,20 @@ fn actuator(d: &std::path::Path, mqtt: &str, name: &str) -> std::process::Comman
         .arg("--state")
         .arg(d.join(format!("{name}.json")));
     c
+}
+
+/// `lock-7` in light-client mode against `node`, with the payment `policy` given (its
+/// arguments), exiting after acting once: the process, and the JSON lines it prints; online.
+fn light_lock_7(d: &std::path::Path, mqtt: &str, http: &str, node: &RegtestNode, policy: &[&str]) -> (std::process::Child, impl Iterator<Item = Json>) {
+    let mut lock = actuator(d, mqtt, "lock-7")
+        .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
+        .args(policy)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(lock.stdout.take().unwrap()));
+    wait_presence(http, "lock-7", "online");
+    (lock, lines.map(|l| serde_json::from_str::<Json>(&l.unwrap()).unwrap()))
 }
 
 /// The simulated lock `lock-7` (enrolled here), which exits after acting once.
