@@ -142,7 +142,6 @@ CREATE INDEX IF NOT EXISTS act_outbox_trigger ON act_outbox(trigger_key);
 CREATE INDEX IF NOT EXISTS act_outbox_reverts ON act_outbox(reverts);
 ";
 
-
 /// State of an outbox entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -403,7 +402,10 @@ impl Engine {
             Ok(rows.collect::<Result<_, _>>()?)
         };
         let (stored, retired) = (load(false)?, load(true)?);
-        let retired = retired.into_iter().map(|rule| Ok(Watched { script: rule.watched_script(network)?, rule, source: RuleSource::Api })).collect::<Result<_>>()?;
+        let retired = retired
+            .into_iter()
+            .map(|rule| Ok(Watched { script: rule.watched_script(network)?, rule, source: RuleSource::Api }))
+            .collect::<Result<_>>()?;
         let mut engine = Engine { db, watched: vec![], retired, network, gateway: gateway.to_string() };
         let sources = rules.rules.into_iter().map(|r| (r, RuleSource::File)).chain(stored.into_iter().map(|r| (r, RuleSource::Api)));
         for (rule, source) in sources {
@@ -478,7 +480,9 @@ impl Engine {
         let w = self.watched.iter().find(|w| w.rule.id == id).ok_or_else(|| EngineError::NoSuchRule(id.into()))?;
         match w.rule.trigger {
             Trigger::Lightning { .. } => Ok(w.rule.clone()),
-            _ => Err(crate::RuleError::Invalid { id: id.into(), why: "is not a Lightning rule (trigger kind \"lightning\")".into() }.into()),
+            _ => {
+                Err(crate::RuleError::Invalid { id: id.into(), why: "is not a Lightning rule (trigger kind \"lightning\")".into() }.into())
+            }
         }
     }
 
@@ -513,7 +517,12 @@ impl Engine {
     /// says so), and [`Engine::claims_to_settle`] expires it anyway once the chain is one
     /// block short of the deadline. Call it before acknowledging the node's event; a
     /// replayed event changes nothing. Underpaid: `LightningRefused`, failed back.
-    pub fn lightning_claimable(&mut self, payment_hash: &str, amount_msat: u64, claim_deadline: Option<u32>) -> Result<Option<EngineEvent>> {
+    pub fn lightning_claimable(
+        &mut self,
+        payment_hash: &str,
+        amount_msat: u64,
+        claim_deadline: Option<u32>,
+    ) -> Result<Option<EngineEvent>> {
         let tx = self.db.transaction()?;
         let row: Option<(String, u64, Option<String>)> = tx
             .query_row("SELECT rule, amount_msat, preimage FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| {
@@ -532,10 +541,31 @@ impl Engine {
             let reason = format!("received {amount_msat} msat for an invoice of {invoice_msat} msat; not acting, failing it back");
             return Ok(Some(EngineEvent::LightningRefused { payment_hash: payment_hash.into(), reason }));
         }
-        let height: u32 = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten().unwrap_or(0);
+        let height: u32 = tx
+            .query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0))
+            .optional()?
+            .flatten()
+            .unwrap_or(0);
         let event_id = format!("{}:ln:{payment_hash}", rule.id);
-        let ln = LightningPayment { payment_hash: payment_hash.into(), amount_msat, invoice_msat, claim_deadline, claim: Some(ClaimState::Held) };
-        let new = NewAction { event_id: &event_id, rule: &rule, action: &rule.action, txid: None, height, payment: None, lightning: Some(&ln), trigger_key: &event_id, generation: 1, reverts: None };
+        let ln = LightningPayment {
+            payment_hash: payment_hash.into(),
+            amount_msat,
+            invoice_msat,
+            claim_deadline,
+            claim: Some(ClaimState::Held),
+        };
+        let new = NewAction {
+            event_id: &event_id,
+            rule: &rule,
+            action: &rule.action,
+            txid: None,
+            height,
+            payment: None,
+            lightning: Some(&ln),
+            trigger_key: &event_id,
+            generation: 1,
+            reverts: None,
+        };
         let new = insert_due(&tx, &new)?;
         if let (true, Some(deadline)) = (new, claim_deadline) {
             // Blocks left before LDK fails it back, less one: the time they take, at most.
@@ -562,7 +592,8 @@ impl Engine {
     /// restart too: nothing here is lost).
     pub fn claims_to_settle(&mut self) -> Result<Vec<Settle>> {
         let tx = self.db.transaction()?;
-        let tip: Option<u32> = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten();
+        let tip: Option<u32> =
+            tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten();
         let held: Vec<(String, String, u64, u64, Option<u32>, String)> = {
             let mut st = tx.prepare_cached(
                 "SELECT payment_hash, rule, amount_msat, claimable_msat, claim_deadline, preimage FROM act_invoices
@@ -575,10 +606,17 @@ impl Engine {
         for (payment_hash, rule, invoice_msat, amount_msat, deadline, preimage) in held {
             let rule: Rule = serde_json::from_str(&rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
             let event_id = format!("{}:ln:{payment_hash}", rule.id);
-            let state: Option<(String, Option<String>)> =
-                tx.query_row("SELECT state, note FROM act_outbox WHERE event_id = ?1", [&event_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let state: Option<(String, Option<String>)> = tx
+                .query_row("SELECT state, note FROM act_outbox WHERE event_id = ?1", [&event_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             let state = state.map(|(s, n)| OutboxState::parse(&s).map(|s| (s, n))).transpose()?;
-            let settle = |claim: bool, why: String| Settle { payment_hash: payment_hash.clone(), amount_msat, preimage: preimage.clone(), claim, why };
+            let settle = |claim: bool, why: String| Settle {
+                payment_hash: payment_hash.clone(),
+                amount_msat,
+                preimage: preimage.clone(),
+                claim,
+                why,
+            };
             let decision = match state {
                 _ if amount_msat < invoice_msat => Some(settle(false, format!("underpaid: {amount_msat} msat for {invoice_msat}"))),
                 None => Some(settle(false, "no action for it".into())),
@@ -586,12 +624,17 @@ impl Engine {
                 Some((OutboxState::Due | OutboxState::Delivered, _)) => match (deadline, tip) {
                     (Some(d), Some(t)) if t as u64 + 1 >= d as u64 => {
                         let note = format!("not acknowledged one block before the payment's claim deadline (block {d}): not to be executed; payment failed back");
-                        tx.execute("UPDATE act_outbox SET state = 'expired', note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')", params![event_id, note])?;
+                        tx.execute(
+                            "UPDATE act_outbox SET state = 'expired', note = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')",
+                            params![event_id, note],
+                        )?;
                         Some(settle(false, note))
                     }
                     _ => None,
                 },
-                Some((s, note)) => Some(settle(false, format!("the action was {}{}", s.as_str(), note.map(|n| format!(": {n}")).unwrap_or_default()))),
+                Some((s, note)) => {
+                    Some(settle(false, format!("the action was {}{}", s.as_str(), note.map(|n| format!(": {n}")).unwrap_or_default())))
+                }
             };
             out.extend(decision);
         }
@@ -660,9 +703,7 @@ impl Engine {
     pub fn lightning_received(&mut self, payment_hash: &str, amount_msat: u64) -> Result<Option<EngineEvent>> {
         let tx = self.db.transaction()?;
         let row: Option<(String, u64)> = tx
-            .query_row("SELECT rule, amount_msat FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row("SELECT rule, amount_msat FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((rule, invoice_msat)) = row else { return Ok(None) };
         let rule: Rule = serde_json::from_str(&rule).map_err(|e| EngineError::Corrupt(e.to_string()))?;
@@ -670,7 +711,8 @@ impl Engine {
             "UPDATE act_invoices SET paid_ms = ?2, paid_msat = ?3 WHERE payment_hash = ?1 AND paid_ms IS NULL",
             params![payment_hash, now_ms(), amount_msat],
         )?;
-        let held: bool = tx.query_row("SELECT preimage IS NOT NULL FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| r.get(0))?;
+        let held: bool =
+            tx.query_row("SELECT preimage IS NOT NULL FROM act_invoices WHERE payment_hash = ?1", [payment_hash], |r| r.get(0))?;
         if held {
             // A held invoice: its action was made due when it became claimable; this is the
             // claim (made after the acknowledgement) completing.
@@ -682,10 +724,25 @@ impl Engine {
             let reason = format!("received {amount_msat} msat for an invoice of {invoice_msat} msat; not acting");
             return Ok(Some(EngineEvent::LightningRefused { payment_hash: payment_hash.into(), reason }));
         }
-        let height: u32 = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten().unwrap_or(0);
+        let height: u32 = tx
+            .query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0))
+            .optional()?
+            .flatten()
+            .unwrap_or(0);
         let event_id = format!("{}:ln:{payment_hash}", rule.id);
         let ln = LightningPayment { payment_hash: payment_hash.into(), amount_msat, invoice_msat, claim_deadline: None, claim: None };
-        let new = NewAction { event_id: &event_id, rule: &rule, action: &rule.action, txid: None, height, payment: None, lightning: Some(&ln), trigger_key: &event_id, generation: 1, reverts: None };
+        let new = NewAction {
+            event_id: &event_id,
+            rule: &rule,
+            action: &rule.action,
+            txid: None,
+            height,
+            payment: None,
+            lightning: Some(&ln),
+            trigger_key: &event_id,
+            generation: 1,
+            reverts: None,
+        };
         let new = insert_due(&tx, &new)?;
         tx.commit()?;
         Ok(new.then_some(EngineEvent::Due { event_id }))
@@ -759,17 +816,22 @@ impl Engine {
                                 continue;
                             }
                             let Ok(key) = key_hex.parse::<bitmote_device::PublicKey>() else { continue };
-                            let scope = crate::command::Scope { network: self.network, gateway: &self.gateway, domain, device: &w.rule.device };
+                            let scope =
+                                crate::command::Scope { network: self.network, gateway: &self.gateway, domain, device: &w.rule.device };
                             if !cmd.verify(&key, &scope) {
                                 continue; // not for this rule (forged, or signed for another context)
                             }
-                            let refuse = |reason: String| EngineEvent::CommandRefused { rule_id: w.rule.id.clone(), txid: txid.clone(), reason };
+                            let refuse =
+                                |reason: String| EngineEvent::CommandRefused { rule_id: w.rule.id.clone(), txid: txid.clone(), reason };
                             if id.height > cmd.expires {
                                 out.push(refuse(format!("command {} expired at height {}, mined at {}", cmd.seq, cmd.expires, id.height)));
                                 continue;
                             }
                             if w.rule.action.command != "*" && w.rule.action.command != cmd.command {
-                                out.push(refuse(format!("command {:?} is not allowed by the rule (allowed: {:?})", cmd.command, w.rule.action.command)));
+                                out.push(refuse(format!(
+                                    "command {:?} is not allowed by the rule (allowed: {:?})",
+                                    cmd.command, w.rule.action.command
+                                )));
                                 continue;
                             }
                             // Sequence numbers go up per (key, device), whichever rule took
@@ -785,7 +847,11 @@ impl Engine {
                                 |r| r.get(0),
                             )?;
                             if last.is_some_and(|l| cmd.seq <= l) {
-                                out.push(refuse(format!("replayed or out-of-order sequence number {} (last {})", cmd.seq, last.unwrap_or(0))));
+                                out.push(refuse(format!(
+                                    "replayed or out-of-order sequence number {} (last {})",
+                                    cmd.seq,
+                                    last.unwrap_or(0)
+                                )));
                                 continue;
                             }
                             tx.execute(
@@ -807,7 +873,9 @@ impl Engine {
                                  AND NOT EXISTS (SELECT 1 FROM act_outbox o WHERE o.trigger_key = p.rule_id || ':' || p.txid || ':' || p.vout
                                                  AND o.reverts IS NULL AND o.state IN ('due', 'delivered', 'acked', 'expired', 'refused'))",
                             )?;
-                            let rows = st.query_map(params![rid, confirmations, tip], |r| Ok(format!("{rid}:{}:{}", r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+                            let rows = st.query_map(params![rid, confirmations, tip], |r| {
+                                Ok(format!("{rid}:{}:{}", r.get::<_, String>(0)?, r.get::<_, u32>(1)?))
+                            })?;
                             for k in rows {
                                 touched.push((rid.clone(), k?));
                             }
@@ -818,7 +886,8 @@ impl Engine {
                                  AND NOT EXISTS (SELECT 1 FROM act_outbox o WHERE o.trigger_key = c.rule_id || ':cmd:' || c.seq
                                                  AND o.reverts IS NULL AND o.state IN ('due', 'delivered', 'acked', 'expired', 'refused'))",
                             )?;
-                            let rows = st.query_map(params![rid, confirmations, tip], |r| Ok(format!("{rid}:cmd:{}", r.get::<_, u32>(0)?)))?;
+                            let rows =
+                                st.query_map(params![rid, confirmations, tip], |r| Ok(format!("{rid}:cmd:{}", r.get::<_, u32>(0)?)))?;
                             for k in rows {
                                 touched.push((rid.clone(), k?));
                             }
@@ -858,15 +927,19 @@ impl Engine {
                     let rid = &w.rule.id;
                     match &w.rule.trigger {
                         Trigger::Payment { confirmations, .. } => {
-                            let mut st = tx.prepare_cached("SELECT txid, vout FROM act_payments WHERE rule_id = ?1 AND height + ?2 - 1 = ?3")?;
-                            let rows = st.query_map(params![rid, confirmations, h], |r| Ok(format!("{rid}:{}:{}", r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+                            let mut st =
+                                tx.prepare_cached("SELECT txid, vout FROM act_payments WHERE rule_id = ?1 AND height + ?2 - 1 = ?3")?;
+                            let rows = st.query_map(params![rid, confirmations, h], |r| {
+                                Ok(format!("{rid}:{}:{}", r.get::<_, String>(0)?, r.get::<_, u32>(1)?))
+                            })?;
                             for k in rows {
                                 touched.push((rid.clone(), k?));
                             }
                         }
                         Trigger::Command { confirmations, .. } => {
                             let mut st = tx.prepare_cached("SELECT seq FROM act_commands WHERE rule_id = ?1 AND height + ?2 - 1 = ?3")?;
-                            let rows = st.query_map(params![rid, confirmations, h], |r| Ok(format!("{rid}:cmd:{}", r.get::<_, u32>(0)?)))?;
+                            let rows =
+                                st.query_map(params![rid, confirmations, h], |r| Ok(format!("{rid}:cmd:{}", r.get::<_, u32>(0)?)))?;
                             for k in rows {
                                 touched.push((rid.clone(), k?));
                             }
@@ -1000,7 +1073,10 @@ impl Engine {
             "UPDATE act_outbox SET state = 'acked', acked_ms = ?2 WHERE event_id = ?1 AND state IN ('due', 'delivered')",
             params![event_id, now_ms()],
         )?;
-        tx.execute("UPDATE act_outbox SET acked_ms = ?2 WHERE event_id = ?1 AND state = 'reverted' AND acked_ms IS NULL", params![event_id, now_ms()])?;
+        tx.execute(
+            "UPDATE act_outbox SET acked_ms = ?2 WHERE event_id = ?1 AND state = 'reverted' AND acked_ms IS NULL",
+            params![event_id, now_ms()],
+        )?;
         if n > 0 {
             self.after_revert(&tx, event_id)?;
         }
@@ -1012,11 +1088,14 @@ impl Engine {
     /// and waiting for that answer to fire anew (or to stand again) — reconcile it.
     fn after_revert(&self, tx: &Connection, event_id: &str) -> Result<()> {
         let row: Option<(Option<String>, Option<String>, String)> = tx
-            .query_row("SELECT reverts, trigger_key, rule_id FROM act_outbox WHERE event_id = ?1", [event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row("SELECT reverts, trigger_key, rule_id FROM act_outbox WHERE event_id = ?1", [event_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?;
         let Some((Some(_), Some(key), rule_id)) = row else { return Ok(()) };
         let (rule, active) = self.rule_for(&rule_id).map_or((None, false), |(r, a)| (Some(r), a));
-        let tip: Option<u32> = tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten();
+        let tip: Option<u32> =
+            tx.query_row("SELECT height FROM act_cursor WHERE k = 0", [], |r| r.get::<_, Option<u32>>(0)).optional()?.flatten();
         let found = lookup(tx, rule, &key, tip)?;
         let mut out = vec![];
         reconcile(tx, rule, active, &key, found.as_ref(), tip.unwrap_or(0), &mut out)?;
@@ -1110,9 +1189,11 @@ fn lookup(tx: &Connection, rule: Option<&Rule>, key: &str, tip: Option<u32>) -> 
     Ok(match (kind, &rule.trigger) {
         (KeyKind::Payment { txid, vout }, Trigger::Payment { address, confirmations, .. }) => {
             let row: Option<(u64, u32)> = tx
-                .query_row("SELECT amount, height FROM act_payments WHERE rule_id = ?1 AND txid = ?2 AND vout = ?3", params![rule.id, txid, vout], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    "SELECT amount, height FROM act_payments WHERE rule_id = ?1 AND txid = ?2 AND vout = ?3",
+                    params![rule.id, txid, vout],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()?;
             row.map(|(amount_sat, height)| Found {
                 final_: buried(height, *confirmations, tip),
@@ -1190,7 +1271,11 @@ fn latest_revert(tx: &Connection, event_id: &str) -> Result<(Option<Row>, u32)> 
 
 /// The rule `id` among the watched (`true`) and the retired (`false`) rules.
 fn rule_for<'a>(watched: &'a [Watched], retired: &'a [Watched], id: &str) -> Option<(&'a Rule, bool)> {
-    watched.iter().find(|w| w.rule.id == id).map(|w| (&w.rule, true)).or_else(|| retired.iter().find(|w| w.rule.id == id).map(|w| (&w.rule, false)))
+    watched
+        .iter()
+        .find(|w| w.rule.id == id)
+        .map(|w| (&w.rule, true))
+        .or_else(|| retired.iter().find(|w| w.rule.id == id).map(|w| (&w.rule, false)))
 }
 
 /// Whether the outbox has an action for the trigger `key` (a retired rule's trigger that
@@ -1236,7 +1321,15 @@ fn revert_id(event_id: &str, n: u32) -> String {
 /// A retired rule (`active` false: removed over the API) starts nothing new (no first
 /// generation), but what it did is reconciled like any other.
 #[allow(clippy::too_many_arguments)]
-fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, found: Option<&Found>, height: u32, out: &mut Vec<EngineEvent>) -> Result<()> {
+fn reconcile(
+    tx: &Connection,
+    rule: Option<&Rule>,
+    active: bool,
+    key: &str,
+    found: Option<&Found>,
+    height: u32,
+    out: &mut Vec<EngineEvent>,
+) -> Result<()> {
     let latest = latest_action(tx, key)?;
     let now = now_ms();
     match found.filter(|f| f.final_) {
@@ -1245,7 +1338,18 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, foun
             let action = Action { command: f.command.clone().unwrap_or_else(|| rule.action.command.clone()), ..rule.action.clone() };
             let fire = |g: u32, out: &mut Vec<EngineEvent>| -> Result<()> {
                 let event_id = generation_id(key, g);
-                let new = NewAction { event_id: &event_id, rule, action: &action, txid: f.txid.as_deref(), height, payment: f.payment.as_ref(), lightning: None, trigger_key: key, generation: g, reverts: None };
+                let new = NewAction {
+                    event_id: &event_id,
+                    rule,
+                    action: &action,
+                    txid: f.txid.as_deref(),
+                    height,
+                    payment: f.payment.as_ref(),
+                    lightning: None,
+                    trigger_key: key,
+                    generation: g,
+                    reverts: None,
+                };
                 if insert_due(tx, &new)? {
                     out.push(EngineEvent::Due { event_id });
                 }
@@ -1255,7 +1359,8 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, foun
             match m.state {
                 OutboxState::Due | OutboxState::Delivered | OutboxState::Acked | OutboxState::Expired | OutboxState::Refused => {}
                 OutboxState::Cancelled => {
-                    let payment = f.payment.as_ref().map(serde_json::to_string).transpose().map_err(|e| EngineError::Corrupt(e.to_string()))?;
+                    let payment =
+                        f.payment.as_ref().map(serde_json::to_string).transpose().map_err(|e| EngineError::Corrupt(e.to_string()))?;
                     tx.execute(
                         "UPDATE act_outbox SET state = 'due', due_ms = ?2, height = ?3, txid = ?4, payment = ?5, note = ?6 WHERE event_id = ?1",
                         params![m.event_id, now, height, f.txid, payment, format!("{} is final on the best chain again", f.what)],
@@ -1271,14 +1376,21 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, foun
                             if let (Some(r), Some(OutboxState::Due)) = (&revert, other) {
                                 tx.execute(
                                     "UPDATE act_outbox SET state = 'cancelled', note = ?2 WHERE event_id = ?1",
-                                    params![r.event_id, format!("{} is final on the best chain again before this revert was delivered", f.what)],
+                                    params![
+                                        r.event_id,
+                                        format!("{} is final on the best chain again before this revert was delivered", f.what)
+                                    ],
                                 )?;
                                 out.push(EngineEvent::Cancelled { event_id: r.event_id.clone() });
                             }
                             // The action was delivered, and nothing undid it: it stands again.
                             let state = if m.acked_ms.is_some() { "acked" } else { "delivered" };
-                            let message = format!("{} that triggered {} is final on the best chain again: the action stands", f.what, m.event_id);
-                            tx.execute("UPDATE act_outbox SET state = ?2, note = ?3 WHERE event_id = ?1", params![m.event_id, state, message])?;
+                            let message =
+                                format!("{} that triggered {} is final on the best chain again: the action stands", f.what, m.event_id);
+                            tx.execute(
+                                "UPDATE act_outbox SET state = ?2, note = ?3 WHERE event_id = ?1",
+                                params![m.event_id, state, message],
+                            )?;
                             tracing::info!("{message}");
                             out.push(EngineEvent::Restored { event_id: m.event_id, message });
                         }
@@ -1320,7 +1432,8 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, foun
                     let revert = match rule.and_then(|r| r.revert.as_ref().map(|a| (r, a))) {
                         // `revert = { command = "inverse" }`: undo whatever the action was.
                         Some((r, a)) if a.command == crate::rules::INVERSE => {
-                            let done: String = tx.query_row("SELECT command FROM act_outbox WHERE event_id = ?1", [&m.event_id], |r| r.get(0))?;
+                            let done: String =
+                                tx.query_row("SELECT command FROM act_outbox WHERE event_id = ?1", [&m.event_id], |r| r.get(0))?;
                             match crate::rules::inverse_of(&done) {
                                 Some(c) => inverse = Some(Action { command: c.to_string(), ..a.clone() }),
                                 None => message.push_str(&format!("; {done:?} has no known inverse, nothing reverts it")),
@@ -1337,8 +1450,20 @@ fn reconcile(tx: &Connection, rule: Option<&Rule>, active: bool, key: &str, foun
                         let (rule, action) = revert;
                         let (_, n) = latest_revert(tx, &m.event_id)?;
                         let rid = revert_id(&m.event_id, n + 1);
-                        let txid: Option<String> = tx.query_row("SELECT txid FROM act_outbox WHERE event_id = ?1", [&m.event_id], |r| r.get(0))?;
-                        let new = NewAction { event_id: &rid, rule, action, txid: txid.as_deref(), height, payment: None, lightning: None, trigger_key: key, generation: m.generation, reverts: Some(&m.event_id) };
+                        let txid: Option<String> =
+                            tx.query_row("SELECT txid FROM act_outbox WHERE event_id = ?1", [&m.event_id], |r| r.get(0))?;
+                        let new = NewAction {
+                            event_id: &rid,
+                            rule,
+                            action,
+                            txid: txid.as_deref(),
+                            height,
+                            payment: None,
+                            lightning: None,
+                            trigger_key: key,
+                            generation: m.generation,
+                            reverts: Some(&m.event_id),
+                        };
                         if insert_due(tx, &new)? {
                             message.push_str("; revert action queued");
                             revert_due = Some(rid);
@@ -1433,8 +1558,20 @@ mod tests {
         let log = e.log().unwrap();
         assert_eq!(log.len(), 1);
         let a = &log[0];
-        assert_eq!((a.event_id.as_str(), a.state, a.trigger.as_deref(), a.txid.as_deref()), (event_id.as_str(), OutboxState::Due, Some("lightning"), None));
-        assert_eq!(a.lightning, Some(LightningPayment { payment_hash: h1.clone(), amount_msat: 50_000, invoice_msat: 50_000, claim_deadline: None, claim: None }));
+        assert_eq!(
+            (a.event_id.as_str(), a.state, a.trigger.as_deref(), a.txid.as_deref()),
+            (event_id.as_str(), OutboxState::Due, Some("lightning"), None)
+        );
+        assert_eq!(
+            a.lightning,
+            Some(LightningPayment {
+                payment_hash: h1.clone(),
+                amount_msat: 50_000,
+                invoice_msat: 50_000,
+                claim_deadline: None,
+                claim: None
+            })
+        );
         assert_eq!(a.payload()["lightning"]["payment_hash"], h1.as_str());
         assert_eq!(a.ttl_ms, Some(600_000));
 
@@ -1463,7 +1600,8 @@ mod tests {
         let rules = RuleSet::new(vec![coffee.clone()], Network::Regtest).unwrap();
         let mut e = Engine::open(&path, rules.clone(), Network::Regtest, "gw.test/log").unwrap();
         let tip = |e: &mut Engine, height: u32| {
-            e.db.execute("INSERT OR REPLACE INTO act_cursor (k, height, hash) VALUES (0, ?1, ?2)", params![height, "00".repeat(32)]).unwrap();
+            e.db.execute("INSERT OR REPLACE INTO act_cursor (k, height, hash) VALUES (0, ?1, ?2)", params![height, "00".repeat(32)])
+                .unwrap();
         };
         tip(&mut e, 100);
         let hashes: Vec<String> = (1..=5u8).map(|i| format!("{i:02x}").repeat(32)).collect();
@@ -1550,7 +1688,8 @@ mod tests {
         r.trigger = Trigger::Lightning { amount_msat: 1, expiry_secs: 1 };
         r.revert = Some(r.action.clone());
         assert!(r.check(Network::Regtest).unwrap_err().to_string().contains("revert"));
-        let text = "[[rule]]\nid = \"c\"\ndevice = \"d\"\ntrigger = { kind = \"lightning\", amount_msat = 5000 }\naction = { command = \"on\" }\n";
+        let text =
+            "[[rule]]\nid = \"c\"\ndevice = \"d\"\ntrigger = { kind = \"lightning\", amount_msat = 5000 }\naction = { command = \"on\" }\n";
         let rs = RuleSet::parse(text, Network::Regtest).unwrap();
         assert_eq!(rs.rules[0].trigger, Trigger::Lightning { amount_msat: 5000, expiry_secs: 600 });
     }
@@ -1564,7 +1703,10 @@ mod reorg_tests {
     use super::*;
     use bitcoin::block::{Header, Version};
     use bitcoin::hashes::Hash;
-    use bitcoin::{absolute, transaction, Amount, Block, BlockHash, CompactTarget, OutPoint, Sequence, Transaction, TxIn, TxMerkleNode, TxOut, Txid, Witness};
+    use bitcoin::{
+        absolute, transaction, Amount, Block, BlockHash, CompactTarget, OutPoint, Sequence, Transaction, TxIn, TxMerkleNode, TxOut, Txid,
+        Witness,
+    };
     use std::collections::HashSet;
     use std::sync::Arc;
 
@@ -1588,7 +1730,10 @@ mod reorg_tests {
 
     fn op_return(input: u8, payload: Vec<u8>) -> Transaction {
         let mut t = pay(input, &address(9), 1);
-        t.output[0] = TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return(bitcoin::script::PushBytesBuf::try_from(payload).unwrap()) };
+        t.output[0] = TxOut {
+            value: Amount::ZERO,
+            script_pubkey: ScriptBuf::new_op_return(bitcoin::script::PushBytesBuf::try_from(payload).unwrap()),
+        };
         t
     }
 
@@ -1619,7 +1764,9 @@ mod reorg_tests {
     impl Sim {
         fn new(rules: Vec<Rule>) -> Sim {
             let dir = tempfile::tempdir().unwrap();
-            let e = Engine::open(&dir.path().join("a.sqlite"), RuleSet::new(rules, Network::Regtest).unwrap(), Network::Regtest, "gw.test/log").unwrap();
+            let e =
+                Engine::open(&dir.path().join("a.sqlite"), RuleSet::new(rules, Network::Regtest).unwrap(), Network::Regtest, "gw.test/log")
+                    .unwrap();
             let mut s = Sim { e, _dir: dir, chain: vec![], nonce: 0, executed: vec![], done: HashSet::new(), delivered: HashSet::new() };
             s.connect(vec![]);
             s
@@ -1719,7 +1866,12 @@ mod reorg_tests {
         let key = format!("door:{txid}:0");
         let want = s.is_final(txid, confirmations) as i64;
         assert_eq!(s.net(&key), want, "{what}: tip {} executed {:?}\n{:#?}", s.tip(), s.executed, s.e.log().unwrap());
-        let standing = s.e.log().unwrap().into_iter().filter(|i| i.trigger_key.as_deref() == Some(&key) && i.reverts.is_none() && matches!(i.state, OutboxState::Acked)).count();
+        let standing =
+            s.e.log()
+                .unwrap()
+                .into_iter()
+                .filter(|i| i.trigger_key.as_deref() == Some(&key) && i.reverts.is_none() && matches!(i.state, OutboxState::Acked))
+                .count();
         assert_eq!(standing as i64, want, "{what}: one standing action while final");
     }
 
@@ -1731,7 +1883,8 @@ mod reorg_tests {
                 for fate in [Fate::ReMined, Fate::Dropped, Fate::DoubleSpent] {
                     for deliver_between in [false, true] {
                         for buried in 0..2usize {
-                            let what = format!("conf {confirmations} depth {depth} {fate:?} deliver-between {deliver_between} extra {buried}");
+                            let what =
+                                format!("conf {confirmations} depth {depth} {fate:?} deliver-between {deliver_between} extra {buried}");
                             let mut s = Sim::new(vec![door(confirmations)]);
                             s.mine(7);
                             let p = pay(1, &address(1), 25_000);
@@ -1903,7 +2056,11 @@ mod reorg_tests {
         s.disconnect();
         assert!(s.e.mark_delivered(&revert).unwrap(), "the revert is sent, not answered yet");
         s.connect(vec![p.clone()]);
-        assert_eq!(s.e.pending().unwrap().iter().map(|i| i.event_id.as_str()).collect::<Vec<_>>(), [revert.as_str()], "nothing fires before the device answers");
+        assert_eq!(
+            s.e.pending().unwrap().iter().map(|i| i.event_id.as_str()).collect::<Vec<_>>(),
+            [revert.as_str()],
+            "nothing fires before the device answers"
+        );
         // The device ran the revert: the payment, back, fires again.
         assert!(s.e.mark_acked(&revert).unwrap());
         let pending: Vec<String> = s.e.pending().unwrap().into_iter().map(|i| i.event_id).collect();
@@ -1994,7 +2151,9 @@ mod reorg_tests {
         // Anyone copies the mined payload into a new transaction of theirs.
         let evs = s.connect(vec![op_return(2, unlock)]);
         assert!(
-            evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { rule_id, reason, .. } if rule_id == "door-b" && reason.contains("replayed"))),
+            evs.iter().any(
+                |e| matches!(e, EngineEvent::CommandRefused { rule_id, reason, .. } if rule_id == "door-b" && reason.contains("replayed"))
+            ),
             "the copy is a replay under the new rule id too: {evs:?}"
         );
         // Signed for another network, gateway or domain: not a command for this rule at all.
@@ -2012,7 +2171,10 @@ mod reorg_tests {
         let scope = crate::command::Scope { network: Network::Regtest, gateway: "gw.test/log", domain: DOMAIN, device: "lock-9" };
         let late = op_return(4, crate::command::encode(&key, &scope, 5, 3, "unlock").unwrap());
         let evs = s.connect(vec![late]);
-        assert!(evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { reason, .. } if reason.contains("expired at height 3"))), "{evs:?}");
+        assert!(
+            evs.iter().any(|e| matches!(e, EngineEvent::CommandRefused { reason, .. } if reason.contains("expired at height 3"))),
+            "{evs:?}"
+        );
         s.mine(2);
         s.deliver(&|_: &Sim, _: &OutboxItem| true);
         assert_eq!(s.executed.len(), 1, "nothing else ran: {:?}", s.executed);

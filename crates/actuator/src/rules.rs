@@ -444,7 +444,9 @@ mod tests {
     #[test]
     fn a_command_rule_names_its_domain() {
         let key = "01".to_string() + &"79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
-        let text = |trigger: &str| format!("[[rule]]\nid = \"remote\"\ndevice = \"lock-7\"\ntrigger = {trigger}\naction = {{ command = \"*\" }}\n");
+        let text = |trigger: &str| {
+            format!("[[rule]]\nid = \"remote\"\ndevice = \"lock-7\"\ntrigger = {trigger}\naction = {{ command = \"*\" }}\n")
+        };
         let without = text(&format!("{{ kind = \"command\", key = \"{key}\" }}"));
         let e = RuleSet::parse(&without, Network::Regtest).unwrap_err().to_string();
         assert!(e.contains("name the command domain"), "{e}");

@@ -274,7 +274,10 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
     // The command carries the payment, for devices that check it themselves.
     let paid = item.payment.clone().expect("a payment rule's action names its payment");
     let txid = tx.compute_txid().to_string();
-    assert_eq!((paid.txid.as_str(), paid.address.as_str(), paid.height), (txid.as_str(), addr(3).to_string().as_str(), c.tip().unwrap().height));
+    assert_eq!(
+        (paid.txid.as_str(), paid.address.as_str(), paid.height),
+        (txid.as_str(), addr(3).to_string().as_str(), c.tip().unwrap().height)
+    );
     assert_eq!(tx.output[paid.vout as usize].value.to_sat(), paid.amount_sat);
     assert_eq!(p["payment"]["txid"], txid.as_str());
     // A device that refuses it closes it: never delivered again.
@@ -368,8 +371,7 @@ fn a_payment_reorged_out_and_mined_again_opens_the_lock_again_after_its_revert()
 
     // The outbox: reverted, its revert done, the second generation done — once net.
     let log = r.engine.log().unwrap();
-    let states: Vec<(&str, OutboxState, Option<&str>)> =
-        log.iter().map(|i| (i.event_id.as_str(), i.state, i.reverts.as_deref())).collect();
+    let states: Vec<(&str, OutboxState, Option<&str>)> = log.iter().map(|i| (i.event_id.as_str(), i.state, i.reverts.as_deref())).collect();
     assert_eq!(states.len(), 3, "{states:?}");
     assert!(states.contains(&(key.as_str(), OutboxState::Reverted, None)));
     assert!(states.contains(&(format!("{key}:revert").as_str(), OutboxState::Acked, Some(key.as_str()))));

@@ -190,7 +190,13 @@ fn chain(blocks: u32, json: bool) -> Result<()> {
     println!("block-to-event latency over {blocks} blocks (bitcoind {version}, regtest, loopback)");
     let line = |name: &str, v: &Value| {
         let g = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        println!("  {name:<44} p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms", g("p50_ms"), g("p90_ms"), g("p99_ms"), g("max_ms"));
+        println!(
+            "  {name:<44} p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+            g("p50_ms"),
+            g("p90_ms"),
+            g("p99_ms"),
+            g("max_ms")
+        );
     };
     line("stream: generatetoaddress returned -> event", &s);
     line("limit: fetch header+block of a known hash", &f);

@@ -141,7 +141,11 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     line("  of which block mined -> command on the broker", &report["lock-light"]["block_to_command"]);
     let kib = |d: &str, k: &str| report[d]["memory_kib"][k].as_f64().unwrap_or(f64::NAN) / 1024.0;
     println!("  device memory, plain:        VmRSS {:>6.1} MiB  VmHWM {:>6.1} MiB", kib("lock-plain", "rss"), kib("lock-plain", "hwm"));
-    println!("  device memory, light client: VmRSS {:>6.1} MiB  VmHWM {:>6.1} MiB (target < 20 MiB)", kib("lock-light", "rss"), kib("lock-light", "hwm"));
+    println!(
+        "  device memory, light client: VmRSS {:>6.1} MiB  VmHWM {:>6.1} MiB (target < 20 MiB)",
+        kib("lock-light", "rss"),
+        kib("lock-light", "hwm")
+    );
     let rb = &report["rules_per_block"];
     line(&format!("apply a block ({} outputs) with {rules} payment rules", rb["outputs"]), &rb["with_rules"]);
     line("the same block with no rules (fixed cost: txids, commit)", &rb["no_rules"]);
@@ -225,7 +229,8 @@ fn rules_bench(dir: &Path, n: u32) -> Result<Value> {
     };
     let mut out = json!({ "rules": n, "outputs": 5_000 });
     for (key, set) in [("with_rules", rules), ("no_rules", vec![])] {
-        let mut engine = Engine::open(&dir.join(format!("{key}.sqlite")), RuleSet::new(set, Network::Regtest)?, Network::Regtest, "bench.local/log")?;
+        let mut engine =
+            Engine::open(&dir.join(format!("{key}.sqlite")), RuleSet::new(set, Network::Regtest)?, Network::Regtest, "bench.local/log")?;
         let (mut prev, mut times) = (BlockHash::all_zeros(), vec![]);
         for height in 1..=BLOCKS {
             let b = block(height, prev);

@@ -87,7 +87,13 @@ fn qos1(addr: SocketAddr, login: Option<(&str, &str)>, topic: &str, n: usize, pi
 
 /// Publish `n` readings from `next` one at a time on `addr`, each after the previous one's
 /// receipt; the latencies to the receipt and to the PUBACK.
-fn receipts(addr: SocketAddr, login: Option<(&str, &str)>, id: &str, n: usize, next: &mut dyn FnMut() -> Result<Vec<u8>>) -> Result<(Vec<std::time::Duration>, Vec<std::time::Duration>)> {
+fn receipts(
+    addr: SocketAddr,
+    login: Option<(&str, &str)>,
+    id: &str,
+    n: usize,
+    next: &mut dyn FnMut() -> Result<Vec<u8>>,
+) -> Result<(Vec<std::time::Duration>, Vec<std::time::Duration>)> {
     let (client, mut conn) = connect(addr, "bench-reading", login)?;
     client.subscribe(format!("bitmote/{id}/receipts"), QoS::AtLeastOnce)?;
     for ev in conn.iter() {
@@ -167,7 +173,14 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
     let mut seq = 0u64;
     let mut next = || {
         seq += 1;
-        let r = Reading { device: id, seq, timestamp_ms: bitmote_chain::now_ms(), sensor: sensor::TEMPERATURE, unit: unit::CELSIUS, value: Value::Scaled { mantissa: 2000, exponent: -2 } };
+        let r = Reading {
+            device: id,
+            seq,
+            timestamp_ms: bitmote_chain::now_ms(),
+            sensor: sensor::TEMPERATURE,
+            unit: unit::CELSIUS,
+            value: Value::Scaled { mantissa: 2000, exponent: -2 },
+        };
         SignedReading::sign(&key, r).map(|s| s.encode()).map_err(|e| anyhow::anyhow!("{e}"))
     };
     let (mqtt_lat, puback_lat) = receipts(front, login, &id.to_string(), readings, &mut next)?;
@@ -207,7 +220,11 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
     println!("MQTT bench (loopback; {messages} sequential and {pipelined} pipelined QoS 1 publishes, {readings} readings)");
     line("QoS 1 publish -> PUBACK, bare broker (baseline)", &direct["publish_to_puback"]);
     line("QoS 1 publish -> PUBACK, through the front (device)", &fronted["publish_to_puback"]);
-    println!("  pipelined QoS 1 publishes/s: bare {:>9.0}   through the front {:>9.0}", direct["pipelined_per_s"].as_f64().unwrap_or(f64::NAN), fronted["pipelined_per_s"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "  pipelined QoS 1 publishes/s: bare {:>9.0}   through the front {:>9.0}",
+        direct["pipelined_per_s"].as_f64().unwrap_or(f64::NAN),
+        fronted["pipelined_per_s"].as_f64().unwrap_or(f64::NAN)
+    );
     line("signed reading -> PUBACK over MQTT", &report["reading_to_puback_mqtt"]);
     line("signed reading -> receipt over MQTT (durable)", &report["reading_to_receipt_mqtt"]);
     line("signed reading -> receipt over HTTP (durable)", &report["reading_to_receipt_http"]);

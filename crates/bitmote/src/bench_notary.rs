@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use bitmote_chain::now_ms;
 use bitmote_chain::provision::InstallOptions;
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::merkle::{self, inclusion_proof_len};
@@ -19,10 +20,8 @@ use bitmote_notary::proof::assemble;
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, HeadersFile, Policy};
 use serde_json::json;
-use bitmote_chain::now_ms;
 
 const THREADS: usize = 2;
-
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
     Reading {
@@ -94,7 +93,8 @@ pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool)
     eprintln!("measuring the machine's limits …");
     // (a) Limits: BIP340 verification and SHA-256, on 1 and 2 threads.
     let keys: Vec<SigningKey> = (1..=8u8).map(|i| SigningKey::schnorr_from_secret(&[i; 32]).expect("valid secret")).collect();
-    let sample: Vec<SignedReading> = (0..512).map(|i| SignedReading::sign(&keys[i % 8], reading(&keys[i % 8], i as u64 + 1)).expect("signs")).collect();
+    let sample: Vec<SignedReading> =
+        (0..512).map(|i| SignedReading::sign(&keys[i % 8], reading(&keys[i % 8], i as u64 + 1)).expect("signs")).collect();
     let pks: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
     let verify = |_t: usize, i: u64| {
         let s = &sample[(i % 512) as usize];
@@ -152,7 +152,8 @@ pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool)
     let exe = crate::node::install(&InstallOptions::default())?;
     let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind))?;
     let c = node.client();
-    let mut anchorer = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh()?, AnchorConfig { interval: Duration::ZERO, ..Default::default() })?;
+    let mut anchorer =
+        Anchorer::open(&db, &dir.path().join("wallet"), c.fresh()?, AnchorConfig { interval: Duration::ZERO, ..Default::default() })?;
     let addr = anchorer.wallet().new_address()?;
     c.mine(1, &addr)?;
     node.mine(100)?;
@@ -218,8 +219,14 @@ pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool)
     println!("  limit: BIP340 verify         {:>10.0}/s (1 thread)  {:>10.0}/s (2 threads)", sig1, sig2);
     println!("  limit: SHA-256 leaf hashes   {:>10.0}/s (1 thread)", sha1);
     println!("  (b) signed readings ingested {:>10.0}/s  = {:.0}% of the 2-thread verify limit", single, 100.0 * single / sig2);
-    println!("  (c) batched readings         {:>10.0}/s  (batches of {batch_size}, {} commits, mean group {:.0} readings)", batched, stats.groups, stats.mean_group);
-    println!("  (d) proof generation         {:>10.0}/s  (DB + RPC block fetch)   verification {:>10.0}/s (offline headers)", gen_rate, verify_rate);
+    println!(
+        "  (c) batched readings         {:>10.0}/s  (batches of {batch_size}, {} commits, mean group {:.0} readings)",
+        batched, stats.groups, stats.mean_group
+    );
+    println!(
+        "  (d) proof generation         {:>10.0}/s  (DB + RPC block fetch)   verification {:>10.0}/s (offline headers)",
+        gen_rate, verify_rate
+    );
     println!("      one anchor: {fee} sat for {size} readings = {:.6} sat/reading", fee as f64 / size as f64);
     for r in &size_rows {
         println!(

@@ -210,16 +210,33 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
     });
     println!("bench pay (regtest, two ldk-node 0.7.1 machines in one process, direct channel)");
     println!("  (a) raw keysend, {raw} in flight together   {raw_rate:>8.1} payments/s   (the limit)");
-    println!("  (b) session protocol, {concurrent} sessions      {stream_rate:>8.1} ticks/s     = {:.0}% of (a)", 100.0 * stream_rate / raw_rate);
-    println!("  (c) latency per tick payment   loaded p50 {:.1} ms p99 {:.1} ms;  alone p50 {:.1} ms p99 {:.1} ms",
-        report["c_latency_loaded"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_loaded"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
-        report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_alone"]["p99_ms"].as_f64().unwrap_or(f64::NAN));
-    println!("  (c) limit: raw keysend one at a time           p50 {:.1} ms p99 {:.1} ms  (alone / limit at p50: {:.2}×)",
-        report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN), report["c_latency_raw_keysend"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
-        report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN) / report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN));
+    println!(
+        "  (b) session protocol, {concurrent} sessions      {stream_rate:>8.1} ticks/s     = {:.0}% of (a)",
+        100.0 * stream_rate / raw_rate
+    );
+    println!(
+        "  (c) latency per tick payment   loaded p50 {:.1} ms p99 {:.1} ms;  alone p50 {:.1} ms p99 {:.1} ms",
+        report["c_latency_loaded"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_loaded"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_alone"]["p99_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  (c) limit: raw keysend one at a time           p50 {:.1} ms p99 {:.1} ms  (alone / limit at p50: {:.2}×)",
+        report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_raw_keysend"]["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        report["c_latency_alone"]["p50_ms"].as_f64().unwrap_or(f64::NAN)
+            / report["c_latency_raw_keysend"]["p50_ms"].as_f64().unwrap_or(f64::NAN)
+    );
     for l in report["d_load"].as_array().unwrap() {
-        println!("  (d) {:>4} sessions at 2 s ticks: {} ticks paid, {} late or short, p50 {:.1} ms p99 {:.1} ms",
-            l["sessions"], l["ticks_paid"], l["late_or_short"], l["p50_ms"].as_f64().unwrap_or(f64::NAN), l["p99_ms"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "  (d) {:>4} sessions at 2 s ticks: {} ticks paid, {} late or short, p50 {:.1} ms p99 {:.1} ms",
+            l["sessions"],
+            l["ticks_paid"],
+            l["late_or_short"],
+            l["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            l["p99_ms"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

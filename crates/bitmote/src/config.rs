@@ -349,7 +349,8 @@ mod tests {
 
     #[test]
     fn external_node_with_cookie() {
-        let cfg = parse("[chain]\nnetwork = \"signet\"\nrpc_url = \"http://127.0.0.1:38332\"\nrpc_cookie = \"/b/signet/.cookie\"\n").unwrap();
+        let cfg =
+            parse("[chain]\nnetwork = \"signet\"\nrpc_url = \"http://127.0.0.1:38332\"\nrpc_cookie = \"/b/signet/.cookie\"\n").unwrap();
         match cfg.chain_target(Path::new("/d")).unwrap() {
             ChainTarget::External(rpc) => {
                 assert_eq!(rpc.network, Network::Signet);
@@ -392,7 +393,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("mqtt.password");
         std::fs::write(&f, "s3cret\n").unwrap();
-        let cfg = parse(&format!("[gateway]\nmqtt_broker = \"mqtt://b:1883\"\nmqtt_username = \"gw\"\nmqtt_password_file = {:?}\n", f)).unwrap();
+        let cfg =
+            parse(&format!("[gateway]\nmqtt_broker = \"mqtt://b:1883\"\nmqtt_username = \"gw\"\nmqtt_password_file = {:?}\n", f)).unwrap();
         let login = cfg.mqtt_broker_login().unwrap().unwrap();
         assert_eq!((login.username.as_str(), login.password.as_str()), ("gw", "s3cret"));
         assert!(!format!("{login:?}").contains("s3cret"));

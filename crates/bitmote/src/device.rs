@@ -216,7 +216,6 @@ pub fn api_err(e: ureq::Error) -> anyhow::Error {
     }
 }
 
-
 pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
     let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
     let url = cfg.gateway_url();
@@ -245,7 +244,9 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
                     bitmote_chain::wallet::write_secret(&f, format!("{password}\n").as_bytes())?;
                     println!("mqtt user {} (password in {}, 0600)", r["mqtt"]["username"].as_str().unwrap_or(""), f.display());
                 }
-                None => println!("mqtt user {} password {password} (shown once; keep it secret)", r["mqtt"]["username"].as_str().unwrap_or("")),
+                None => {
+                    println!("mqtt user {} password {password} (shown once; keep it secret)", r["mqtt"]["username"].as_str().unwrap_or(""))
+                }
             }
             Ok(())
         }
@@ -261,7 +262,13 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
             let r: Json = ureq::get(&format!("{url}/v1/devices")).call().map_err(api_err)?.into_json()?;
             for d in r["devices"].as_array().cloned().unwrap_or_default() {
                 let state = if d["revoked_ms"].is_null() { "active" } else { "REVOKED" };
-                println!("{}  {:<20} {:<8} last seq {}", d["id"].as_str().unwrap_or(""), d["name"].as_str().unwrap_or(""), state, d["last_seq"]);
+                println!(
+                    "{}  {:<20} {:<8} last seq {}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["name"].as_str().unwrap_or(""),
+                    state,
+                    d["last_seq"]
+                );
             }
             Ok(())
         }
@@ -288,7 +295,9 @@ pub fn device(g: &Global, cmd: DeviceCommand) -> Result<()> {
 }
 
 fn parse_network(s: &str) -> Result<bitmote_chain::bitcoin::Network, String> {
-    s.parse().or_else(|_| bitmote_chain::bitcoin::Network::from_core_arg(s)).map_err(|_| format!("{s:?} is not a network (bitcoin, testnet, testnet4, signet, regtest)"))
+    s.parse()
+        .or_else(|_| bitmote_chain::bitcoin::Network::from_core_arg(s))
+        .map_err(|_| format!("{s:?} is not a network (bitcoin, testnet, testnet4, signet, regtest)"))
 }
 
 /// Where `device enroll --key K` writes the MQTT password: beside the key, `K` with extension `.mqtt`.
@@ -363,7 +372,16 @@ fn seq_file(key: &Path) -> PathBuf {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Option<String>, interval: Duration, batch: usize, count: Option<u64>) -> Result<()> {
+fn sensor(
+    url: &str,
+    key: &Path,
+    transport: Transport,
+    mqtt: &str,
+    password: Option<String>,
+    interval: Duration,
+    batch: usize,
+    count: Option<u64>,
+) -> Result<()> {
     let k = read_key(key)?;
     let id = k.public_key().device_id();
     let mut seq: u64 = std::fs::read_to_string(seq_file(key)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
@@ -377,7 +395,14 @@ fn sensor(url: &str, key: &Path, transport: Transport, mqtt: &str, password: Opt
         let t = now_ms();
         let day = ((t / 1000) % 86_400) as f64 / 86_400.0 * std::f64::consts::TAU;
         let centi = 2000.0 + 400.0 * day.sin() + ((x % 100) as f64 - 50.0);
-        Reading { device: id, seq, timestamp_ms: t, sensor: sensor::TEMPERATURE, unit: unit::CELSIUS, value: Value::Scaled { mantissa: centi as i64, exponent: -2 } }
+        Reading {
+            device: id,
+            seq,
+            timestamp_ms: t,
+            sensor: sensor::TEMPERATURE,
+            unit: unit::CELSIUS,
+            value: Value::Scaled { mantissa: centi as i64, exponent: -2 },
+        }
     };
     let mut link = match transport {
         Transport::Mqtt => Some(MqttLink::connect(mqtt, &id.to_string(), password)?),
@@ -543,7 +568,10 @@ pub fn proof(g: &Global, id: &str, out: Option<PathBuf>, ots: Option<PathBuf>, r
     }
     if let Some(p) = ots {
         let mut bytes = vec![];
-        std::io::Read::read_to_end(&mut ureq::get(&format!("{url}/v1/readings/{id}/proof.ots")).call().map_err(api_err)?.into_reader(), &mut bytes)?;
+        std::io::Read::read_to_end(
+            &mut ureq::get(&format!("{url}/v1/readings/{id}/proof.ots")).call().map_err(api_err)?.into_reader(),
+            &mut bytes,
+        )?;
         std::fs::write(&p, bytes)?;
         eprintln!("wrote {}", p.display());
     }
@@ -577,7 +605,8 @@ pub fn verify(
         return Ok(());
     }
     let bundle: ProofBundle = serde_json::from_slice(&bytes).context("not a proof bundle (JSON) or an .ots file")?;
-    let revoked: Vec<DeviceId> = revoked.iter().map(|r| r.parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("revoked id: {e}"))?;
+    let revoked: Vec<DeviceId> =
+        revoked.iter().map(|r| r.parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("revoked id: {e}"))?;
     let policy = Policy { reading_file: file.as_deref(), revoked: &revoked, checkpoint_key: checkpoint_key.as_deref() };
     let v = verify_bundle(&bundle, source.as_ref(), &policy)?;
     println!("OK: reading {} of device {}", v.reading_id, v.device);
@@ -613,7 +642,13 @@ fn opens(command: &str) -> bool {
 }
 
 /// A light-client device's check of the payment a command claims; the outpoint, or why not.
-fn check_payment(light: &Peers, policy: &mut PaymentPolicy, a: &LightArgs, cmd: &Json, paid: &[String]) -> std::result::Result<String, String> {
+fn check_payment(
+    light: &Peers,
+    policy: &mut PaymentPolicy,
+    a: &LightArgs,
+    cmd: &Json,
+    paid: &[String],
+) -> std::result::Result<String, String> {
     let p = &cmd["payment"];
     if p.is_null() {
         return Err("the command claims no payment: this device acts only on payments it checks itself".into());
@@ -704,7 +739,15 @@ impl Gpio {
     }
 }
 
-fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path: &Path, count: Option<u64>, gpio: Option<&str>, la: LightArgs) -> Result<()> {
+fn actuator(
+    name: &str,
+    mqtt: &str,
+    login: Option<(String, String)>,
+    state_path: &Path,
+    count: Option<u64>,
+    gpio: Option<&str>,
+    la: LightArgs,
+) -> Result<()> {
     let mut state: ActuatorState = match std::fs::read(state_path) {
         Ok(b) => serde_json::from_slice(&b).context("corrupt actuator state file")?,
         Err(_) => ActuatorState { output: "closed".into(), ..Default::default() },
@@ -779,7 +822,9 @@ fn actuator(name: &str, mqtt: &str, login: Option<(String, String)>, state_path:
                 let Some(id) = cmd["event_id"].as_str().map(str::to_string) else { continue };
                 let command = cmd["command"].as_str().unwrap_or("");
                 let checked = match &mut light {
-                    Some((l, policy)) if opens(command) && !state.done.contains(&id) => Some(check_payment(l, policy, &la, &cmd, &state.paid)),
+                    Some((l, policy)) if opens(command) && !state.done.contains(&id) => {
+                        Some(check_payment(l, policy, &la, &cmd, &state.paid))
+                    }
                     _ => None,
                 };
                 if let Some(Err(reason)) = &checked {

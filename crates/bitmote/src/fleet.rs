@@ -221,23 +221,24 @@ impl Fleet {
             global.extend(["--config".into(), c.into()]);
         }
         let mut members = vec![];
-        let mut member = |name: String, kind: &'static str, data_dir: &Path, args: Vec<OsString>, url: Option<String>, after: Option<String>| {
-            let mut full: Vec<OsString> = vec!["--data-dir".into(), data_dir.into()];
-            full.extend(args);
-            members.push(Member {
-                log: dir.join(format!("{name}.log")),
-                name,
-                kind,
-                args: full,
-                url,
-                after,
-                proc: None,
-                restarts: 0,
-                next_start: None,
-                backoff: Duration::from_secs(2),
-                started: Instant::now(),
-            });
-        };
+        let mut member =
+            |name: String, kind: &'static str, data_dir: &Path, args: Vec<OsString>, url: Option<String>, after: Option<String>| {
+                let mut full: Vec<OsString> = vec!["--data-dir".into(), data_dir.into()];
+                full.extend(args);
+                members.push(Member {
+                    log: dir.join(format!("{name}.log")),
+                    name,
+                    kind,
+                    args: full,
+                    url,
+                    after,
+                    proc: None,
+                    restarts: 0,
+                    next_start: None,
+                    backoff: Duration::from_secs(2),
+                    started: Instant::now(),
+                });
+            };
         let mqtt = at.mqtt.map(|a| a.to_string());
         // Sensors: keys made and enrolled once, through the same path as `device enroll`.
         let bar = progress(plan.sensors as u64, "sensors: keys and enrolment");
@@ -410,7 +411,12 @@ impl Fleet {
                             m.backoff = Duration::from_secs(2);
                         }
                         append(&m.log, &format!("{} exited ({status}); restarting in {} s", m.name, m.backoff.as_secs()));
-                        tracing::warn!("fleet: {} exited ({status}); restarting in {} s (log {})", m.name, m.backoff.as_secs(), m.log.display());
+                        tracing::warn!(
+                            "fleet: {} exited ({status}); restarting in {} s (log {})",
+                            m.name,
+                            m.backoff.as_secs(),
+                            m.log.display()
+                        );
                         m.next_start = Some(Instant::now() + m.backoff);
                         m.backoff = (m.backoff * 2).min(Duration::from_secs(60));
                         m.restarts += 1;
@@ -518,7 +524,12 @@ const HUB_CHANNEL_SAT: u64 = 1_000_000;
 /// coinbase; nothing to do after a restart), so the meter can pay the provider through the
 /// hub; and whenever the provider (re)starts, connect the hub to it at once rather than at
 /// ldk-node's next reconnection round (up to a minute, in which the meter's payments fail).
-pub fn link_hub_to_provider(hub: std::sync::Arc<bitmote_pay::ldk_node::Node>, client: ChainClient, provider_url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+pub fn link_hub_to_provider(
+    hub: std::sync::Arc<bitmote_pay::ldk_node::Node>,
+    client: ChainClient,
+    provider_url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     use bitmote_pay::node as ln;
     let provider = move |agent: &ureq::Agent| -> Result<_> {
         crate::pay::machine_node(agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
@@ -744,12 +755,8 @@ impl Driver {
         if self.origin.is_empty() {
             self.origin = self.gateway_origin()?;
         }
-        let scope = bitmote_actuator::command::Scope {
-            network: self.client.network(),
-            gateway: &self.origin,
-            domain: RELAY_DOMAIN,
-            device: RELAY,
-        };
+        let scope =
+            bitmote_actuator::command::Scope { network: self.client.network(), gateway: &self.origin, domain: RELAY_DOMAIN, device: RELAY };
         let payload = bitmote_actuator::command::encode(&self.operator, &scope, seq, height + RELAY_VALID_BLOCKS, word)?;
         // The sequence number is spent before the command is sent: never reused.
         self.state.relay_seq = seq;
@@ -787,7 +794,8 @@ impl Driver {
             }
             return Ok(());
         }
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.state.retired).into_iter().partition(|(_, h)| height >= h + RULE_KEEP_BLOCKS);
+        let (done, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.state.retired).into_iter().partition(|(_, h)| height >= h + RULE_KEEP_BLOCKS);
         self.state.retired = keep;
         self.state.old_rules.extend(done.into_iter().map(|(id, _)| id));
         for id in std::mem::take(&mut self.state.old_rules) {
@@ -810,10 +818,7 @@ impl Driver {
         };
         let order_id = o["order_id"].as_str().context("order without id")?.to_string();
         let address = o["address"].as_str().context("order without address")?.to_string();
-        let spk = address
-            .parse::<bitmote_chain::bitcoin::Address<_>>()?
-            .require_network(self.client.network())?
-            .script_pubkey();
+        let spk = address.parse::<bitmote_chain::bitcoin::Address<_>>()?.require_network(self.client.network())?.script_pubkey();
         self.state.rentals += 1;
         let lease_rule = format!("fleet-lease-{}", self.state.rentals);
         let lease_end = height + 1 + self.plan.lease_blocks;

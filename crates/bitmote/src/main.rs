@@ -69,9 +69,7 @@ pub enum LogFormat {
 
 impl Global {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("bitmote"))
+        self.data_dir.clone().unwrap_or_else(|| dirs::data_dir().unwrap_or_else(|| PathBuf::from(".")).join("bitmote"))
     }
 }
 
@@ -178,8 +176,7 @@ fn init_logs(verbose: u8, format: LogFormat) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // A log line that cannot be written (stderr a pipe whose reader is gone) is dropped:
     // by default tracing-subscriber reports it with `eprintln!`, which panics on that same
     // closed stderr, and a panic on the way out of `up` used to kill bitcoind uncleanly.

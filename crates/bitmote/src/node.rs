@@ -91,8 +91,7 @@ impl BarProgress {
     fn new() -> Self {
         let bar = indicatif::ProgressBar::new(100);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {wide_msg}")
-                .expect("valid template"),
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos:>3}% {wide_msg}").expect("valid template"),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
         BarProgress(bar)
@@ -290,7 +289,9 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     say!("  dashboard: {api}/  (metrics: /metrics)");
     match (&cfg.gateway.mqtt_broker, gateway.mqtt_addr) {
         (Some(url), _) => say!("  mqtt     : external broker {url}"),
-        (None, Some(a)) => say!("  mqtt     : mqtt://{a}  (each device logs in with the password issued at enrolment, on its own topics bitmote/<device>/...)"),
+        (None, Some(a)) => say!(
+            "  mqtt     : mqtt://{a}  (each device logs in with the password issued at enrolment, on its own topics bitmote/<device>/...)"
+        ),
         (None, None) => say!("  mqtt     : off"),
     }
     if let Some(n) = &gateway.shared().lightning {
@@ -358,7 +359,11 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         if let Some((n, owned)) = &mut managed {
             if let Some(how) = n.exited() {
                 let due = *next_node_start.get_or_insert_with(|| {
-                    tracing::warn!("bitcoind exited ({how}); starting it again in {} s on {}", NODE_RESTART_PAUSE.as_secs(), n.data_dir().display());
+                    tracing::warn!(
+                        "bitcoind exited ({how}); starting it again in {} s on {}",
+                        NODE_RESTART_PAUSE.as_secs(),
+                        n.data_dir().display()
+                    );
                     Instant::now() + NODE_RESTART_PAUSE
                 });
                 if Instant::now() >= due {
@@ -426,9 +431,11 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         }
         if stream_retry_at.take().is_some() {
             // Reopen from the stored cursor (after an error the stream cannot get past).
-            match cursor_store.load().map_err(anyhow::Error::from).and_then(|c| {
-                Ok(BlockStream::resume(client.fresh()?, c, Start::Tip, stream_cfg.clone())?)
-            }) {
+            match cursor_store
+                .load()
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(BlockStream::resume(client.fresh()?, c, Start::Tip, stream_cfg.clone())?))
+            {
                 Ok(s) => stream = s,
                 Err(e) => {
                     tracing::warn!("reopening the block stream: {e:#}");

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bitmote_chain::ChainClient;
 use bitmote_chain::bitcoin::secp256k1::PublicKey;
+use bitmote_chain::ChainClient;
 use bitmote_pay::ldk_node::lightning::ln::msgs::SocketAddress;
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::meter::Meter;
@@ -129,7 +129,13 @@ pub struct MeterArgs {
     notary_url: Option<String>,
 }
 
-fn start_node(g: &Global, m: &Machine, role: &str, default_ln: u16, announce_as: Option<SocketAddr>) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
+fn start_node(
+    g: &Global,
+    m: &Machine,
+    role: &str,
+    default_ln: u16,
+    announce_as: Option<SocketAddr>,
+) -> Result<(Arc<Node>, std::path::PathBuf, ChainClient)> {
     let cfg = Config::load(g.config.as_deref(), &g.data_dir())?;
     let client = crate::node::connect(g, &cfg)?;
     let name = m.name.clone().unwrap_or_else(|| role.to_string());
@@ -258,10 +264,8 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
         });
     }
     let url = a.provider_url.trim_end_matches('/').to_string();
-    let status: serde_json::Value = ureq::get(&format!("{url}/v1/status"))
-        .call()
-        .with_context(|| format!("the provider at {url} is offline"))?
-        .into_json()?;
+    let status: serde_json::Value =
+        ureq::get(&format!("{url}/v1/status")).call().with_context(|| format!("the provider at {url} is offline"))?.into_json()?;
     let (provider, paddr) = machine_node(status).with_context(|| format!("the provider at {url}"))?;
     let pnode = provider.to_string();
     // The provider's node id is pinned: a server answering at the provider's URL cannot
@@ -290,11 +294,7 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     });
     if let Some(n) = &a.notary_url {
         let k = m.device_key().public_key();
-        println!(
-            "notary receipts to {n} as device {} (key {})",
-            k.device_id(),
-            bitmote_device::hex_encode(&k.encode())
-        );
+        println!("notary receipts to {n} as device {} (key {})", k.device_id(), bitmote_device::hex_encode(&k.encode()));
         m.post_receipts(n);
     }
     let s = match m.open_sessions()?.pop() {
@@ -352,7 +352,13 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
 /// The provider's node id this meter pays: `given` (`--provider-node`, required off regtest),
 /// or on regtest the one pinned in `pin_file` at the first start (trust on first use). The
 /// node the provider's URL reports now must be that one.
-fn pinned_provider(network: bitmote_chain::bitcoin::Network, given: Option<&str>, pin_file: &Path, reported: &str, url: &str) -> Result<String> {
+fn pinned_provider(
+    network: bitmote_chain::bitcoin::Network,
+    given: Option<&str>,
+    pin_file: &Path,
+    reported: &str,
+    url: &str,
+) -> Result<String> {
     let pin = match given {
         Some(p) => p.to_string(),
         None if network != bitmote_chain::bitcoin::Network::Regtest => {
@@ -389,7 +395,11 @@ mod tests {
         // A status from before `announced` existed.
         let old = serde_json::json!({ "node": { "node_id": ID, "listening": ["127.0.0.1:19735"] } });
         assert_eq!(machine_node(old).unwrap().1.to_string(), "127.0.0.1:19735");
-        for bad in [serde_json::json!({}), serde_json::json!({ "node": { "node_id": ID } }), serde_json::json!({ "node": { "node_id": "x", "listening": ["127.0.0.1:1"] } })] {
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({ "node": { "node_id": ID } }),
+            serde_json::json!({ "node": { "node_id": "x", "listening": ["127.0.0.1:1"] } }),
+        ] {
             assert!(machine_node(bad.clone()).is_err(), "{bad}");
         }
     }

@@ -77,10 +77,7 @@ pub fn collect(g: &Global) -> Result<Json> {
     let mqtt = match up["mqtt"].as_str().map(String::from).or_else(|| cfg.mqtt_listen().ok().flatten().map(|a| format!("mqtt://{a}"))) {
         Some(url) => {
             let addr = url.trim_start_matches("mqtt://").to_string();
-            let reachable = addr
-                .parse()
-                .ok()
-                .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+            let reachable = addr.parse().ok().is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
             json!({ "ok": reachable, "url": url })
         }
         None => json!({ "ok": true, "url": null, "note": "off" }),
@@ -153,7 +150,12 @@ pub fn status(g: &Global, as_json: bool) -> Result<()> {
             ),
         }
         let gw = &s["gateway"];
-        println!("[{}] gateway   : {}{}", mark(&gw["ok"]), gw["url"].as_str().unwrap_or(""), gw["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default());
+        println!(
+            "[{}] gateway   : {}{}",
+            mark(&gw["ok"]),
+            gw["url"].as_str().unwrap_or(""),
+            gw["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+        );
         let m = &s["mqtt"];
         println!("[{}] mqtt      : {}", mark(&m["ok"]), m["url"].as_str().unwrap_or("off"));
         let a = &s["anchoring"];
@@ -164,16 +166,36 @@ pub fn status(g: &Global, as_json: bool) -> Result<()> {
             a["status"].as_str().unwrap_or("unknown"),
             a["log_size"],
             a["pending"],
-            if last.is_null() { String::new() } else { format!(", last confirmed: {} readings in block {} ({} conf.)", last["tree_size"], last["block_height"], last["confirmations"]) }
+            if last.is_null() {
+                String::new()
+            } else {
+                format!(
+                    ", last confirmed: {} readings in block {} ({} conf.)",
+                    last["tree_size"], last["block_height"], last["confirmations"]
+                )
+            }
         );
         let d = &s["devices"];
-        println!("[{}] devices   : {} enrolled ({} revoked), {} online; {} actions, {} alerts", mark(&d["ok"]), d["enrolled"], d["revoked"], d["online"], d["actions"], d["alerts"]);
+        println!(
+            "[{}] devices   : {} enrolled ({} revoked), {} online; {} actions, {} alerts",
+            mark(&d["ok"]),
+            d["enrolled"],
+            d["revoked"],
+            d["online"],
+            d["actions"],
+            d["alerts"]
+        );
         let f = &s["fleet"];
         match f["members"].as_array() {
             Some(members) => {
                 println!("[{}] fleet     : {}/{} processes alive", mark(&f["ok"]), f["alive"], f["total"]);
                 for m in members.iter().filter(|m| m["alive"] != true) {
-                    println!("       {} ({}) is not running; log {}", m["name"].as_str().unwrap_or(""), m["kind"].as_str().unwrap_or(""), m["log"].as_str().unwrap_or(""));
+                    println!(
+                        "       {} ({}) is not running; log {}",
+                        m["name"].as_str().unwrap_or(""),
+                        m["kind"].as_str().unwrap_or(""),
+                        m["log"].as_str().unwrap_or("")
+                    );
                 }
                 let dr = &f["driver"];
                 if !dr.is_null() {
@@ -191,14 +213,26 @@ pub fn status(g: &Global, as_json: bool) -> Result<()> {
                     let session = if ss.is_null() {
                         "no session".to_string()
                     } else {
-                        format!("session {} {}, {} ticks, {} msat paid", ss["id"].as_str().map(|i| &i[..i.len().min(12)]).unwrap_or(""), ss["state"].as_str().unwrap_or(""), ss["ticks"], ss["paid_msat"])
+                        format!(
+                            "session {} {}, {} ticks, {} msat paid",
+                            ss["id"].as_str().map(|i| &i[..i.len().min(12)]).unwrap_or(""),
+                            ss["state"].as_str().unwrap_or(""),
+                            ss["ticks"],
+                            ss["paid_msat"]
+                        )
                     };
                     println!("[{}] {role:<9} : {} channel(s), {session}", mark(&l["ok"]), l["channels"]);
                 }
             }
         }
     }
-    let code = if s["up"]["running"] != true { 3 } else if s["ok"] == true { 0 } else { 2 };
+    let code = if s["up"]["running"] != true {
+        3
+    } else if s["ok"] == true {
+        0
+    } else {
+        2
+    };
     if code != 0 {
         std::process::exit(code);
     }

@@ -140,8 +140,13 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--pay-to ADDRESS"), "{}", String::from_utf8_lossy(&out.stderr));
     // Its policy: the rental address (and, for the under-confirmed claim below, the
     // anyone-can-spend address the test chain's coinbases pay), 20,000 sat at least.
-    let (mut lock, mut lines) =
-        light_lock_7(d, &mqtt, &http, &node, &["--pay-to", &pay_to.to_string(), "--pay-to", &op_true_address().to_string(), "--min-sat", "20000"]);
+    let (mut lock, mut lines) = light_lock_7(
+        d,
+        &mqtt,
+        &http,
+        &node,
+        &["--pay-to", &pay_to.to_string(), "--pay-to", &op_true_address().to_string(), "--min-sat", "20000"],
+    );
 
     // A compromised gateway (here: anyone with the admin token, whose MQTT identity may
     // publish on every topic) claims payments.
@@ -187,7 +192,9 @@ fn a_light_client_lock_checks_payments_itself_and_refuses_fake_ones() {
     // The lock again, now pinning the gateway wallet's receive descriptor instead of an
     // address: a payment order (a fresh wallet address each) opens it without reconfiguring
     // it, and an address the descriptor does not derive is refused.
-    let admin = |method: &str, path: &str| ureq::request(method, &format!("{http}{path}")).set("Authorization", &format!("Bearer {}", token.trim()));
+    let admin = |method: &str, path: &str| {
+        ureq::request(method, &format!("{http}{path}")).set("Authorization", &format!("Bearer {}", token.trim()))
+    };
     let wallet: Json = admin("GET", "/v1/wallet").call().unwrap().into_json().unwrap();
     let desc = wallet["receive_descriptor"].as_str().unwrap().to_string();
     assert!(desc.starts_with("wpkh([") && !desc.contains("prv"), "{desc}");
@@ -276,7 +283,11 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
     lock.wait().unwrap();
     let delivered = || {
         let log: Json = ureq::get(&format!("{http}/v1/actions")).call().unwrap().into_json().unwrap();
-        log["actions"].as_array().unwrap().iter().any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered" && a["lightning"]["claim"] == "held")
+        log["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["rule_id"] == "coffee" && a["state"] == "delivered" && a["lightning"]["claim"] == "held")
     };
     let deadline = Instant::now() + Duration::from_secs(90);
     let paid = 'paid: loop {
@@ -373,7 +384,13 @@ fn actuator(d: &std::path::Path, mqtt: &str, name: &str) -> std::process::Comman
 
 /// `lock-7` in light-client mode against `node`, with the payment `policy` given (its
 /// arguments), exiting after acting once: the process, and the JSON lines it prints; online.
-fn light_lock_7(d: &std::path::Path, mqtt: &str, http: &str, node: &RegtestNode, policy: &[&str]) -> (std::process::Child, impl Iterator<Item = Json>) {
+fn light_lock_7(
+    d: &std::path::Path,
+    mqtt: &str,
+    http: &str,
+    node: &RegtestNode,
+    policy: &[&str],
+) -> (std::process::Child, impl Iterator<Item = Json>) {
     let mut lock = actuator(d, mqtt, "lock-7")
         .args(["--count", "1", "--light-wait-secs", "3", "--light-client", &node.p2p_addr().to_string()])
         .args(policy)
@@ -388,11 +405,7 @@ fn light_lock_7(d: &std::path::Path, mqtt: &str, http: &str, node: &RegtestNode,
 /// The simulated lock `lock-7` (enrolled here), which exits after acting once.
 fn lock_7(d: &std::path::Path, http: &str, mqtt: &str) -> std::process::Child {
     enroll_lock_7(d, http);
-    actuator(d, mqtt, "lock-7")
-        .args(["--count", "1"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap()
+    actuator(d, mqtt, "lock-7").args(["--count", "1"]).stdout(Stdio::piped()).spawn().unwrap()
 }
 
 /// A customer pays 25,000 sat to `to` from their own wallet on `up`'s chain; the txid.
@@ -443,10 +456,7 @@ fn wait_presence(http: &str, device: &str, state: &str) {
 /// offline (its last will says so) but the broker keeps what is sent to it.
 fn lock_goes_offline(d: &std::path::Path, http: &str, mqtt: &str, name: &str) {
     enroll_lock(d, http, name);
-    let mut lock = actuator(d, mqtt, name)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut lock = actuator(d, mqtt, name).stdout(Stdio::null()).spawn().unwrap();
     wait_presence(http, name, "online");
     lock.kill().unwrap(); // SIGKILL: no goodbye, the last will fires
     lock.wait().unwrap();
@@ -470,10 +480,7 @@ fn wait_action(http: &str, rule: &str, what: &str, done: impl Fn(&Json) -> bool)
 
 /// Run `name` until it has acted on (or answered) `count` commands; what it printed.
 fn lock_runs(d: &std::path::Path, mqtt: &str, name: &str, count: u64) -> String {
-    let out = actuator(d, mqtt, name)
-        .args(["--count", &count.to_string()])
-        .output()
-        .unwrap();
+    let out = actuator(d, mqtt, name).args(["--count", &count.to_string()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -511,10 +518,7 @@ fn an_offline_lock_acts_on_reconnecting_within_the_ttl_and_not_after_it() {
 
     // lock-8 comes back after its command's 3 s: it does not act, and the gateway records why.
     std::thread::sleep(Duration::from_secs(4));
-    let mut lock8 = actuator(d, &mqtt, "lock-8")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut lock8 = actuator(d, &mqtt, "lock-8").stdout(Stdio::piped()).spawn().unwrap();
     let expired = wait_action(&http, "short", "expired", |a| a["state"] == "expired");
     assert!(expired["acked_ms"].is_null(), "{expired}");
     wait_presence(&http, "lock-8", "online");
@@ -554,10 +558,7 @@ fn gateway_kill_9_between_the_trigger_and_the_acknowledgement_neither_loses_nor_
     assert_eq!(acked["event_id"], before["event_id"]);
     // More blocks, and the lock listening again: nothing is delivered twice.
     std::thread::sleep(Duration::from_secs(3));
-    let mut again = actuator(d, &mqtt, "lock-7")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut again = actuator(d, &mqtt, "lock-7").stdout(Stdio::piped()).spawn().unwrap();
     wait_presence(&http, "lock-7", "online");
     std::thread::sleep(Duration::from_secs(2));
     again.kill().unwrap();

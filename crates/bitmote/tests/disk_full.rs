@@ -177,7 +177,10 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
     let (code, _) = post(&gw, &k, seq).expect_err("still refused while the disk is full");
     assert_eq!(code, 507);
     let paid_full = provider_paid(&provider);
-    assert!(paid_full > paid_at_fill, "the meter's payments through the gateway's node went on while the disk was full ({paid_at_fill} → {paid_full} msat)");
+    assert!(
+        paid_full > paid_at_fill,
+        "the meter's payments through the gateway's node went on while the disk was full ({paid_at_fill} → {paid_full} msat)"
+    );
     // Acknowledged readings are there, with proofs.
     for id in &before {
         get(&format!("{gw}/v1/readings/{id}"));
@@ -199,7 +202,10 @@ fn a_full_disk_refuses_new_readings_keeps_the_acknowledged_ones_and_never_kills_
     assert_eq!(stats["disk"]["reserve_held_bytes"], 32 << 20, "the reserve is whole again: {stats}");
     assert!(stats["disk"]["releases"].as_u64().unwrap() >= 1, "{stats}");
     eventually("payments still flow after the episode", Duration::from_secs(30), || provider_paid(&provider) > paid_full.max(paid_at_fill));
-    eprintln!("free after the episode: {} MiB; provider paid {paid_at_fill} msat at the fill, {paid_full} msat after 6 s full", free(&gw_dir) >> 20);
+    eprintln!(
+        "free after the episode: {} MiB; provider paid {paid_at_fill} msat at the fill, {paid_full} msat after 6 s full",
+        free(&gw_dir) >> 20
+    );
 
     // A clean stop is clean.
     let mut child_up = u;

@@ -29,7 +29,8 @@ fn a_short_seeded_campaign_finds_no_violation() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
-    let r: Json = serde_json::from_slice(&std::fs::read(&report).unwrap_or_else(|e| panic!("no report ({e}): {stdout}\n{stderr}"))).unwrap();
+    let r: Json =
+        serde_json::from_slice(&std::fs::read(&report).unwrap_or_else(|e| panic!("no report ({e}): {stdout}\n{stderr}"))).unwrap();
     assert!(out.status.success(), "the drill failed: {stdout}\n{stderr}");
     assert_eq!(r["violations"].as_array().unwrap().len(), 0, "{stdout}");
     assert_eq!(r["rounds"].as_u64().unwrap().to_string(), rounds);

@@ -178,7 +178,7 @@ fn ctrl_c_of_up_with_its_output_closed_stops_the_node_cleanly_and_up_starts_agai
         }
     }
     drop(lines); // `tee` is gone: every later write of `up` fails with EPIPE
-    // It keeps running (it logs a line per block, each one failing to be written).
+                 // It keeps running (it logs a line per block, each one failing to be written).
     std::thread::sleep(Duration::from_secs(3));
     assert!(child.try_wait().unwrap().is_none(), "up died of its closed output");
     let before = height(d);
@@ -240,7 +240,11 @@ fn a_node_back_without_its_last_blocks_is_a_reorg_up_follows_and_re_anchors() {
         let gw = u.http.clone();
         let r2 = post(&gw, &k, 2);
         let r3 = post(&gw, &k, 3);
-        eventually("readings 2 and 3 anchored and final", || confirmed_covering(&gw, 3).is_some_and(|a| a["confirmations"].as_u64() >= Some(4)), mine);
+        eventually(
+            "readings 2 and 3 anchored and final",
+            || confirmed_covering(&gw, 3).is_some_and(|a| a["confirmations"].as_u64() >= Some(4)),
+            mine,
+        );
         let lost = confirmed_covering(&gw, 3).unwrap();
         assert!(lost["block_height"].as_u64().unwrap() > h);
         assert_eq!(verified(&gw, &r2), "verified");

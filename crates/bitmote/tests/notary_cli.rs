@@ -50,7 +50,8 @@ fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
     assert!(run(d, &gw, &["device", "keygen", "--out", key_a.to_str().unwrap()]).status.success());
     assert!(run(d, &gw, &["device", "keygen", "--p256", "--out", key_b.to_str().unwrap()]).status.success());
     // A sensor that is not enrolled is refused with a reason.
-    let refused = run(d, &gw, &["device", "sensor", "--key", key_a.to_str().unwrap(), "--transport", "http", "--count", "1", "--interval-ms", "0"]);
+    let refused =
+        run(d, &gw, &["device", "sensor", "--key", key_a.to_str().unwrap(), "--transport", "http", "--count", "1", "--interval-ms", "0"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not enrolled"));
     for (k, n) in [(&key_a, "thermo-a"), (&key_b, "thermo-b")] {
@@ -59,9 +60,43 @@ fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(k.with_extension("mqtt")).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
     }
-    let a = run(d, &gw, &["device", "sensor", "--key", key_a.to_str().unwrap(), "--transport", "mqtt", "--mqtt", &u.mqtt, "--count", "5", "--interval-ms", "0"]);
+    let a = run(
+        d,
+        &gw,
+        &[
+            "device",
+            "sensor",
+            "--key",
+            key_a.to_str().unwrap(),
+            "--transport",
+            "mqtt",
+            "--mqtt",
+            &u.mqtt,
+            "--count",
+            "5",
+            "--interval-ms",
+            "0",
+        ],
+    );
     assert!(a.status.success());
-    let b = run(d, &gw, &["device", "sensor", "--key", key_b.to_str().unwrap(), "--transport", "http", "--batch", "4", "--count", "8", "--interval-ms", "0"]);
+    let b = run(
+        d,
+        &gw,
+        &[
+            "device",
+            "sensor",
+            "--key",
+            key_b.to_str().unwrap(),
+            "--transport",
+            "http",
+            "--batch",
+            "4",
+            "--count",
+            "8",
+            "--interval-ms",
+            "0",
+        ],
+    );
     assert!(b.status.success());
     let last: Json = serde_json::from_str(String::from_utf8_lossy(&b.stdout).lines().last().unwrap()).unwrap();
     let id = last["reading_id"].as_str().unwrap().to_string();
@@ -73,7 +108,11 @@ fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
     let bundle = d.join("proof.json");
     let ots = d.join("reading.ots");
     let file = d.join("reading.bin");
-    let p = run(d, &gw, &["proof", &id, "--out", bundle.to_str().unwrap(), "--ots", ots.to_str().unwrap(), "--reading", file.to_str().unwrap()]);
+    let p = run(
+        d,
+        &gw,
+        &["proof", &id, "--out", bundle.to_str().unwrap(), "--ots", ots.to_str().unwrap(), "--reading", file.to_str().unwrap()],
+    );
     assert!(p.status.success());
     let v = run(d, &gw, &["verify", bundle.to_str().unwrap(), "--reading", file.to_str().unwrap()]);
     assert!(v.status.success());
@@ -90,7 +129,8 @@ fn sensors_publish_and_anyone_verifies_their_readings_from_the_command_line() {
     // Revoke a device: its new readings are refused.
     let b_id = SigningKeyFile::id(&key_b);
     assert!(run(d, &gw, &["device", "revoke", &b_id, "--reason", "stolen"]).status.success());
-    let after = run(d, &gw, &["device", "sensor", "--key", key_b.to_str().unwrap(), "--transport", "http", "--count", "1", "--interval-ms", "0"]);
+    let after =
+        run(d, &gw, &["device", "sensor", "--key", key_b.to_str().unwrap(), "--transport", "http", "--count", "1", "--interval-ms", "0"]);
     assert!(String::from_utf8_lossy(&after.stderr).contains("revoked"));
     stop(u);
     run(d, &gw, &["node", "stop"]);
@@ -173,8 +213,11 @@ fn kill_9_under_load_loses_no_acknowledged_reading() {
     assert!(log["tree_size"].as_u64().unwrap() >= acked.len() as u64);
     wait_confirmed(&gw, log["tree_size"].as_u64().unwrap());
     for id in &acked {
-        let b: bitmote_notary::proof::ProofBundle =
-            ureq::get(&format!("{gw}/v1/readings/{id}/proof")).call().unwrap_or_else(|e| panic!("acked reading {id} lost: {e}")).into_json().unwrap();
+        let b: bitmote_notary::proof::ProofBundle = ureq::get(&format!("{gw}/v1/readings/{id}/proof"))
+            .call()
+            .unwrap_or_else(|e| panic!("acked reading {id} lost: {e}"))
+            .into_json()
+            .unwrap();
         assert!(!b.is_pending());
     }
     eprintln!("{} acknowledged readings survived kill -9, all provable", acked.len());

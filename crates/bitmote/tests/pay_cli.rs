@@ -122,9 +122,8 @@ fn a_session_survives_kill_9_of_either_machine_and_both_accounts_agree() {
     let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
     // A generous grace period: this test is about recovery, and restarting a machine
     // (Lightning node, peer reconnection) takes seconds on a busy 2-core CI box.
-    let provider_args = [
-        "provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000",
-    ];
+    let provider_args =
+        ["provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000"];
     let purl = format!("http://{p_http}");
     let murl = format!("http://{m_http}");
     let meter_args = ["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl, "--ticks", "40"];
@@ -217,7 +216,10 @@ fn each_paid_tick_is_a_notary_reading_whose_proof_verifies_against_the_chain() {
     let gw = u.http.clone();
     let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
     let purl = format!("http://{p_http}");
-    let provider = Proc::spawn(d, &["provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000"]);
+    let provider = Proc::spawn(
+        d,
+        &["provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "postpaid", "--tick-ms", "500", "--grace-ms", "20000"],
+    );
     provider.expect("ready");
     let meter = Proc::spawn(
         d,
@@ -262,8 +264,17 @@ fn each_paid_tick_is_a_notary_reading_whose_proof_verifies_against_the_chain() {
         .output()
         .unwrap();
     assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
-    let v = bitmote(d).env("BITMOTE_GATEWAY_URL", &gw).args(["verify", bundle.to_str().unwrap(), "--reading", file.to_str().unwrap()]).output().unwrap();
-    assert!(String::from_utf8_lossy(&v.stdout).starts_with("OK: reading"), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+    let v = bitmote(d)
+        .env("BITMOTE_GATEWAY_URL", &gw)
+        .args(["verify", bundle.to_str().unwrap(), "--reading", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("OK: reading"),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
     drop(provider);
     assert!(u.interrupt().success());
 }
@@ -367,9 +378,8 @@ fn prepaid_kill_9_mid_tick_of_either_machine_then_sigterm_reconciles() {
     let d = dir.path();
     assert!(bitmote(d).args(["node", "start"]).status().unwrap().success());
     let (p_ln, p_http, m_ln, m_http) = (port(), port(), port(), port());
-    let provider_args = [
-        "provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "prepaid", "--tick-ms", "500", "--grace-ms", "20000",
-    ];
+    let provider_args =
+        ["provider", "run", "--ln-listen", &p_ln, "--http", &p_http, "--mode", "prepaid", "--tick-ms", "500", "--grace-ms", "20000"];
     let purl = format!("http://{p_http}");
     let murl = format!("http://{m_http}");
     let meter_args = ["meter", "run", "--ln-listen", &m_ln, "--http", &m_http, "--provider-url", &purl];

@@ -25,9 +25,7 @@ fn start(data_dir: &Path) -> Up {
 
 fn start_with(data_dir: &Path, sensors: u32) -> Up {
     let mut c = bitmote(data_dir);
-    c.env("BITMOTE_FLEET_ENABLED", "true")
-        .env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "2")
-        .env("BITMOTE_FLEET_SENSOR_INTERVAL_MS", "1000");
+    c.env("BITMOTE_FLEET_ENABLED", "true").env("BITMOTE_NOTARY_ANCHOR_INTERVAL_SECS", "2").env("BITMOTE_FLEET_SENSOR_INTERVAL_MS", "1000");
     for k in ["FLEET_PROVIDER_HTTP", "FLEET_PROVIDER_LN", "FLEET_METER_HTTP", "FLEET_METER_LN", "GATEWAY_LIGHTNING_LISTEN"] {
         c.env(format!("BITMOTE_{k}"), "127.0.0.1:0");
     }
@@ -58,7 +56,12 @@ fn log_size(api: &str) -> u64 {
 
 /// The meter's channel ids (from its status API).
 fn channels(meter: &str) -> Vec<String> {
-    get(&format!("{meter}/v1/status"))["node"]["channels"].as_array().unwrap().iter().map(|c| c["channel_id"].as_str().unwrap().to_string()).collect()
+    get(&format!("{meter}/v1/status"))["node"]["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channel_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// `bitmote status --json` on the data directory: exit code and report.
@@ -102,8 +105,10 @@ fn up_runs_the_whole_system_shows_it_in_a_browser_stops_every_process_and_resume
     // The dashboard in a real browser: anchors confirmed, the lock opened by a payment,
     // the meter's payments growing.
     let shot = std::env::var("BITMOTE_SCREENSHOT").unwrap_or_default();
-    let mut browser = Command::new("node").arg(browser_dir.join("up.mjs")).arg(&api).arg(&shot).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let seen: Vec<String> = BufReader::new(browser.stdout.take().unwrap()).lines().map_while(Result::ok).inspect(|l| println!("browser: {l}")).collect();
+    let mut browser =
+        Command::new("node").arg(browser_dir.join("up.mjs")).arg(&api).arg(&shot).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let seen: Vec<String> =
+        BufReader::new(browser.stdout.take().unwrap()).lines().map_while(Result::ok).inspect(|l| println!("browser: {l}")).collect();
     assert!(browser.wait().unwrap().success(), "the browser did not see it all: {seen:#?}");
     let seen = seen.join("\n");
     for line in ["anchor confirmed:", "lock opened by a payment: order-", "meter streaming: paid", "routing fees", "all seen"] {
@@ -200,7 +205,14 @@ fn up_then_ctrl_c_ends_with_the_meters_accounts_reconciled() {
     let meter = up_json(d)["meter_url"].as_str().unwrap().to_string();
     let paid_ticks = || -> u64 {
         let Some(st) = ureq::get(&format!("{meter}/v1/status")).call().ok().and_then(|r| r.into_json::<Json>().ok()) else { return 0 };
-        st["sessions"].as_array().unwrap().iter().filter(|s| s["state"] == "open").filter_map(|s| s["account"]["ticks"].as_u64()).max().unwrap_or(0)
+        st["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "open")
+            .filter_map(|s| s["account"]["ticks"].as_u64())
+            .max()
+            .unwrap_or(0)
     };
     eventually_within("the meter streaming", 480, || paid_ticks() > 0);
     let from = paid_ticks();

@@ -283,9 +283,10 @@ fn fetch_source(root: &Path, progress: &mut dyn Progress) -> Result<PathBuf> {
     );
     fs::write(dir.join("Cargo.toml"), manifest).map_err(|e| ChainError::io("writing fetch manifest", e))?;
     fs::write(dir.join("src/lib.rs"), "").map_err(|e| ChainError::io("writing fetch crate", e))?;
-    let cargo = std::env::var_os("CARGO").map(PathBuf::from).or_else(|| which("cargo")).ok_or_else(|| {
-        ChainError::Provision("cargo is needed to fetch the Bitcoin Core source from crates.io".into())
-    })?;
+    let cargo = std::env::var_os("CARGO")
+        .map(PathBuf::from)
+        .or_else(|| which("cargo"))
+        .ok_or_else(|| ChainError::Provision("cargo is needed to fetch the Bitcoin Core source from crates.io".into()))?;
     let out = Command::new(&cargo)
         .args(["metadata", "--format-version", "1", "--manifest-path"])
         .arg(dir.join("Cargo.toml"))
@@ -297,8 +298,8 @@ fn fetch_source(root: &Path, progress: &mut dyn Progress) -> Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| ChainError::Provision(format!("cargo metadata output: {e}")))?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| ChainError::Provision(format!("cargo metadata output: {e}")))?;
     let manifest_path = meta["packages"]
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == KERNEL_SYS_CRATE))
@@ -314,11 +315,8 @@ fn fetch_source(root: &Path, progress: &mut dyn Progress) -> Result<PathBuf> {
 fn run_logged(mut cmd: Command, log: &mut File, mut on_line: impl FnMut(&str)) -> Result<()> {
     let desc = format!("{cmd:?}");
     writeln!(log, "$ {desc}").ok();
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| ChainError::Provision(format!("cannot run {desc}: {e}")))?;
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(|e| ChainError::Provision(format!("cannot run {desc}: {e}")))?;
     let stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
         let mut all = String::new();
@@ -342,11 +340,7 @@ fn run_logged(mut cmd: Command, log: &mut File, mut on_line: impl FnMut(&str)) -
     write!(log, "{stderr}").ok();
     if !status.success() {
         let err_tail: Vec<&str> = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
-        return Err(ChainError::Provision(format!(
-            "{desc} failed ({status}):\n{}\n{}",
-            tail.join("\n"),
-            err_tail.join("\n")
-        )));
+        return Err(ChainError::Provision(format!("{desc} failed ({status}):\n{}\n{}", tail.join("\n"), err_tail.join("\n"))));
     }
     Ok(())
 }
@@ -389,8 +383,7 @@ fn build(opts: &InstallOptions, root: &Path, progress: &mut dyn Progress) -> Res
     fs::create_dir_all(tmp_dir.join("bin")).map_err(|e| ChainError::io("creating install dir", e))?;
     for name in ["bitcoind", "bitcoin-cli"] {
         let from = build_dir.join("bin").join(name);
-        fs::copy(&from, tmp_dir.join("bin").join(name))
-            .map_err(|e| ChainError::io(format!("copying {}", from.display()), e))?;
+        fs::copy(&from, tmp_dir.join("bin").join(name)).map_err(|e| ChainError::io(format!("copying {}", from.display()), e))?;
     }
     let version = probe_version(&tmp_dir.join("bin/bitcoind"))?;
     fs::write(tmp_dir.join("VERSION"), format!("{version}\nsource: {KERNEL_SYS_CRATE} {KERNEL_SYS_VERSION}\n"))

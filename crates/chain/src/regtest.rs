@@ -285,9 +285,7 @@ impl RegtestNode {
         // Own process group: a Ctrl-C in the terminal reaches bitmote, which then stops
         // the node in order (after flushing whatever depends on it), not both at once.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| ChainError::Process(format!("cannot start {}: {e}", opts.exe.display())))?;
+        let child = cmd.spawn().map_err(|e| ChainError::Process(format!("cannot start {}: {e}", opts.exe.display())))?;
         let rpc = rpc_config(&data_dir, rpc_port);
         let mut process = if daemon {
             let out = child.wait_with_output().map_err(|e| ChainError::Process(e.to_string()))?;

@@ -105,8 +105,7 @@ impl std::fmt::Debug for ChainClient {
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn read_cookie(path: &PathBuf) -> Result<(String, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ChainError::Cookie { path: path.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ChainError::Cookie { path: path.clone(), reason: e.to_string() })?;
     let line = text.lines().next().unwrap_or_default();
     match line.split_once(':') {
         Some((u, p)) if !u.is_empty() => Ok((u.to_string(), p.to_string())),
@@ -196,18 +195,14 @@ impl ChainClient {
         let url = self.cfg.url.clone();
         match e {
             E::JsonRpc(jsonrpc::Error::Rpc(r)) if r.code == -28 => ChainError::Warmup { url, message: r.message },
-            E::JsonRpc(jsonrpc::Error::Rpc(r)) => {
-                ChainError::Rpc { method: method.to_string(), code: r.code, message: r.message }
-            }
+            E::JsonRpc(jsonrpc::Error::Rpc(r)) => ChainError::Rpc { method: method.to_string(), code: r.code, message: r.message },
             E::JsonRpc(jsonrpc::Error::Transport(t)) => match t.downcast_ref::<H>() {
                 Some(H::HttpErrorCode(401)) => ChainError::Unauthorized { url },
                 Some(H::SocketError(io)) => ChainError::Unreachable { url, reason: io.to_string() },
                 Some(H::InvalidUrl { reason, .. }) => ChainError::Config(format!("bad RPC URL {url}: {reason}")),
                 _ => ChainError::Transport { url, message: t.to_string() },
             },
-            E::JsonRpc(jsonrpc::Error::Json(j)) | E::Json(j) => {
-                ChainError::Protocol { method: method.to_string(), message: j.to_string() }
-            }
+            E::JsonRpc(jsonrpc::Error::Json(j)) | E::Json(j) => ChainError::Protocol { method: method.to_string(), message: j.to_string() },
             other => ChainError::Protocol { method: method.to_string(), message: other.to_string() },
         }
     }
@@ -261,10 +256,8 @@ impl ChainClient {
         let net: Value = self.raw("getnetworkinfo", &[])?;
         let chain = bc["chain"].as_str().unwrap_or_default();
         Ok(NodeInfo {
-            network: network_from_core(chain).ok_or_else(|| ChainError::Protocol {
-                method: "getblockchaininfo".into(),
-                message: format!("unknown chain {chain:?}"),
-            })?,
+            network: network_from_core(chain)
+                .ok_or_else(|| ChainError::Protocol { method: "getblockchaininfo".into(), message: format!("unknown chain {chain:?}") })?,
             version: net["subversion"].as_str().unwrap_or_default().trim_matches('/').to_string(),
             blocks: bc["blocks"].as_u64().unwrap_or(0) as u32,
             headers: bc["headers"].as_u64().unwrap_or(0) as u32,
@@ -277,10 +270,7 @@ impl ChainClient {
     /// The active chain's tip.
     pub fn tip(&self) -> Result<BlockId> {
         let v: Value = self.raw("getblockchaininfo", &[])?;
-        Ok(BlockId {
-            height: v["blocks"].as_u64().unwrap_or(0) as u32,
-            hash: parse_field(&v, "bestblockhash", "getblockchaininfo")?,
-        })
+        Ok(BlockId { height: v["blocks"].as_u64().unwrap_or(0) as u32, hash: parse_field(&v, "bestblockhash", "getblockchaininfo")? })
     }
 
     /// Hash of the active chain's block at `height`, `None` above the tip.
@@ -334,8 +324,7 @@ impl ChainClient {
             args.push(json!(b));
         }
         let hex: String = self.raw("getrawtransaction", &args)?;
-        deserialize_hex(&hex)
-            .map_err(|e| ChainError::Protocol { method: "getrawtransaction".into(), message: e.to_string() })
+        deserialize_hex(&hex).map_err(|e| ChainError::Protocol { method: "getrawtransaction".into(), message: e.to_string() })
     }
 
     /// Broadcast a transaction.
@@ -394,10 +383,7 @@ impl ChainClient {
     pub fn wait_for_tip_change(&self, current: &BlockHash, timeout: Duration) -> Result<BlockId> {
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as u64;
         match self.raw::<Value>("waitfornewblock", &[json!(ms), json!(current)]) {
-            Ok(v) => Ok(BlockId {
-                height: v["height"].as_u64().unwrap_or(0) as u32,
-                hash: parse_field(&v, "hash", "waitfornewblock")?,
-            }),
+            Ok(v) => Ok(BlockId { height: v["height"].as_u64().unwrap_or(0) as u32, hash: parse_field(&v, "hash", "waitfornewblock")? }),
             // Older Core: no `current_tip` parameter. Poll.
             Err(ChainError::Rpc { code: -1, .. }) => {
                 let deadline = Instant::now() + timeout;

@@ -207,8 +207,7 @@ impl History {
     }
 
     fn save(&self, path: &Path) -> Result<()> {
-        let mut v: Vec<(u32, String)> =
-            self.headers.values().map(|(h, hd)| (*h, bitcoin::consensus::encode::serialize_hex(hd))).collect();
+        let mut v: Vec<(u32, String)> = self.headers.values().map(|(h, hd)| (*h, bitcoin::consensus::encode::serialize_hex(hd))).collect();
         v.sort();
         let body = serde_json::to_vec(&HistoryFile { headers: v })
             .map_err(|e| ChainError::Config(format!("serializing the block history: {e}")))?;
@@ -244,9 +243,8 @@ impl<S: BlockSource> BlockStream<S> {
             Start::Tip => Some(source.tip()?),
             Start::Height(0) => None,
             Start::Height(h) => {
-                let hash = source.block_hash(h - 1)?.ok_or_else(|| {
-                    ChainError::Config(format!("start height {h} is above the node's tip"))
-                })?;
+                let hash =
+                    source.block_hash(h - 1)?.ok_or_else(|| ChainError::Config(format!("start height {h} is above the node's tip")))?;
                 Some(BlockId { height: h - 1, hash })
             }
         };
@@ -409,8 +407,8 @@ impl CursorStore for FileCursorStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(ChainError::io(format!("reading cursor {}", self.path.display()), e)),
         };
-        let f: CursorFile = serde_json::from_str(&text)
-            .map_err(|e| ChainError::Config(format!("corrupt cursor file {}: {e}", self.path.display())))?;
+        let f: CursorFile =
+            serde_json::from_str(&text).map_err(|e| ChainError::Config(format!("corrupt cursor file {}: {e}", self.path.display())))?;
         match (f.height, f.hash) {
             (Some(height), Some(hash)) => Ok(Some(Some(BlockId { height, hash }))),
             (None, None) => Ok(Some(None)),
@@ -419,8 +417,8 @@ impl CursorStore for FileCursorStore {
     }
 
     fn save(&mut self, cursor: Cursor) -> Result<()> {
-        let body = serde_json::to_vec(&CursorFile { height: cursor.map(|c| c.height), hash: cursor.map(|c| c.hash) })
-            .expect("cursor serializes");
+        let body =
+            serde_json::to_vec(&CursorFile { height: cursor.map(|c| c.height), hash: cursor.map(|c| c.hash) }).expect("cursor serializes");
         write_atomic(&self.path, &body)
     }
 }

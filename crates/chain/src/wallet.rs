@@ -21,9 +21,9 @@ use bdk_wallet::{KeychainKind, PersistedWallet, SignOptions, Wallet};
 use bitcoin::{Address, Amount, Block, FeeRate, Network, Transaction, Txid};
 
 use crate::error::{ChainError, Rejection, Result};
+use crate::now_secs;
 use crate::rpc::{BlockId, ChainClient};
 use crate::stream::{BlockEvent, BlockStream, StreamConfig};
-use crate::now_secs;
 
 fn werr(context: &str, e: impl std::fmt::Display) -> ChainError {
     ChainError::Wallet(format!("{context}: {e}"))
@@ -202,10 +202,8 @@ impl GatewayWallet {
         let mut w = match loaded {
             Some(w) => GatewayWallet { wallet: w, db, network },
             None => {
-                let wallet = Wallet::create(ext, int)
-                    .network(network)
-                    .create_wallet(&mut db)
-                    .map_err(|e| werr("creating the wallet", e))?;
+                let wallet =
+                    Wallet::create(ext, int).network(network).create_wallet(&mut db).map_err(|e| werr("creating the wallet", e))?;
                 let mut w = GatewayWallet { wallet, db, network };
                 if network != Network::Regtest {
                     let tip = client.tip()?;

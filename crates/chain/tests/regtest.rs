@@ -9,8 +9,7 @@ use bitmote_chain::bitcoin::{Address, BlockHash, Network, ScriptBuf};
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_chain::{
-    BlockEvent, BlockStream, ChainClient, ChainError, CursorStore, FileCursorStore, RpcAuth, RpcConfig, Start,
-    StreamConfig,
+    BlockEvent, BlockStream, ChainClient, ChainError, CursorStore, FileCursorStore, RpcAuth, RpcConfig, Start, StreamConfig,
 };
 
 fn bitcoind() -> PathBuf {
@@ -131,8 +130,7 @@ fn a_consumer_restarted_from_its_cursor_misses_and_repeats_nothing() {
     // Several consumer lifetimes; between them the chain grows and reorganises.
     for round in 0..6u32 {
         let stored = store.load().unwrap();
-        let mut stream =
-            BlockStream::resume(c.fresh().unwrap(), stored, Start::Height(0), StreamConfig::default()).unwrap();
+        let mut stream = BlockStream::resume(c.fresh().unwrap(), stored, Start::Height(0), StreamConfig::default()).unwrap();
         // Read a few events, persisting the cursor after each (as a consumer would after
         // processing), then "crash": drop the stream without a goodbye.
         for _ in 0..(7 + round) {
@@ -233,7 +231,8 @@ fn bad_rpc_settings_get_errors_that_name_the_problem() {
     assert!(matches!(err, ChainError::Rpc { ref method, .. } if method == "getblockheader"), "{err:?}");
 
     // A cursor this node never saw.
-    let bogus = bitmote_chain::BlockId { height: 5, hash: "00000000000000000000000000000000000000000000000000000000000000ff".parse().unwrap() };
+    let bogus =
+        bitmote_chain::BlockId { height: 5, hash: "00000000000000000000000000000000000000000000000000000000000000ff".parse().unwrap() };
     let mut s = BlockStream::from_cursor(node.client().fresh().unwrap(), Some(bogus), StreamConfig::default());
     let err = s.next_event(Some(Duration::from_millis(100))).unwrap_err();
     assert!(matches!(err, ChainError::CursorUnknown { .. }), "{err:?}");
@@ -403,7 +402,11 @@ fn a_node_whose_filter_index_is_not_on_its_chain_starts_again_with_its_indexes_r
     let before = debug_log("a").len();
     let a = RegtestNode::start(opts_for("a")).unwrap();
     let log = &debug_log("a")[before..];
-    eprintln!("after the kill: tip {:?} (flushed tip {old:?}); refused: {}", a.client().tip().unwrap(), log.contains("index may be corrupted"));
+    eprintln!(
+        "after the kill: tip {:?} (flushed tip {old:?}); refused: {}",
+        a.client().tip().unwrap(),
+        log.contains("index may be corrupted")
+    );
     assert!(log.contains("index may be corrupted"), "the first start was refused (else this tests nothing)");
     let tip = a.client().tip().unwrap();
     synced(a.client(), tip.height);

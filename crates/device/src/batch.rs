@@ -45,7 +45,10 @@ pub enum BatchError {
     /// A reading names another device than the batch's first reading / the key.
     WrongDevice,
     /// Sequence numbers are not consecutive.
-    NotConsecutive { expected: u64, got: u64 },
+    NotConsecutive {
+        expected: u64,
+        got: u64,
+    },
     Sign(SignError),
     Decode(DecodeError),
     Merkle(merkle::MerkleError),
@@ -216,13 +219,7 @@ impl SignedBatch {
         let (_, leaves) = batch_shape(&self.readings)?;
         let first_seq = self.readings.first().map(|r| r.seq).ok_or(BatchError::Empty)?;
         let proof = merkle::inclusion_proof(&leaves, index as u64).map_err(BatchError::Merkle)?;
-        Ok(BatchMembership {
-            first_seq,
-            count: self.readings.len() as u32,
-            index: index as u32,
-            proof,
-            signature: self.signature,
-        })
+        Ok(BatchMembership { first_seq, count: self.readings.len() as u32, index: index as u32, proof, signature: self.signature })
     }
 
     /// Same as [`batch_proof`](Self::batch_proof).

@@ -221,10 +221,7 @@ mod vectors {
         let rs: Vec<Reading> = (0..3).map(|i| reading(dev, i)).collect();
         let leaves: Vec<Hash> = rs.iter().map(Reading::leaf_hash).collect();
         assert_eq!(hex_encode(&merkle::root(&leaves)), "5dffd1e6858ae299cdb8172127da8534dfbf5b76ff4ee876821316daa21fc96a");
-        assert_eq!(
-            hex_encode(&batch::batch_root(&rs).unwrap()),
-            "1ab36b067dd168ee66e82f6cbf1568b5545cb7ee5413053f2b4ed1a91d6723e8"
-        );
+        assert_eq!(hex_encode(&batch::batch_root(&rs).unwrap()), "1ab36b067dd168ee66e82f6cbf1568b5545cb7ee5413053f2b4ed1a91d6723e8");
         let b = SignedBatch::sign(&k, rs).unwrap();
         assert_eq!(
             b.signature.to_hex(),

@@ -229,13 +229,7 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
 }
 
 /// Check a consistency proof from (`old_size`, `old_root`) to (`new_size`, `new_root`) (RFC 9162 §2.1.4.2).
-pub fn verify_consistency(
-    old_size: u64,
-    new_size: u64,
-    old_root: &Hash,
-    new_root: &Hash,
-    proof: &[Hash],
-) -> Result<(), MerkleError> {
+pub fn verify_consistency(old_size: u64, new_size: u64, old_root: &Hash, new_root: &Hash, proof: &[Hash]) -> Result<(), MerkleError> {
     if old_size == 0 || old_size > new_size {
         return Err(MerkleError::BadSizes { old_size, new_size });
     }
@@ -506,23 +500,14 @@ mod tests {
                     let mut t = p.clone();
                     t[k][k % 32] ^= 1;
                     assert_eq!(verify_inclusion(i, size, leaf, &t, &r), Err(MerkleError::RootMismatch));
-                    assert!(matches!(
-                        verify_inclusion(i, size, leaf, &p[..k], &r),
-                        Err(MerkleError::WrongProofLength { .. })
-                    ));
+                    assert!(matches!(verify_inclusion(i, size, leaf, &p[..k], &r), Err(MerkleError::WrongProofLength { .. })));
                 }
                 let mut longer = p.clone();
                 longer.push([0; 32]);
-                assert!(matches!(
-                    verify_inclusion(i, size, leaf, &longer, &r),
-                    Err(MerkleError::WrongProofLength { .. })
-                ));
+                assert!(matches!(verify_inclusion(i, size, leaf, &longer, &r), Err(MerkleError::WrongProofLength { .. })));
             }
             assert_eq!(inclusion_proof(&l, size), Err(MerkleError::IndexOutOfRange { index: size, size }));
-            assert_eq!(
-                verify_inclusion(size, size, &l[0], &[], &r),
-                Err(MerkleError::IndexOutOfRange { index: size, size })
-            );
+            assert_eq!(verify_inclusion(size, size, &l[0], &[], &r), Err(MerkleError::IndexOutOfRange { index: size, size }));
             assert_eq!(inclusion_proof_len(size, size), 0);
 
             for m in 1..=size {
@@ -559,10 +544,7 @@ mod tests {
             }
             assert_eq!(consistency_proof(&l, 0), Err(MerkleError::BadSizes { old_size: 0, new_size: size }));
             assert!(consistency_proof(&l, size + 1).is_err());
-            assert_eq!(
-                verify_consistency(0, size, &r, &r, &[]),
-                Err(MerkleError::BadSizes { old_size: 0, new_size: size })
-            );
+            assert_eq!(verify_consistency(0, size, &r, &r, &[]), Err(MerkleError::BadSizes { old_size: 0, new_size: size }));
             assert!(verify_consistency(size + 1, size, &r, &r, &[]).is_err());
         }
     }
@@ -570,10 +552,7 @@ mod tests {
     #[test]
     fn frontier_from_parts_checks_the_shape() {
         assert!(MerkleFrontier::from_parts(0, vec![]).is_ok());
-        assert_eq!(
-            MerkleFrontier::from_parts(3, vec![[0; 32]]).unwrap_err(),
-            MerkleError::BadFrontier { size: 3, subtrees: 1 }
-        );
+        assert_eq!(MerkleFrontier::from_parts(3, vec![[0; 32]]).unwrap_err(), MerkleError::BadFrontier { size: 3, subtrees: 1 });
         assert!(MerkleFrontier::from_parts(4, vec![[0; 32], [1; 32]]).is_err());
         // A resumed frontier keeps growing like the original.
         let l = leaves(37);

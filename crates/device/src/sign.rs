@@ -101,9 +101,7 @@ impl PublicKey {
 
     pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
         match b.split_first() {
-            Some((&SCHNORR, k)) if k.len() == 32 => {
-                XOnlyPublicKey::from_slice(k).map(PublicKey::Schnorr).map_err(|_| DecodeError::BadKey)
-            }
+            Some((&SCHNORR, k)) if k.len() == 32 => XOnlyPublicKey::from_slice(k).map(PublicKey::Schnorr).map_err(|_| DecodeError::BadKey),
             Some((&P256, k)) if k.len() == 33 => {
                 let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(k).map_err(|_| DecodeError::BadKey)?;
                 // Only the compressed form, so that a key has exactly one encoding (and one device id).
@@ -234,9 +232,7 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// A BIP340 key from a 32-byte secret.
     pub fn schnorr_from_secret(secret: &[u8; 32]) -> Result<Self, SignError> {
-        Keypair::from_seckey_slice(&Secp256k1::signing_only(), secret)
-            .map(SigningKey::Schnorr)
-            .map_err(|_| SignError::BadSecret)
+        Keypair::from_seckey_slice(&Secp256k1::signing_only(), secret).map(SigningKey::Schnorr).map_err(|_| SignError::BadSecret)
     }
 
     /// A P-256 key from a 32-byte secret.

@@ -129,7 +129,16 @@ fn campaign(
         let mut body = || -> Result<String, DrillError> {
             let mut done = vec![];
             {
-                let mut ctx = Ctx { sys: &mut *sys, miner: &mut miner, probe: &mut probe, rng: &mut rng, tally: &mut tally, disk: disk.clone(), proxy, tick_ms: 1000 };
+                let mut ctx = Ctx {
+                    sys: &mut *sys,
+                    miner: &mut miner,
+                    probe: &mut probe,
+                    rng: &mut rng,
+                    tally: &mut tally,
+                    disk: disk.clone(),
+                    proxy,
+                    tick_ms: 1000,
+                };
                 for step in 0..STEPS {
                     if step == 1 && buy_rng.chance(1, 2) {
                         done.push(customer.buy(ctx.sys, round));
@@ -166,12 +175,16 @@ fn campaign(
             customer.check(sys, false, &mut tally)?;
             sessions_closed = checks::check_payments(sys, &mut tally, false).unwrap_or(sessions_closed).max(sessions_closed);
             statement_seen = checks::check_statement(sys, statement_seen, &mut tally);
-        Ok(format!("{} | proofs checked {}", done.join("; "), counts.proven + counts.pending))
+            Ok(format!("{} | proofs checked {}", done.join("; "), counts.proven + counts.pending))
         };
         let line = body();
         let bad = tally.violations.iter().filter(|v| v.round == round).count();
         match line {
-            Ok(line) => println!("round {round:>4}/{}: {line} | {}", opts.rounds, if bad == 0 { "ok".to_string() } else { format!("{bad} VIOLATION(S)") }),
+            Ok(line) => println!(
+                "round {round:>4}/{}: {line} | {}",
+                opts.rounds,
+                if bad == 0 { "ok".to_string() } else { format!("{bad} VIOLATION(S)") }
+            ),
             Err(e) => {
                 tally.fail("I5 availability", format!("the campaign cannot go on: {e}"));
                 println!("round {round:>4}/{}: the campaign cannot go on: {e}", opts.rounds);
@@ -251,7 +264,9 @@ fn warm_up(sys: &mut System, miner: &Miner) -> Result<(), DrillError> {
             let _ = miner.mine(&c);
         }
         let streaming = sys.status().and_then(|s| s.meter_url).and_then(|u| sys.get_url(&format!("{u}/v1/status")).ok()).is_some_and(|v| {
-            v["sessions"].as_array().is_some_and(|s| s.iter().any(|s| s["state"] == "open" && s["account"]["ticks"].as_u64().unwrap_or(0) > 0))
+            v["sessions"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["state"] == "open" && s["account"]["ticks"].as_u64().unwrap_or(0) > 0))
         });
         if streaming {
             return Ok(());
@@ -289,7 +304,10 @@ fn settle(sys: &mut System, miner: &mut Miner, probe: &mut Probe, tally: &mut Ta
         }
         if mined >= SETTLE_BLOCKS {
             let anchored = last.as_ref().is_none_or(|id| {
-                sys.get_json(&format!("/v1/readings/{id}/proof")).ok().and_then(|b| serde_json::from_value::<bitmote_notary::proof::ProofBundle>(b).ok()).is_some_and(|b| !b.is_pending())
+                sys.get_json(&format!("/v1/readings/{id}/proof"))
+                    .ok()
+                    .and_then(|b| serde_json::from_value::<bitmote_notary::proof::ProofBundle>(b).ok())
+                    .is_some_and(|b| !b.is_pending())
             });
             let idle = checks::actions(sys).is_ok_and(|a| checks::outbox_busy(&a).is_empty());
             if anchored && idle && fleet_whole(sys) {

@@ -119,11 +119,15 @@ impl NotaryView {
             return Ok(());
         };
         match &self.verifier_key {
-            Some(k) => t.check("I1 notary", *k == head.verifier_key, || format!("the checkpoint key changed from {k} to {}", head.verifier_key)),
+            Some(k) => {
+                t.check("I1 notary", *k == head.verifier_key, || format!("the checkpoint key changed from {k} to {}", head.verifier_key))
+            }
             None => self.verifier_key = Some(head.verifier_key.clone()),
         }
         if let Some(r) = self.roots.get(&head.tree_size) {
-            t.check("I1 notary", *r == root, || format!("two roots for tree size {}: {} and {}", head.tree_size, hex::encode(r), head.root));
+            t.check("I1 notary", *r == root, || {
+                format!("two roots for tree size {}: {} and {}", head.tree_size, hex::encode(r), head.root)
+            });
         }
         self.roots.insert(head.tree_size, root);
         if let Some((size, old_root)) = self.head {
@@ -132,10 +136,12 @@ impl NotaryView {
                 return Ok(());
             }
             if head.tree_size > size && size > 0 {
-                let c: ConsistencyAnswer = serde_json::from_value(sys.get_json(&format!("/v1/log/consistency?old={size}&new={}", head.tree_size))?)
-                    .map_err(|e| DrillError::Http(format!("/v1/log/consistency: {e}")))?;
+                let c: ConsistencyAnswer =
+                    serde_json::from_value(sys.get_json(&format!("/v1/log/consistency?old={size}&new={}", head.tree_size))?)
+                        .map_err(|e| DrillError::Http(format!("/v1/log/consistency: {e}")))?;
                 let proof: Option<Vec<[u8; 32]>> = c.proof.iter().map(|h| hash32(h)).collect();
-                let ok = proof.is_some_and(|p| bitmote_device::merkle::verify_consistency(size, head.tree_size, &old_root, &root, &p).is_ok());
+                let ok =
+                    proof.is_some_and(|p| bitmote_device::merkle::verify_consistency(size, head.tree_size, &old_root, &root, &p).is_ok());
                 t.check("I1 notary", ok, || format!("checkpoint {} is not consistent with checkpoint {size} seen earlier", head.tree_size));
             }
         }
@@ -169,7 +175,10 @@ impl NotaryView {
             let bundle = match sys.get_json(&format!("/v1/readings/{id}/proof")) {
                 Ok(v) => v,
                 Err(e) => {
-                    t.fail("I1 notary", format!("reading {id} (acknowledged in round {}, leaf {}) has no proof: {e}", a.round, a.receipt.leaf_index));
+                    t.fail(
+                        "I1 notary",
+                        format!("reading {id} (acknowledged in round {}, leaf {}) has no proof: {e}", a.round, a.receipt.leaf_index),
+                    );
                     continue;
                 }
             };
@@ -451,7 +460,6 @@ pub fn check_statement(sys: &System, seen: Option<u64>, t: &mut Tally) -> Option
     st.closed_ms
 }
 
-
 #[derive(Clone, Debug, Deserialize)]
 struct TariffView {
     price_msat_per_wh: u64,
@@ -579,7 +587,10 @@ pub fn check_payments(sys: &System, t: &mut Tally, closes_only: bool) -> Result<
             let bound = tick_plus_grace_msat(&s.tariff);
             let diff = s.account.paid_msat.abs_diff(o.account.paid_msat);
             t.check("I3 payments", diff <= bound, || {
-                format!("session {}: meter paid {} msat, provider counts {} msat: {diff} apart, more than one tick plus grace ({bound})", s.id, s.account.paid_msat, o.account.paid_msat)
+                format!(
+                    "session {}: meter paid {} msat, provider counts {} msat: {diff} apart, more than one tick plus grace ({bound})",
+                    s.id, s.account.paid_msat, o.account.paid_msat
+                )
             });
         }
     }

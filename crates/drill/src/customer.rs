@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
 use bitmote_pay::ldk_node::lightning::ln::channelmanager::PaymentId;
+use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
 use bitmote_pay::ldk_node::payment::PaymentStatus;
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::node::{self, NodeConfig};
@@ -94,13 +94,14 @@ impl Customer {
                 }
             }
         }
-        let order = match sys.post(&format!("/v1/devices/{DEVICE}/orders"), "application/json", format!("{{\"rule\":\"{RULE}\"}}").as_bytes()) {
-            Ok(o) => o,
-            Err(e) => {
-                self.not_placed += 1;
-                return format!("customer: order refused ({e})");
-            }
-        };
+        let order =
+            match sys.post(&format!("/v1/devices/{DEVICE}/orders"), "application/json", format!("{{\"rule\":\"{RULE}\"}}").as_bytes()) {
+                Ok(o) => o,
+                Err(e) => {
+                    self.not_placed += 1;
+                    return format!("customer: order refused ({e})");
+                }
+            };
         let (Some(event_id), Some(invoice)) = (order["order_id"].as_str(), order["invoice"].as_str()) else {
             self.not_placed += 1;
             return format!("customer: an order without an invoice: {order}");
@@ -165,7 +166,12 @@ impl Customer {
             let state = action.map(|a| a.state.as_str()).unwrap_or("none");
             let terminal = matches!(state, "acked" | "expired" | "refused" | "cancelled" | "none");
             let claim = action.and_then(|a| a.lightning.as_ref()).and_then(|l| l.claim.as_deref()).unwrap_or("");
-            let what = || format!("order {} (round {}): payment {status:?}, action {state}, claim {claim:?}, executed {ran} time(s)", o.event_id, o.round);
+            let what = || {
+                format!(
+                    "order {} (round {}): payment {status:?}, action {state}, claim {claim:?}, executed {ran} time(s)",
+                    o.event_id, o.round
+                )
+            };
             match status {
                 Some(PaymentStatus::Succeeded) => {
                     // Money taken: the lock must have run the action, once.

@@ -153,8 +153,17 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
         Fault::Reorg { depth } => {
             let c = ctx.sys.chain()?;
             let out = ctx.miner.reorg(&c, *depth, ctx.rng)?;
-            let fates: Vec<String> = out.fates.iter().filter(|(_, _, w)| *w != "other").map(|(t, f, w)| format!("{w} {}… {}", &t.to_string()[..8], f.name())).collect();
-            Ok(format!("reorg depth {}: {}", out.depth, if fates.is_empty() { "no trigger or anchor in it".into() } else { fates.join(", ") }))
+            let fates: Vec<String> = out
+                .fates
+                .iter()
+                .filter(|(_, _, w)| *w != "other")
+                .map(|(t, f, w)| format!("{w} {}… {}", &t.to_string()[..8], f.name()))
+                .collect();
+            Ok(format!(
+                "reorg depth {}: {}",
+                out.depth,
+                if fates.is_empty() { "no trigger or anchor in it".into() } else { fates.join(", ") }
+            ))
         }
         Fault::Kill { target } | Fault::Term { target } => {
             let sig = if matches!(fault, Fault::Kill { .. }) { libc::SIGKILL } else { libc::SIGTERM };
@@ -166,7 +175,9 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
                     signal(pid, sig);
                     std::thread::sleep(Duration::from_secs(1));
                     let back = ctx.node_back(Duration::from_secs(120));
-                    ctx.tally.check(I5, back, || format!("the node did not come back within 120 s of {how} (bitmote up restarts the node it manages)"));
+                    ctx.tally.check(I5, back, || {
+                        format!("the node did not come back within 120 s of {how} (bitmote up restarts the node it manages)")
+                    });
                     ctx.up_survived(&format!("{how} of the node"))?;
                     if !back {
                         // Go on with a fresh start of everything.
@@ -202,7 +213,10 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
             ctx.tally.check(I5, back, || "the node did not come back within 120 s of a crash".into());
             ctx.up_survived("a crash of the node")?;
             let after = ctx.sys.chain().and_then(|c| Ok(c.tip()?.height)).unwrap_or(0);
-            Ok(format!("node killed at height {before} right after {blocks} blocks; back at height {after} ({} lost)", before.saturating_sub(after)))
+            Ok(format!(
+                "node killed at height {before} right after {blocks} blocks; back at height {after} ({} lost)",
+                before.saturating_sub(after)
+            ))
         }
         Fault::NodeOutage { secs } => {
             let Some(pid) = ctx.sys.node_pid() else { return Ok("node not running".into()) };
@@ -219,7 +233,9 @@ pub fn inject(ctx: &mut Ctx<'_>, fault: &Fault) -> Result<String, DrillError> {
                     // Its proof answers, and says pending (the node is down, nothing anchors it).
                     let id = ctx.probe.acked.last().map(|a| a.receipt.reading_id.clone()).unwrap_or_default();
                     let proof = ctx.sys.get_json(&format!("/v1/readings/{id}/proof"));
-                    ctx.tally.check(I5, proof.is_ok(), || format!("the proof of {id}, acknowledged while the node was down, does not answer: {:?}", proof.err()));
+                    ctx.tally.check(I5, proof.is_ok(), || {
+                        format!("the proof of {id}, acknowledged while the node was down, does not answer: {:?}", proof.err())
+                    });
                 }
                 ctx.tally.check(I5, ok, || format!("a reading was not acknowledged within 10 s while the node was down ({secs} s outage)"));
                 std::thread::sleep(Duration::from_millis(1000));
@@ -293,7 +309,9 @@ fn restart_up(ctx: &mut Ctx<'_>, sig: i32, close_output: bool) -> Result<String,
         // A node `up` stopped must have stopped cleanly (a node it only attached to may run on).
         if ctx.sys.node_pid().is_none() {
             let log = debug_log_since(ctx.sys, offset);
-            ctx.tally.check(I5, log.contains("Shutdown: done") || log.contains("Shutdown done"), || format!("{what}: bitcoind was stopped without a clean shutdown (no \"Shutdown done\" in its debug.log)"));
+            ctx.tally.check(I5, log.contains("Shutdown: done") || log.contains("Shutdown done"), || {
+                format!("{what}: bitcoind was stopped without a clean shutdown (no \"Shutdown done\" in its debug.log)")
+            });
         }
         tracing::info!("{what}: stopped in {:.1} s", t0.elapsed().as_secs_f64());
     }

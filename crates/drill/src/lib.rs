@@ -139,7 +139,10 @@ impl Report {
         } else {
             println!("violations: {}", self.violations.len());
             for v in &self.violations {
-                println!("  round {:>4}  {}: {}  (replay: bitmote drill --seed {} --rounds {})", v.round, v.invariant, v.detail, self.seed, v.round);
+                println!(
+                    "  round {:>4}  {}: {}  (replay: bitmote drill --seed {} --rounds {})",
+                    v.round, v.invariant, v.detail, self.seed, v.round
+                );
             }
         }
     }

@@ -146,7 +146,13 @@ fn no_linger(s: &TcpStream) {
     let l = libc::linger { l_onoff: 1, l_linger: 0 };
     // SAFETY: a valid socket and a correctly sized option value.
     unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as libc::socklen_t);
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
@@ -295,7 +301,11 @@ fn connect(shared: &Arc<Shared>, client: TcpStream, inner: SocketAddr) {
     // (A loopback connect to a port nobody listens on can connect to itself: not a provider.)
     let server = match TcpStream::connect_timeout(&inner, UPSTREAM_TIMEOUT).and_then(|s| {
         let own = s.local_addr()? == s.peer_addr()?;
-        if own { Err(std::io::Error::new(ErrorKind::ConnectionRefused, "connected to itself")) } else { Ok(s) }
+        if own {
+            Err(std::io::Error::new(ErrorKind::ConnectionRefused, "connected to itself"))
+        } else {
+            Ok(s)
+        }
     }) {
         Ok(s) => s,
         Err(_) => {
@@ -355,7 +365,10 @@ impl Drop for Forget {
 }
 
 enum Msg {
-    Chunk { due: Instant, data: Vec<u8> },
+    Chunk {
+        due: Instant,
+        data: Vec<u8>,
+    },
     /// The sender half-closed its side.
     Eof,
 }
@@ -531,7 +544,10 @@ mod tests {
         assert_eq!(c.chunks, 40, "{c:?}");
         assert_eq!(c.delayed, 40, "{c:?}");
         assert!(c.stalls > 0, "{c:?}");
-        assert!(c.stalled_ms >= c.stalls * (MIN_RTO.as_millis() as u64 + 20), "each stall is at least the least RTO plus the round trip: {c:?}");
+        assert!(
+            c.stalled_ms >= c.stalls * (MIN_RTO.as_millis() as u64 + 20),
+            "each stall is at least the least RTO plus the round trip: {c:?}"
+        );
         // Transparent again: nothing more is delayed or stalled.
         p.set(Link::Clear);
         round_trip(&mut s, b"clear");

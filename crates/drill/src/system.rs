@@ -104,7 +104,11 @@ impl Output {
         }
         // SAFETY: both descriptors were just created and are owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let mut file = fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| DrillError::io(format!("opening {}", log.display()), e))?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| DrillError::io(format!("opening {}", log.display()), e))?;
         let close = Arc::new(AtomicBool::new(false));
         let flag = close.clone();
         let thread = std::thread::spawn(move || {
@@ -250,7 +254,8 @@ impl System {
         }
         if self.token.is_none() {
             let p = self.data.join("gateway").join("admin.token");
-            self.token = Some(fs::read_to_string(&p).map_err(|e| DrillError::io(format!("reading {}", p.display()), e))?.trim().to_string());
+            self.token =
+                Some(fs::read_to_string(&p).map_err(|e| DrillError::io(format!("reading {}", p.display()), e))?.trim().to_string());
         }
         Ok(())
     }

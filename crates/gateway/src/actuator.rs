@@ -70,8 +70,8 @@ pub fn start(
     retry: Retry,
     jobs: mpsc::Receiver<Job<Engine>>,
 ) -> Result<JoinHandle<()>, GatewayError> {
-    let engine =
-        Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network, shared.signer.name()).map_err(|e| GatewayError::Actuator(e.to_string()))?;
+    let engine = Engine::open(&data_dir.join("actuator.sqlite"), rules, shared.network, shared.signer.name())
+        .map_err(|e| GatewayError::Actuator(e.to_string()))?;
     let (ack_tx, ack_rx) = mpsc::channel();
     *shared.acks.lock().unwrap_or_else(|p| p.into_inner()) = Some(ack_tx);
     // Headers of the last blocks delivered, kept with the engine's cursor: a node that comes
@@ -262,4 +262,3 @@ fn run(
         }
     }
 }
-

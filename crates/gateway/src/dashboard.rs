@@ -92,8 +92,15 @@ pub async fn dashboard(State(s): State<Arc<Shared>>, headers: axum::http::Header
             })
             .collect();
         devices.extend(presence.into_iter().map(|(name, p)| json!({ "name": name, "presence": presence_json(p) })));
-        let actions: Vec<Value> =
-            s.actions.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).map(|a| crate::http::redact_action(json!(a), admin)).collect();
+        let actions: Vec<Value> = s
+            .actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .take(SHOWN)
+            .map(|a| crate::http::redact_action(json!(a), admin))
+            .collect();
         let alerts: Vec<_> = s.alerts.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(SHOWN).cloned().collect();
         Ok(Json(json!({
             "now_ms": bitmote_chain::now_ms(),

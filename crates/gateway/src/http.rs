@@ -107,7 +107,12 @@ async fn anonymous_rate(State(s): State<Arc<Shared>>, req: axum::extract::Reques
         if !is_admin(&s, req.headers()) {
             if let Err(wait) = s.anonymous_rate.check(peer.ip()) {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                let mut r = ApiError(StatusCode::TOO_MANY_REQUESTS, format!("too many requests from {}; try again in {secs} s", peer.ip()), "rate_limited").into_response();
+                let mut r = ApiError(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many requests from {}; try again in {secs} s", peer.ip()),
+                    "rate_limited",
+                )
+                .into_response();
                 if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
                     r.headers_mut().insert(header::RETRY_AFTER, v);
                 }
@@ -359,11 +364,16 @@ impl axum::extract::FromRequestParts<Arc<Shared>> for Admin {
 fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     // Compare in constant time.
-    let ok = given.is_some_and(|g| g.len() == s.admin_token.len() && g.bytes().zip(s.admin_token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
+    let ok = given
+        .is_some_and(|g| g.len() == s.admin_token.len() && g.bytes().zip(s.admin_token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
     if ok {
         Ok(())
     } else {
-        Err(ApiError(StatusCode::UNAUTHORIZED, "admin token required (Authorization: Bearer <contents of <data-dir>/gateway/admin.token>)".into(), "unauthorized"))
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "admin token required (Authorization: Bearer <contents of <data-dir>/gateway/admin.token>)".into(),
+            "unauthorized",
+        ))
     }
 }
 
@@ -406,7 +416,8 @@ async fn revoke(
     let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
     // A SQLite write: off the async workers, as every other database call here.
     let s2 = s.clone();
-    let d = blocking(move || s2.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))).await?;
+    let d =
+        blocking(move || s2.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))).await?;
     // Its MQTT connections are closed now; new ones are refused (the device is revoked).
     s.mqtt_auth.kick(&id);
     Ok(Json(json!({ "device": d })))
@@ -586,13 +597,13 @@ fn is_online(s: &Shared, device: &str) -> bool {
     s.presence.lock().unwrap_or_else(|p| p.into_inner()).get(device).is_some_and(|(state, _)| state == "online")
 }
 
-async fn lightning_order(
-    s: Arc<Shared>,
-    device: String,
-    o: LightningOrder,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+async fn lightning_order(s: Arc<Shared>, device: String, o: LightningOrder) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Some(node) = s.lightning.clone() else {
-        return Err(ApiError(StatusCode::CONFLICT, "this gateway runs no Lightning node ([gateway] lightning = true)".into(), "no_lightning"));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this gateway runs no Lightning node ([gateway] lightning = true)".into(),
+            "no_lightning",
+        ));
     };
     let id = o.rule.clone();
     let rule = call(&s.actuator_jobs, "the actuator", move |e| e.lightning_rule(&id)).await?.map_err(engine_err)?;
@@ -623,7 +634,9 @@ async fn lightning_order(
     let bolt11 = invoice.to_string();
     let expires_ms = bitmote_chain::now_ms() + expiry_secs as u64 * 1000;
     let (h, b, r, p) = (hash.clone(), bolt11.clone(), rule.clone(), hex::encode(preimage));
-    call(&s.actuator_jobs, "the actuator", move |e| e.add_invoice(&r, &h, &b, amount_msat, expires_ms, Some(&p))).await?.map_err(engine_err)?;
+    call(&s.actuator_jobs, "the actuator", move |e| e.add_invoice(&r, &h, &b, amount_msat, expires_ms, Some(&p)))
+        .await?
+        .map_err(engine_err)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({

@@ -43,7 +43,12 @@ pub struct LightningConfig {
 
 impl Default for LightningConfig {
     fn default() -> Self {
-        LightningConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9735)), alias: "bitmote-gateway".into(), announce: true, regtest_fund: true }
+        LightningConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9735)),
+            alias: "bitmote-gateway".into(),
+            announce: true,
+            regtest_fund: true,
+        }
     }
 }
 
@@ -72,7 +77,12 @@ fn apply_fees(node: &Node) {
 /// Start the node under `<data_dir>/ldk` on the chain `client` talks to.
 /// Its store asks `disk` for room when a write is refused, and its log pauses while the
 /// disk is short of space (see [`crate::disk`]).
-pub fn start_node(cfg: &LightningConfig, data_dir: &Path, client: &ChainClient, disk: &Arc<crate::disk::DiskGuard>) -> Result<Arc<Node>, GatewayError> {
+pub fn start_node(
+    cfg: &LightningConfig,
+    data_dir: &Path,
+    client: &ChainClient,
+    disk: &Arc<crate::disk::DiskGuard>,
+) -> Result<Arc<Node>, GatewayError> {
     let nc = NodeConfig {
         dir: bitmote_pay::node::node_dir(data_dir),
         listen: cfg.listen,

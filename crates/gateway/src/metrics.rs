@@ -87,7 +87,9 @@ impl Snapshot {
             }
         };
         let one = |v: u64| vec![(String::new(), v as f64)];
-        let by = |label: &str, m: Vec<(String, u64)>| m.into_iter().map(|(k, v)| (format!("{{{label}=\"{}\"}}", escape(&k)), v as f64)).collect();
+        let by = |label: &str, m: Vec<(String, u64)>| {
+            m.into_iter().map(|(k, v)| (format!("{{{label}=\"{}\"}}", escape(&k)), v as f64)).collect()
+        };
         family("readings_ingested_total", "counter", "Readings made durable since the gateway started.", one(self.readings_ingested));
         family(
             "readings_rejected_total",
@@ -105,11 +107,21 @@ impl Snapshot {
         family("devices", "gauge", "Enrolled devices (revoked ones included).", one(self.devices));
         family("devices_revoked", "gauge", "Devices whose key is revoked.", one(self.devices_revoked));
         family("devices_online", "gauge", "Devices whose last MQTT presence is online.", one(self.devices_online));
-        family("actions", "gauge", "Actuator actions in the action log, by state.", by("state", self.actions.clone().into_iter().collect()));
+        family(
+            "actions",
+            "gauge",
+            "Actuator actions in the action log, by state.",
+            by("state", self.actions.clone().into_iter().collect()),
+        );
         let http = self.http_requests.iter().map(|(c, n)| (c.to_string(), *n)).collect();
         family("http_requests_total", "counter", "HTTP requests answered, by status code.", by("code", http));
         let refused = vec![("login".to_string(), self.mqtt_refused_logins), ("topic".to_string(), self.mqtt_refused_topics)];
-        family("mqtt_refused_total", "counter", "MQTT logins refused and connections closed for a foreign topic, since the gateway started.", by("reason", refused));
+        family(
+            "mqtt_refused_total",
+            "counter",
+            "MQTT logins refused and connections closed for a foreign topic, since the gateway started.",
+            by("reason", refused),
+        );
         out
     }
 }

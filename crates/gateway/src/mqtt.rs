@@ -128,7 +128,9 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
     for server in config.v4.iter_mut().flat_map(|m| m.values_mut()) {
         let secret = secret.clone();
         server.set_auth_handler(move |_client: String, user: String, pass: String| {
-            let ok = user == "bitmote-front" && pass.len() == secret.len() && pass.bytes().zip(secret.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+            let ok = user == "bitmote-front"
+                && pass.len() == secret.len()
+                && pass.bytes().zip(secret.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
             async move { ok }
         });
     }
@@ -184,7 +186,11 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
 /// subscribe to every device's readings, acks and presence topics (QoS 1, persistent
 /// session), and answer on the receipts and errors topics. Authenticating devices and
 /// confining them to their topics is then that broker's job (see `docs/mqtt.md`).
-pub fn start_external(shared: Arc<Shared>, url: &str, login: Option<crate::mqtt_front::BrokerLogin>) -> Result<Vec<JoinHandle<()>>, GatewayError> {
+pub fn start_external(
+    shared: Arc<Shared>,
+    url: &str,
+    login: Option<crate::mqtt_front::BrokerLogin>,
+) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     let hp = url.strip_prefix("mqtt://").unwrap_or(url);
     let (host, port) = hp.rsplit_once(':').ok_or_else(|| GatewayError::Mqtt(format!("broker URL {url:?} must be mqtt://host:port")))?;
     let port: u16 = port.parse().map_err(|_| GatewayError::Mqtt(format!("bad port in broker URL {url:?}")))?;
@@ -345,7 +351,10 @@ mod tests {
         let _c2 = std::net::TcpStream::connect(other.local_addr().unwrap()).unwrap();
         assert!(!other.accept().unwrap().0.nodelay().unwrap());
         // No listener on an address: false, after the wait.
-        let gone = { let t = TcpListener::bind("127.0.0.1:0").unwrap(); t.local_addr().unwrap() };
+        let gone = {
+            let t = TcpListener::bind("127.0.0.1:0").unwrap();
+            t.local_addr().unwrap()
+        };
         assert!(!nodelay_on_listener(gone, Duration::from_millis(20)));
     }
 }

@@ -50,8 +50,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use crate::mqtt_wire::{topic_safe, Who, ADMIN_USER};
 use crate::mqtt_wire::{allowed, check_sizes, encode_checked, next_packet, read_connect, ConnectRefusal};
+pub use crate::mqtt_wire::{topic_safe, Who, ADMIN_USER};
 use crate::{GatewayError, Shared};
 
 /// Bytes read at a time.
@@ -122,7 +122,12 @@ impl MqttAuth {
                 hashes.insert(DeviceId(d), h);
             }
         }
-        Ok(MqttAuth { hashes: Mutex::new(hashes), live: Mutex::new(HashMap::new()), refused_logins: AtomicU64::new(0), refused_topics: AtomicU64::new(0) })
+        Ok(MqttAuth {
+            hashes: Mutex::new(hashes),
+            live: Mutex::new(HashMap::new()),
+            refused_logins: AtomicU64::new(0),
+            refused_topics: AtomicU64::new(0),
+        })
     }
 
     /// Close every open MQTT connection of `id` (after revoking it or replacing its password).
@@ -187,7 +192,12 @@ pub fn authenticate(shared: &Shared, username: &str, password: &str) -> Result<W
 
 /// Start the front on the bound `listener`, forwarding to the broker at `backend` with
 /// the broker's `secret`. Runs until the gateway stops.
-pub fn start(shared: Arc<Shared>, listener: std::net::TcpListener, backend: SocketAddr, secret: String) -> Result<JoinHandle<()>, GatewayError> {
+pub fn start(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    backend: SocketAddr,
+    secret: String,
+) -> Result<JoinHandle<()>, GatewayError> {
     let io = |context: &str, e: std::io::Error| GatewayError::Io { context: context.into(), source: e };
     listener.set_nonblocking(true).map_err(|e| io("MQTT listener", e))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -438,7 +448,8 @@ mod tests {
         ] {
             assert!(!me.may_publish(&t), "{t}");
         }
-        for f in [format!("bitmote/{id}/receipts"), "bitmote/lock-7/commands".into(), "bitmote/lock-7/#".into(), "bitmote/lock-7/+".into()] {
+        for f in [format!("bitmote/{id}/receipts"), "bitmote/lock-7/commands".into(), "bitmote/lock-7/#".into(), "bitmote/lock-7/+".into()]
+        {
             assert!(me.may_subscribe(&f), "{f}");
         }
         for f in ["bitmote/+/commands", "bitmote/#", "#", "bitmote/lock-7", "bitmote/lock-70/commands", "+/lock-7/commands"] {

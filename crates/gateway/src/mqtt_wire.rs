@@ -37,9 +37,10 @@ impl Who {
     pub fn may_publish(&self, topic: &str) -> bool {
         match self {
             Who::Admin => true,
-            Who::Device { .. } => self.prefixes().iter().any(|p| {
-                topic.strip_prefix(p.as_str()).is_some_and(|rest| matches!(rest, "readings" | "acks" | "presence"))
-            }),
+            Who::Device { .. } => self
+                .prefixes()
+                .iter()
+                .any(|p| topic.strip_prefix(p.as_str()).is_some_and(|rest| matches!(rest, "readings" | "acks" | "presence"))),
         }
     }
 

@@ -123,7 +123,8 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop:
         // The timeout answers with an empty body: give it the API's `{error, code}` form.
         .layer(axum::middleware::map_response(move |r: axum::response::Response| async move {
             if r.status() == StatusCode::REQUEST_TIMEOUT && !r.headers().contains_key(axum::http::header::CONTENT_TYPE) {
-                let body = serde_json::json!({ "error": format!("the request was not complete within {secs} s"), "code": "request_timeout" });
+                let body =
+                    serde_json::json!({ "error": format!("the request was not complete within {secs} s"), "code": "request_timeout" });
                 return axum::response::IntoResponse::into_response((StatusCode::REQUEST_TIMEOUT, axum::Json(body)));
             }
             r
@@ -175,7 +176,9 @@ pub async fn serve(listener: TcpListener, app: Router, limits: HttpLimits, stop:
 /// Over the connection cap: a short `503` and close, without reading the request.
 async fn refuse(mut stream: TcpStream, cap: usize) {
     tracing::warn!("HTTP: {cap} connections open, the most allowed; refusing one more");
-    let body = format!("{{\"error\":\"the gateway has {cap} connections open, the most it accepts; try again\",\"code\":\"too_many_connections\"}}");
+    let body = format!(
+        "{{\"error\":\"the gateway has {cap} connections open, the most it accepts; try again\",\"code\":\"too_many_connections\"}}"
+    );
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

@@ -43,9 +43,11 @@ fn pay_stand_in() -> String {
                 "energy_wh": n as f64 * 1.5, "due_msat": n * 300, "credit_msat": 400, "late": 0, "short": 0, "refused_msat": 0,
             });
             let node = json!({ "node_id": format!("02{role}"), "onchain_sat": 90000, "lightning_sat": 40000, "channels": [{}] });
-            let body = json!({ "role": role, "power_w": 1000 + n % 5 * 100, "register_mwh": n * 1500, "node": node, "sessions": [session] });
+            let body =
+                json!({ "role": role, "power_w": 1000 + n % 5 * 100, "register_mwh": n * 1500, "node": node, "sessions": [session] });
             let body = body.to_string();
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = c.write_all((head + &body).as_bytes());
         }
     });
@@ -135,7 +137,8 @@ fn the_dashboard_shows_live_numbers_and_verifies_a_proof_in_chromium() {
     assert!(live > 5, "{out}");
     assert!(out.contains("lightning: meter 5e55"), "{out}");
     assert!(out.contains(&format!("lightning error: {closed}")), "{out}");
-    for seen in ["verify: verified", "the device signature: ok", "the signed checkpoint: ok", "the block on the chain: ok", ".ots file: ok"] {
+    for seen in ["verify: verified", "the device signature: ok", "the signed checkpoint: ok", "the block on the chain: ok", ".ots file: ok"]
+    {
         assert!(out.contains(seen), "the page does not show {seen:?}: {out}");
     }
 

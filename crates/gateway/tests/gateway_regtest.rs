@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use bitmote_chain::now_ms;
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
@@ -15,8 +16,6 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
 use serde_json::{json, Value as Json};
-use bitmote_chain::now_ms;
-
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
     Reading {
@@ -104,7 +103,8 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     assert_eq!(code, 200);
     assert_eq!(enroll(&b, "b", Some(&token)).0, 200);
     // Enrolment returns the device's MQTT login, once: its id and a fresh password.
-    let mqtt_a = (enrolled_a["mqtt"]["username"].as_str().unwrap().to_string(), enrolled_a["mqtt"]["password"].as_str().unwrap().to_string());
+    let mqtt_a =
+        (enrolled_a["mqtt"]["username"].as_str().unwrap().to_string(), enrolled_a["mqtt"]["password"].as_str().unwrap().to_string());
     assert_eq!(mqtt_a.0, a.public_key().device_id().to_string());
 
     // HTTP, binary wire format and JSON.
@@ -228,7 +228,8 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.mqtt_listen = None;
     cfg.mqtt_broker = Some(format!("mqtt://{addr}"));
-    cfg.mqtt_broker_login = Some(bitmote_gateway::mqtt_front::BrokerLogin { username: "bitmote-gateway".into(), password: "gw-pass".into() });
+    cfg.mqtt_broker_login =
+        Some(bitmote_gateway::mqtt_front::BrokerLogin { username: "bitmote-gateway".into(), password: "gw-pass".into() });
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     assert!(gw.mqtt_addr.is_none(), "no embedded broker");
     let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
@@ -285,7 +286,9 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
     let k = SigningKey::schnorr_from_secret(&[41; 32]).unwrap();
     gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
     let anchors = || -> Json { get(&format!("{base}/v1/anchors")).into_json().unwrap() };
-    let confirmed = |size: u64| anchors()["anchors"].as_array().unwrap().iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() >= Some(size));
+    let confirmed = |size: u64| {
+        anchors()["anchors"].as_array().unwrap().iter().any(|a| a["state"] == "confirmed" && a["tree_size"].as_u64() >= Some(size))
+    };
     let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, 1)).unwrap().encode());
     assert_eq!(code, 200, "{body}");
     let first = body["receipts"][0]["reading_id"].as_str().unwrap().to_string();

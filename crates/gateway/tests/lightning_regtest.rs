@@ -159,9 +159,7 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     .unwrap();
     node::fund_on_regtest(chain.client(), &payer, 2).unwrap();
     node::open_channel(chain.client(), &payer, gw_id, ln.into(), 200_000, None, false).unwrap();
-    wait("the gateway sees the channel usable", 120, || {
-        status(&base)["channels"].as_array().unwrap().iter().any(|c| c["usable"] == true)
-    });
+    wait("the gateway sees the channel usable", 120, || status(&base)["channels"].as_array().unwrap().iter().any(|c| c["usable"] == true));
 
     // The gateway's node is a hub: a shop with an announced channel to it (opened by the
     // shop, which pushes some of it to the gateway so the gateway can forward; ldk-node
@@ -215,7 +213,8 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     let done = Arc::new(Mutex::new(vec![]));
     let ack = Arc::new(AtomicBool::new(false));
     let key = bitmote_device::SigningKey::schnorr_from_secret(&[7; 32]).unwrap();
-    let (code, e) = api("POST", &format!("{base}/v1/devices"), t, Some(json!({ "public_key": key.public_key().to_string(), "name": "lock-ln" })));
+    let (code, e) =
+        api("POST", &format!("{base}/v1/devices"), t, Some(json!({ "public_key": key.public_key().to_string(), "name": "lock-ln" })));
     assert_eq!(code, 200, "{e}");
     let login = (e["mqtt"]["username"].as_str().unwrap().to_string(), e["mqtt"]["password"].as_str().unwrap().to_string());
     let stop_lock = lock("lock-ln", mqtt, &login, done.clone(), ack.clone());
@@ -275,7 +274,9 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
     assert!(a["attempts"].as_u64().unwrap() >= 2, "delivered before and after the restart: {a}");
     assert_eq!(*done.lock().unwrap(), vec![event_id.clone()], "the lock acted once");
     // Acknowledged: claimed, the payer's payment succeeds and the gateway's node has the money.
-    wait("the payer's payment succeeded (it reconnects to the restarted gateway within a minute)", 120, || payer.payment(&paid).is_some_and(|p| p.status == PaymentStatus::Succeeded));
+    wait("the payer's payment succeeded (it reconnects to the restarted gateway within a minute)", 120, || {
+        payer.payment(&paid).is_some_and(|p| p.status == PaymentStatus::Succeeded)
+    });
     wait("the gateway's node received it", 30, || received(&gw, 50_000));
     wait("the action shows it claimed", 10, || action(&base)["lightning"]["claim"] == "claimed");
     // Nothing fires again later (a replayed node event would be ignored, too).
@@ -299,7 +300,9 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         let log = api("GET", &format!("{base}/v1/actions"), None, None).1;
         log["actions"].as_array().unwrap().iter().find(|a| a["event_id"] == id).cloned().unwrap_or(Json::Null)
     };
-    let failed = |p: &bitmote_pay::ldk_node::lightning::ln::channelmanager::PaymentId| payer.payment(p).is_some_and(|p| p.status == PaymentStatus::Failed);
+    let failed = |p: &bitmote_pay::ldk_node::lightning::ln::channelmanager::PaymentId| {
+        payer.payment(p).is_some_and(|p| p.status == PaymentStatus::Failed)
+    };
     let (refused_id, invoice) = order("coffee");
     let refused_pay = payer.bolt11_payment().send(&invoice, None).unwrap();
     wait("the refused payment failed back to the payer", 60, || failed(&refused_pay));

@@ -115,7 +115,12 @@ fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
     let mqtt = gw.mqtt_addr.unwrap();
     let bearer = format!("Bearer {token}");
     let enroll = |k: &SigningKey, name: &str| {
-        let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": name })));
+        let (code, v) = api(
+            "POST",
+            &format!("{base}/v1/devices"),
+            Some(&bearer),
+            Some(json!({ "public_key": k.public_key().to_string(), "name": name })),
+        );
         assert_eq!(code, 200, "{v}");
         (v["mqtt"]["username"].as_str().unwrap().to_string(), v["mqtt"]["password"].as_str().unwrap().to_string())
     };
@@ -128,7 +133,12 @@ fn mqtt_devices_need_their_credentials_and_keep_to_their_own_topics() {
     // Device names that would reach into other devices' topics are refused.
     for bad in ["lock/x", "lock+", &ida] {
         let k = SigningKey::schnorr_from_secret(&[53; 32]).unwrap();
-        let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": bad })));
+        let (code, v) = api(
+            "POST",
+            &format!("{base}/v1/devices"),
+            Some(&bearer),
+            Some(json!({ "public_key": k.public_key().to_string(), "name": bad })),
+        );
         assert_eq!(code, 400, "{bad}: {v}");
     }
 
@@ -338,7 +348,12 @@ fn oversized_connects_extra_connections_and_idle_clients_are_refused() {
     let (_node, gw, base, token) = gateway(dir.path());
     let mqtt = gw.mqtt_addr.unwrap();
     let k = SigningKey::schnorr_from_secret(&[71; 32]).unwrap();
-    let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&format!("Bearer {token}")), Some(json!({ "public_key": k.public_key().to_string(), "name": "big" })));
+    let (code, v) = api(
+        "POST",
+        &format!("{base}/v1/devices"),
+        Some(&format!("Bearer {token}")),
+        Some(json!({ "public_key": k.public_key().to_string(), "name": "big" })),
+    );
     assert_eq!(code, 200, "{v}");
     let (user, pass) = (v["mqtt"]["username"].as_str().unwrap().to_string(), v["mqtt"]["password"].as_str().unwrap().to_string());
     let id = k.public_key().device_id().to_string();
@@ -367,7 +382,8 @@ fn oversized_connects_extra_connections_and_idle_clients_are_refused() {
     long_login.login = Some(Login::new(user.clone(), "p".repeat(300)));
     assert_eq!(connack(&long_login).0, Some(4));
     let mut big_will = connect("w");
-    big_will.last_will = Some(LastWill::new(format!("bitmote/v1/devices/{id}/presence"), vec![b'x'; 5000], rumqttc::mqttbytes::QoS::AtLeastOnce, false));
+    big_will.last_will =
+        Some(LastWill::new(format!("bitmote/v1/devices/{id}/presence"), vec![b'x'; 5000], rumqttc::mqttbytes::QoS::AtLeastOnce, false));
     assert_eq!(connack(&big_will).0, Some(5));
     // Connections per device: the first four stay open, the fifth gets CONNACK 3.
     let open: Vec<_> = (0..4)
@@ -416,17 +432,28 @@ fn idle_connections_and_slow_bodies_do_not_starve_ingest() {
     });
     let addr = gw.http_addr;
     let k = SigningKey::schnorr_from_secret(&[71; 32]).unwrap();
-    let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&format!("Bearer {token}")), Some(json!({ "public_key": k.public_key().to_string(), "name": "patient" })));
+    let (code, v) = api(
+        "POST",
+        &format!("{base}/v1/devices"),
+        Some(&format!("Bearer {token}")),
+        Some(json!({ "public_key": k.public_key().to_string(), "name": "patient" })),
+    );
     assert_eq!(code, 200, "{v}");
     let post = |seq: u64| -> Result<ureq::Response, ureq::Error> {
-        ureq::post(&format!("{base}/v1/readings")).set("Content-Type", "application/octet-stream").timeout(Duration::from_secs(10)).send_bytes(&reading(&k, seq))
+        ureq::post(&format!("{base}/v1/readings"))
+            .set("Content-Type", "application/octet-stream")
+            .timeout(Duration::from_secs(10))
+            .send_bytes(&reading(&k, seq))
     };
 
     let idle: Vec<TcpStream> = (0..2_000).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let mut slow: Vec<TcpStream> = (0..50)
         .map(|_| {
             let mut c = TcpStream::connect(addr).unwrap();
-            c.write_all(b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\nx").unwrap();
+            c.write_all(
+                b"POST /v1/readings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\nx",
+            )
+            .unwrap();
             c
         })
         .collect();
@@ -510,9 +537,19 @@ fn anonymous_proof_and_verify_calls_are_rate_limited_per_client() {
     });
     let bearer = format!("Bearer {token}");
     let k = SigningKey::schnorr_from_secret(&[72; 32]).unwrap();
-    let (code, v) = api("POST", &format!("{base}/v1/devices"), Some(&bearer), Some(json!({ "public_key": k.public_key().to_string(), "name": "counted" })));
+    let (code, v) = api(
+        "POST",
+        &format!("{base}/v1/devices"),
+        Some(&bearer),
+        Some(json!({ "public_key": k.public_key().to_string(), "name": "counted" })),
+    );
     assert_eq!(code, 200, "{v}");
-    let r: Json = ureq::post(&format!("{base}/v1/readings")).set("Content-Type", "application/octet-stream").send_bytes(&reading(&k, 1)).unwrap().into_json().unwrap();
+    let r: Json = ureq::post(&format!("{base}/v1/readings"))
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(&reading(&k, 1))
+        .unwrap()
+        .into_json()
+        .unwrap();
     let id = r["receipts"][0]["reading_id"].as_str().unwrap().to_string();
     let proof = format!("{base}/v1/readings/{id}/proof");
     let get = |auth: Option<&str>| {

@@ -378,7 +378,13 @@ impl Peers {
             match &agreed {
                 None => agreed = Some((peer, ok)),
                 Some((a, first)) if first.block_hash != ok.block_hash => {
-                    return Err(LightError::Disagree { height: claim.height, a: *a, a_block: first.block_hash, b: peer, b_block: ok.block_hash });
+                    return Err(LightError::Disagree {
+                        height: claim.height,
+                        a: *a,
+                        a_block: first.block_hash,
+                        b: peer,
+                        b_block: ok.block_hash,
+                    });
                 }
                 Some((_, first)) if ok.confirmations < first.confirmations => agreed = Some((peer, ok)),
                 Some(_) => {}

@@ -57,7 +57,10 @@ impl PaymentPolicy {
             .iter()
             .map(|a| {
                 let addr = Address::from_str(a).map_err(|e| PolicyError::Address(format!("{a}: {e}")))?;
-                Ok(addr.require_network(network).map_err(|_| PolicyError::Address(format!("{a} is not a {network} address")))?.script_pubkey())
+                Ok(addr
+                    .require_network(network)
+                    .map_err(|_| PolicyError::Address(format!("{a} is not a {network} address")))?
+                    .script_pubkey())
             })
             .collect::<Result<_, PolicyError>>()?;
         let mut derived = vec![];
@@ -96,7 +99,8 @@ impl PaymentPolicy {
 impl Derived {
     fn derive_to(&mut self, end: u32) -> Result<(), String> {
         while self.next < end.min(self.max) {
-            let s = self.desc.at_derivation_index(self.next).map_err(|e| format!("{}: index {}: {e}", self.desc, self.next))?.script_pubkey();
+            let s =
+                self.desc.at_derivation_index(self.next).map_err(|e| format!("{}: index {}: {e}", self.desc, self.next))?.script_pubkey();
             self.known.insert(s);
             self.next += 1;
         }
@@ -150,7 +154,8 @@ mod tests {
         assert!(p.accepts(&Address::from_str(&addr).unwrap().assume_checked().script_pubkey()));
         let e = PaymentPolicy::new(Network::Bitcoin, &[addr], &[], 10, 1_000).unwrap_err();
         assert!(matches!(&e, PolicyError::Address(m) if m.contains("not a bitcoin address")), "{e}");
-        let xprv = "wpkh(tprv8ZgxMBicQKsPe5YMU9gHen4Ez3ApihUfykaqUorj9t6FDqy3nP6eoXiAo2ssvpAjoLroQxHqr3R5nE3a5dU3DHTjTgJDd7zrbniJr6nrCzd/0/*)";
+        let xprv =
+            "wpkh(tprv8ZgxMBicQKsPe5YMU9gHen4Ez3ApihUfykaqUorj9t6FDqy3nP6eoXiAo2ssvpAjoLroQxHqr3R5nE3a5dU3DHTjTgJDd7zrbniJr6nrCzd/0/*)";
         let e = PaymentPolicy::new(Network::Regtest, &[], &[xprv.into()], 10, 1_000).unwrap_err();
         assert!(matches!(&e, PolicyError::Descriptor(m) if m.contains("private key")), "{e}");
         assert!(PaymentPolicy::new(Network::Regtest, &[], &["wpkh(nonsense)".into()], 10, 1_000).is_err());

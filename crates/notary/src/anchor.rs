@@ -148,13 +148,35 @@ pub struct AnchorInfo {
 /// Something that happened to anchors during a [`Anchorer::poll`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AnchorEvent {
-    Broadcast { id: i64, txid: Txid, tree_size: u64, fee_sat: u64 },
-    Bumped { id: i64, old: Txid, new: Txid, fee_sat: u64 },
-    Confirmed { id: i64, txid: Txid, height: u32 },
+    Broadcast {
+        id: i64,
+        txid: Txid,
+        tree_size: u64,
+        fee_sat: u64,
+    },
+    Bumped {
+        id: i64,
+        old: Txid,
+        new: Txid,
+        fee_sat: u64,
+    },
+    Confirmed {
+        id: i64,
+        txid: Txid,
+        height: u32,
+    },
     /// A reorg took a confirmed anchor out of the best chain (an alert).
-    Reorged { id: i64, txid: Txid, was_height: u32 },
+    Reorged {
+        id: i64,
+        txid: Txid,
+        was_height: u32,
+    },
     /// The anchor can no longer confirm; a new anchor will cover its readings.
-    Abandoned { id: i64, txid: Txid, reason: String },
+    Abandoned {
+        id: i64,
+        txid: Txid,
+        reason: String,
+    },
     /// A wallet transaction missing from the node's mempool was sent again, or forgotten
     /// (with its descendants) because the node refused it.
     Wallet(Reconciled),
@@ -170,7 +192,6 @@ pub struct ConfirmedAnchor {
     pub block_hash: BlockHash,
     pub block_height: u32,
 }
-
 
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS anchors (
@@ -335,7 +356,10 @@ impl Anchorer {
                 (_, Some((txid, b))) => {
                     // Re-mined in another block, maybe at the same height (a reorg): the
                     // block hash decides, or proofs would name a block no longer on the chain.
-                    if state != AnchorState::Confirmed || was_height != Some(b.height) || was_hash.as_deref() != Some(b.hash.to_string().as_str()) {
+                    if state != AnchorState::Confirmed
+                        || was_height != Some(b.height)
+                        || was_hash.as_deref() != Some(b.hash.to_string().as_str())
+                    {
                         self.db.execute(
                             "UPDATE anchors SET state='confirmed', confirmed_txid=?2, block_height=?3, block_hash=?4 WHERE id=?1",
                             params![id, txid.to_string(), b.height, b.hash.to_string()],
@@ -589,47 +613,46 @@ fn record_tx(t: &rusqlite::Transaction<'_>, anchor_id: i64, tx: &Transaction, fe
 /// Anchors are also read from other connections (HTTP handlers, the proof builder).
 /// The earliest confirmed anchor whose tree contains leaf `index`.
 pub fn covering(db: &Connection, index: u64) -> Result<Option<ConfirmedAnchor>> {
-        let row = db
-            .query_row(
-                "SELECT a.id, a.tree_size, a.root, t.raw, a.block_hash, a.block_height
+    let row = db
+        .query_row(
+            "SELECT a.id, a.tree_size, a.root, t.raw, a.block_hash, a.block_height
                  FROM anchors a JOIN anchor_txs t ON t.txid = a.confirmed_txid
                  WHERE a.state = 'confirmed' AND a.tree_size > ?1 ORDER BY a.tree_size LIMIT 1",
-                [index],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, u64>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, u32>(5)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((id, tree_size, root, raw, hash, height)) = row else { return Ok(None) };
-        Ok(Some(ConfirmedAnchor {
-            id,
-            tree_size,
-            root: root.try_into().map_err(|_| AnchorError::Corrupt("root length".into()))?,
-            tx: deserialize(&raw).map_err(|e| AnchorError::Corrupt(e.to_string()))?,
-            block_hash: hash.parse().map_err(|e| AnchorError::Corrupt(format!("{e}")))?,
-            block_height: height,
-        }))
-    }
+            [index],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, u32>(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((id, tree_size, root, raw, hash, height)) = row else { return Ok(None) };
+    Ok(Some(ConfirmedAnchor {
+        id,
+        tree_size,
+        root: root.try_into().map_err(|_| AnchorError::Corrupt("root length".into()))?,
+        tx: deserialize(&raw).map_err(|e| AnchorError::Corrupt(e.to_string()))?,
+        block_hash: hash.parse().map_err(|e| AnchorError::Corrupt(format!("{e}")))?,
+        block_height: height,
+    }))
+}
 
 /// The pending anchor (if any) whose tree contains leaf `index`.
 pub fn pending_covering(db: &Connection, index: u64) -> Result<Option<(i64, u64, Txid)>> {
-        let row = db
-            .query_row(
-                "SELECT id, tree_size, txid FROM anchors WHERE state='pending' AND tree_size > ?1 ORDER BY tree_size LIMIT 1",
-                [index],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u64>(1)?, r.get::<_, String>(2)?)),
-            )
-            .optional()?;
-        row.map(|(id, s, t)| Ok((id, s, parse_txid(&t)?))).transpose()
-    }
-
+    let row = db
+        .query_row(
+            "SELECT id, tree_size, txid FROM anchors WHERE state='pending' AND tree_size > ?1 ORDER BY tree_size LIMIT 1",
+            [index],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, u64>(1)?, r.get::<_, String>(2)?)),
+        )
+        .optional()?;
+    row.map(|(id, s, t)| Ok((id, s, parse_txid(&t)?))).transpose()
+}
 
 #[cfg(test)]
 mod tests {

@@ -284,10 +284,8 @@ impl CheckpointSigner {
                 return Err(err(format!("readable by others (mode {mode:o}); run chmod 600 on it")));
             }
             let t = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            let seed: [u8; 32] = hex::decode(t.trim())
-                .ok()
-                .and_then(|v| v.try_into().ok())
-                .ok_or_else(|| err("not a 32-byte hex seed".into()))?;
+            let seed: [u8; 32] =
+                hex::decode(t.trim()).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| err("not a 32-byte hex seed".into()))?;
             Self::new(name, seed)
         };
         match std::fs::symlink_metadata(path) {
@@ -437,8 +435,10 @@ mod tests {
     const PETER_SKEY: &str = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz";
     const ENOCH_VKEY: &str = "EnochRoot+af0cfe78+ATtqJ7zOtqQtYqOo0CpvDXNlMhV3HeJDpjrASKGLWdop";
     const TEXT: &str = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n";
-    const PETER_SIG: &str = "\u{2014} PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n";
-    const ENOCH_SIG: &str = "\u{2014} EnochRoot rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n";
+    const PETER_SIG: &str =
+        "\u{2014} PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n";
+    const ENOCH_SIG: &str =
+        "\u{2014} EnochRoot rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n";
 
     fn peter() -> CheckpointSigner {
         // PRIVATE+KEY+<name>+<id>+<base64(0x01 || seed)>; the base64 may contain '+'.
@@ -474,7 +474,9 @@ mod tests {
             format!("{TEXT}\n"),
             format!("{TEXT}\n{}", &PETER_SIG[..PETER_SIG.len() - 1]),
             format!("\x01{TEXT}\n{PETER_SIG}"),
-            format!("{TEXT}\n\u{2014} Bad Name x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM="),
+            format!(
+                "{TEXT}\n\u{2014} Bad Name x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM="
+            ),
             format!("{TEXT}\n{PETER_SIG}Unexpected line.\n"),
         ] {
             assert!(matches!(v.open(&m), Err(CheckpointError::Malformed(_))), "accepted {m:?}");

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bitmote_device::batch::MAX_BATCH;
 use bitmote_device::reading::{MAX_ENCODED, MAX_PAYLOAD};
 use bitmote_device::{
-    BatchError, BatchMembership, DecodeError, DeviceId, Evidence, PublicKey, Reading, SignedBatch, SignedReading, Signature, Value,
+    BatchError, BatchMembership, DecodeError, DeviceId, Evidence, PublicKey, Reading, Signature, SignedBatch, SignedReading, Value,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -376,11 +376,8 @@ impl Ingestor {
         if let Some(pages) = cfg.max_db_pages {
             writer_conn.pragma_update(None, "max_page_count", pages as i64).map_err(storage)?;
         }
-        let devices: HashMap<DeviceId, Device> = registry::list(&admin)
-            .map_err(|e| IngestError::Storage(e.to_string()))?
-            .into_iter()
-            .map(|d| (d.id, d))
-            .collect();
+        let devices: HashMap<DeviceId, Device> =
+            registry::list(&admin).map_err(|e| IngestError::Storage(e.to_string()))?.into_iter().map(|d| (d.id, d)).collect();
         let devices = Arc::new(RwLock::new(devices));
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel::<Job>();
@@ -744,7 +741,11 @@ fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec
     Ok(Some(out))
 }
 
-fn write_group(conn: &mut Connection, jobs: &[Job], last: &HashMap<DeviceId, u64>) -> Result<Vec<Vec<Receipt>>, Box<dyn std::error::Error>> {
+fn write_group(
+    conn: &mut Connection,
+    jobs: &[Job],
+    last: &HashMap<DeviceId, u64>,
+) -> Result<Vec<Vec<Receipt>>, Box<dyn std::error::Error>> {
     let tx = conn.transaction()?;
     let start = MerkleLog::new(&tx).size()?;
     let received = now_ms() as i64;
@@ -832,9 +833,7 @@ type ReadingRow = (i64, Vec<u8>, Option<Vec<u8>>, Option<i64>, Option<i64>, i64)
 fn load(c: &Connection, where_: &str, key: &dyn rusqlite::ToSql) -> Result<Option<StoredReading>, IngestError> {
     let st = |e: rusqlite::Error| IngestError::Storage(e.to_string());
     let row: Option<ReadingRow> = c
-        .prepare_cached(&format!(
-            "SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"
-        ))
+        .prepare_cached(&format!("SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"))
         .map_err(st)?
         .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
         .optional()
@@ -1196,12 +1195,21 @@ mod tests {
     #[test]
     fn a_json_float_is_the_value_its_device_signed() {
         for x in [1e-142, 1.3333333333333337, 21.53, 5e-324, f64::MAX, -0.0, 0.1 + 0.2] {
-            let reading = Reading { device: DeviceId([1; 32]), seq: 1, timestamp_ms: 1_700_000_000_000, sensor: 1, unit: 1, value: Value::Float(x) };
+            let reading =
+                Reading { device: DeviceId([1; 32]), seq: 1, timestamp_ms: 1_700_000_000_000, sensor: 1, unit: 1, value: Value::Float(x) };
             let signature = Signature::Schnorr([7; 64]);
             let body = serde_json::json!({ "reading": ReadingJson::from_reading(&reading), "signature": signature.to_hex() }).to_string();
             let batch = serde_json::json!({ "batch": [ReadingJson::from_reading(&reading)], "signature": signature.to_hex() }).to_string();
-            assert_eq!(Submission::from_json(body.as_bytes()), Ok(Submission::Reading(SignedReading { reading: reading.clone(), signature })), "{body}");
-            assert_eq!(Submission::from_json(batch.as_bytes()), Ok(Submission::Batch(SignedBatch { readings: vec![reading], signature })), "{batch}");
+            assert_eq!(
+                Submission::from_json(body.as_bytes()),
+                Ok(Submission::Reading(SignedReading { reading: reading.clone(), signature })),
+                "{body}"
+            );
+            assert_eq!(
+                Submission::from_json(batch.as_bytes()),
+                Ok(Submission::Batch(SignedBatch { readings: vec![reading], signature })),
+                "{batch}"
+            );
         }
     }
 }

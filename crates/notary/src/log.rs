@@ -284,9 +284,7 @@ impl<'c> MerkleLog<'c> {
             })
             .collect();
         if shape != expected {
-            return Err(LogError::Corrupt(format!(
-                "stored subtrees (level, count, min, max) {shape:?} do not fit a log of {size} leaves"
-            )));
+            return Err(LogError::Corrupt(format!("stored subtrees (level, count, min, max) {shape:?} do not fit a log of {size} leaves")));
         }
         fn blob(row: Option<&rusqlite::Row<'_>>, level: u32) -> Result<Hash> {
             let row = row.ok_or_else(|| LogError::Corrupt(format!("level {level} ends early")))?;

@@ -707,9 +707,13 @@ mod tests {
         let h = t.add_op(Op::Hexlify).unwrap();
         h.add_attestation(Attestation::Unknown { tag: [0x99; 8], payload: vec![1, 2] });
         h.add_op(Op::Keccak256).unwrap().add_attestation(Attestation::Bitcoin { height: 128 });
-        t.add_op(Op::Append(vec![0xaa, 0xbb])).unwrap().add_op(Op::Ripemd160).unwrap().add_op(Op::Sha1).unwrap().add_attestation(
-            Attestation::Pending { uri: "http://127.0.0.1:14788".into() },
-        );
+        t.add_op(Op::Append(vec![0xaa, 0xbb]))
+            .unwrap()
+            .add_op(Op::Ripemd160)
+            .unwrap()
+            .add_op(Op::Sha1)
+            .unwrap()
+            .add_attestation(Attestation::Pending { uri: "http://127.0.0.1:14788".into() });
         t.add_op(Op::Prepend(vec![0xcc])).unwrap().add_attestation(Attestation::Bitcoin { height: 1 << 40 });
         DetachedTimestampFile::new(HashOp::Sha256, t).unwrap()
     }
@@ -784,7 +788,10 @@ mod tests {
         let max = [&[0x00][..], &TAG_BITCOIN, &[10], &[0xff; 9], &[0x01]].concat();
         assert_eq!(with(&max).unwrap().timestamp.evaluate()[0].0, &Attestation::Bitcoin { height: u64::MAX });
         // Building: empty nodes, bad URIs, oversized arguments.
-        assert_eq!(DetachedTimestampFile::new(HashOp::Sha256, Timestamp::new(vec![0; 32]).unwrap()).unwrap().serialize(), Err(OtsError::EmptyTimestamp));
+        assert_eq!(
+            DetachedTimestampFile::new(HashOp::Sha256, Timestamp::new(vec![0; 32]).unwrap()).unwrap().serialize(),
+            Err(OtsError::EmptyTimestamp)
+        );
         assert!(Attestation::pending("https://x?y").is_err());
         assert!(Timestamp::linear(vec![0; 32], vec![Op::Append(vec![0; 4090])], Attestation::Bitcoin { height: 0 }).is_err());
         assert!(Op::Reverse.apply(&[]).is_err());
@@ -826,7 +833,9 @@ mod tests {
         };
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && stderr.contains("No module named 'opentimestamps'") {
-            println!("NOTICE: skipping the python-opentimestamps cross-check: the module is not installed (pip install opentimestamps-client)");
+            println!(
+                "NOTICE: skipping the python-opentimestamps cross-check: the module is not installed (pip install opentimestamps-client)"
+            );
             return String::new();
         }
         assert!(out.status.success(), "python-opentimestamps rejected our file: {stderr}");

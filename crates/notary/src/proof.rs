@@ -197,10 +197,7 @@ fn hx(h: &[u8]) -> String {
 }
 
 pub(crate) fn unhex32(s: &str, what: &str) -> Result<[u8; 32], ProofError> {
-    hex::decode(s)
-        .ok()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| ProofError::Malformed(format!("{what} is not 32 bytes of hex")))
+    hex::decode(s).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| ProofError::Malformed(format!("{what} is not 32 bytes of hex")))
 }
 
 impl ProofBundle {
@@ -221,8 +218,11 @@ impl ProofBundle {
         pending_message: &str,
     ) -> Result<Self, ProofError> {
         let leaf = merkle::leaf_hash(&reading.digest());
-        let root = merkle::root_from_inclusion_proof(leaf_index, tree_size, &leaf, path)
-            .map_err(|source| ProofError::Inclusion { index: leaf_index, size: tree_size, source })?;
+        let root = merkle::root_from_inclusion_proof(leaf_index, tree_size, &leaf, path).map_err(|source| ProofError::Inclusion {
+            index: leaf_index,
+            size: tree_size,
+            source,
+        })?;
         let evidence = match evidence {
             Evidence::Single(s) => EvidenceJson::Signature { signature: s.to_hex() },
             Evidence::Batch(m) => EvidenceJson::Batch {
@@ -294,15 +294,7 @@ impl ProofBundle {
                 let txid: Txid = txid.parse().map_err(|e| ProofError::Malformed(format!("txid: {e}")))?;
                 let block_hash: BlockHash = block_hash.parse().map_err(|e| ProofError::Malformed(format!("block hash: {e}")))?;
                 let tx_path = tx_path.iter().map(|h| unhex32(h, "tx path")).collect::<Result<_, _>>()?;
-                Ok(Some(AnchorParts {
-                    tx,
-                    txid,
-                    vout: *vout,
-                    block_hash,
-                    block_height: *block_height,
-                    tx_index: *tx_index,
-                    tx_path,
-                }))
+                Ok(Some(AnchorParts { tx, txid, vout: *vout, block_hash, block_height: *block_height, tx_index: *tx_index, tx_path }))
             }
         }
     }
@@ -414,8 +406,8 @@ pub fn assemble_with(
     signer: Option<&crate::checkpoint::CheckpointSigner>,
 ) -> Result<ProofBundle, AssembleError> {
     let stored = crate::ingest::reading_by_id(conn, id)?.ok_or_else(|| AssembleError::NotFound(hex::encode(id)))?;
-    let device = crate::registry::get(conn, &stored.reading.device)?
-        .ok_or(crate::registry::RegistryError::Unknown(stored.reading.device))?;
+    let device =
+        crate::registry::get(conn, &stored.reading.device)?.ok_or(crate::registry::RegistryError::Unknown(stored.reading.device))?;
     let log = crate::log::MerkleLog::new(conn);
     let index = stored.leaf_index;
     let (size, anchor, message) = match crate::anchor::covering(conn, index)? {
@@ -491,7 +483,10 @@ pub(crate) mod fixture {
         tx(
             vec![input(200)],
             vec![
-                TxOut { value: Amount::from_sat(49_000), script_pubkey: ScriptBuf::from(vec![0x00, 0x20].into_iter().chain([7; 32]).collect::<Vec<u8>>()) },
+                TxOut {
+                    value: Amount::from_sat(49_000),
+                    script_pubkey: ScriptBuf::from(vec![0x00, 0x20].into_iter().chain([7; 32]).collect::<Vec<u8>>()),
+                },
                 TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return(payload) },
             ],
         )
@@ -513,7 +508,10 @@ pub(crate) mod fixture {
             if i == pos {
                 txdata.push(anchor.clone());
             } else {
-                txdata.push(tx(vec![input(i as u8)], vec![TxOut { value: Amount::from_sat(i as u64), script_pubkey: ScriptBuf::from(vec![0x51]) }]));
+                txdata.push(tx(
+                    vec![input(i as u8)],
+                    vec![TxOut { value: Amount::from_sat(i as u64), script_pubkey: ScriptBuf::from(vec![0x51]) }],
+                ));
             }
         }
         let header = Header {
@@ -685,9 +683,6 @@ mod tests {
             return;
         }
         assert!(out.status.success(), "{stderr}");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("{} 150", hex::encode(f.block.header.merkle_root.to_byte_array()))
-        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{} 150", hex::encode(f.block.header.merkle_root.to_byte_array())));
     }
 }

@@ -114,7 +114,6 @@ fn migrate(c: &Connection, path: &Path) -> rusqlite::Result<()> {
     Ok(())
 }
 
-
 /// The notary database: owns one connection; hands out views of the log and the
 /// registry over it. (Ingest opens its own connections to the same file.)
 pub struct Store {
@@ -384,10 +383,7 @@ mod tests {
     fn a_corrupt_row_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("n.sqlite")).unwrap();
-        store
-            .conn()
-            .execute("INSERT INTO devices (id, pubkey, name, enrolled_ms) VALUES (x'0102', x'00', 'bad', 1)", [])
-            .unwrap();
+        store.conn().execute("INSERT INTO devices (id, pubkey, name, enrolled_ms) VALUES (x'0102', x'00', 'bad', 1)", []).unwrap();
         assert!(matches!(store.registry().list(), Err(RegistryError::Corrupt(_))));
         assert!(matches!(store.registry().by_name("bad"), Err(RegistryError::Corrupt(_))));
     }

@@ -240,7 +240,10 @@ pub fn verify_bundle(b: &ProofBundle, headers: &dyn HeaderSource, policy: &Polic
         };
         let cp = checkpoint::verify_note(note, vkey).or_else(|e| fail(Step::Checkpoint, e.to_string()))?;
         if cp.size != b.log.tree_size || cp.root != root {
-            return fail(Step::Checkpoint, format!("the checkpoint is for tree size {}, root {}, not this tree", cp.size, hex::encode(cp.root)));
+            return fail(
+                Step::Checkpoint,
+                format!("the checkpoint is for tree size {}, root {}, not this tree", cp.size, hex::encode(cp.root)),
+            );
         }
     }
 
@@ -270,17 +273,21 @@ pub fn verify_bundle(b: &ProofBundle, headers: &dyn HeaderSource, policy: &Polic
     }
 
     let height = a.block_height;
-    let header = headers
-        .header_at(height)
-        .or_else(|e| fail(Step::BlockOnChain, format!("cannot get the header at height {height}: {e}")))?;
+    let header =
+        headers.header_at(height).or_else(|e| fail(Step::BlockOnChain, format!("cannot get the header at height {height}: {e}")))?;
     let Some(header) = header else {
         return fail(Step::BlockOnChain, format!("no block at height {height} (on this chain or in the headers given)"));
     };
     if header.block_hash() != a.block_hash {
-        return fail(Step::BlockOnChain, format!("the block at height {height} is {}, not {} (reorged out?)", header.block_hash(), a.block_hash));
+        return fail(
+            Step::BlockOnChain,
+            format!("the block at height {height} is {}, not {} (reorged out?)", header.block_hash(), a.block_hash),
+        );
     }
     match tx_merkle_root(txid.to_byte_array(), a.tx_index, &a.tx_path) {
-        None => return fail(Step::TxInBlock, format!("transaction index {} does not fit a path of {} hashes", a.tx_index, a.tx_path.len())),
+        None => {
+            return fail(Step::TxInBlock, format!("transaction index {} does not fit a path of {} hashes", a.tx_index, a.tx_path.len()))
+        }
         Some(r) if r != header.merkle_root.to_byte_array() => {
             return fail(Step::TxInBlock, "the transaction's Merkle path does not lead to the block's Merkle root")
         }
@@ -556,7 +563,12 @@ mod tests {
         }
         // Only a calendar's promise: pending.
         let file = b"hello".to_vec();
-        let t = Timestamp::linear(HashOp::Sha256.hash(&file), vec![Op::Append(vec![1])], Attestation::pending("https://a.pool.opentimestamps.org").unwrap()).unwrap();
+        let t = Timestamp::linear(
+            HashOp::Sha256.hash(&file),
+            vec![Op::Append(vec![1])],
+            Attestation::pending("https://a.pool.opentimestamps.org").unwrap(),
+        )
+        .unwrap();
         let ots = DetachedTimestampFile::new(HashOp::Sha256, t).unwrap();
         let e = verify_ots(&file, &ots, &h).unwrap_err();
         assert_eq!(e.step, Step::Anchored);

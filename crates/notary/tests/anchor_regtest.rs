@@ -89,10 +89,7 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     // chain it counts t2 as unconfirmed again; the node refuses it (t2b, back in its
     // mempool, pays more), and the wallet forgets t2.
     let (wallet, ev): (Vec<_>, Vec<_>) = ev.into_iter().partition(|e| matches!(e, AnchorEvent::Wallet(_)));
-    assert!(
-        wallet.iter().all(|e| matches!(e, AnchorEvent::Wallet(Reconciled::Forgotten { txid, .. }) if *txid == t2)),
-        "{wallet:?}"
-    );
+    assert!(wallet.iter().all(|e| matches!(e, AnchorEvent::Wallet(Reconciled::Forgotten { txid, .. }) if *txid == t2)), "{wallet:?}");
     assert!(matches!(ev[0], AnchorEvent::Reorged { txid, .. } if txid == t2b), "{ev:?}");
     let info = a.list().unwrap();
     assert_eq!(info[0].state, AnchorState::Pending);
@@ -133,7 +130,13 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     let ev = a.poll(Some(head(40))).unwrap();
     assert!(ev.iter().any(|e| matches!(e, AnchorEvent::Abandoned { txid, .. } if *txid == t3)), "{ev:?}");
     let ev = if ev.iter().any(|e| matches!(e, AnchorEvent::Broadcast { .. })) { ev } else { a.poll(Some(head(40))).unwrap() };
-    let t4 = ev.iter().find_map(|e| match e { AnchorEvent::Broadcast { txid, tree_size: 40, .. } => Some(*txid), _ => None }).expect("re-anchored");
+    let t4 = ev
+        .iter()
+        .find_map(|e| match e {
+            AnchorEvent::Broadcast { txid, tree_size: 40, .. } => Some(*txid),
+            _ => None,
+        })
+        .expect("re-anchored");
     node.mine(1).unwrap();
     assert!(a.poll(None).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid, .. } if *txid == t4)));
     assert_eq!(a.covering(30).unwrap().unwrap().tx.compute_txid(), t4);
@@ -247,7 +250,12 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     // Through an intermediate transaction the wallet does not see: when a conflicting
     // spend of it is mined, the wallet sees nothing conflict with its payment (as when
     // the node lost the blocks that made a coin), yet the payment's input is gone.
-    let parent = spend_op_true(&coinbase, vec![TxOut { value: Amount::from_sat(20_000_000), script_pubkey: op_true_address().script_pubkey() }], 1_000).unwrap();
+    let parent = spend_op_true(
+        &coinbase,
+        vec![TxOut { value: Amount::from_sat(20_000_000), script_pubkey: op_true_address().script_pubkey() }],
+        1_000,
+    )
+    .unwrap();
     let funding = spend_op_true(&parent, vec![to_wallet], 1_000).unwrap();
     c.broadcast(&parent).unwrap();
     c.broadcast(&funding).unwrap();
@@ -260,7 +268,9 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     for _ in 0..3 {
         ingest(5, &mut receipts);
         let ev = a.poll(Some(log_head())).unwrap();
-        let Some(&AnchorEvent::Broadcast { txid, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else { panic!("{ev:?}") };
+        let Some(&AnchorEvent::Broadcast { txid, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else {
+            panic!("{ev:?}")
+        };
         let block = node.mine(1).unwrap()[0];
         assert!(a.poll(None).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid: t, .. } if *t == txid)));
         anchors.push((txid, block));
@@ -316,7 +326,9 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     // acknowledged is provable against the chain.
     fund(&node, &mut a);
     let ev = a.poll(Some(log_head())).unwrap();
-    let Some(&AnchorEvent::Broadcast { txid, tree_size, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else { panic!("{ev:?}") };
+    let Some(&AnchorEvent::Broadcast { txid, tree_size, .. }) = ev.iter().find(|e| matches!(e, AnchorEvent::Broadcast { .. })) else {
+        panic!("{ev:?}")
+    };
     assert_eq!(tree_size, receipts.len() as u64);
     node.mine(1).unwrap();
     assert!(a.poll(Some(log_head())).unwrap().iter().any(|e| matches!(e, AnchorEvent::Confirmed { txid: t, .. } if *t == txid)));
@@ -344,7 +356,9 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     let c = node.client();
     let dir = tempfile::tempdir().unwrap();
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
-    let open = |cfg: &AnchorConfig| Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap();
+    let open = |cfg: &AnchorConfig| {
+        Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap()
+    };
     let mut a = open(&cfg);
     fund(&node, &mut a);
     a.poll(None).unwrap();
@@ -367,7 +381,12 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     let mut a = open(&cfg);
     a.poll(None).unwrap();
     let info = a.list().unwrap().remove(0);
-    assert_eq!(info.state, AnchorState::Pending, "the anchor still names block {:?}, which the node's chain lost: {info:?}", info.block_hash);
+    assert_eq!(
+        info.state,
+        AnchorState::Pending,
+        "the anchor still names block {:?}, which the node's chain lost: {info:?}",
+        info.block_hash
+    );
 
     let again = node.mine(1).unwrap()[0];
     a.poll(None).unwrap();

@@ -13,12 +13,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bitmote_chain::now_ms;
 use bitmote_device::merkle::{self, verify_inclusion};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{DeviceId, Reading, SignedBatch, SignedReading, SigningKey, Value};
 use bitmote_notary::ingest::{self, IngestConfig, Ingestor};
 use bitmote_notary::registry::Store;
-use bitmote_chain::now_ms;
 
 const CHILD_ENV: &str = "BITMOTE_NOTARY_CRASH_CHILD_DB";
 const DEVICES: u8 = 4;
@@ -26,7 +26,6 @@ const DEVICES: u8 = 4;
 fn key(i: u8) -> SigningKey {
     if i % 2 == 0 { SigningKey::p256_from_secret(&[i + 40; 32]) } else { SigningKey::schnorr_from_secret(&[i + 40; 32]) }.unwrap()
 }
-
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
     Reading {

@@ -64,7 +64,8 @@ fn anchored_readings_verify_with_bitmote_and_the_ots_client() {
 
     // Before the block: the proof is pending, and says so.
     let path = merkle::inclusion_proof(&leaves, 12).unwrap();
-    let pending = ProofBundle::build(&readings[12], &key.public_key(), &evidence[12], 12, N as u64, &path, None, None, "anchor broadcast").unwrap();
+    let pending =
+        ProofBundle::build(&readings[12], &key.public_key(), &evidence[12], 12, N as u64, &path, None, None, "anchor broadcast").unwrap();
     assert!(pending.is_pending());
     let e = verify_bundle(&pending, c, &Policy::default()).unwrap_err();
     assert_eq!(e.step, Step::Anchored, "{e}");

@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use bitmote_chain::now_ms;
 use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
 use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
@@ -18,10 +19,8 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::{assemble, AnchorJson};
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, verify_ots, HeadersFile, Policy, Step};
-use bitmote_chain::now_ms;
 
 mod common;
-
 
 fn reading(k: &SigningKey, seq: u64, v: i64) -> Reading {
     Reading {

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ldk_node::lightning::io;
 use ldk_node::io::sqlite_store::{SqliteStore, KV_TABLE_NAME, SQLITE_DB_FILE_NAME};
+use ldk_node::lightning::io;
 use ldk_node::lightning::util::async_poll::AsyncResult;
 use ldk_node::lightning::util::persist::{KVStore, KVStoreSync};
 use ldk_node::logger::{LogLevel, LogRecord, LogWriter};

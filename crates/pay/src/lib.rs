@@ -29,10 +29,10 @@
 //! that account and signs its statement; the meter compares it with its own, to the
 //! millisatoshi.
 
+pub mod ldk_store;
 pub mod load;
 mod machine;
 pub mod meter;
-pub mod ldk_store;
 pub mod node;
 pub mod provider;
 pub mod store;
@@ -79,10 +79,7 @@ pub(crate) mod hexs;
 /// account it declares (`POST /v1/sessions/{id}/close` `{"account": {...}, "signature": hex}`).
 pub fn close_message(id: &tick::SessionId, account: &tick::Account) -> [u8; 32] {
     let n = |x: u64| x.to_be_bytes();
-    bitmote_device::tagged_hash(
-        b"bitmote/pay/close",
-        &[id, &n(account.ticks), &n(account.register_mwh), &n(account.paid_msat)],
-    )
+    bitmote_device::tagged_hash(b"bitmote/pay/close", &[id, &n(account.ticks), &n(account.register_mwh), &n(account.paid_msat)])
 }
 
 /// What the meter signs, with its device key, to open a session (`POST /v1/sessions`):
@@ -93,7 +90,15 @@ pub fn open_message(tariff_id: &str, meter_key: &str, meter_node: &str, timestam
     let len = |x: &str| (x.len() as u64).to_be_bytes();
     bitmote_device::tagged_hash(
         b"bitmote/pay/open",
-        &[&len(tariff_id), tariff_id.as_bytes(), &len(meter_key), meter_key.as_bytes(), &len(meter_node), meter_node.as_bytes(), &timestamp_ms.to_be_bytes()],
+        &[
+            &len(tariff_id),
+            tariff_id.as_bytes(),
+            &len(meter_key),
+            meter_key.as_bytes(),
+            &len(meter_node),
+            meter_node.as_bytes(),
+            &timestamp_ms.to_be_bytes(),
+        ],
     )
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use ldk_node::{Event, Node};
 use ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
+use ldk_node::{Event, Node};
 
 use crate::store::Session;
 use crate::PayError;

@@ -88,12 +88,7 @@ struct NotaryLink {
 
 fn http_get<T: serde::de::DeserializeOwned>(url: &str) -> Result<T, PayError> {
     let err = |why: String| PayError::Provider { url: url.to_string(), why };
-    ureq::get(url)
-        .timeout(Duration::from_secs(5))
-        .call()
-        .map_err(|e| err(e.to_string()))?
-        .into_json()
-        .map_err(|e| err(e.to_string()))
+    ureq::get(url).timeout(Duration::from_secs(5)).call().map_err(|e| err(e.to_string()))?.into_json().map_err(|e| err(e.to_string()))
 }
 
 fn http_post<T: serde::de::DeserializeOwned>(url: &str, body: &impl Serialize) -> Result<T, PayError> {
@@ -153,9 +148,8 @@ impl Meter {
         let ev = m.clone();
         std::thread::Builder::new().name("meter-events".into()).spawn(move || ev.event_loop()).expect("thread");
         listener.set_nonblocking(true).map_err(|e| PayError::Config(e.to_string()))?;
-        let router = Router::new()
-            .route("/v1/status", get(|AxState(m): AxState<Arc<Meter>>| async move { Json(m.status()) }))
-            .with_state(m.clone());
+        let router =
+            Router::new().route("/v1/status", get(|AxState(m): AxState<Arc<Meter>>| async move { Json(m.status()) })).with_state(m.clone());
         crate::machine::serve(listener, router, &m.halt);
         Ok(m)
     }
@@ -215,9 +209,9 @@ impl Meter {
                 .set("Content-Type", "application/octet-stream")
                 .send_bytes(bytes)
                 .map_err(|e| match e {
-                    ureq::Error::Status(code, r) => format!("{code} from {url}: {}", r.into_string().unwrap_or_default()),
-                    e => format!("{url}: {e}"),
-                })?;
+                ureq::Error::Status(code, r) => format!("{code} from {url}: {}", r.into_string().unwrap_or_default()),
+                e => format!("{url}: {e}"),
+            })?;
             let v: serde_json::Value = resp.into_json().map_err(|e| format!("{url}: {e}"))?;
             let receipt = v["receipts"].get(0).ok_or_else(|| format!("{url}: no receipt in {v}"))?;
             self.store.lock().unwrap().set_receipt(session, *tick, &receipt.to_string()).map_err(|e| e.to_string())?;
@@ -298,7 +292,8 @@ impl Meter {
         let (tariff_id, meter_key, meter_node) =
             (st.id(), bitmote_device::hex_encode(&self.key.public_key().encode()), self.node.node_id().to_string());
         let timestamp_ms = now_ms();
-        let signature = bitmote_device::hex_encode(&self.key.sign(&crate::open_message(&tariff_id, &meter_key, &meter_node, timestamp_ms)).encode());
+        let signature =
+            bitmote_device::hex_encode(&self.key.sign(&crate::open_message(&tariff_id, &meter_key, &meter_node, timestamp_ms)).encode());
         let req = OpenRequest { tariff_id, meter_key, meter_node, timestamp_ms, signature };
         let s: Session = http_post(&format!("{}/v1/sessions", self.provider_url), &req)?;
         if s.tariff != st.tariff || s.meter_key != req.meter_key {
@@ -518,7 +513,11 @@ impl Meter {
                 }
                 status => {
                     self.store.lock().unwrap().drop_unpaid_tick(&s.id, row.tick.tick)?;
-                    tracing::info!(session = bitmote_device::hex_encode(&s.id), "tick {} in flight at close: not paid ({status:?}), dropped", row.tick.tick);
+                    tracing::info!(
+                        session = bitmote_device::hex_encode(&s.id),
+                        "tick {} in flight at close: not paid ({status:?}), dropped",
+                        row.tick.tick
+                    );
                     return Ok(Ok(()));
                 }
             }
@@ -534,7 +533,8 @@ impl Meter {
     fn deliver_ahead(&self, s: &mut Session) -> Result<Result<Option<String>, String>, PayError> {
         let t = s.tariff.clone();
         if self.sim.lock().unwrap().is_none() {
-            *self.sim.lock().unwrap() = Some(SimMeter::new(u64::from_be_bytes(s.id[..8].try_into().unwrap()), t.max_power_w, s.account.register_mwh, now_ms()));
+            *self.sim.lock().unwrap() =
+                Some(SimMeter::new(u64::from_be_bytes(s.id[..8].try_into().unwrap()), t.max_power_w, s.account.register_mwh, now_ms()));
         }
         let limit = Instant::now() + DELIVERY_LIMIT;
         let mut next = s.last_paid_ms.max(now_ms().saturating_sub(t.tick_ms)) + t.tick_ms;
@@ -554,7 +554,13 @@ impl Meter {
             if let Err(e) = self.policy().allows(&t, tick.amount_msat, s.account.paid_msat, day) {
                 return Ok(Ok(Some(format!("{} msat paid ahead not delivered: spending policy: {e}", s.account.credit_msat(&t)))));
             }
-            tracing::debug!(credit = s.account.credit_msat(&t), register, "closing tick {} of {} msat (last: {last})", tick.tick, tick.amount_msat);
+            tracing::debug!(
+                credit = s.account.credit_msat(&t),
+                register,
+                "closing tick {} of {} msat (last: {last})",
+                tick.tick,
+                tick.amount_msat
+            );
             if let Err(e) = self.send_tick(s, tick, true) {
                 tracing::warn!("{e}");
                 if let Err(why) = self.settle_in_flight(s, Duration::from_millis(t.tick_ms + t.grace_ms))? {

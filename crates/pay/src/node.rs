@@ -92,7 +92,8 @@ pub fn start_with(cfg: &NodeConfig, storage: NodeStorage) -> Result<Arc<Node>, P
         a
     });
     b.set_node_alias(alias.to_string()).map_err(|e| PayError::Node(format!("alias: {e}")))?;
-    let store = crate::ldk_store::GuardedStore::open(&cfg.dir, storage.room).map_err(|e| PayError::Node(format!("opening the Lightning store in {}: {e}", cfg.dir.display())))?;
+    let store = crate::ldk_store::GuardedStore::open(&cfg.dir, storage.room)
+        .map_err(|e| PayError::Node(format!("opening the Lightning store in {}: {e}", cfg.dir.display())))?;
     let store = Arc::new(crate::ldk_store::SharedStore(Arc::new(store)));
     let node = b.build_with_store(store).map_err(|e| PayError::Node(format!("building the Lightning node: {e}")))?;
     node.start().map_err(|e| PayError::Node(format!("starting the Lightning node: {e}")))?;
@@ -111,13 +112,7 @@ pub fn channels_with(node: &Node, peer: &PublicKey) -> Vec<ChannelDetails> {
 
 /// Wait until `ok(node)` holds, syncing wallets in between; `mine` is called once per
 /// second so that regtest chains advance (pass a no-op on real networks).
-pub fn wait_until(
-    node: &Node,
-    what: &str,
-    timeout: Duration,
-    mut mine: impl FnMut(),
-    ok: impl Fn(&Node) -> bool,
-) -> Result<(), PayError> {
+pub fn wait_until(node: &Node, what: &str, timeout: Duration, mut mine: impl FnMut(), ok: impl Fn(&Node) -> bool) -> Result<(), PayError> {
     let start = Instant::now();
     let mut last_mine = Instant::now();
     loop {
@@ -183,7 +178,14 @@ pub const CHANNEL_RESERVE_SAT: u64 = 50_000;
 
 /// Open a `sat` channel to `peer` (announced or not) and wait until it is usable. If the
 /// node's wallet holds too little, mine to it on regtest; elsewhere say where to send funds.
-pub fn open_funded_channel(client: &ChainClient, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64, announced: bool) -> Result<(), PayError> {
+pub fn open_funded_channel(
+    client: &ChainClient,
+    node: &Node,
+    peer: PublicKey,
+    addr: SocketAddress,
+    sat: u64,
+    announced: bool,
+) -> Result<(), PayError> {
     let _ = node.sync_wallets();
     let need = sat + CHANNEL_RESERVE_SAT;
     if node.list_balances().spendable_onchain_balance_sats < need {

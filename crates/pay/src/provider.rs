@@ -172,10 +172,8 @@ impl Provider {
             let (sr, tick) = Tick::decode_record(record.ok_or(Refusal::Missing)?)?;
             session_id = Some(tick.session);
             let hex = bitmote_device::hex_encode(&tick.session);
-            let mut s = store
-                .session(&tick.session)
-                .map_err(|e| Refusal::Malformed(e.to_string()))?
-                .ok_or(Refusal::UnknownSession(hex.clone()))?;
+            let mut s =
+                store.session(&tick.session).map_err(|e| Refusal::Malformed(e.to_string()))?.ok_or(Refusal::UnknownSession(hex.clone()))?;
             // A tick still in flight when the supply was cut, or declared by the meter's
             // close request, is credited when it arrives (its money has come in); the
             // supply stays off. Any other tick for an ended session is refused.
@@ -188,8 +186,8 @@ impl Provider {
             if !in_flight {
                 return Err(Refusal::Ended(hex));
             }
-            let key = DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default())
-                .map_err(|_| Refusal::BadSignature)?;
+            let key =
+                DeviceKey::decode(&bitmote_device::hex_decode(&s.meter_key).unwrap_or_default()).map_err(|_| Refusal::BadSignature)?;
             sr.verify(&key).map_err(|_| Refusal::BadSignature)?;
             let t = now();
             let verdict = s.account.accept(&s.tariff, &tick, amount, t.saturating_sub(s.last_paid_ms))?;
@@ -202,7 +200,11 @@ impl Provider {
                 Verdict::Paid => s.supply = true,
                 Verdict::Short { required_msat, paid_msat } => {
                     s.short += 1;
-                    end(&mut s, State::Cut, format!("short payment at tick {}: {paid_msat} msat paid, {required_msat} msat due", tick.tick));
+                    end(
+                        &mut s,
+                        State::Cut,
+                        format!("short payment at tick {}: {paid_msat} msat paid, {required_msat} msat due", tick.tick),
+                    );
                     tracing::warn!(session = hex, "supply cut: {}", s.reason.as_deref().unwrap_or(""));
                 }
             }
@@ -417,7 +419,10 @@ fn session_id(s: &str) -> Result<SessionId, (StatusCode, String)> {
 fn router(p: Shared) -> Router {
     Router::new()
         .route("/v1/tariff", get(|AxState(p): AxState<Shared>| async move { Json(p.tariff.clone()) }))
-        .route("/v1/status", get(|AxState(p): AxState<Shared>| async move { p.status().map(Json).map_err(api_err(StatusCode::INTERNAL_SERVER_ERROR)) }))
+        .route(
+            "/v1/status",
+            get(|AxState(p): AxState<Shared>| async move { p.status().map(Json).map_err(api_err(StatusCode::INTERNAL_SERVER_ERROR)) }),
+        )
         .route(
             "/v1/sessions",
             post(|AxState(p): AxState<Shared>, Json(req): Json<OpenRequest>| async move {

@@ -94,8 +94,7 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(|e| PayError::Io(dir.into(), e))?;
         }
         let db = Connection::open(path).map_err(db_err)?;
-        db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;")
-            .map_err(db_err)?;
+        db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000;").map_err(db_err)?;
         db.execute_batch(SCHEMA).map_err(db_err)?;
         // Added after the first release of the schema: the notary's receipt of each
         // tick reading (meter side), as JSON.
@@ -153,11 +152,8 @@ impl Store {
     }
 
     pub fn session(&self, id: &SessionId) -> Result<Option<Session>, PayError> {
-        let body: Option<String> = self
-            .db
-            .query_row("SELECT body FROM sessions WHERE id = ?1", [&id[..]], |r| r.get(0))
-            .optional()
-            .map_err(db_err)?;
+        let body: Option<String> =
+            self.db.query_row("SELECT body FROM sessions WHERE id = ?1", [&id[..]], |r| r.get(0)).optional().map_err(db_err)?;
         body.map(|b| serde_json::from_str(&b).map_err(|e| PayError::Store(format!("corrupt session: {e}")))).transpose()
     }
 
@@ -189,8 +185,11 @@ impl Store {
             .map_err(db_err)?;
         if n == 1 {
             let body = serde_json::to_string(s).expect("a session serializes");
-            tx.execute("INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)", params![&s.id[..], body, s.state == State::Open])
-                .map_err(db_err)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)",
+                params![&s.id[..], body, s.state == State::Open],
+            )
+            .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         Ok(n == 1)
@@ -205,8 +204,11 @@ impl Store {
         )
         .map_err(db_err)?;
         let body = serde_json::to_string(s).expect("a session serializes");
-        tx.execute("INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)", params![&s.id[..], body, s.state == State::Open])
-            .map_err(db_err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO sessions (id, body, open) VALUES (?1, ?2, ?3)",
+            params![&s.id[..], body, s.state == State::Open],
+        )
+        .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -310,10 +312,8 @@ impl Store {
 
     /// Refusals, newest first: (payment hash hex, amount, reason).
     pub fn refusals(&self) -> Result<Vec<(String, u64, String)>, PayError> {
-        let mut st = self
-            .db
-            .prepare("SELECT payment_hash, amount_msat, reason FROM refusals ORDER BY time_ms DESC LIMIT 100")
-            .map_err(db_err)?;
+        let mut st =
+            self.db.prepare("SELECT payment_hash, amount_msat, reason FROM refusals ORDER BY time_ms DESC LIMIT 100").map_err(db_err)?;
         let rows = st
             .query_map([], |r| Ok((bitmote_device::hex_encode(&r.get::<_, Vec<u8>>(0)?), r.get::<_, i64>(1)? as u64, r.get(2)?)))
             .map_err(db_err)?;
@@ -337,7 +337,11 @@ impl Store {
     /// What was paid (meter) or credited (provider) in ticks sent since `since_ms`.
     pub fn paid_since(&self, since_ms: u64) -> Result<u64, PayError> {
         self.db
-            .query_row("SELECT COALESCE(SUM(amount_msat), 0) FROM ticks WHERE sent_ms >= ?1 AND done_ms IS NOT NULL", [since_ms as i64], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT COALESCE(SUM(amount_msat), 0) FROM ticks WHERE sent_ms >= ?1 AND done_ms IS NOT NULL",
+                [since_ms as i64],
+                |r| r.get::<_, i64>(0),
+            )
             .map(|v| v as u64)
             .map_err(db_err)
     }

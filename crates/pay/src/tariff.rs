@@ -191,12 +191,7 @@ impl SignedTariff {
 
     /// Check the signature with `verify(message, signature, provider)` (the node's
     /// `verify_signature`), the provider and the numbers.
-    pub fn check(
-        &self,
-        expected_provider: &str,
-        now_secs: u64,
-        verify: impl Fn(&[u8], &str) -> bool,
-    ) -> Result<(), TariffError> {
+    pub fn check(&self, expected_provider: &str, now_secs: u64, verify: impl Fn(&[u8], &str) -> bool) -> Result<(), TariffError> {
         if self.tariff.provider != expected_provider {
             return Err(TariffError::WrongProvider { got: self.tariff.provider.clone(), expected: expected_provider.into() });
         }

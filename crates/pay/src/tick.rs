@@ -108,13 +108,7 @@ impl Tick {
             _ => return Err(Refusal::Malformed("not a meter tick reading".into())),
         };
         let n = |i: usize| u64::from_be_bytes(b[16 + 8 * i..24 + 8 * i].try_into().unwrap());
-        Ok(Tick {
-            session: b[..16].try_into().unwrap(),
-            tick: n(0),
-            register_mwh: n(1),
-            amount_msat: n(2),
-            paid_msat: n(3),
-        })
+        Ok(Tick { session: b[..16].try_into().unwrap(), tick: n(0), register_mwh: n(1), amount_msat: n(2), paid_msat: n(3) })
     }
 
     /// Decode the TLV value (a signed reading).
@@ -225,11 +219,7 @@ impl Account {
         // plus grace, as postpaid does; and a closing meter's last ticks deliver the tick
         // paid ahead without paying another.
         let required = t.due_msat(tick.register_mwh);
-        Ok(if self.paid_msat < required {
-            Verdict::Short { required_msat: required, paid_msat: self.paid_msat }
-        } else {
-            Verdict::Paid
-        })
+        Ok(if self.paid_msat < required { Verdict::Short { required_msat: required, paid_msat: self.paid_msat } } else { Verdict::Paid })
     }
 
     /// Credit a tick (the meter does this once its payment succeeded).

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use bitmote_device::sign::SigningKey;
 use bitmote_pay::ldk_node::lightning_types::payment::PaymentPreimage;
 use bitmote_pay::ldk_node::payment::{PaymentDirection, PaymentKind, PaymentStatus};
 use bitmote_pay::ldk_node::{CustomTlvRecord, Node};
@@ -11,7 +12,6 @@ use bitmote_pay::provider::Statement;
 use bitmote_pay::store::State;
 use bitmote_pay::tariff::Mode;
 use bitmote_pay::tick::{Tick, TLV_TICK};
-use bitmote_device::sign::SigningKey;
 use common::*;
 
 fn received_msat(n: &Node) -> u64 {
@@ -185,10 +185,7 @@ fn a_routed_session_pays_through_a_hub() {
     let mine = || {
         chain.mine(1).unwrap();
     };
-    bitmote_pay::node::wait_until(mn, "gossip", Duration::from_secs(120), mine, |n| {
-        n.network_graph().list_channels().len() >= 1
-    })
-    .unwrap();
+    bitmote_pay::node::wait_until(mn, "gossip", Duration::from_secs(120), mine, |n| n.network_graph().list_channels().len() >= 1).unwrap();
     let http = free_addr();
     let (provider, meter) = p.roles(tariff(Mode::Postpaid), http);
     let s = meter.open_session(&pn.node_id().to_string()).unwrap();
@@ -201,7 +198,9 @@ fn a_routed_session_pays_through_a_hub() {
     // funding, are listed too and carry mining fees: not routing.)
     let ticks: Vec<u64> = mn
         .list_payments_with_filter(|p| {
-            p.direction == PaymentDirection::Outbound && p.status == PaymentStatus::Succeeded && matches!(p.kind, PaymentKind::Spontaneous { .. })
+            p.direction == PaymentDirection::Outbound
+                && p.status == PaymentStatus::Succeeded
+                && matches!(p.kind, PaymentKind::Spontaneous { .. })
         })
         .iter()
         .map(|p| p.fee_paid_msat.unwrap_or(0))
@@ -229,7 +228,12 @@ fn a_routed_session_pays_through_a_hub() {
     eventually("money arrived", || received_msat(pn) == before + a.paid_msat);
     let ps = provider.session(&s.id).unwrap().unwrap();
     assert_eq!((ps.state, ps.refused_msat, ps.late, ps.short), (State::Closed, 0, 0, 0), "{ps:#?}");
-    eprintln!("prepaid via a hub, provider under reserve: {} ticks, {} msat, {} Wh, nothing owed", a.ticks, a.paid_msat, a.register_mwh as f64 / 1000.0);
+    eprintln!(
+        "prepaid via a hub, provider under reserve: {} ticks, {} msat, {} Wh, nothing owed",
+        a.ticks,
+        a.paid_msat,
+        a.register_mwh as f64 / 1000.0
+    );
     provider.shutdown();
     meter.shutdown();
     stop(&[pn, mn, &hub]);
@@ -237,7 +241,12 @@ fn a_routed_session_pays_through_a_hub() {
 
 /// Stream until `ticks` ticks are paid, then `offset_ms` into the next tick stop
 /// streaming (what Ctrl-C does) and close.
-fn stop_mid_tick_and_close(meter: &std::sync::Arc<bitmote_pay::meter::Meter>, id: &bitmote_pay::tick::SessionId, ticks: u64, offset_ms: u64) -> bitmote_pay::meter::Outcome {
+fn stop_mid_tick_and_close(
+    meter: &std::sync::Arc<bitmote_pay::meter::Meter>,
+    id: &bitmote_pay::tick::SessionId,
+    ticks: u64,
+    offset_ms: u64,
+) -> bitmote_pay::meter::Outcome {
     let (m, sid) = (meter.clone(), *id);
     let run = std::thread::spawn(move || m.run(&sid, None));
     eventually("ticks paid", || meter.account(id).unwrap().unwrap().ticks >= ticks);
@@ -265,7 +274,8 @@ fn stopping_anywhere_in_a_tick_closes_with_equal_accounts() {
         // The tariff's tick is 500 ms: stops spread over it.
         for offset in [0, 120, 260, 410] {
             // A stopped meter stays stopped (Ctrl-C): a fresh one for each session.
-            let meter = bitmote_pay::meter::Meter::start(mn.clone(), &p.dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
+            let meter =
+                bitmote_pay::meter::Meter::start(mn.clone(), &p.dir.path().join("meter"), &format!("http://{http}"), free_addr()).unwrap();
             let s = meter.open_session(&pn.node_id().to_string()).unwrap();
             let out = stop_mid_tick_and_close(&meter, &s.id, 4, offset);
             assert!(out.reconciled, "{mode:?} stop at +{offset} ms: {out:#?}");
@@ -443,7 +453,8 @@ fn the_meter_pays_only_within_its_spending_policy() {
     let p = pair(false);
     let (chain, pn, mn) = (&p.chain, &p.pn, &p.mn);
     channel(chain, mn, pn, 1_000_000, None, false);
-    let sent = || mn.list_payments().iter().filter(|x| x.direction == PaymentDirection::Outbound && x.status == PaymentStatus::Succeeded).count();
+    let sent =
+        || mn.list_payments().iter().filter(|x| x.direction == PaymentDirection::Outbound && x.status == PaymentStatus::Succeeded).count();
     // A provider asking 1,000,000 msat per Wh (the default limit is 1,000).
     let greedy = Tariff { price_msat_per_wh: 1_000_000, ..tariff(Mode::Prepaid) };
     let http = free_addr();
@@ -501,7 +512,9 @@ fn concurrent_closes_collect_nothing_and_strangers_keysends_change_no_account() 
     });
     let url = format!("http://{http}/v1/sessions/{}/close", bitmote_device::hex_encode(&s.id));
     let statements: Vec<serde_json::Value> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..8).map(|_| sc.spawn(|| ureq::post(&url).send_json(req.clone()).unwrap().into_json::<serde_json::Value>().unwrap())).collect();
+        let hs: Vec<_> = (0..8)
+            .map(|_| sc.spawn(|| ureq::post(&url).send_json(req.clone()).unwrap().into_json::<serde_json::Value>().unwrap()))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for st in &statements {

@@ -26,6 +26,10 @@ pub fn prerequisites(browser_dir: &Path) {
         assert!(install() || (ok(Command::new("apt-get").arg("update")) && install()), "apt-get install {missing:?} failed");
     }
     if !browser_dir.join("node_modules/playwright-core").is_dir() {
-        assert!(ok(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(browser_dir)), "npm ci in {}", browser_dir.display());
+        assert!(
+            ok(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(browser_dir)),
+            "npm ci in {}",
+            browser_dir.display()
+        );
     }
 }
