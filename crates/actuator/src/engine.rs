@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use crate::rules::{Action, Delivery, Rule, RuleSet, Trigger};
 use bitmote_chain::now_ms;
+pub use bitmote_proto::actuator::{ClaimState, Command, LightningPayment, Payment};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -226,35 +227,6 @@ pub struct OutboxItem {
     pub reverts: Option<String>,
 }
 
-/// A Lightning payment received by the gateway's node for an invoice of a Lightning rule.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct LightningPayment {
-    /// Hex of the payment hash (the invoice's, and the key of the action's exactly-once).
-    pub payment_hash: String,
-    /// What was received.
-    pub amount_msat: u64,
-    /// What the invoice asked for.
-    pub invoice_msat: u64,
-    /// The block height at which LDK fails the held payment back by itself (held invoices).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim_deadline: Option<u32>,
-    /// Where the held payment stands (none for invoices claimed on arrival, before holding).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claim: Option<ClaimState>,
-}
-
-/// A held Lightning payment: claimed only once its action is acknowledged, else failed back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClaimState {
-    /// Claimable, waiting for the device's acknowledgement.
-    Held,
-    /// Claimed (the device acknowledged the action).
-    Claimed,
-    /// Failed back to the payer (the device refused, the action expired, or it was underpaid).
-    FailedBack,
-}
-
 /// What to do with a held Lightning payment ([`Engine::claims_to_settle`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settle {
@@ -282,28 +254,26 @@ pub struct Invoice {
     pub paid_msat: Option<u64>,
 }
 
-/// A payment that triggered an action: where it is, what it pays to whom.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Payment {
-    pub txid: String,
-    pub vout: u32,
-    pub address: String,
-    pub amount_sat: u64,
-    /// Height of the block that holds it.
-    pub height: u32,
-}
-
 impl OutboxItem {
     /// What the device (or webhook, or program) receives. The event id is the same on
     /// every attempt, so receivers deduplicate by it.
-    pub fn payload(&self) -> serde_json::Value {
-        serde_json::json!({
-            "event_id": self.event_id, "rule": self.rule_id, "device": self.device,
-            "command": self.command, "args": self.args,
-            "txid": self.txid, "height": self.height, "confirmations": self.confirmations,
-            "payment": self.payment, "lightning": self.lightning, "due_ms": self.due_ms, "ttl_ms": self.ttl_ms,
-            "reverts": self.reverts,
-        })
+    pub fn payload(&self) -> Command {
+        Command {
+            v: Default::default(),
+            event_id: self.event_id.clone(),
+            rule: self.rule_id.clone(),
+            device: self.device.clone(),
+            command: self.command.clone(),
+            args: self.args.clone(),
+            txid: self.txid.clone(),
+            height: self.height,
+            confirmations: self.confirmations,
+            payment: self.payment.clone(),
+            lightning: self.lightning.clone(),
+            due_ms: self.due_ms,
+            ttl_ms: self.ttl_ms,
+            reverts: self.reverts.clone(),
+        }
     }
 }
 
@@ -1572,7 +1542,7 @@ mod tests {
                 claim: None
             })
         );
-        assert_eq!(a.payload()["lightning"]["payment_hash"], h1.as_str());
+        assert_eq!(a.payload().lightning.map(|l| l.payment_hash), Some(h1.clone()));
         assert_eq!(a.ttl_ms, Some(600_000));
 
         // Less than the invoice asked for: refused, nothing due.

@@ -15,7 +15,7 @@ pub mod engine;
 pub mod rules;
 
 pub use engine::{
-    ClaimState, Engine, EngineError, EngineEvent, Invoice, LightningPayment, OutboxItem, OutboxState, Payment, RuleEntry, RuleSource,
-    Settle,
+    ClaimState, Command, Engine, EngineError, EngineEvent, Invoice, LightningPayment, OutboxItem, OutboxState, Payment, RuleEntry,
+    RuleSource, Settle,
 };
 pub use rules::{Action, Delivery, Exec, Rule, RuleError, RuleSet, Trigger, Webhook};

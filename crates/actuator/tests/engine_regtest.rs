@@ -270,7 +270,7 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
     let item = r.engine.get(&fired[0]).unwrap().unwrap();
     assert_eq!(item.confirmations, Some(1));
     let p = item.payload();
-    assert_eq!((p["rule"].as_str(), p["device"].as_str(), p["args"]["seconds"].as_u64()), (Some("order-1"), Some("lock-7"), Some(60)));
+    assert_eq!((p.rule.as_str(), p.device.as_str(), p.args["seconds"].as_u64()), ("order-1", "lock-7", Some(60)));
     // The command carries the payment, for devices that check it themselves.
     let paid = item.payment.clone().expect("a payment rule's action names its payment");
     let txid = tx.compute_txid().to_string();
@@ -279,7 +279,7 @@ fn rules_added_through_the_engine_fire_from_the_next_block_and_survive_a_restart
         (txid.as_str(), addr(3).to_string().as_str(), c.tip().unwrap().height)
     );
     assert_eq!(tx.output[paid.vout as usize].value.to_sat(), paid.amount_sat);
-    assert_eq!(p["payment"]["txid"], txid.as_str());
+    assert_eq!(p.payment.map(|p| p.txid), Some(txid.clone()));
     // A device that refuses it closes it: never delivered again.
     assert!(r.engine.mark_refused(&fired[0], "the device refused it: no such payment").unwrap());
     assert_eq!(r.engine.get(&fired[0]).unwrap().unwrap().state, OutboxState::Refused);

@@ -520,13 +520,13 @@ impl MqttLink {
                 }
             }
         });
-        client.subscribe(bitmote_gateway::mqtt::receipts_topic(device), rumqttc::QoS::AtLeastOnce)?;
-        client.subscribe(bitmote_gateway::mqtt::errors_topic(device), rumqttc::QoS::AtLeastOnce)?;
+        client.subscribe(bitmote_proto::topic::receipts(device), rumqttc::QoS::AtLeastOnce)?;
+        client.subscribe(bitmote_proto::topic::errors(device), rumqttc::QoS::AtLeastOnce)?;
         Ok(MqttLink { client, rx, device: device.to_string() })
     }
 
     fn send(&mut self, payload: &[u8]) -> Result<Json> {
-        self.client.publish(bitmote_gateway::mqtt::readings_topic(&self.device), rumqttc::QoS::AtLeastOnce, false, payload.to_vec())?;
+        self.client.publish(bitmote_proto::topic::readings(&self.device), rumqttc::QoS::AtLeastOnce, false, payload.to_vec())?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -794,8 +794,8 @@ fn actuator(
             }
         }
     });
-    let commands = bitmote_gateway::mqtt::commands_topic(name);
-    let acks = bitmote_gateway::mqtt::acks_topic(name);
+    let commands = bitmote_proto::topic::commands(name);
+    let acks = bitmote_proto::topic::acks(name);
     eprintln!("actuator {name}: output {} ({} commands done before)", state.output, state.done.len());
     let mut acted = 0u64;
     // With --count: exit once the broker has acknowledged (PUBACK) our last acknowledgement,

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bitmote_actuator::{Delivery, Engine, EngineEvent, OutboxItem, RuleSet};
 use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
+use bitmote_proto::AckResult;
 
 use crate::{deliver, GatewayError, Job, Shared};
 use bitmote_chain::now_ms;
@@ -88,7 +89,7 @@ fn run(
     shared: Arc<Shared>,
     mut engine: Engine,
     client: ChainClient,
-    acks: mpsc::Receiver<(String, serde_json::Value)>,
+    acks: mpsc::Receiver<(String, bitmote_proto::Ack)>,
     retry: Retry,
     jobs: mpsc::Receiver<Job<Engine>>,
     history: std::path::PathBuf,
@@ -179,24 +180,24 @@ fn run(
             job(&mut engine);
         }
         // 3. Acknowledgements: MQTT acks, and the outcomes of webhook and program attempts.
-        while let Ok((device, v)) = acks.try_recv() {
-            let Some(id) = v["event_id"].as_str() else { continue };
+        while let Ok((device, ack)) = acks.try_recv() {
+            let id = ack.event_id.as_str();
             let belongs = engine.get(id).ok().flatten().is_some_and(|i| i.device == device && i.delivery == Delivery::Mqtt);
             if !belongs {
                 tracing::warn!("ack for {id} from {device}, which it was not sent to; ignored");
                 continue;
             }
-            let r = match v["result"].as_str() {
-                Some("expired") => {
+            let r = match ack.result {
+                AckResult::Expired => {
                     alert(&shared, format!("{id}: {device} received it after its time-to-live and did not act"));
                     engine.mark_expired(id, "the device received it after its time-to-live and did not act")
                 }
-                Some("refused") => {
-                    let note = format!("the device refused it: {}", v["reason"].as_str().unwrap_or("no reason given"));
+                AckResult::Refused => {
+                    let note = format!("the device refused it: {}", ack.reason.as_deref().unwrap_or("no reason given"));
                     alert(&shared, format!("{id}: {device}: {note}"));
                     engine.mark_refused(id, &note)
                 }
-                _ => engine.mark_acked(id),
+                AckResult::Done => engine.mark_acked(id),
             };
             if let Err(e) = r {
                 tracing::error!("actuator: recording ack {id}: {e}");
@@ -244,7 +245,7 @@ fn run(
             let attempt: Box<dyn FnOnce() -> Result<(), String> + Send> = match item.delivery {
                 Delivery::Mqtt => {
                     if let Some(out) = &out {
-                        let _ = out.send((crate::mqtt::commands_topic(&item.device), payload.to_string().into_bytes()));
+                        let _ = out.send((crate::mqtt::commands_topic(&item.device), bitmote_proto::encode(&payload)));
                     }
                     continue;
                 }

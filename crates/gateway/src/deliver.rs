@@ -26,9 +26,9 @@ pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
 }
 
 /// One webhook attempt.
-pub fn webhook(w: &Webhook, event_id: &str, payload: &serde_json::Value) -> Result<(), String> {
+pub fn webhook(w: &Webhook, event_id: &str, payload: &bitmote_proto::Command) -> Result<(), String> {
     let secret = w.secret()?;
-    let body = payload.to_string();
+    let body = bitmote_proto::encode(payload);
     let ts = (bitmote_chain::now_ms() / 1000).to_string();
     let agent = ureq::AgentBuilder::new().timeout(w.timeout()).redirects(0).build();
     let sent = agent
@@ -36,8 +36,8 @@ pub fn webhook(w: &Webhook, event_id: &str, payload: &serde_json::Value) -> Resu
         .set("Content-Type", "application/json")
         .set("X-Bitmote-Event", event_id)
         .set("X-Bitmote-Timestamp", &ts)
-        .set("X-Bitmote-Signature", &signature(&secret, &ts, body.as_bytes()))
-        .send_string(&body);
+        .set("X-Bitmote-Signature", &signature(&secret, &ts, &body))
+        .send_bytes(&body);
     match sent {
         Ok(r) if (200..300).contains(&r.status()) => Ok(()),
         Ok(r) => Err(format!("{} answered HTTP {}", w.url, r.status())),
@@ -47,7 +47,7 @@ pub fn webhook(w: &Webhook, event_id: &str, payload: &serde_json::Value) -> Resu
 }
 
 /// One run of the program, killed after its timeout.
-pub fn exec(e: &Exec, event_id: &str, payload: &serde_json::Value) -> Result<(), String> {
+pub fn exec(e: &Exec, event_id: &str, payload: &bitmote_proto::Command) -> Result<(), String> {
     let name = e.program.display();
     let mut child = Command::new(&e.program)
         .args(&e.args)
@@ -58,8 +58,8 @@ pub fn exec(e: &Exec, event_id: &str, payload: &serde_json::Value) -> Result<(),
         .map_err(|err| format!("starting {name}: {err}"))?;
     // A writer thread, so a program that does not read its input cannot block us past the timeout.
     if let Some(mut stdin) = child.stdin.take() {
-        let body = payload.to_string();
-        std::thread::spawn(move || stdin.write_all(body.as_bytes()));
+        let body = bitmote_proto::encode(payload);
+        std::thread::spawn(move || stdin.write_all(&body));
     }
     let deadline = Instant::now() + e.timeout();
     loop {

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{Job, Shared};
+use bitmote_proto::notary::{DeviceAnswer, DeviceList, EnrolRequest, Enrolment, MqttLogin, RevokeRequest};
 
 /// Largest request body (a full batch of 4096 readings with payloads fits).
 pub const MAX_BODY: usize = 8 << 20;
@@ -30,11 +31,18 @@ pub const MAX_BODY: usize = 8 << 20;
 pub const MAX_SMALL_BODY: usize = 64 << 10;
 
 /// An API error: HTTP status and a JSON body `{ "error": message, "code": reason }`.
-pub struct ApiError(StatusCode, String, &'static str);
+pub struct ApiError {
+    status: StatusCode,
+    body: bitmote_proto::ErrorBody,
+}
+
+fn api_error(status: StatusCode, msg: String, code: &'static str) -> ApiError {
+    ApiError { status, body: bitmote_proto::ErrorBody::new(msg, code) }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1, "code": self.2 }))).into_response()
+        (self.status, Json(self.body)).into_response()
     }
 }
 
@@ -49,16 +57,16 @@ impl From<IngestError> for ApiError {
             IngestError::Storage(_) | IngestError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         };
-        ApiError(status, e.to_string(), e.code())
+        ApiError { status, body: crate::ingest_error_body(&e) }
     }
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, msg.into(), "bad_request")
+    api_error(StatusCode::BAD_REQUEST, msg.into(), "bad_request")
 }
 
 pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "internal")
+    api_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "internal")
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -107,7 +115,7 @@ async fn anonymous_rate(State(s): State<Arc<Shared>>, req: axum::extract::Reques
         if !is_admin(&s, req.headers()) {
             if let Err(wait) = s.anonymous_rate.check(peer.ip()) {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                let mut r = ApiError(
+                let mut r = api_error(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!("too many requests from {}; try again in {secs} s", peer.ip()),
                     "rate_limited",
@@ -138,7 +146,7 @@ fn parse_submission(headers: &HeaderMap, body: &[u8]) -> Result<Submission, ApiE
     if ct.starts_with("application/json") {
         Submission::from_json(body).map_err(|e| match e {
             JsonSubmissionError::Invalid(m) => bad(m),
-            e @ JsonSubmissionError::TooMany(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string(), "too_large"),
+            e @ JsonSubmissionError::TooMany(_) => api_error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string(), "too_large"),
         })
     } else {
         Ok(Submission::decode(body)?)
@@ -159,11 +167,11 @@ pub async fn submit(shared: &Arc<Shared>, sub: Submission) -> Result<Vec<Receipt
     rx.await.unwrap_or(Err(IngestError::ShuttingDown))
 }
 
-async fn post_readings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn post_readings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Result<Json<bitmote_proto::Receipts>, ApiError> {
     // Decoding (and for JSON, parsing) up to 8 MiB is CPU work: off the async workers.
     let sub = blocking(move || parse_submission(&headers, &body)).await?;
     let receipts = submit(&s, sub).await?;
-    Ok(Json(json!({ "receipts": receipts })))
+    Ok(Json(crate::receipts(&receipts)))
 }
 
 fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
@@ -176,7 +184,7 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Ap
 
 fn stored_reading(s: &Shared, id: &[u8; 32]) -> Result<bitmote_notary::ingest::StoredReading, ApiError> {
     let c = s.db().map_err(internal)?;
-    bitmote_notary::ingest::reading_by_id(&c, id)?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))
+    bitmote_notary::ingest::reading_by_id(&c, id)?.ok_or_else(|| api_error(StatusCode::NOT_FOUND, "no such reading".into(), "not_found"))
 }
 
 async fn get_reading(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -227,8 +235,8 @@ impl BlockCache {
 fn proof_of(s: &Shared, id: [u8; 32]) -> Result<bitmote_notary::proof::ProofBundle, ApiError> {
     let c = s.db().map_err(internal)?;
     bitmote_notary::proof::assemble_with(&c, &|h| s.blocks.get(&s.client, h), &id, Some(&s.signer)).map_err(|e| match e {
-        bitmote_notary::proof::AssembleError::NotFound(_) => ApiError(StatusCode::NOT_FOUND, e.to_string(), "not_found"),
-        bitmote_notary::proof::AssembleError::Chain(_) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "node_unavailable"),
+        bitmote_notary::proof::AssembleError::NotFound(_) => api_error(StatusCode::NOT_FOUND, e.to_string(), "not_found"),
+        bitmote_notary::proof::AssembleError::Chain(_) => api_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "node_unavailable"),
         other => internal(other),
     })
 }
@@ -242,7 +250,7 @@ async fn get_ots(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result
     let idb = parse_id(&id)?;
     blocking(move || {
         let bundle = proof_of(&s, idb)?;
-        let ots = bundle.to_ots().map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string(), "pending"))?;
+        let ots = bundle.to_ots().map_err(|e| api_error(StatusCode::CONFLICT, e.to_string(), "pending"))?;
         let bytes = ots.serialize().map_err(internal)?;
         Ok((
             [
@@ -299,19 +307,19 @@ async fn verify(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Result<
     .await
 }
 
-async fn get_log(State(s): State<Arc<Shared>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn get_log(State(s): State<Arc<Shared>>) -> Result<Json<bitmote_proto::notary::LogInfo>, ApiError> {
     blocking(move || {
         let c = s.db().map_err(internal)?;
         let log = MerkleLog::new(&c);
         let size = log.size().map_err(internal)?;
         let root = log.root_at(size).map_err(internal)?;
-        Ok(Json(json!({
-            "origin": s.signer.name(),
-            "tree_size": size,
-            "root": hex::encode(root),
-            "checkpoint": s.signer.sign(size, root),
-            "verifier_key": s.signer.verifier_key(),
-        })))
+        Ok(Json(bitmote_proto::notary::LogInfo {
+            origin: s.signer.name().to_string(),
+            tree_size: size,
+            root: hex::encode(root),
+            checkpoint: s.signer.sign(size, root),
+            verifier_key: s.signer.verifier_key(),
+        }))
     })
     .await
 }
@@ -369,7 +377,7 @@ fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError(
+        Err(api_error(
             StatusCode::UNAUTHORIZED,
             "admin token required (Authorization: Bearer <contents of <data-dir>/gateway/admin.token>)".into(),
             "unauthorized",
@@ -377,50 +385,39 @@ fn require_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-async fn list_devices(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(json!({ "devices": s.ingest.devices() }))
-}
-
-#[derive(Deserialize)]
-struct Enroll {
-    public_key: String,
-    name: Option<String>,
+async fn list_devices(State(s): State<Arc<Shared>>) -> Json<DeviceList> {
+    Json(DeviceList { devices: s.ingest.devices().iter().map(crate::device_record).collect() })
 }
 
 /// Enrol a device (idempotent) and issue it new MQTT credentials, returned only here.
-async fn enroll(State(s): State<Arc<Shared>>, _: Admin, Json(e): Json<Enroll>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn enroll(State(s): State<Arc<Shared>>, _: Admin, Json(e): Json<EnrolRequest>) -> Result<Json<Enrolment>, ApiError> {
     let key: PublicKey = e.public_key.parse().map_err(|err| bad(format!("public_key: {err}")))?;
     if let Some(n) = e.name.as_deref().filter(|n| !crate::mqtt_front::topic_safe(n)) {
         return Err(bad(format!("device name {n:?} cannot be used in MQTT topics (no '/', '+', '#', not 64 hex digits, not \"admin\")")));
     }
     blocking(move || {
-        let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| ApiError(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
+        let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| api_error(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
         let c = s.db().map_err(internal)?;
         let mqtt = crate::mqtt_front::issue(&s, &c, &d.id).map_err(internal)?;
-        Ok(Json(json!({ "device": d, "mqtt": mqtt })))
+        Ok(Json(Enrolment { device: crate::device_record(&d), mqtt: MqttLogin { username: mqtt.username, password: mqtt.password } }))
     })
     .await
-}
-
-#[derive(Deserialize)]
-struct Revoke {
-    reason: String,
 }
 
 async fn revoke(
     State(s): State<Arc<Shared>>,
     _: Admin,
     Path(id): Path<String>,
-    Json(r): Json<Revoke>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    Json(r): Json<RevokeRequest>,
+) -> Result<Json<DeviceAnswer>, ApiError> {
     let id: DeviceId = id.parse().map_err(|e| bad(format!("device id: {e}")))?;
     // A SQLite write: off the async workers, as every other database call here.
     let s2 = s.clone();
     let d =
-        blocking(move || s2.ingest.revoke(&id, &r.reason).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string(), "revoke"))).await?;
+        blocking(move || s2.ingest.revoke(&id, &r.reason).map_err(|e| api_error(StatusCode::NOT_FOUND, e.to_string(), "revoke"))).await?;
     // Its MQTT connections are closed now; new ones are refused (the device is revoked).
     s.mqtt_auth.kick(&id);
-    Ok(Json(json!({ "device": d })))
+    Ok(Json(DeviceAnswer { device: crate::device_record(&d) }))
 }
 
 async fn actions(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Json<serde_json::Value> {
@@ -490,7 +487,7 @@ async fn call<T: 'static, R: Send + 'static>(
 ) -> Result<R, ApiError> {
     call_with_timeout(jobs, JOB_TIMEOUT, f)
         .await
-        .map_err(|()| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is not available now; try again"), "unavailable"))
+        .map_err(|()| api_error(StatusCode::SERVICE_UNAVAILABLE, format!("{what} is not available now; try again"), "unavailable"))
 }
 
 /// [`call`], waiting at most `timeout`; `Err` if the loop is gone or busy.
@@ -514,7 +511,7 @@ fn engine_err(e: EngineError) -> ApiError {
         EngineError::NoSuchRule(_) => (StatusCode::NOT_FOUND, "not_found"),
         _ => return internal(e),
     };
-    ApiError(status, e.to_string(), code)
+    api_error(status, e.to_string(), code)
 }
 
 /// A JSON body, refused with a 400 that says what is wrong.
@@ -541,7 +538,7 @@ async fn add_rule(State(s): State<Arc<Shared>>, _: Admin, body: Bytes) -> Result
 /// allow-list names it (403 otherwise, saying why): the admin token is not a shell.
 fn api_may_add<'a>(s: &Shared, actions: impl IntoIterator<Item = Option<&'a Action>>) -> Result<(), ApiError> {
     for a in actions.into_iter().flatten() {
-        s.api_actions.check(a).map_err(|why| ApiError(StatusCode::FORBIDDEN, why, "forbidden_action"))?;
+        s.api_actions.check(a).map_err(|why| api_error(StatusCode::FORBIDDEN, why, "forbidden_action"))?;
     }
     Ok(())
 }
@@ -599,7 +596,7 @@ fn is_online(s: &Shared, device: &str) -> bool {
 
 async fn lightning_order(s: Arc<Shared>, device: String, o: LightningOrder) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let Some(node) = s.lightning.clone() else {
-        return Err(ApiError(
+        return Err(api_error(
             StatusCode::CONFLICT,
             "this gateway runs no Lightning node ([gateway] lightning = true)".into(),
             "no_lightning",
@@ -613,7 +610,7 @@ async fn lightning_order(s: Arc<Shared>, device: String, o: LightningOrder) -> R
     let Trigger::Lightning { amount_msat, expiry_secs } = rule.trigger else { return Err(internal("not a Lightning rule")) };
     // No one is asked to pay for a device that cannot act now.
     if !is_online(&s, &device) {
-        return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
+        return Err(api_error(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
     }
     let what = format!("bitmote {} {} ({})", device, rule.action.command, rule.id);
     // A held invoice: the gateway makes the preimage and keeps it (durable before the
@@ -663,7 +660,7 @@ async fn order(
     o.rule(format!("{ORDER_PREFIX}0"), &device, placeholder).check(s.network).map_err(|e| bad(e.to_string()))?;
     // No one is asked to pay for a device that cannot act now.
     if !is_online(&s, &device) {
-        return Err(ApiError(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
+        return Err(api_error(StatusCode::CONFLICT, format!("device {device} is offline"), "offline"));
     }
     let address = call(&s.wallet_jobs, "the gateway wallet", |w| w.new_address()).await?.map_err(internal)?.to_string();
     let (min_sat, a) = (o.min_sat, address.clone());

@@ -170,7 +170,7 @@ pub struct Shared {
     /// Messages for devices, published by the MQTT side (set when MQTT runs).
     pub mqtt_out: Mutex<Option<std::sync::mpsc::Sender<(String, Vec<u8>)>>>,
     /// Device acknowledgements of actuator commands, for the actuator loop.
-    pub acks: Mutex<Option<std::sync::mpsc::Sender<(String, serde_json::Value)>>>,
+    pub acks: Mutex<Option<std::sync::mpsc::Sender<(String, bitmote_proto::Ack)>>>,
     /// The action log (latest snapshot) and alerts, for the API.
     pub actions: Mutex<Vec<bitmote_actuator::OutboxItem>>,
     pub alerts: Mutex<Vec<String>>,
@@ -258,6 +258,34 @@ pub struct Gateway {
 /// The admin token in `path`, created on first start. A token file that exists but
 /// cannot be read, or is empty, is an error: replacing it would lock out every client
 /// configured with the old token, so the gateway refuses to start and says why.
+/// The protocol's receipts for what ingest acknowledged (MQTT receipts topic, `POST /v1/readings`).
+pub fn receipts(r: &[bitmote_notary::ingest::Receipt]) -> bitmote_proto::Receipts {
+    let receipts = r.iter().map(|r| bitmote_proto::Receipt { reading_id: r.reading_id, leaf_index: r.leaf_index, tree_size: r.tree_size });
+    bitmote_proto::Receipts { receipts: receipts.collect() }
+}
+
+/// What a device is told when ingest refuses its readings (HTTP body, MQTT errors topic).
+pub fn ingest_error_body(e: &bitmote_notary::ingest::IngestError) -> bitmote_proto::ErrorBody {
+    let mut body = bitmote_proto::ErrorBody::new(e.to_string(), e.code());
+    if let bitmote_notary::ingest::IngestError::Replay { last, .. } = e {
+        body.last_seq = Some(*last);
+    }
+    body
+}
+
+/// The protocol's record of a registered device.
+pub fn device_record(d: &bitmote_notary::registry::Device) -> bitmote_proto::notary::DeviceRecord {
+    bitmote_proto::notary::DeviceRecord {
+        id: d.id.to_string(),
+        pubkey: d.pubkey.to_string(),
+        name: d.name.clone(),
+        enrolled_ms: d.enrolled_ms,
+        revoked_ms: d.revoked_ms,
+        revoke_reason: d.revoke_reason.clone(),
+        last_seq: d.last_seq,
+    }
+}
+
 fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
     let refuse = |why: String| GatewayError::Io {
         context: format!("{} {why}; fix or remove it (it is never overwritten)", path.display()),

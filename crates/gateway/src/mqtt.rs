@@ -25,34 +25,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitmote_notary::ingest::Submission;
+use bitmote_proto::{Ack, ErrorBody, Presence};
 use rumqttd::{Broker, Notification};
-use serde_json::json;
 
 use crate::{GatewayError, Shared};
 
-/// Topic a device publishes readings on.
-pub fn readings_topic(device: &str) -> String {
-    format!("bitmote/{device}/readings")
-}
-/// Topic the gateway publishes receipts on.
-pub fn receipts_topic(device: &str) -> String {
-    format!("bitmote/{device}/receipts")
-}
-/// Topic an actuator device receives commands on.
-pub fn commands_topic(device: &str) -> String {
-    format!("bitmote/{device}/commands")
-}
-/// Topic an actuator device acknowledges commands on.
-pub fn acks_topic(device: &str) -> String {
-    format!("bitmote/{device}/acks")
-}
-/// Topic the gateway publishes refusals on.
-pub fn errors_topic(device: &str) -> String {
-    format!("bitmote/{device}/errors")
-}
-
-/// What the gateway listens to: readings, actuator acknowledgements, device presence.
-const GATEWAY_TOPICS: [&str; 3] = ["bitmote/+/readings", "bitmote/+/acks", "bitmote/+/presence"];
+// The topics are the protocol's (`bitmote_proto::topic`).
+use bitmote_proto::topic::{self, errors as errors_topic, receipts as receipts_topic, Inbound};
+pub use bitmote_proto::topic::{acks as acks_topic, commands as commands_topic, readings as readings_topic};
 
 /// The one thread that publishes the gateway's messages (receipts, errors, commands)
 /// through `publish`, until the gateway stops; then `finish`. Returns the queue to it,
@@ -137,7 +117,7 @@ pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> Result<(SocketAddr, Vec<J
     let front = crate::mqtt_front::start(shared.clone(), public, backend, secret)?;
     let mut broker = Broker::new(config);
     let (mut link_tx, mut link_rx) = broker.link("bitmote-gateway").map_err(|e| GatewayError::Mqtt(e.to_string()))?;
-    for topic in GATEWAY_TOPICS {
+    for topic in topic::GATEWAY_SUBSCRIPTIONS {
         link_tx.subscribe(topic).map_err(|e| GatewayError::Mqtt(e.to_string()))?;
     }
     // The broker runs until the process exits (rumqttd has no stop); it holds no state of ours.
@@ -222,7 +202,7 @@ pub fn start_external(
                 match ev {
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                         // (Re)subscribe on every connection; the session keeps what arrived meanwhile.
-                        for topic in GATEWAY_TOPICS {
+                        for topic in topic::GATEWAY_SUBSCRIPTIONS {
                             if let Err(e) = client.try_subscribe(topic, rumqttc::QoS::AtLeastOnce) {
                                 tracing::warn!("MQTT subscribe failed: {e}");
                             }
@@ -242,23 +222,31 @@ pub fn start_external(
 }
 
 fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &str, payload: &[u8]) {
-    if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/presence")) {
-        let state = if payload == b"online" { "online" } else { "offline" };
-        let now = bitmote_chain::now_ms();
-        shared.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(device.to_string(), (state.to_string(), now));
-        return;
-    }
-    if let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/acks")) {
-        let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
-        if let Some(tx) = shared.acks.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            let _ = tx.send((device.to_string(), v));
+    let device = match Inbound::parse(topic) {
+        Some(Inbound::Presence(device)) => {
+            let state = Presence::from_payload(payload).as_str();
+            let now = bitmote_chain::now_ms();
+            shared.presence.lock().unwrap_or_else(|p| p.into_inner()).insert(device.to_string(), (state.to_string(), now));
+            return;
         }
-        return;
-    }
-    let Some(device) = topic.strip_prefix("bitmote/").and_then(|t| t.strip_suffix("/readings")) else { return };
-    let device = device.to_string();
+        Some(Inbound::Acks(device)) => {
+            // A closed set of results: an ack that does not decode is never taken for done;
+            // the command stays delivered and is sent again.
+            match bitmote_proto::decode::<Ack>(payload) {
+                Ok(ack) => {
+                    if let Some(tx) = shared.acks.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        let _ = tx.send((device.to_string(), ack));
+                    }
+                }
+                Err(e) => tracing::warn!("ignoring a malformed acknowledgement from {device}: {e}"),
+            }
+            return;
+        }
+        Some(Inbound::Readings(device)) => device.to_string(),
+        None => return,
+    };
     let refuse = |msg: String, code: &str| {
-        let _ = out.send((errors_topic(&device), json!({ "error": msg, "code": code }).to_string().into_bytes()));
+        let _ = out.send((errors_topic(&device), bitmote_proto::encode(&ErrorBody::new(msg, code))));
     };
     let sub = match Submission::decode(payload) {
         Ok(s) => s,
@@ -274,10 +262,10 @@ fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &s
     let out = out.clone();
     shared.ingest.submit_with(sub, move |res| {
         let msg = match res {
-            Ok(receipts) => (receipts_topic(&device), json!({ "receipts": receipts })),
-            Err(e) => (errors_topic(&device), json!({ "error": e.to_string(), "code": e.code() })),
+            Ok(receipts) => (receipts_topic(&device), bitmote_proto::encode(&crate::receipts(&receipts))),
+            Err(e) => (errors_topic(&device), bitmote_proto::encode(&crate::ingest_error_body(&e))),
         };
-        let _ = out.send((msg.0, msg.1.to_string().into_bytes()));
+        let _ = out.send(msg);
     });
 }
 
