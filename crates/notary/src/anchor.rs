@@ -28,6 +28,8 @@ pub enum AnchorError {
     Chain(#[from] ChainError),
     #[error("anchor database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("anchor database: {0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("the gateway wallet cannot pay for an anchor ({balance} sat spendable): fund it at {address}")]
     Unfunded { balance: u64, address: String },
     #[error("corrupt anchor record: {0}")]
@@ -193,30 +195,6 @@ pub struct ConfirmedAnchor {
     pub block_height: u32,
 }
 
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS anchors (
-    id INTEGER PRIMARY KEY,
-    tree_size INTEGER NOT NULL,
-    root BLOB NOT NULL,
-    state TEXT NOT NULL,
-    txid TEXT NOT NULL,
-    confirmed_txid TEXT,
-    block_height INTEGER,
-    block_hash TEXT,
-    broadcast_height INTEGER NOT NULL,
-    bumps INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS anchor_txs (
-    txid TEXT PRIMARY KEY,
-    anchor_id INTEGER NOT NULL REFERENCES anchors(id),
-    raw BLOB NOT NULL,
-    fee_sat INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS anchor_txs_by_anchor ON anchor_txs(anchor_id);
-";
-
 /// The anchoring engine: wallet, node, and the anchors table.
 pub struct Anchorer {
     db: Connection,
@@ -238,11 +216,7 @@ fn parse_txid(s: &str) -> Result<Txid> {
 impl Anchorer {
     /// Open the anchors table in `db_path` and the wallet in `wallet_dir`, and catch up with the chain.
     pub fn open(db_path: &Path, wallet_dir: &Path, client: ChainClient, cfg: AnchorConfig) -> Result<Self> {
-        let db = Connection::open(db_path)?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.busy_timeout(Duration::from_secs(10))?;
-        db.execute_batch(SCHEMA)?;
+        let db = crate::store::open(db_path)?;
         let mut wallet = GatewayWallet::open(wallet_dir, &client)?;
         // The wallet's last block still on the node's chain, *before* catching up: after a
         // node that lost blocks (or a reorg while the gateway was down), the sync replaces

@@ -49,16 +49,6 @@ pub enum CheckpointError {
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
-/// Table of issued checkpoints (created by [`crate::registry::open_db`]).
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS checkpoints (
-    size INTEGER PRIMARY KEY,
-    root BLOB NOT NULL,
-    note TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-";
-
 /// Signature type byte of Ed25519 in signed notes.
 const ALG_ED25519: u8 = 0x01;
 /// Most signature lines a note may carry (as the reference implementation).
