@@ -20,7 +20,7 @@ use bitmote_device::merkle::{self, node_hash, split_point, Hash};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 /// Errors of the log. Out-of-range arguments are errors, never panics.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LogError {
     #[error("leaf index {index} is not in a tree of size {size}")]
     IndexOutOfRange { index: u64, size: u64 },
