@@ -522,7 +522,7 @@ impl Anchorer {
             attempts += 1;
             let tx = match self.wallet.op_return_tx(&anchor_payload(&head), rate) {
                 Ok(tx) => tx,
-                Err(ChainError::Wallet(msg)) if msg.contains("Insufficient funds") || msg.contains("InsufficientFunds") => {
+                Err(ChainError::Wallet(w)) if w.is_insufficient_funds() => {
                     let address = self.wallet.new_address()?.to_string();
                     return Err(AnchorError::Unfunded { balance: self.wallet.spendable().to_sat(), address });
                 }
