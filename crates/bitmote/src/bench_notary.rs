@@ -152,8 +152,9 @@ pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool)
     let exe = crate::node::install(&InstallOptions::default())?;
     let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind))?;
     let c = node.client();
-    let mut anchorer =
-        Anchorer::open(&db, &dir.path().join("wallet"), c.fresh()?, AnchorConfig { interval: Duration::ZERO, ..Default::default() })?;
+    let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    let signer = bitmote_notary::checkpoint::CheckpointSigner::from_seed("bitmote.bench/log", [1; 32]);
+    let mut anchorer = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh()?, cfg, signer)?;
     let addr = anchorer.wallet().new_address()?;
     c.mine(1, &addr)?;
     node.mine(100)?;

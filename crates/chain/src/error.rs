@@ -54,7 +54,7 @@ pub enum ChainError {
     Process(String),
     /// The gateway wallet failed (load, build, sign, persist).
     #[error("wallet: {0}")]
-    Wallet(String),
+    Wallet(#[from] WalletError),
     /// Local I/O error (data dirs, cursor files, logs).
     #[error("{context}: {source}")]
     Io {
@@ -62,6 +62,37 @@ pub enum ChainError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why the gateway wallet ([`crate::wallet::GatewayWallet`]) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WalletError {
+    /// Building a transaction needs more than the wallet can spend (BDK's
+    /// `InsufficientFunds`): fund the wallet.
+    #[error("{context}: insufficient funds: {available} available of {needed} needed")]
+    InsufficientFunds { context: &'static str, needed: bitcoin::Amount, available: bitcoin::Amount },
+    /// The seed file does not hold a 32-byte hex seed.
+    #[error("{} does not hold a 32-byte hex seed", path.display())]
+    BadSeed { path: PathBuf },
+    /// The wallet's keys did not sign every input of a transaction it built.
+    #[error("the wallet could not sign every input")]
+    Unsigned,
+    /// Anything else BDK, its SQLite store or the key derivation reported, with what the
+    /// wallet was doing.
+    #[error("{context}: {source}")]
+    Bdk {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl WalletError {
+    /// True when the wallet cannot pay (more coins would help).
+    pub fn is_insufficient_funds(&self) -> bool {
+        matches!(self, WalletError::InsufficientFunds { .. })
+    }
 }
 
 impl ChainError {

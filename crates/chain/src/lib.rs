@@ -18,7 +18,7 @@ pub mod stream;
 pub mod wallet;
 
 pub use bitcoin;
-pub use error::{ChainError, Rejection, Result};
+pub use error::{ChainError, Rejection, Result, WalletError};
 pub use rpc::{BlockId, ChainClient, HeaderState, NodeInfo, RpcAuth, RpcConfig};
 pub use stream::{BlockEvent, BlockSource, BlockStream, Cursor, CursorStore, FileCursorStore, Start, StreamConfig};
 

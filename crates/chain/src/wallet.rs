@@ -20,13 +20,23 @@ use bdk_wallet::rusqlite::Connection;
 use bdk_wallet::{KeychainKind, PersistedWallet, SignOptions, Wallet};
 use bitcoin::{Address, Amount, Block, FeeRate, Network, Transaction, Txid};
 
-use crate::error::{ChainError, Rejection, Result};
+use crate::error::{ChainError, Rejection, Result, WalletError};
 use crate::now_secs;
 use crate::rpc::{BlockId, ChainClient};
 use crate::stream::{BlockEvent, BlockStream, StreamConfig};
 
-fn werr(context: &str, e: impl std::fmt::Display) -> ChainError {
-    ChainError::Wallet(format!("{context}: {e}"))
+fn werr(context: impl Into<String>, e: impl std::error::Error + Send + Sync + 'static) -> ChainError {
+    WalletError::Bdk { context: context.into(), source: Box::new(e) }.into()
+}
+
+/// A transaction BDK could not build: the wallet's coins too few is its own case.
+fn create_err(context: &'static str, e: bdk_wallet::error::CreateTxError) -> ChainError {
+    match e {
+        bdk_wallet::error::CreateTxError::CoinSelection(f) => {
+            WalletError::InsufficientFunds { context, needed: f.needed, available: f.available }.into()
+        }
+        e => werr(context, e),
+    }
 }
 
 /// Where a wallet transaction stands.
@@ -72,9 +82,8 @@ fn descriptors(seed: &[u8; 32], network: Network) -> Result<(String, String)> {
 fn load_or_create_seed(path: &Path) -> Result<([u8; 32], bool)> {
     match fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = hex_decode(text.trim())
-                .filter(|b| b.len() == 32)
-                .ok_or_else(|| ChainError::Wallet(format!("{} does not hold a 32-byte hex seed", path.display())))?;
+            let bytes =
+                hex_decode(text.trim()).filter(|b| b.len() == 32).ok_or_else(|| WalletError::BadSeed { path: path.to_path_buf() })?;
             let mut seed = [0u8; 32];
             seed.copy_from_slice(&bytes);
             Ok((seed, false))
@@ -246,7 +255,7 @@ impl GatewayWallet {
         };
         self.wallet
             .apply_block_connected_to(block, id.height, connected_to)
-            .map_err(|e| werr(&format!("applying block {} at {}", id.hash, id.height), e))
+            .map_err(|e| werr(format!("applying block {} at {}", id.hash, id.height), e))
     }
 
     /// Apply one stream event. Disconnections need no action: the connections of the new
@@ -322,7 +331,7 @@ impl GatewayWallet {
         let push = PushBytesBuf::try_from(data.to_vec()).map_err(|e| werr("OP_RETURN data", e))?;
         let mut b = self.wallet.build_tx();
         b.add_data(&push).fee_rate(fee_rate);
-        let psbt = b.finish().map_err(|e| werr("building the anchor transaction", e))?;
+        let psbt = b.finish().map_err(|e| create_err("building the anchor transaction", e))?;
         self.sign_and_record(psbt)
     }
 
@@ -331,7 +340,7 @@ impl GatewayWallet {
     pub fn pay(&mut self, address: &Address, amount: Amount, fee_rate: FeeRate) -> Result<Transaction> {
         let mut b = self.wallet.build_tx();
         b.add_recipient(address.script_pubkey(), amount).fee_rate(fee_rate);
-        let psbt = b.finish().map_err(|e| werr("building the payment", e))?;
+        let psbt = b.finish().map_err(|e| create_err("building the payment", e))?;
         self.sign_and_record(psbt)
     }
 
@@ -339,14 +348,14 @@ impl GatewayWallet {
     pub fn bump_fee(&mut self, txid: Txid, fee_rate: FeeRate) -> Result<Transaction> {
         let mut b = self.wallet.build_fee_bump(txid).map_err(|e| werr("fee bump", e))?;
         b.fee_rate(fee_rate);
-        let psbt = b.finish().map_err(|e| werr("building the fee bump", e))?;
+        let psbt = b.finish().map_err(|e| create_err("building the fee bump", e))?;
         self.sign_and_record(psbt)
     }
 
     fn sign_and_record(&mut self, mut psbt: bdk_wallet::bitcoin::Psbt) -> Result<Transaction> {
         let done = self.wallet.sign(&mut psbt, SignOptions::default()).map_err(|e| werr("signing", e))?;
         if !done {
-            return Err(ChainError::Wallet("the wallet could not sign every input".into()));
+            return Err(WalletError::Unsigned.into());
         }
         let tx = psbt.extract_tx().map_err(|e| werr("extracting the signed transaction", e))?;
         self.wallet.apply_unconfirmed_txs([(tx.clone(), now_secs())]);
@@ -474,5 +483,31 @@ impl GatewayWallet {
             }
             Some(ChainPosition::Unconfirmed { .. }) => TxStatus::Unconfirmed,
         }
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+    use bdk_wallet::coin_selection::InsufficientFunds;
+    use bdk_wallet::error::CreateTxError;
+
+    /// BDK's insufficient-funds error stays typed (the anchorer asks for more coins on
+    /// it); every other build failure keeps BDK's error as its source.
+    #[test]
+    fn insufficient_funds_is_a_variant_not_a_message() {
+        let (needed, available) = (Amount::from_sat(1_000), Amount::from_sat(10));
+        let e = create_err("building the anchor transaction", CreateTxError::CoinSelection(InsufficientFunds { needed, available }));
+        let ChainError::Wallet(w) = &e else { panic!("{e:?}") };
+        assert!(w.is_insufficient_funds());
+        assert!(matches!(w, WalletError::InsufficientFunds { needed: n, available: a, .. } if *n == needed && *a == available));
+        assert!(e.to_string().starts_with("wallet: building the anchor transaction: insufficient funds"), "{e}");
+
+        let e = create_err("building the payment", CreateTxError::NoRecipients);
+        let ChainError::Wallet(w) = &e else { panic!("{e:?}") };
+        assert!(!w.is_insufficient_funds());
+        let source = std::error::Error::source(w).expect("BDK's error is the source");
+        assert!(source.downcast_ref::<CreateTxError>().is_some_and(|s| matches!(s, CreateTxError::NoRecipients)));
+        assert!(!e.is_transient());
     }
 }

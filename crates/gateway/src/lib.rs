@@ -30,7 +30,7 @@ use bitmote_chain::bitcoin::Network;
 use bitmote_chain::regtest::op_true_address;
 use bitmote_chain::wallet::GatewayWallet;
 use bitmote_chain::ChainClient;
-use bitmote_notary::anchor::{AnchorConfig, AnchorError, AnchorInfo, Anchorer, LogHead};
+use bitmote_notary::anchor::{AnchorConfig, AnchorError, AnchorEvent, AnchorInfo, Anchorer, LogHead};
 use bitmote_notary::checkpoint::CheckpointSigner;
 use bitmote_notary::ingest::{IngestConfig, Ingestor};
 use bitmote_notary::log::MerkleLog;
@@ -557,15 +557,21 @@ fn raise_fd_limit() {
     }
 }
 
+/// The anchoring loop: follows the chain and anchors the log's head through
+/// [`Anchorer::poll`], which issues the checkpoint of each head it anchors through the
+/// fork guard ([`CheckpointSigner::issue`]). A refused fork anchors nothing; it is
+/// logged, raised as an alert once per forked root, shown as the anchor status, and the
+/// loop goes on.
 fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wallet_jobs: mpsc::Receiver<Job<GatewayWallet>>) {
     let mut anchorer: Option<Anchorer> = None;
     let mut backoff = Duration::from_secs(1);
+    let mut fork_alerted: Option<(u64, [u8; 32])> = None;
     while !shared.stop.load(Ordering::SeqCst) {
         if anchorer.is_none() {
             let opened = client
                 .fresh()
                 .map_err(AnchorError::from)
-                .and_then(|c| Anchorer::open(&shared.db_path, &cfg.data_dir.join("wallet"), c, cfg.anchor.clone()));
+                .and_then(|c| Anchorer::open(&shared.db_path, &cfg.data_dir.join("wallet"), c, cfg.anchor.clone(), shared.signer.clone()));
             match opened {
                 Ok(a) => {
                     anchorer = Some(a);
@@ -592,10 +598,27 @@ fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wal
         let Some(a) = anchorer.as_mut() else { continue };
         match a.poll(log_head(&shared)) {
             Ok(events) => {
+                let mut status = "ok".to_string();
                 for e in events {
-                    tracing::info!("anchor: {e:?}");
+                    match e {
+                        AnchorEvent::ForkRefused { size, signed, root } => {
+                            let msg = format!(
+                                "not anchoring: the log's root for tree size {size} ({}) is not the one checkpointed for it ({}); \
+                                 the log has forked",
+                                hex::encode(root),
+                                hex::encode(signed)
+                            );
+                            if fork_alerted.replace((size, root)) != Some((size, root)) {
+                                // As the actuator raises its alerts, but at error level.
+                                tracing::error!("{msg}");
+                                shared.alerts.lock().unwrap_or_else(|p| p.into_inner()).push(msg.clone());
+                            }
+                            status = msg;
+                        }
+                        e => tracing::info!("anchor: {e:?}"),
+                    }
                 }
-                set(&shared.anchor_status, "ok");
+                set(&shared.anchor_status, status);
                 node_seen(&shared, Ok(()));
             }
             Err(AnchorError::Unfunded { balance, address }) => {

@@ -64,11 +64,26 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// Username the front uses towards the broker.
 const FRONT_USER: &str = "bitmote-front";
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mqtt_credentials (
+/// The credentials table, in `notary.sqlite` (next to the registry it refers to), as a
+/// schema of its own that the notary store versions and migrates
+/// ([`bitmote_notary::store::migrate`]) apart from the notary's.
+///
+/// Why not in the notary's schema: the table is the MQTT front's, a gateway concern the
+/// notary knows nothing of (the notary has devices and readings, not brokers or
+/// passwords), and it changes when the front changes. The store owns the mechanism
+/// (one way to open the file, one set of pragmas, numbered migrations, a recorded
+/// version per schema); the gateway owns this DDL. Keeping it in the same file keeps
+/// what it needs: credentials are written on the connection that enrols the device.
+/// Version 1 is the table as it was created before versioning (`IF NOT EXISTS`), so an
+/// existing table is kept as it is.
+pub const SCHEMA: bitmote_notary::store::Schema = bitmote_notary::store::Schema {
+    name: "gateway.mqtt_credentials",
+    migrations: &["CREATE TABLE IF NOT EXISTS mqtt_credentials (
     device BLOB PRIMARY KEY,
     hash BLOB NOT NULL,
     issued_ms INTEGER NOT NULL
-);";
+);"],
+};
 
 /// MQTT credentials of a device, returned once to the admin who enrols it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -110,9 +125,9 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl MqttAuth {
-    /// Create the credentials table if needed and load it.
+    /// Create or migrate the credentials table ([`SCHEMA`]) and load it.
     pub fn load(c: &Connection) -> rusqlite::Result<MqttAuth> {
-        c.execute_batch(SCHEMA)?;
+        bitmote_notary::store::migrate(c, &SCHEMA)?;
         let mut hashes = HashMap::new();
         let mut st = c.prepare("SELECT device, hash FROM mqtt_credentials")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;

@@ -345,3 +345,65 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
     }
     gw.shutdown();
 }
+
+/// Issue 14: the anchoring loop goes through the checkpoint fork guard. A checkpoint of
+/// another root is on record for tree size 1 (as if signed and published earlier) when the
+/// first reading makes the log that size: the gateway anchors nothing, says why (anchor
+/// status, one alert however often it polls), keeps ingesting and polling, and anchors the
+/// log once it has grown past the forked size.
+#[test]
+fn the_gateway_never_anchors_a_forked_root_and_raises_one_alert() {
+    let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
+    let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = GatewayConfig::new(dir.path().join("gw"));
+    cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    cfg.mqtt_listen = None;
+    cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    cfg.anchor_poll = Duration::from_millis(100);
+    let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
+    let base = format!("http://{}", gw.http_addr);
+    let url = format!("{base}/v1/readings");
+    let forged = [0xee; 32];
+    gw.shared().signer.issue(&gw.shared().db().unwrap(), 1, forged).unwrap();
+    let k = SigningKey::schnorr_from_secret(&[43; 32]).unwrap();
+    gw.shared().ingest.enroll(&k.public_key(), None).unwrap();
+    let anchors = || -> Json { get(&format!("{base}/v1/anchors")).into_json().unwrap() };
+    let fork_alerts = || -> Vec<String> {
+        let v: Json = get(&format!("{base}/v1/actions")).into_json().unwrap();
+        v["alerts"].as_array().unwrap().iter().filter_map(|a| a.as_str()).filter(|a| a.contains("forked")).map(String::from).collect()
+    };
+
+    let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, 1)).unwrap().encode());
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !anchors()["status"].as_str().unwrap_or("").contains("forked") {
+        assert!(Instant::now() < deadline, "the fork is never reported: {}", anchors());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // ten more polls
+    let v = anchors();
+    assert!(v["anchors"].as_array().unwrap().is_empty(), "a forked root was anchored: {v}");
+    assert!(v["status"].as_str().unwrap().contains("tree size 1"), "{v}");
+    assert_eq!(fork_alerts().len(), 1, "one alert per forked root, not one per poll: {:?}", fork_alerts());
+    assert!(fork_alerts()[0].contains(&hex::encode(forged)), "{:?}", fork_alerts());
+    assert!(node.client().raw::<Vec<String>>("getrawmempool", &[]).unwrap().is_empty(), "no anchor transaction");
+
+    // Still running: the log grows past the forked size and that head is anchored.
+    let (code, body) = post_bytes(&url, &SignedReading::sign(&k, reading(&k, 2)).unwrap().encode());
+    assert_eq!(code, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = anchors();
+        if let Some(a) = v["anchors"].as_array().unwrap().iter().find(|a| a["state"] == "confirmed") {
+            assert_eq!(a["tree_size"], 2, "{v}");
+            assert_eq!(v["status"], "ok", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the grown log was never anchored: {v}");
+        node.mine(1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(fork_alerts().len(), 1);
+    gw.shutdown();
+}

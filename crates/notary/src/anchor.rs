@@ -8,6 +8,12 @@
 //! higher fee (BIP125 RBF); an anchor that a reorg takes out of the chain is
 //! rebroadcast, and abandoned (so a fresh anchor is made) if it can no longer confirm.
 //! Every transaction is kept, so the cost per anchor and per reading is exact.
+//!
+//! The fork guard: before a (size, root) is anchored, its checkpoint is issued through
+//! [`CheckpointSigner::issue`], which records it and refuses a root other than the one
+//! already signed for that size. On that refusal nothing is anchored: `poll` reports
+//! [`AnchorEvent::ForkRefused`] (logged as an error once per forked root) and goes on
+//! following the chain and the anchors already made.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,6 +24,7 @@ use bitmote_chain::wallet::{GatewayWallet, Reconciled, TxStatus};
 use bitmote_chain::{BlockStream, ChainClient, ChainError, Rejection, StreamConfig};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::checkpoint::{CheckpointError, CheckpointSigner};
 use crate::{ANCHOR_PAYLOAD_LEN, ANCHOR_TAG};
 use bitmote_chain::now_secs;
 
@@ -28,6 +35,11 @@ pub enum AnchorError {
     Chain(#[from] ChainError),
     #[error("anchor database: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("anchor database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Issuing the checkpoint of the head to anchor failed (not a fork: storage).
+    #[error("issuing the checkpoint to anchor: {0}")]
+    Checkpoint(#[from] CheckpointError),
     #[error("the gateway wallet cannot pay for an anchor ({balance} sat spendable): fund it at {address}")]
     Unfunded { balance: u64, address: String },
     #[error("corrupt anchor record: {0}")]
@@ -180,6 +192,16 @@ pub enum AnchorEvent {
     /// A wallet transaction missing from the node's mempool was sent again, or forgotten
     /// (with its descendants) because the node refused it.
     Wallet(Reconciled),
+    /// The head to anchor has another root than the checkpoint already issued for its
+    /// size (the fork guard, [`CheckpointSigner::issue`]): the log was rewritten. Nothing
+    /// was anchored; it is reported on every poll while the head stays forked (an alert).
+    ForkRefused {
+        size: u64,
+        /// The root of the checkpoint issued for `size` earlier.
+        signed: [u8; 32],
+        /// The root the log has now for `size`.
+        root: [u8; 32],
+    },
 }
 
 /// Everything a proof needs about the anchor that covers a leaf.
@@ -193,33 +215,13 @@ pub struct ConfirmedAnchor {
     pub block_height: u32,
 }
 
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS anchors (
-    id INTEGER PRIMARY KEY,
-    tree_size INTEGER NOT NULL,
-    root BLOB NOT NULL,
-    state TEXT NOT NULL,
-    txid TEXT NOT NULL,
-    confirmed_txid TEXT,
-    block_height INTEGER,
-    block_hash TEXT,
-    broadcast_height INTEGER NOT NULL,
-    bumps INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS anchor_txs (
-    txid TEXT PRIMARY KEY,
-    anchor_id INTEGER NOT NULL REFERENCES anchors(id),
-    raw BLOB NOT NULL,
-    fee_sat INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS anchor_txs_by_anchor ON anchor_txs(anchor_id);
-";
-
-/// The anchoring engine: wallet, node, and the anchors table.
+/// The anchoring engine: wallet, node, the anchors table, and the checkpoint key of the
+/// fork guard.
 pub struct Anchorer {
     db: Connection,
+    signer: CheckpointSigner,
+    /// The last fork refused (logged once, not on every poll).
+    refused: Option<(u64, [u8; 32])>,
     wallet: GatewayWallet,
     client: ChainClient,
     stream: BlockStream<ChainClient>,
@@ -236,13 +238,11 @@ fn parse_txid(s: &str) -> Result<Txid> {
 }
 
 impl Anchorer {
-    /// Open the anchors table in `db_path` and the wallet in `wallet_dir`, and catch up with the chain.
-    pub fn open(db_path: &Path, wallet_dir: &Path, client: ChainClient, cfg: AnchorConfig) -> Result<Self> {
-        let db = Connection::open(db_path)?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "FULL")?;
-        db.busy_timeout(Duration::from_secs(10))?;
-        db.execute_batch(SCHEMA)?;
+    /// Open the notary database at `db_path` and the wallet in `wallet_dir`, and catch up
+    /// with the chain. Every head anchored is first issued as a checkpoint signed by
+    /// `signer` (the fork guard).
+    pub fn open(db_path: &Path, wallet_dir: &Path, client: ChainClient, cfg: AnchorConfig, signer: CheckpointSigner) -> Result<Self> {
+        let db = crate::store::open(db_path)?;
         let mut wallet = GatewayWallet::open(wallet_dir, &client)?;
         // The wallet's last block still on the node's chain, *before* catching up: after a
         // node that lost blocks (or a reorg while the gateway was down), the sync replaces
@@ -261,7 +261,7 @@ impl Anchorer {
         let stream = BlockStream::from_cursor(client.fresh()?, Some(from), StreamConfig::default());
         let tip_height = wallet.tip().height;
         let recheck_above = (fork.height < stale_tip).then_some(fork.height);
-        Ok(Anchorer { db, wallet, client, stream, cfg, tip_height, recheck_above })
+        Ok(Anchorer { db, signer, refused: None, wallet, client, stream, cfg, tip_height, recheck_above })
     }
 
     pub fn wallet(&mut self) -> &mut GatewayWallet {
@@ -494,6 +494,25 @@ impl Anchorer {
         if last_at.is_some_and(|t| now_secs() < t + self.cfg.interval.as_secs()) {
             return Ok(());
         }
+        // The fork guard: this (size, root) is recorded as an issued checkpoint before it
+        // is committed to the chain, and a second root for a size is never anchored.
+        match self.signer.issue(&self.db, head.size, head.root) {
+            Ok(_) => self.refused = None,
+            Err(CheckpointError::Fork { size, signed, new }) => {
+                if self.refused != Some((size, new)) {
+                    tracing::error!(
+                        size,
+                        signed = %hex::encode(signed),
+                        root = %hex::encode(new),
+                        "the log has forked: its root for tree size {size} is not the one checkpointed for it; not anchoring it"
+                    );
+                    self.refused = Some((size, new));
+                }
+                events.push(AnchorEvent::ForkRefused { size, signed, root: new });
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
         let rate = self.client.fee_rate(self.cfg.fee_target_blocks)?.min(self.cfg.max_fee_rate);
         // A refused transaction is never sent again: the wallet forgets it (and whatever it
         // spent that the node no longer has), and the anchor is built again once from the
@@ -503,7 +522,7 @@ impl Anchorer {
             attempts += 1;
             let tx = match self.wallet.op_return_tx(&anchor_payload(&head), rate) {
                 Ok(tx) => tx,
-                Err(ChainError::Wallet(msg)) if msg.contains("Insufficient funds") || msg.contains("InsufficientFunds") => {
+                Err(ChainError::Wallet(w)) if w.is_insufficient_funds() => {
                     let address = self.wallet.new_address()?.to_string();
                     return Err(AnchorError::Unfunded { balance: self.wallet.spendable().to_sat(), address });
                 }

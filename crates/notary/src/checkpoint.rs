@@ -18,6 +18,14 @@
 //! A checkpoint lets anyone hold the gateway to one history: two signed checkpoints
 //! that no consistency proof joins are evidence of a forked log. [`CheckpointSigner::issue`]
 //! records every checkpoint it signs and refuses to sign two roots for one size.
+//!
+//! The fork guard sits on the anchoring path: [`crate::anchor::Anchorer`] issues the
+//! checkpoint of every (size, root) through [`CheckpointSigner::issue`] before it
+//! anchors it, and anchors nothing when that is refused. What is committed to Bitcoin
+//! is therefore one root per size, for good. The read paths (the API's and dashboard's
+//! checkpoint of the current head, proof bundles) sign with [`CheckpointSigner::sign`],
+//! which records nothing: a signature over the head as it is is still correct, and a
+//! read never writes.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -29,7 +37,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 
 /// Errors of checkpoint signing and verification.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CheckpointError {
     #[error("malformed signed note: {0}")]
     Malformed(String),
@@ -41,23 +49,18 @@ pub enum CheckpointError {
     BadSignature(String),
     #[error("checkpoint key file {0}: {1}")]
     KeyFile(String, String),
-    #[error("refusing to sign root {new} for tree size {size}: root {signed} was already signed for it")]
-    Fork { size: u64, signed: String, new: String },
+    /// A checkpoint of another root was issued for this size: the log has forked.
+    #[error("refusing to sign root {} for tree size {size}: root {} was already signed for it", hex::encode(new), hex::encode(signed))]
+    Fork { size: u64, signed: [u8; 32], new: [u8; 32] },
     #[error("checkpoint storage: {0}")]
-    Storage(String),
+    Db(#[from] rusqlite::Error),
+    #[error("checkpoint storage: {0}")]
+    Log(#[from] crate::log::LogError),
+    #[error("checkpoint storage: the root recorded for tree size {size} is not 32 bytes")]
+    CorruptRoot { size: u64 },
 }
 
 type Result<T, E = CheckpointError> = std::result::Result<T, E>;
-
-/// Table of issued checkpoints (created by [`crate::registry::open_db`]).
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS checkpoints (
-    size INTEGER PRIMARY KEY,
-    root BLOB NOT NULL,
-    note TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-";
 
 /// Signature type byte of Ed25519 in signed notes.
 const ALG_ED25519: u8 = 0x01;
@@ -249,6 +252,7 @@ pub struct IssuedCheckpoint {
 }
 
 /// The gateway's checkpoint signing key.
+#[derive(Clone)]
 pub struct CheckpointSigner {
     name: String,
     key: ed25519_dalek::SigningKey,
@@ -355,7 +359,9 @@ impl CheckpointSigner {
         Ok(format!("{text}\n{}", self.signature_line(text)))
     }
 
-    /// Sign a checkpoint of this log (origin = the key name).
+    /// Sign a checkpoint of this log (origin = the key name). Nothing is recorded and
+    /// nothing is checked against earlier checkpoints: for the read paths. Anything
+    /// about to be committed elsewhere (an anchor) goes through [`issue`](Self::issue).
     pub fn sign(&self, size: u64, root: [u8; 32]) -> String {
         let body = Checkpoint { origin: self.name.clone(), size, root }.body();
         format!("{body}\n{}", self.signature_line(&body))
@@ -373,24 +379,23 @@ impl CheckpointSigner {
     /// same size again returns a fresh note; a different root for a size already
     /// signed is refused ([`CheckpointError::Fork`]): the log is append-only.
     pub fn issue(&self, conn: &Connection, size: u64, root: [u8; 32]) -> Result<String> {
-        let st = |e: rusqlite::Error| CheckpointError::Storage(e.to_string());
         let size_i = i64::try_from(size).map_err(|_| CheckpointError::Malformed(format!("tree size {size} is too large")))?;
         let note = self.sign(size, root);
         conn.execute(
             "INSERT INTO checkpoints (size, root, note, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(size) DO NOTHING",
             params![size_i, &root[..], note, crate::registry::now_ms() as i64],
-        )
-        .map_err(st)?;
-        let signed: Vec<u8> = conn.query_row("SELECT root FROM checkpoints WHERE size = ?1", [size_i], |r| r.get(0)).map_err(st)?;
-        if signed[..] != root[..] {
-            return Err(CheckpointError::Fork { size, signed: hex::encode(signed), new: hex::encode(root) });
+        )?;
+        let signed: Vec<u8> = conn.query_row("SELECT root FROM checkpoints WHERE size = ?1", [size_i], |r| r.get(0))?;
+        let signed: [u8; 32] = signed.try_into().map_err(|_| CheckpointError::CorruptRoot { size })?;
+        if signed != root {
+            return Err(CheckpointError::Fork { size, signed, new: root });
         }
         Ok(note)
     }
 
     /// Sign and record a checkpoint of the log's current head.
     pub fn issue_head(&self, conn: &Connection) -> Result<(Checkpoint, String)> {
-        let (size, root) = crate::log::MerkleLog::new(conn).head().map_err(|e| CheckpointError::Storage(e.to_string()))?;
+        let (size, root) = crate::log::MerkleLog::new(conn).head()?;
         let note = self.issue(conn, size, root)?;
         Ok((Checkpoint { origin: self.name.clone(), size, root }, note))
     }
@@ -400,7 +405,7 @@ fn issued(row: Option<(i64, Vec<u8>, String, i64)>) -> Result<Option<IssuedCheck
     row.map(|(size, root, note, created_at)| {
         Ok(IssuedCheckpoint {
             size: size as u64,
-            root: root.try_into().map_err(|_| CheckpointError::Storage("stored root is not 32 bytes".into()))?,
+            root: root.try_into().map_err(|_| CheckpointError::CorruptRoot { size: size as u64 })?,
             note,
             created_at: created_at as u64,
         })
@@ -409,10 +414,7 @@ fn issued(row: Option<(i64, Vec<u8>, String, i64)>) -> Result<Option<IssuedCheck
 }
 
 fn query_issued(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> Result<Option<IssuedCheckpoint>> {
-    let row = conn
-        .query_row(sql, p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .optional()
-        .map_err(|e| CheckpointError::Storage(e.to_string()))?;
+    let row = conn.query_row(sql, p, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).optional()?;
     issued(row)
 }
 
@@ -632,10 +634,17 @@ mod tests {
         assert_eq!(s.issue(store.conn(), 3, cp.root).unwrap(), note);
         let e = s.issue(store.conn(), 3, [0; 32]).unwrap_err();
         assert!(matches!(e, CheckpointError::Fork { size: 3, .. }), "{e}");
+        assert_eq!(e, CheckpointError::Fork { size: 3, signed: cp.root, new: [0; 32] });
+        assert!(e.to_string().contains(&hex::encode(cp.root)), "{e}");
+        assert_eq!(issued_at(store.conn(), 3).unwrap().unwrap().root, cp.root, "the refusal records nothing");
         s.issue(store.conn(), 2, log.root_at(2).unwrap()).unwrap();
         let last = latest(store.conn()).unwrap().unwrap();
         assert_eq!((last.size, last.root, last.note), (3, cp.root, note));
         assert_eq!(issued_at(store.conn(), 2).unwrap().unwrap().root, log.root_at(2).unwrap());
         assert_eq!(issued_at(store.conn(), 9).unwrap(), None);
+        // A damaged record is a typed storage error, for reads and for the guard.
+        store.conn().execute("UPDATE checkpoints SET root = x'01' WHERE size = 2", []).unwrap();
+        assert_eq!(issued_at(store.conn(), 2), Err(CheckpointError::CorruptRoot { size: 2 }));
+        assert_eq!(s.issue(store.conn(), 2, log.root_at(2).unwrap()), Err(CheckpointError::CorruptRoot { size: 2 }));
     }
 }

@@ -24,7 +24,8 @@ use std::time::Duration;
 use bitmote_device::batch::MAX_BATCH;
 use bitmote_device::reading::{MAX_ENCODED, MAX_PAYLOAD};
 use bitmote_device::{
-    BatchError, BatchMembership, DecodeError, DeviceId, Evidence, PublicKey, Reading, Signature, SignedBatch, SignedReading, Value,
+    BatchError, BatchMembership, DecodeError, DeviceId, Evidence, PublicKey, Reading, SignError, Signature, SignedBatch, SignedReading,
+    Value,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -32,24 +33,27 @@ use crate::log::MerkleLog;
 use crate::registry::{self, now_ms, Device, RegistryError};
 
 /// Why a submission was refused (or could not be stored).
+///
+/// `Clone`: one storage failure reaches every submitter of a group commit, so the
+/// sources it carries are shared ([`StorageError`]), not turned into text.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IngestError {
     #[error("malformed submission: {0}")]
-    Malformed(String),
+    Malformed(Malformed),
     #[error("submission too large: {0}")]
-    TooLarge(String),
+    TooLarge(TooLarge),
     #[error("device {0} is not enrolled")]
     UnknownDevice(DeviceId),
     #[error("device {0} is revoked")]
     Revoked(DeviceId),
     #[error("bad signature: {0}")]
-    BadSignature(String),
+    BadSignature(SignError),
     #[error("replayed or out-of-order sequence number {got}: the last accepted for this device is {last}")]
     Replay { last: u64, got: u64 },
     #[error("reading timestamp {timestamp_ms} ms is not plausible (gateway clock {now_ms} ms): {why}")]
     ClockSkew { timestamp_ms: u64, now_ms: u64, why: &'static str },
     #[error("storage failed, nothing was acknowledged: {0}")]
-    Storage(String),
+    Storage(StorageError),
     #[error("the gateway is shutting down")]
     ShuttingDown,
     /// The disk is (nearly) full: nothing of this submission was acknowledged.
@@ -75,10 +79,199 @@ impl IngestError {
     }
 }
 
+/// How a submission is malformed.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// The device encoding (a reading, a signature, a batch) is invalid.
+    #[error("{0}")]
+    Decode(DecodeError),
+    /// The batch is not one device's consecutive readings, or its tree is wrong.
+    #[error("{0}")]
+    Batch(BatchError),
+    #[error("expected a signed reading ('R') or batch ('B')")]
+    UnknownKind,
+    #[error("empty batch")]
+    EmptyBatch,
+    #[error("sequence number {0} is over 2^63 - 1")]
+    SeqOverflow(u64),
+}
+
+/// What in a submission is over its limit.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TooLarge {
+    /// Over a limit of the device encoding (payload, item count).
+    #[error("{0}")]
+    Decode(DecodeError),
+    #[error("{got} bytes (at most {max})")]
+    Bytes { got: usize, max: usize },
+    #[error("{got} readings in one batch (at most {max})")]
+    Batch { got: usize, max: usize },
+    /// Over the wire format's batch limit (found while verifying).
+    #[error("{0} readings in one batch")]
+    BatchLen(usize),
+    #[error("payload of {got} bytes (at most {max})")]
+    Payload { got: usize, max: usize },
+}
+
+/// Why the store failed: nothing of the submission was acknowledged. Cloneable (one
+/// failure answers every submitter of a group): the sources are shared, and two values
+/// are equal when they are clones of one failure (or the same corruption).
+/// [`source`](std::error::Error::source) is the failure itself (a `rusqlite::Error`,
+/// a [`crate::log::LogError`], …), not its `Arc`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StorageError {
+    Sqlite(Arc<rusqlite::Error>),
+    Store(Arc<crate::store::StoreError>),
+    Log(Arc<crate::log::LogError>),
+    Registry(Arc<RegistryError>),
+    /// A stored reading or batch does not decode or does not add up.
+    Corrupt(Corrupt),
+    /// The log's size changed under the writer (another writer on the file).
+    LogMoved {
+        start: u64,
+        now: u64,
+    },
+    /// The writer thread could not be started.
+    Thread(Arc<std::io::Error>),
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageError::Sqlite(e) => write!(f, "{e}"),
+            StorageError::Store(e) => write!(f, "{e}"),
+            StorageError::Log(e) => write!(f, "{e}"),
+            StorageError::Registry(e) => write!(f, "{e}"),
+            StorageError::Corrupt(e) => write!(f, "{e}"),
+            StorageError::LogMoved { start, now } => write!(f, "log size moved from {start} to {now} during the group"),
+            StorageError::Thread(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Sqlite(e) => Some(&**e),
+            StorageError::Store(e) => Some(&**e),
+            StorageError::Log(e) => Some(&**e),
+            StorageError::Registry(e) => Some(&**e),
+            StorageError::Corrupt(e) => e.source(),
+            StorageError::LogMoved { .. } => None,
+            StorageError::Thread(e) => Some(&**e),
+        }
+    }
+}
+
+impl From<Corrupt> for StorageError {
+    fn from(e: Corrupt) -> Self {
+        StorageError::Corrupt(e)
+    }
+}
+
+impl StorageError {
+    /// The database or disk is full (`SQLITE_FULL`, the quota of
+    /// [`IngestConfig::max_db_pages`] included): nothing was written.
+    pub fn is_full(&self) -> bool {
+        let sqlite = match self {
+            StorageError::Sqlite(e) => Some(&**e),
+            StorageError::Store(e) => match &**e {
+                crate::store::StoreError::Db(e) => Some(e),
+                _ => None,
+            },
+            StorageError::Log(e) => match &**e {
+                crate::log::LogError::Db(e) => Some(e),
+                _ => None,
+            },
+            StorageError::Registry(e) => match &**e {
+                RegistryError::Db(e) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        };
+        sqlite.and_then(rusqlite::Error::sqlite_error_code) == Some(rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+impl PartialEq for StorageError {
+    fn eq(&self, other: &Self) -> bool {
+        use StorageError::*;
+        match (self, other) {
+            (Sqlite(a), Sqlite(b)) => Arc::ptr_eq(a, b),
+            (Store(a), Store(b)) => Arc::ptr_eq(a, b),
+            (Log(a), Log(b)) => Arc::ptr_eq(a, b),
+            (Registry(a), Registry(b)) => Arc::ptr_eq(a, b),
+            (Thread(a), Thread(b)) => Arc::ptr_eq(a, b),
+            (Corrupt(a), Corrupt(b)) => a == b,
+            (LogMoved { start: a, now: b }, LogMoved { start: c, now: d }) => (a, b) == (c, d),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StorageError {}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Sqlite(Arc::new(e))
+    }
+}
+
+impl From<crate::store::StoreError> for StorageError {
+    fn from(e: crate::store::StoreError) -> Self {
+        StorageError::Store(Arc::new(e))
+    }
+}
+
+impl From<crate::log::LogError> for StorageError {
+    fn from(e: crate::log::LogError) -> Self {
+        StorageError::Log(Arc::new(e))
+    }
+}
+
+impl From<RegistryError> for StorageError {
+    fn from(e: RegistryError) -> Self {
+        StorageError::Registry(Arc::new(e))
+    }
+}
+
+/// Storage failures, for `?` in the functions that read and write the store.
+macro_rules! storage_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for IngestError {
+            fn from(e: $t) -> Self {
+                IngestError::Storage(e.into())
+            }
+        }
+    )*};
+}
+storage_from!(StorageError, rusqlite::Error, crate::store::StoreError, crate::log::LogError, RegistryError, Corrupt);
+
+/// A stored reading that does not decode or does not add up (leaf index `index`).
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Corrupt {
+    #[error("corrupt reading {index}: {source}")]
+    Encoding { index: u64, source: DecodeError },
+    #[error("corrupt reading {index}: batch index {batch_index} of a batch of {count}")]
+    BatchIndex { index: u64, batch_index: i64, count: i64 },
+    #[error("corrupt reading {index}: batch {batch} has {found} of its {count} readings")]
+    BatchIncomplete { index: u64, batch: i64, found: usize, count: i64 },
+    #[error("corrupt reading {index}: {source}")]
+    BatchTree { index: u64, source: bitmote_device::merkle::MerkleError },
+    #[error("corrupt reading {index}: neither a signature nor a batch")]
+    NoEvidence { index: u64 },
+    #[error("corrupt id of reading {index}")]
+    Id { index: u64 },
+}
+
 fn decode_error(e: DecodeError) -> IngestError {
     match e {
-        DecodeError::PayloadTooLarge(_) | DecodeError::TooMany(_) => IngestError::TooLarge(e.to_string()),
-        _ => IngestError::Malformed(e.to_string()),
+        DecodeError::PayloadTooLarge(_) | DecodeError::TooMany(_) => IngestError::TooLarge(TooLarge::Decode(e)),
+        _ => IngestError::Malformed(Malformed::Decode(e)),
     }
 }
 
@@ -142,12 +335,12 @@ impl Submission {
     /// Parse the binary wire format (`'R' …` or `'B' …`, see `bitmote_device::batch`).
     pub fn decode(b: &[u8]) -> Result<Self, IngestError> {
         if b.len() > MAX_SUBMISSION_BYTES {
-            return Err(IngestError::TooLarge(format!("{} bytes (at most {MAX_SUBMISSION_BYTES})", b.len())));
+            return Err(IngestError::TooLarge(TooLarge::Bytes { got: b.len(), max: MAX_SUBMISSION_BYTES }));
         }
         match b.first() {
             Some(b'R') => SignedReading::decode(b).map(Submission::Reading),
             Some(b'B') => SignedBatch::decode(b).map(Submission::Batch),
-            _ => return Err(IngestError::Malformed("expected a signed reading ('R') or batch ('B')".into())),
+            _ => return Err(IngestError::Malformed(Malformed::UnknownKind)),
         }
         .map_err(decode_error)
     }
@@ -206,17 +399,29 @@ impl ReadingJson {
         }
     }
 
-    pub fn to_reading(&self) -> Result<Reading, String> {
-        let device: DeviceId = self.device.parse().map_err(|e| format!("device: {e}"))?;
+    pub fn to_reading(&self) -> Result<Reading, ReadingJsonError> {
+        let device: DeviceId = self.device.parse().map_err(ReadingJsonError::Device)?;
         let value = match &self.value {
             ValueJson::Scaled(m, e) => Value::Scaled { mantissa: *m, exponent: *e },
             ValueJson::Float(x) => Value::Float(*x),
-            ValueJson::Bytes(h) => Value::Bytes(hex::decode(h).map_err(|e| format!("bytes: {e}"))?),
+            ValueJson::Bytes(h) => Value::Bytes(hex::decode(h).map_err(ReadingJsonError::Bytes)?),
         };
         let r = Reading { device, seq: self.seq, timestamp_ms: self.timestamp_ms, sensor: self.sensor, unit: self.unit, value };
-        r.validate().map_err(|e| e.to_string())?;
+        r.validate().map_err(ReadingJsonError::Invalid)?;
         Ok(r)
     }
+}
+
+/// Why a [`ReadingJson`] is not a reading.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ReadingJsonError {
+    #[error("device: {0}")]
+    Device(DecodeError),
+    #[error("bytes: {0}")]
+    Bytes(hex::FromHexError),
+    #[error("{0}")]
+    Invalid(DecodeError),
 }
 
 /// JSON submission: one reading or a batch, with the signature in hex.
@@ -244,14 +449,15 @@ impl Submission {
         let j: SubmissionJson = serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON submission: {e}")))?;
         let sig = |s: &str| Signature::from_hex(s).map_err(|e| bad(format!("signature: {e}")));
         Ok(match j {
-            SubmissionJson::Reading { reading, signature } => {
-                Submission::Reading(SignedReading { reading: reading.to_reading().map_err(bad)?, signature: sig(&signature)? })
-            }
+            SubmissionJson::Reading { reading, signature } => Submission::Reading(SignedReading {
+                reading: reading.to_reading().map_err(|e| bad(e.to_string()))?,
+                signature: sig(&signature)?,
+            }),
             SubmissionJson::Batch { batch, signature } => {
                 if batch.len() > MAX_BATCH {
                     return Err(JsonSubmissionError::TooMany(batch.len()));
                 }
-                let readings = batch.iter().map(|r| r.to_reading().map_err(bad)).collect::<Result<Vec<_>, _>>()?;
+                let readings = batch.iter().map(|r| r.to_reading().map_err(|e| bad(e.to_string()))).collect::<Result<Vec<_>, _>>()?;
                 Submission::Batch(SignedBatch { readings, signature: sig(&signature)? })
             }
         })
@@ -370,14 +576,12 @@ pub type Gate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 impl Ingestor {
     /// Open the database at `path` (creating it) and start the writer.
     pub fn start(path: &Path, cfg: IngestConfig) -> Result<Self, IngestError> {
-        let storage = |e: rusqlite::Error| IngestError::Storage(e.to_string());
-        let admin = registry::open_db(path).map_err(storage)?;
-        let writer_conn = registry::open_db(path).map_err(storage)?;
+        let admin = crate::store::open(path)?;
+        let writer_conn = crate::store::open(path)?;
         if let Some(pages) = cfg.max_db_pages {
-            writer_conn.pragma_update(None, "max_page_count", pages as i64).map_err(storage)?;
+            writer_conn.pragma_update(None, "max_page_count", pages as i64)?;
         }
-        let devices: HashMap<DeviceId, Device> =
-            registry::list(&admin).map_err(|e| IngestError::Storage(e.to_string()))?.into_iter().map(|d| (d.id, d)).collect();
+        let devices: HashMap<DeviceId, Device> = registry::list(&admin)?.into_iter().map(|d| (d.id, d)).collect();
         let devices = Arc::new(RwLock::new(devices));
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel::<Job>();
@@ -388,7 +592,7 @@ impl Ingestor {
             std::thread::Builder::new()
                 .name("notary-writer".into())
                 .spawn(move || writer_loop(writer_conn, rx, devices, stats, max_group))
-                .map_err(|e| IngestError::Storage(e.to_string()))?
+                .map_err(|e| StorageError::Thread(Arc::new(e)))?
         };
         Ok(Ingestor {
             path: path.to_path_buf(),
@@ -422,10 +626,10 @@ impl Ingestor {
             return Err(IngestError::DiskFull(why));
         }
         let readings = sub.readings();
-        let first = readings.first().ok_or_else(|| IngestError::Malformed("empty batch".into()))?;
+        let first = readings.first().ok_or(IngestError::Malformed(Malformed::EmptyBatch))?;
         let max_batch = self.cfg.max_batch.min(MAX_BATCH);
         if readings.len() > max_batch {
-            return Err(IngestError::TooLarge(format!("{} readings in one batch (at most {max_batch})", readings.len())));
+            return Err(IngestError::TooLarge(TooLarge::Batch { got: readings.len(), max: max_batch }));
         }
         let device = first.device;
         let key: PublicKey = {
@@ -442,11 +646,11 @@ impl Ingestor {
             r.validate().map_err(decode_error)?;
             if let Value::Bytes(b) = &r.value {
                 if b.len() > max_payload {
-                    return Err(IngestError::TooLarge(format!("payload of {} bytes (at most {max_payload})", b.len())));
+                    return Err(IngestError::TooLarge(TooLarge::Payload { got: b.len(), max: max_payload }));
                 }
             }
             if r.seq > i64::MAX as u64 {
-                return Err(IngestError::Malformed(format!("sequence number {} is over 2^63 - 1", r.seq)));
+                return Err(IngestError::Malformed(Malformed::SeqOverflow(r.seq)));
             }
             let why = if r.timestamp_ms > now.saturating_add(self.cfg.max_future_ms) {
                 Some("too far in the future")
@@ -464,10 +668,10 @@ impl Ingestor {
             Submission::Batch(b) => b.verify(&key),
         };
         checked.map_err(|e| match e {
-            BatchError::Sign(s) => IngestError::BadSignature(s.to_string()),
-            BatchError::TooMany(n) => IngestError::TooLarge(format!("{n} readings in one batch")),
+            BatchError::Sign(s) => IngestError::BadSignature(s),
+            BatchError::TooMany(n) => IngestError::TooLarge(TooLarge::BatchLen(n)),
             BatchError::Decode(d) => decode_error(d),
-            other => IngestError::Malformed(other.to_string()),
+            other => IngestError::Malformed(Malformed::Batch(other)),
         })?;
         let prepared = readings
             .iter()
@@ -586,7 +790,7 @@ impl Ingestor {
 
     /// Size and root of the log as committed.
     pub fn head(&self) -> Result<(u64, [u8; 32]), IngestError> {
-        MerkleLog::new(&self.admin()).head().map_err(|e| IngestError::Storage(e.to_string()))
+        Ok(MerkleLog::new(&self.admin()).head()?)
     }
 
     pub fn stats(&self) -> IngestStats {
@@ -672,7 +876,7 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
                                     continue;
                                 }
                                 Ok(None) => Err(IngestError::Replay { last: p, got: first_seq }),
-                                Err(e) => Err(IngestError::Storage(e.to_string())),
+                                Err(e) => Err(IngestError::Storage(e)),
                             }
                         }
                         _ => {
@@ -718,7 +922,7 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
             tracing::error!("notary write failed, {} submissions not acknowledged: {e}", accepted.len() + twins.len());
             // (A disk that filled between two looks of the gateway's guard ends here too:
             // "storage failed, nothing was acknowledged: database or disk is full".)
-            let e = IngestError::Storage(e.to_string());
+            let e = IngestError::Storage(e);
             for (_, reply) in twins {
                 reply(Err(e.clone()));
             }
@@ -730,7 +934,7 @@ fn commit_group(conn: &mut Connection, group: Vec<Job>, devices: &RwLock<HashMap
 }
 
 /// Receipts of readings that are all already in the log, or `None`.
-fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec<Receipt>>, Box<dyn std::error::Error>> {
+fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec<Receipt>>, StorageError> {
     let size = MerkleLog::new(conn).size()?;
     let mut q = conn.prepare_cached("SELECT idx FROM readings WHERE id = ?1")?;
     let mut out = Vec::with_capacity(prepared.len());
@@ -741,11 +945,7 @@ fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec
     Ok(Some(out))
 }
 
-fn write_group(
-    conn: &mut Connection,
-    jobs: &[Job],
-    last: &HashMap<DeviceId, u64>,
-) -> Result<Vec<Vec<Receipt>>, Box<dyn std::error::Error>> {
+fn write_group(conn: &mut Connection, jobs: &[Job], last: &HashMap<DeviceId, u64>) -> Result<Vec<Vec<Receipt>>, StorageError> {
     let tx = conn.transaction()?;
     let start = MerkleLog::new(&tx).size()?;
     let received = now_ms() as i64;
@@ -796,7 +996,7 @@ fn write_group(
     }
     let first = MerkleLog::append_batch(&tx, &leaves)?;
     if first != start {
-        return Err(format!("log size moved from {start} to {first} during the group").into());
+        return Err(StorageError::LogMoved { start, now: first });
     }
     for (dev, seq) in last {
         registry::set_last_seq(&tx, dev, *seq)?;
@@ -831,47 +1031,43 @@ impl StoredReading {
 type ReadingRow = (i64, Vec<u8>, Option<Vec<u8>>, Option<i64>, Option<i64>, i64);
 
 fn load(c: &Connection, where_: &str, key: &dyn rusqlite::ToSql) -> Result<Option<StoredReading>, IngestError> {
-    let st = |e: rusqlite::Error| IngestError::Storage(e.to_string());
     let row: Option<ReadingRow> = c
-        .prepare_cached(&format!("SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"))
-        .map_err(st)?
+        .prepare_cached(&format!("SELECT idx, encoded, signature, batch_id, batch_index, received_ms FROM readings WHERE {where_}"))?
         .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-        .optional()
-        .map_err(st)?;
+        .optional()?;
     let Some((idx, encoded, sig, batch_id, batch_index, received)) = row else { return Ok(None) };
-    let corrupt = |m: String| IngestError::Storage(format!("corrupt reading {idx}: {m}"));
-    let reading = Reading::decode(&encoded).map_err(|e| corrupt(e.to_string()))?;
+    let index = idx as u64;
+    let encoding = |source: DecodeError| Corrupt::Encoding { index, source };
+    let reading = Reading::decode(&encoded).map_err(encoding)?;
     let evidence = match (sig, batch_id, batch_index) {
-        (Some(s), None, None) => Evidence::Single(Signature::decode(&s).map_err(|e| corrupt(e.to_string()))?),
+        (Some(s), None, None) => Evidence::Single(Signature::decode(&s).map_err(encoding)?),
         (None, Some(b), Some(i)) => {
             let (first_seq, count, first_idx, sig): (i64, i64, i64, Vec<u8>) = c
-                .prepare_cached("SELECT first_seq, count, first_idx, signature FROM batches WHERE id = ?1")
-                .map_err(st)?
-                .query_row([b], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(st)?;
+                .prepare_cached("SELECT first_seq, count, first_idx, signature FROM batches WHERE id = ?1")?
+                .query_row([b], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             if !(0..count).contains(&i) || count as usize > MAX_BATCH {
-                return Err(corrupt(format!("batch index {i} of a batch of {count}")));
+                return Err(Corrupt::BatchIndex { index, batch_index: i, count }.into());
             }
             // Rebuild the batch tree from its readings (stored contiguously) for the path.
-            let mut q = c.prepare_cached("SELECT encoded FROM readings WHERE idx >= ?1 AND idx < ?2 ORDER BY idx").map_err(st)?;
+            let mut q = c.prepare_cached("SELECT encoded FROM readings WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
             let leaves = q
-                .query_map([first_idx, first_idx + count], |r| r.get::<_, Vec<u8>>(0))
-                .map_err(st)?
-                .map(|e| Ok(bitmote_device::merkle::leaf_hash(&bitmote_device::sha256(&e.map_err(st)?))))
-                .collect::<Result<Vec<_>, IngestError>>()?;
+                .query_map([first_idx, first_idx + count], |r| r.get::<_, Vec<u8>>(0))?
+                .map(|e| Ok(bitmote_device::merkle::leaf_hash(&bitmote_device::sha256(&e?))))
+                .collect::<Result<Vec<_>, rusqlite::Error>>()?;
             if leaves.len() as i64 != count {
-                return Err(corrupt(format!("batch {b} has {} of its {count} readings", leaves.len())));
+                return Err(Corrupt::BatchIncomplete { index, batch: b, found: leaves.len(), count }.into());
             }
-            let proof = bitmote_device::merkle::inclusion_proof(&leaves, i as u64).map_err(|e| corrupt(e.to_string()))?;
+            let proof =
+                bitmote_device::merkle::inclusion_proof(&leaves, i as u64).map_err(|source| Corrupt::BatchTree { index, source })?;
             Evidence::Batch(BatchMembership {
                 first_seq: first_seq as u64,
                 count: count as u32,
                 index: i as u32,
                 proof,
-                signature: Signature::decode(&sig).map_err(|e| corrupt(e.to_string()))?,
+                signature: Signature::decode(&sig).map_err(encoding)?,
             })
         }
-        _ => return Err(corrupt("neither a signature nor a batch".into())),
+        _ => return Err(Corrupt::NoEvidence { index }.into()),
     };
     Ok(Some(StoredReading { leaf_index: idx as u64, reading, encoded, evidence, received_ms: received as u64 }))
 }
@@ -892,11 +1088,9 @@ pub fn reading_at(c: &Connection, index: u64) -> Result<Option<StoredReading>, I
 /// The id of the reading at a leaf index (without loading its evidence).
 pub fn reading_id_at(c: &Connection, index: u64) -> Result<Option<[u8; 32]>, IngestError> {
     let Ok(i) = i64::try_from(index) else { return Ok(None) };
-    let id: Option<Vec<u8>> = c
-        .prepare_cached("SELECT id FROM readings WHERE idx = ?1")
-        .and_then(|mut q| q.query_row([i], |r| r.get(0)).optional())
-        .map_err(|e| IngestError::Storage(e.to_string()))?;
-    id.map(|v| v.try_into().map_err(|_| IngestError::Storage(format!("corrupt id of reading {index}")))).transpose()
+    let id: Option<Vec<u8>> =
+        c.prepare_cached("SELECT id FROM readings WHERE idx = ?1").and_then(|mut q| q.query_row([i], |r| r.get(0)).optional())?;
+    id.map(|v| v.try_into().map_err(|_| Corrupt::Id { index }.into())).transpose()
 }
 
 #[cfg(test)]
@@ -1023,7 +1217,8 @@ mod tests {
             }
         }
         let (seq, e) = full.expect("the quota fills up");
-        assert!(matches!(e, IngestError::Storage(ref m) if m.contains("full")), "{e}");
+        assert!(matches!(e, IngestError::Storage(ref s) if s.is_full()), "{e}");
+        assert!(e.to_string().contains("full"), "{e}");
         // Still full: the next one is refused too, not half-written.
         assert!(matches!(ing.submit(one(&k, seq)), Err(IngestError::Storage(_))));
         drop(ing);
@@ -1211,5 +1406,61 @@ mod tests {
                 "{batch}"
             );
         }
+    }
+
+    /// Issue 14: refusals are typed values, and what a device reads (the message and
+    /// the code) is what it was when they were strings.
+    #[test]
+    fn refusals_are_typed_and_read_as_before() {
+        let n = MAX_SUBMISSION_BYTES + 1;
+        let e = Submission::decode(&vec![b'B'; n]).unwrap_err();
+        assert_eq!(e, IngestError::TooLarge(TooLarge::Bytes { got: n, max: MAX_SUBMISSION_BYTES }));
+        assert_eq!((e.to_string(), e.code()), (format!("submission too large: {n} bytes (at most {MAX_SUBMISSION_BYTES})"), "too_large"));
+        let e = Submission::decode(b"").unwrap_err();
+        assert_eq!(e, IngestError::Malformed(Malformed::UnknownKind));
+        assert_eq!(e.to_string(), "malformed submission: expected a signed reading ('R') or batch ('B')");
+        let e = Submission::decode(b"R\x00\x05abc").unwrap_err();
+        assert!(matches!(e, IngestError::Malformed(Malformed::Decode(d)) if e.to_string() == format!("malformed submission: {d}")), "{e}");
+        assert_eq!(e.code(), "malformed");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sqlite");
+        let ing = Ingestor::start(&path, IngestConfig { max_batch: 3, max_payload: 8, ..Default::default() }).unwrap();
+        let k = SigningKey::schnorr_from_secret(&[4; 32]).unwrap();
+        ing.enroll(&k.public_key(), None).unwrap();
+        let e = ing.submit(Submission::Batch(SignedBatch::sign(&k, (1..=4).map(|s| reading(&k, s)).collect()).unwrap())).unwrap_err();
+        assert_eq!(e, IngestError::TooLarge(TooLarge::Batch { got: 4, max: 3 }));
+        assert_eq!(e.to_string(), "submission too large: 4 readings in one batch (at most 3)");
+        let big = Reading { value: Value::Bytes(vec![0; 9]), ..reading(&k, 1) };
+        let e = ing.submit_reading(SignedReading::sign(&k, big).unwrap()).unwrap_err();
+        assert_eq!(e, IngestError::TooLarge(TooLarge::Payload { got: 9, max: 8 }));
+        assert_eq!(e.to_string(), "submission too large: payload of 9 bytes (at most 8)");
+        let mut forged = signed(&k, 1);
+        forged.signature = SigningKey::schnorr_from_secret(&[5; 32]).unwrap().sign(&forged.reading.id());
+        let e = ing.submit_reading(forged).unwrap_err();
+        assert_eq!(e, IngestError::BadSignature(SignError::Invalid));
+        assert_eq!((e.to_string(), e.code()), (format!("bad signature: {}", SignError::Invalid), "bad_signature"));
+        let r = ing.submit(one(&k, 1)).unwrap();
+        drop(ing);
+
+        // A stored reading that no longer decodes: a typed storage error naming it.
+        let c = registry::open_db(&path).unwrap();
+        c.execute("UPDATE readings SET encoded = x'00' WHERE idx = 0", []).unwrap();
+        let e = reading_at(&c, 0).unwrap_err();
+        let IngestError::Storage(StorageError::Corrupt(Corrupt::Encoding { index: 0, source })) = e else { panic!("{e:?}") };
+        assert_eq!(e.to_string(), format!("storage failed, nothing was acknowledged: corrupt reading 0: {source}"));
+        assert_eq!(e.code(), "storage");
+        assert!(matches!(reading_by_id(&c, &r[0].reading_id), Err(IngestError::Storage(StorageError::Corrupt(_)))));
+        c.execute("UPDATE readings SET id = x'01' WHERE idx = 0", []).unwrap();
+        assert_eq!(reading_id_at(&c, 0), Err(IngestError::Storage(StorageError::Corrupt(Corrupt::Id { index: 0 }))));
+        // SQLite's own failures keep their source: clones of one failure are equal (every
+        // submitter of a group gets the same), two failures are not.
+        let fail = || IngestError::from(c.execute("INSERT INTO no_such_table VALUES (1)", []).unwrap_err());
+        let (a, b) = (fail(), fail());
+        assert_eq!(a.clone(), a);
+        assert_ne!(a, b);
+        let IngestError::Storage(s) = &a else { panic!("{a:?}") };
+        assert!(!s.is_full());
+        assert!(std::error::Error::source(s).is_some_and(|e| e.downcast_ref::<rusqlite::Error>().is_some()));
     }
 }

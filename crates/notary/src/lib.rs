@@ -1,6 +1,8 @@
 //! bitmote-notary: the tamper-evident record of what sensors measured.
 //!
 //! Data path, top to bottom:
+//! * [`store`]: the one SQLite file all of them live in, its pragmas and its versioned
+//!   schema (migrations);
 //! * [`registry`]: which device keys may submit readings (enrol, revoke);
 //! * [`ingest`]: verify a signed reading or batch, reject replays, append to the log
 //!   with group commit, acknowledge only once durable;
@@ -26,6 +28,7 @@ pub mod log;
 pub mod ots;
 pub mod proof;
 pub mod registry;
+pub mod store;
 pub mod verify;
 
 /// Tag and version of an anchor's OP_RETURN payload.

@@ -10,7 +10,7 @@
 //! a proof costs the same at a billion leaves as at a thousand.
 //!
 //! [`MerkleLog`] is a view over a connection or transaction (the database, its
-//! schema and pragmas belong to [`crate::registry::Store`]); an append runs inside a
+//! schema and pragmas belong to [`crate::store`]); an append runs inside a
 //! savepoint, so it is atomic on its own and commits together with the caller's
 //! transaction when there is one (ingest's group commit).
 
@@ -20,7 +20,7 @@ use bitmote_device::merkle::{self, node_hash, split_point, Hash};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 /// Errors of the log. Out-of-range arguments are errors, never panics.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LogError {
     #[error("leaf index {index} is not in a tree of size {size}")]
     IndexOutOfRange { index: u64, size: u64 },
@@ -41,21 +41,6 @@ pub type Result<T, E = LogError> = std::result::Result<T, E>;
 /// A log leaf: SHA-256 of a reading's canonical encoding.
 pub type Leaf = [u8; 32];
 
-/// Tables of the log (created by [`crate::registry::open_db`]).
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS log_nodes (
-    level INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS log_meta (
-    k TEXT PRIMARY KEY,
-    v INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO log_meta (k, v) VALUES ('size', 0);
-";
-
 /// Largest tree size the log accepts (SQLite integers are signed 64-bit).
 const MAX_SIZE: u64 = i64::MAX as u64;
 
@@ -66,7 +51,7 @@ pub struct MerkleLog<'c> {
 }
 
 impl<'c> MerkleLog<'c> {
-    /// The log in `conn` (whose schema [`crate::registry::open_db`] created).
+    /// The log in `conn` (whose schema [`crate::store`] created).
     /// A `&Transaction` works too: it dereferences to its connection.
     pub fn new(conn: &'c Connection) -> Self {
         MerkleLog { conn, reads: Cell::new(0) }
@@ -319,7 +304,7 @@ mod tests {
 
     fn db() -> Connection {
         let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
+        crate::store::migrate(&c, &crate::store::NOTARY).unwrap();
         c
     }
 

@@ -1,20 +1,14 @@
-//! The notary database ([`Store`], [`open_db`]) and its device registry: which
-//! public keys may submit readings, since when, whether they were revoked (when and
-//! why), and the last sequence number accepted from each.
+//! The device registry: which public keys may submit readings, since when, whether
+//! they were revoked (when and why), and the last sequence number accepted from each.
 //!
-//! One SQLite file holds the registry, the readings, the Merkle log
-//! ([`crate::log`]), the checkpoints and the anchors, in WAL mode with
-//! `synchronous=FULL`: a committed transaction survives a crash or power loss.
-//! `PRAGMA user_version` records the schema version; a database written by a newer
-//! bitmote is refused rather than misread.
-
-use std::path::Path;
-use std::time::Duration;
+//! Its table (`devices`) lives in the notary database, whose connections, pragmas and
+//! schema belong to [`crate::store`]; [`open_db`], [`Store`] and [`SCHEMA_VERSION`] are
+//! re-exported here for the callers that have always found them here.
 
 use bitmote_device::{DeviceId, PublicKey};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::log::MerkleLog;
+pub use crate::store::{open_db, Store, SCHEMA_VERSION};
 pub(crate) use bitmote_chain::now_ms;
 
 /// Errors of the registry.
@@ -32,116 +26,6 @@ pub enum RegistryError {
     Db(#[from] rusqlite::Error),
     #[error("corrupt registry row: {0}")]
     Corrupt(String),
-}
-
-/// Schema version written to `PRAGMA user_version`. Version 0 is a database from
-/// before versioning; its tables are the version 1 tables.
-pub const SCHEMA_VERSION: i64 = 1;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS devices (
-    id BLOB PRIMARY KEY,
-    pubkey BLOB NOT NULL,
-    name TEXT NOT NULL UNIQUE,
-    enrolled_ms INTEGER NOT NULL,
-    revoked_ms INTEGER,
-    revoke_reason TEXT,
-    last_seq INTEGER
-);
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY,
-    device BLOB NOT NULL,
-    first_seq INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    first_idx INTEGER NOT NULL,
-    signature BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS readings (
-    idx INTEGER PRIMARY KEY,
-    id BLOB NOT NULL UNIQUE,
-    device BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    encoded BLOB NOT NULL,
-    signature BLOB,
-    batch_id INTEGER REFERENCES batches(id),
-    batch_index INTEGER,
-    received_ms INTEGER NOT NULL
-);
-";
-
-/// Open (or create) the notary database with its whole schema: WAL,
-/// `synchronous=FULL`, a 30 s busy timeout, schema migrations.
-pub fn open_db(path: &Path) -> rusqlite::Result<Connection> {
-    let c = Connection::open(path)?;
-    c.busy_timeout(Duration::from_secs(30))?;
-    let mode: String = c.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(refuse(format!("{}: SQLite refused WAL mode (journal_mode is {mode})", path.display())));
-    }
-    c.pragma_update(None, "synchronous", "FULL")?;
-    // 64 MiB page cache and memory-mapped reads: the log's hot pages stay in memory.
-    c.pragma_update(None, "cache_size", -65536)?;
-    c.pragma_update(None, "mmap_size", 1i64 << 30)?;
-    migrate(&c, path)?;
-    Ok(c)
-}
-
-fn refuse(msg: String) -> rusqlite::Error {
-    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN), Some(msg))
-}
-
-/// Create missing tables and step `user_version` up to [`SCHEMA_VERSION`].
-fn migrate(c: &Connection, path: &Path) -> rusqlite::Result<()> {
-    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(refuse(format!(
-            "{}: schema version {version} is newer than this bitmote understands ({SCHEMA_VERSION}); upgrade bitmote",
-            path.display()
-        )));
-    }
-    // Every statement is idempotent (CREATE … IF NOT EXISTS) and writes nothing when
-    // the tables exist, so opening stays cheap; it also adds the tables of modules that
-    // joined the schema later. Future changes that need more (ALTER TABLE, backfills)
-    // go in a `version < N` step here, in one transaction.
-    c.execute_batch(SCHEMA)?;
-    c.execute_batch(crate::log::SCHEMA)?;
-    c.execute_batch(crate::checkpoint::SCHEMA)?;
-    c.execute_batch(crate::anchor::SCHEMA)?;
-    if version < SCHEMA_VERSION {
-        c.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    }
-    Ok(())
-}
-
-/// The notary database: owns one connection; hands out views of the log and the
-/// registry over it. (Ingest opens its own connections to the same file.)
-pub struct Store {
-    conn: Connection,
-}
-
-impl Store {
-    /// Open (or create) the database at `path`; see [`open_db`].
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
-        Ok(Store { conn: open_db(path)? })
-    }
-
-    pub fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// For transactions spanning the log and other tables.
-    pub fn conn_mut(&mut self) -> &mut Connection {
-        &mut self.conn
-    }
-
-    pub fn log(&self) -> MerkleLog<'_> {
-        MerkleLog::new(&self.conn)
-    }
-
-    pub fn registry(&self) -> Registry<'_> {
-        Registry::new(&self.conn)
-    }
 }
 
 /// A registered device.

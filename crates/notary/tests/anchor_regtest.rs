@@ -8,6 +8,7 @@ use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
 use bitmote_chain::wallet::Reconciled;
 use bitmote_chain::ChainClient;
 use bitmote_notary::anchor::{find_anchor, AnchorConfig, AnchorEvent, AnchorState, Anchorer, LogHead};
+use bitmote_notary::checkpoint::CheckpointSigner;
 use serde_json::json;
 
 fn node() -> RegtestNode {
@@ -28,6 +29,11 @@ fn fund(node: &RegtestNode, a: &mut Anchorer) {
     node.mine(100).unwrap();
 }
 
+/// The checkpoint key of the anchorer's fork guard.
+fn signer() -> CheckpointSigner {
+    CheckpointSigner::from_seed("bitmote.test/log", [9; 32])
+}
+
 fn head(size: u64) -> LogHead {
     LogHead { size, root: [size as u8; 32] }
 }
@@ -40,7 +46,7 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
     let db = dir.path().join("notary.sqlite");
     let wallet_dir = dir.path().join("wallet");
     let cfg = AnchorConfig { interval: Duration::ZERO, bump_after_blocks: 2, final_confirmations: 3, ..Default::default() };
-    let mut a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg.clone()).unwrap();
+    let mut a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg.clone(), signer()).unwrap();
 
     // Unfunded: a clear error naming an address to fund.
     let err = a.poll(Some(head(10))).unwrap_err();
@@ -99,7 +105,7 @@ fn anchors_confirm_get_bumped_survive_reorgs_and_restarts() {
 
     // Restart: everything is still there.
     drop(a);
-    let mut a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg).unwrap();
+    let mut a = Anchorer::open(&db, &wallet_dir, c.fresh().unwrap(), cfg, signer()).unwrap();
     let info = a.list().unwrap();
     assert_eq!(info.len(), 2);
     assert!(info.iter().all(|i| i.state == AnchorState::Confirmed && i.confirmations >= 1));
@@ -153,7 +159,7 @@ fn an_anchor_re_mined_at_the_same_height_names_the_new_block() {
     let c = node.client();
     let dir = tempfile::tempdir().unwrap();
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
-    let mut a = Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg).unwrap();
+    let mut a = Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg, signer()).unwrap();
     fund(&node, &mut a);
     a.poll(None).unwrap();
     let ev = a.poll(Some(head(10))).unwrap();
@@ -243,7 +249,7 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     // The wallet's only coin: a payment from an anyone-can-spend coinbase (so the drill's
     // kind of double spend can take it away later), confirmed.
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
-    let mut a = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap();
+    let mut a = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone(), signer()).unwrap();
     node.mine(101).unwrap();
     let coinbase = coinbase_at(&c, 1).unwrap();
     let to_wallet = TxOut { value: Amount::from_sat(10_000_000), script_pubkey: a.wallet().new_address().unwrap().script_pubkey() };
@@ -357,7 +363,7 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     let dir = tempfile::tempdir().unwrap();
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     let open = |cfg: &AnchorConfig| {
-        Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone()).unwrap()
+        Anchorer::open(&dir.path().join("notary.sqlite"), &dir.path().join("wallet"), c.fresh().unwrap(), cfg.clone(), signer()).unwrap()
     };
     let mut a = open(&cfg);
     fund(&node, &mut a);
@@ -393,4 +399,63 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     let info = a.list().unwrap().remove(0);
     assert_eq!((info.state, info.block_hash), (AnchorState::Confirmed, Some(again)), "{info:?}");
     assert_eq!(c.block_hash(info.block_height.unwrap()).unwrap(), Some(again));
+}
+
+/// The fork guard on the anchoring path (issue 14). A checkpoint for tree size 10 was
+/// issued with one root; the log then claims another root for that size. The anchorer
+/// must broadcast nothing and record no anchor, on every poll, and say why; the checkpoint
+/// on record stays. It keeps working: the root that was checkpointed is re-issued and
+/// anchored, and a later size gets its checkpoint recorded before its anchor.
+#[test]
+fn the_anchorer_never_anchors_a_root_other_than_the_one_checkpointed_for_its_size() {
+    use bitmote_notary::checkpoint::{issued_at, parse_and_verify};
+    use bitmote_notary::registry::open_db;
+    let node = node();
+    let c = node.client();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("notary.sqlite");
+    let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
+    let s = signer();
+    let mut a = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg, s.clone()).unwrap();
+    fund(&node, &mut a);
+    assert!(a.poll(None).unwrap().is_empty());
+    let mempool = || c.raw::<Vec<String>>("getrawmempool", &[]).unwrap();
+    assert!(mempool().is_empty());
+
+    let conn = open_db(&db).unwrap();
+    let (signed, forked) = ([0xaa; 32], [0xbb; 32]);
+    s.issue(&conn, 10, signed).unwrap();
+    for _ in 0..3 {
+        let ev = a.poll(Some(LogHead { size: 10, root: forked })).unwrap();
+        assert_eq!(ev, vec![AnchorEvent::ForkRefused { size: 10, signed, root: forked }]);
+        assert!(a.list().unwrap().is_empty(), "no anchor row for a forked root");
+        assert!(mempool().is_empty(), "no anchor transaction for a forked root");
+    }
+    assert_eq!(issued_at(&conn, 10).unwrap().unwrap().root, signed, "the refusal changes no checkpoint");
+    // A block later, still refused (the guard is not a one-off).
+    node.mine(1).unwrap();
+    let ev = a.poll(Some(LogHead { size: 10, root: forked })).unwrap();
+    assert_eq!(ev, vec![AnchorEvent::ForkRefused { size: 10, signed, root: forked }]);
+    assert!(a.list().unwrap().is_empty());
+
+    // The root that was checkpointed: issued again without complaint, and anchored.
+    let ev = a.poll(Some(LogHead { size: 10, root: signed })).unwrap();
+    let [AnchorEvent::Broadcast { txid, tree_size: 10, .. }] = ev[..] else { panic!("{ev:?}") };
+    assert_eq!(mempool(), vec![txid.to_string()]);
+    let tx = c.raw_transaction(&txid, None).unwrap();
+    assert_eq!(find_anchor(&tx).unwrap().1, LogHead { size: 10, root: signed });
+    node.mine(1).unwrap();
+    assert!(matches!(a.poll(None).unwrap()[..], [AnchorEvent::Confirmed { .. }]));
+
+    // A new size: its checkpoint is issued (recorded, signed by the key) as it is anchored.
+    assert_eq!(issued_at(&conn, 12).unwrap(), None);
+    let ev = a.poll(Some(LogHead { size: 12, root: [0x12; 32] })).unwrap();
+    assert!(matches!(ev[..], [AnchorEvent::Broadcast { tree_size: 12, .. }]), "{ev:?}");
+    let cp = issued_at(&conn, 12).unwrap().unwrap();
+    assert_eq!(cp.root, [0x12; 32]);
+    let verified = parse_and_verify(&cp.note, &s.verifier_key()).unwrap();
+    assert_eq!((verified.size, verified.root), (12, [0x12; 32]));
+    // Anchored roots are checkpointed roots: another root for 12 is now a fork.
+    let e = s.issue(&conn, 12, [0x99; 32]).unwrap_err();
+    assert!(matches!(e, bitmote_notary::checkpoint::CheckpointError::Fork { size: 12, .. }), "{e}");
 }

@@ -80,7 +80,7 @@ fn every_reading_gets_a_proof_that_bitmote_and_the_ots_client_verify() {
 
     // Anchor: fund the gateway wallet by mining, anchor the log head, confirm.
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
-    let mut anchorer = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg).unwrap();
+    let mut anchorer = Anchorer::open(&db, &dir.path().join("wallet"), c.fresh().unwrap(), cfg, signer.clone()).unwrap();
     let addr = anchorer.wallet().new_address().unwrap();
     c.mine(1, &addr).unwrap();
     node.mine(100).unwrap();
