@@ -270,7 +270,7 @@ impl OutboxItem {
             confirmations: self.confirmations,
             payment: self.payment.clone(),
             lightning: self.lightning.clone(),
-            due_ms: self.due_ms,
+            due_ms: Some(self.due_ms),
             ttl_ms: self.ttl_ms,
             reverts: self.reverts.clone(),
         }

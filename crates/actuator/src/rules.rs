@@ -120,6 +120,56 @@ pub struct Action {
     pub exec: Option<Exec>,
 }
 
+/// `POST /v1/devices/{id}/orders` (admin), an on-chain payment order: pay at least
+/// `min_sat` to a fresh gateway address, and the device does `action`. The gateway makes it
+/// a payment rule ([`OrderRequest::rule`]); the same type on both sides of the API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    pub min_sat: u64,
+    /// Default 1, as in rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmations: Option<u32>,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert: Option<Action>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+impl OrderRequest {
+    /// The payment rule `id` for `device`, paid to `address`.
+    pub fn rule(&self, id: String, device: &str, address: String) -> Rule {
+        Rule {
+            id,
+            device: device.into(),
+            trigger: Trigger::Payment { address, min_sat: self.min_sat, confirmations: self.confirmations.unwrap_or(1) },
+            action: self.action.clone(),
+            revert: self.revert.clone(),
+            ttl_secs: self.ttl_secs,
+        }
+    }
+}
+
+/// The gateway's answer to an [`OrderRequest`]: where to pay, and how much.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentOrder {
+    /// The order's rule id.
+    pub order_id: String,
+    pub device: String,
+    pub address: String,
+    /// At least this much, in sat.
+    pub amount: u64,
+    pub confirmations: Option<u32>,
+}
+
+impl Action {
+    /// An MQTT action with no arguments.
+    pub fn new(command: &str) -> Action {
+        Action { command: command.to_string(), args: serde_json::Value::Null, webhook: None, exec: None }
+    }
+}
+
 /// Deliver an action by an HTTP POST of its JSON, signed with HMAC-SHA256; any 2xx
 /// answer acknowledges it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

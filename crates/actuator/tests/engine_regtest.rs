@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use bitmote_actuator::{Engine, EngineEvent, OutboxState, RuleSet};
 use bitmote_chain::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
 use bitmote_chain::wallet::GatewayWallet;
 use bitmote_chain::{BlockStream, ChainClient, Start, StreamConfig};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{op_true_address, RegtestNode, RegtestOptions};
 use serde_json::json;
 
 fn addr(tag: u8) -> Address {

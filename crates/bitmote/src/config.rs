@@ -9,6 +9,8 @@ use bitmote_chain::bitcoin::Network;
 use bitmote_chain::{RpcAuth, RpcConfig};
 use serde::Deserialize;
 
+pub use bitmote_sim::fleet::FleetSection;
+
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,51 +23,6 @@ pub struct Config {
     pub notary: NotarySection,
     #[serde(default)]
     pub fleet: FleetSection,
-}
-
-/// `[fleet]`: the simulated fleet `bitmote up` runs beside the gateway on regtest (real
-/// separate processes: sensors, a rental lock, a relay, an energy provider and meter).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetSection {
-    /// Run the fleet (default true; `bitmote up --no-sim` = false). Regtest only.
-    pub enabled: Option<bool>,
-    /// Simulated sensors publishing signed readings over MQTT (default 24).
-    pub sensors: Option<u32>,
-    /// Milliseconds between a sensor's sends (default 2000).
-    pub sensor_interval_ms: Option<u64>,
-    /// Every n-th sensor signs batches instead of single readings (default 4; 0 = none).
-    pub batch_every: Option<u32>,
-    /// Readings per signed batch of those sensors (default 8).
-    pub batch_size: Option<u32>,
-    /// Price of one rental of the lock, paid on-chain to a fresh order address (default 20000 sat).
-    pub rental_sat: Option<u64>,
-    /// Blocks between the end of a lease and the next rental order (default 3).
-    pub rental_every_blocks: Option<u32>,
-    /// Blocks a paid rental keeps the lock open (a height rule locks it again; default 3).
-    pub lease_blocks: Option<u32>,
-    /// Blocks between signed on-chain commands toggling the relay (default 4; 0 = never).
-    pub relay_every_blocks: Option<u32>,
-    /// Run the Lightning energy provider and meter (default true).
-    pub meter: Option<bool>,
-    /// The provider's tick length in ms (default 2000).
-    pub tick_ms: Option<u64>,
-    /// The provider's JSON API (default 127.0.0.1:8660; port 0 = pick a free port once and keep it).
-    pub provider_http: Option<std::net::SocketAddr>,
-    /// The provider's Lightning P2P address (default 127.0.0.1:9735; port 0 as above).
-    pub provider_ln: Option<std::net::SocketAddr>,
-    /// Where the provider process binds its JSON API, when that is not where it is reached
-    /// (`provider_http`, which the meter and the dashboard use): behind a port forward or a
-    /// proxy. Default: `provider_http`.
-    pub provider_http_bind: Option<std::net::SocketAddr>,
-    /// Where the provider's Lightning node listens, when that is not where peers reach it
-    /// (`provider_ln`, which it then announces: `bitmote provider run --ln-announce`).
-    /// Default: `provider_ln`.
-    pub provider_ln_bind: Option<std::net::SocketAddr>,
-    /// The meter's JSON API (default 127.0.0.1:8661; port 0 as above).
-    pub meter_http: Option<std::net::SocketAddr>,
-    /// The meter's Lightning P2P address (default 127.0.0.1:9736; port 0 as above).
-    pub meter_ln: Option<std::net::SocketAddr>,
 }
 
 /// `[gateway]`: where the gateway listens.

@@ -12,14 +12,8 @@ macro_rules! say {
     }};
 }
 
-mod bench;
-mod bench_actuator;
-mod bench_mqtt;
-mod bench_notary;
-mod bench_pay;
 mod config;
 mod device;
-mod fleet;
 mod node;
 mod pay;
 mod rules;
@@ -133,7 +127,7 @@ pub enum Command {
     Meter(pay::MeterCommand),
     /// Measure performance (a report, not a pass/fail test).
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(bitmote_bench::BenchCommand),
     /// A seeded fault campaign against the whole system (its own data directory), with
     /// invariants checked after every round. Exits 1 on any violation.
     Drill(DrillArgs),
@@ -197,6 +191,12 @@ fn main() {
     }
 }
 
+/// `bitmote bench …`: bitcoind found (or built, with progress) here, the benchmark run by `bitmote-bench`.
+fn bench(c: bitmote_bench::BenchCommand) -> Result<()> {
+    let bitcoind = node::install(&bitmote_regtest::provision::InstallOptions::default())?.bitcoind;
+    bitmote_bench::run(&bitmote_bench::Env { bitcoind, exe: std::env::current_exe()? }, c)
+}
+
 fn drill(a: DrillArgs) -> Result<()> {
     let opts = bitmote_drill::Options {
         seed: a.seed,
@@ -227,7 +227,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { json } => status::status(&g, json),
         Command::Node(c) => node::node(&g, c),
         Command::Chain(c) => node::chain(&g, c),
-        Command::Bench(c) => bench::run(&g, c),
+        Command::Bench(c) => bench(c),
         Command::Drill(a) => drill(a),
         Command::Provider(c) => pay::provider(&g, c),
         Command::Meter(c) => pay::meter(&g, c),

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bitmote_chain::bitcoin::{Address, Network};
-use bitmote_chain::provision::{self, Bitcoind, InstallOptions, LogProgress, Progress};
-use bitmote_chain::regtest::{self, RegtestNode, RegtestOptions};
 use bitmote_chain::{BlockEvent, BlockStream, ChainClient, CursorStore, FileCursorStore, Start, StreamConfig};
+use bitmote_regtest::provision::{self, Bitcoind, InstallOptions, LogProgress, Progress};
+use bitmote_regtest::{self, RegtestNode, RegtestOptions};
 use clap::{Args, Subcommand};
 
 use crate::config::{ChainTarget, Config};
@@ -208,7 +208,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     if regtest && info.blocks < REGTEST_MATURITY {
         let n = REGTEST_MATURITY - info.blocks;
         tracing::info!("new regtest chain: mining {n} blocks so coinbase outputs mature");
-        client.mine(n, &regtest::op_true_address())?;
+        client.mine(n, &bitmote_regtest::op_true_address())?;
         info = client.info()?;
     }
     let interval = args.block_interval.or(cfg.chain.block_interval_secs).unwrap_or(DEFAULT_BLOCK_INTERVAL);
@@ -224,7 +224,13 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         say!("the simulated fleet runs on regtest only; on {network} the gateway runs alone");
     }
     let plan = match sim && regtest {
-        true => Some(crate::fleet::Plan::resolve(&cfg, &data_dir.join("fleet"), args.sensors)?),
+        true => Some(bitmote_sim::fleet::Plan::resolve(
+            &cfg.fleet,
+            cfg.gateway.lightning,
+            cfg.gateway.lightning_listen,
+            &data_dir.join("fleet"),
+            args.sensors,
+        )?),
         false => None,
     };
     let mut pay_urls = cfg.gateway.pay_status_urls.clone();
@@ -255,18 +261,23 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
     let mut fleet = match plan {
         Some(plan) => {
             let hub_for_meter = hub.as_ref().filter(|_| plan.meter);
-            let at = crate::fleet::Endpoints { gateway_url: api.clone(), mqtt: mqtt_addr, client, hub: hub_for_meter.map(|h| h.1.clone()) };
+            let at = bitmote_sim::fleet::Endpoints {
+                gateway_url: api.clone(),
+                mqtt: mqtt_addr,
+                client,
+                hub: hub_for_meter.map(|h| h.1.clone()),
+            };
             if let Some((n, _)) = hub_for_meter {
-                crate::fleet::link_hub_to_provider(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
+                bitmote_sim::fleet::link_hub_to_provider(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
             }
-            let mut f = crate::fleet::Fleet::prepare(g, &cfg, plan, &at)?;
+            let mut f = bitmote_sim::fleet::Fleet::prepare(&fleet_setup(g, &api)?, plan, &at)?;
             f.start()?;
             Some(f)
         }
         None => None,
     };
     let mut driver = match &fleet {
-        Some(f) => Some(crate::fleet::Driver::new(g, f, &api, client)?),
+        Some(f) => Some(bitmote_sim::fleet::Driver::new(f, crate::device::admin(g, &api)?, client)?),
         None => None,
     };
     let rpc = client.config();
@@ -312,10 +323,10 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 say!(
                     "    chain events: a {} sat rental order for {} every ~{} blocks (lease {} blocks), a signed on-chain command for {} every {} blocks",
                     p.rental_sat,
-                    crate::fleet::LOCK,
+                    bitmote_sim::fleet::LOCK,
                     p.rental_every_blocks + p.lease_blocks + 1,
                     p.lease_blocks,
-                    crate::fleet::RELAY,
+                    bitmote_sim::fleet::RELAY,
                     p.relay_every_blocks
                 );
             }
@@ -323,7 +334,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         None => say!("  fleet    : off"),
     }
     let status_path = data_dir.join("up.json");
-    let write_status = |fleet: &Option<crate::fleet::Fleet>, driver: &Option<crate::fleet::Driver>| {
+    let write_status = |fleet: &Option<bitmote_sim::fleet::Fleet>, driver: &Option<bitmote_sim::fleet::Driver>| {
         let v = serde_json::json!({
             "pid": std::process::id(), "network": network.to_core_arg(), "rpc": rpc.url,
             "http": api, "dashboard": format!("{api}/"),
@@ -343,7 +354,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
 
     // The first start funds the meter and opens its channel: a spinner until its API answers.
     let mut meter_wait = fleet.as_ref().filter(|f| f.plan.meter).map(|f| {
-        let bar = crate::fleet::spinner("meter: funding its wallet and opening a channel to the provider (first start only)");
+        let bar = bitmote_sim::fleet::spinner("meter: funding its wallet and opening a channel to the provider (first start only)");
         (f.plan.meter_url(), bar, Instant::now())
     });
     let mut next_mine = Instant::now() + Duration::from_secs(interval);
@@ -402,7 +413,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         }
         if regtest && interval > 0 && Instant::now() >= next_mine {
             next_mine = Instant::now() + Duration::from_secs(interval);
-            if let Err(e) = client.mine(1, &regtest::op_true_address()) {
+            if let Err(e) = client.mine(1, &bitmote_regtest::op_true_address()) {
                 tracing::debug!("mining failed: {e}");
             }
         }
@@ -565,6 +576,8 @@ fn start_gateway(
     }
     if regtest {
         g.anchor.final_confirmations = 3;
+        // On regtest the gateway's wallets are funded by mining; elsewhere by the operator.
+        g.faucet = Some(bitmote_regtest::RegtestFaucet::shared(client)?);
     }
     if let Some(o) = &n.log_origin {
         g.log_origin = o.clone();
@@ -576,6 +589,18 @@ fn log_event(ev: &BlockEvent) {
     let id = ev.id();
     let what = if ev.is_connected() { "connected" } else { "disconnected" };
     tracing::info!(height = id.height, hash = %id.hash, txs = ev.block().txdata.len(), "block {what}");
+}
+
+/// What the simulated fleet is started from: this executable, the data directory, the
+/// configuration file its members share, the gateway's admin API.
+fn fleet_setup(g: &Global, api: &str) -> Result<bitmote_sim::fleet::Setup> {
+    let data_dir = g.data_dir();
+    Ok(bitmote_sim::fleet::Setup {
+        exe: std::env::current_exe().context("finding the bitmote executable")?,
+        config_file: Config::path(g.config.as_deref(), &data_dir),
+        admin: crate::device::admin(g, api)?,
+        data_dir,
+    })
 }
 
 pub fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
@@ -658,7 +683,7 @@ pub fn node(g: &Global, cmd: NodeCommand) -> Result<()> {
                     .with_context(|| format!("invalid address {s:?}"))?
                     .require_network(node.client.network())
                     .with_context(|| format!("{s} is not a {} address", node.client.network()))?,
-                None => regtest::op_true_address(),
+                None => bitmote_regtest::op_true_address(),
             };
             let hashes = node.client.mine(n, &addr)?;
             let tip = node.client.tip()?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bitmote_chain::bitcoin::secp256k1::PublicKey;
-use bitmote_chain::ChainClient;
+use bitmote_chain::{ChainClient, Faucet};
 use bitmote_pay::ldk_node::lightning::ln::msgs::SocketAddress;
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::meter::Meter;
@@ -195,44 +195,17 @@ pub fn provider(g: &Global, cmd: ProviderCommand) -> Result<()> {
     Ok(())
 }
 
-/// The part of a machine's `/v1/status` that says how to reach its Lightning node.
-#[derive(serde::Deserialize)]
-struct MachineStatus {
-    node: NodeAddressing,
-}
-
-#[derive(serde::Deserialize)]
-struct NodeAddressing {
-    node_id: String,
-    #[serde(default)]
-    listening: Vec<String>,
-    /// Where peers must connect (`--ln-announce`); absent from older versions' status.
-    #[serde(default)]
-    announced: Vec<String>,
-}
-
-/// A machine's Lightning node id and the address peers must connect to, from its
-/// `/v1/status`: the first announced address (`node.announced`: behind a port forward or a
-/// proxy it is not the one listened on), else the first listening one.
-pub(crate) fn machine_node(status: serde_json::Value) -> Result<(PublicKey, SocketAddress)> {
-    let s: MachineStatus = serde_json::from_value(status).context("a status without its node's id")?;
-    let addr = s.node.announced.first().or(s.node.listening.first()).context("a node without a Lightning address")?;
-    Ok((ln::parse_node_id(&s.node.node_id)?, lightning_address(addr)?))
-}
-
-fn lightning_address(addr: &str) -> Result<SocketAddress> {
-    addr.parse().map_err(|_| anyhow::anyhow!("bad Lightning address {addr}"))
-}
+use bitmote_sim::{lightning_address, machine_node};
 
 /// Open a channel to `peer` (the provider, or a hub) if there is none, funding the meter's
 /// wallet on regtest; wait until it is usable.
-fn ensure_channel(client: &ChainClient, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64) -> Result<()> {
+fn ensure_channel(faucet: Option<&dyn Faucet>, node: &Node, peer: PublicKey, addr: SocketAddress, sat: u64) -> Result<()> {
     // A channel there may be closed under us while we wait (LDK's force close of a channel
     // whose state a crash lost): then a new one is opened.
-    if !ln::channels_with(node, &peer).is_empty() && ln::wait_usable_or_gone(client, node, peer)? {
+    if !ln::channels_with(node, &peer).is_empty() && ln::wait_usable_or_gone(faucet, node, peer)? {
         return Ok(());
     }
-    ln::open_funded_channel(client, node, peer, addr, sat, false).context("the meter's channel")?;
+    ln::open_funded_channel(faucet, node, peer, addr, sat, false).context("the meter's channel")?;
     println!("opened a {sat} sat channel to {peer}");
     Ok(())
 }
@@ -271,14 +244,20 @@ pub fn meter(g: &Global, cmd: MeterCommand) -> Result<()> {
     // The provider's node id is pinned: a server answering at the provider's URL cannot
     // name another node to be paid.
     pinned_provider(client.network(), a.provider_node.as_deref(), &dir.join("provider.pin"), &pnode, &url)?;
+    // On regtest, coins and confirmations come from mining; elsewhere the operator funds the meter.
+    let faucet = match client.network() {
+        bitmote_chain::bitcoin::Network::Regtest => Some(bitmote_regtest::RegtestFaucet::new(&client)?),
+        _ => None,
+    };
+    let faucet = faucet.as_ref().map(|f| f as &dyn Faucet);
     match &a.via {
-        None => ensure_channel(&client, &node, provider, paddr, a.channel_sat)?,
+        None => ensure_channel(faucet, &node, provider, paddr, a.channel_sat)?,
         Some(hub) => {
             let (hub_id, hub_addr) = hub.split_once('@').context("--via must be NODE_ID@HOST:PORT")?;
             let hub = ln::parse_node_id(hub_id)?;
-            ensure_channel(&client, &node, hub, lightning_address(hub_addr)?, a.channel_sat)?;
+            ensure_channel(faucet, &node, hub, lightning_address(hub_addr)?, a.channel_sat)?;
             println!("waiting for the hub's channel to the provider to be announced (gossip)");
-            ln::wait_for_route(&client, &node, hub, provider)?;
+            ln::wait_for_route(faucet, &node, hub, provider)?;
             println!("the provider is reachable through the hub");
         }
     }

@@ -199,7 +199,7 @@ pub fn status(g: &Global, as_json: bool) -> Result<()> {
                 }
                 let dr = &f["driver"];
                 if !dr.is_null() {
-                    println!("       {} rentals of {}, {} relay commands", dr["rentals"], crate::fleet::LOCK, dr["relay_commands"]);
+                    println!("       {} rentals of {}, {} relay commands", dr["rentals"], bitmote_sim::fleet::LOCK, dr["relay_commands"]);
                 }
             }
             None => println!("[ok  ] fleet     : none"),

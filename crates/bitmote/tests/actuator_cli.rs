@@ -14,8 +14,8 @@ use common::{bitmote, up, Up};
 use std::time::{Duration, Instant};
 
 use bitmote_chain::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
-use bitmote_chain::regtest::{op_true_address, RegtestNode};
 use bitmote_chain::wallet::GatewayWallet;
+use bitmote_regtest::{op_true_address, RegtestNode};
 use serde_json::Value as Json;
 
 #[test]
@@ -261,8 +261,8 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
         announce_as: None,
     })
     .unwrap();
-    node::fund_on_regtest(chain.client(), &payer, 1).unwrap();
-    node::open_channel(chain.client(), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
+    node::fund(&chain.faucet().unwrap(), &payer, 1).unwrap();
+    node::open_channel(Some(&chain.faucet().unwrap()), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
 
     let mut lock = lock_7(d, &http, &mqtt);
     wait_presence(&http, "lock-7", "online");

@@ -96,7 +96,7 @@ impl WalletError {
 }
 
 impl ChainError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         ChainError::Io { context: context.into(), source }
     }
 

@@ -6,11 +6,11 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bitmote_chain::bitcoin::{Address, BlockHash, Network, ScriptBuf};
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_chain::{
     BlockEvent, BlockStream, ChainClient, ChainError, CursorStore, FileCursorStore, RpcAuth, RpcConfig, Start, StreamConfig,
 };
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 
 fn bitcoind() -> PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
@@ -74,7 +74,7 @@ fn stream_delivers_every_block_once_in_order() {
         let c = node.client().fresh().unwrap();
         std::thread::spawn(move || {
             for _ in 0..30 {
-                c.mine(1, &bitmote_chain::regtest::op_true_address()).unwrap();
+                c.mine(1, &bitmote_regtest::op_true_address()).unwrap();
                 std::thread::sleep(Duration::from_millis(5));
             }
         })

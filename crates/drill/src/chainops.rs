@@ -12,8 +12,8 @@ use bitmote_chain::bitcoin::absolute::LockTime;
 use bitmote_chain::bitcoin::consensus::encode::serialize_hex;
 use bitmote_chain::bitcoin::transaction::Version;
 use bitmote_chain::bitcoin::{Amount, BlockHash, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid, Witness};
-use bitmote_chain::regtest::op_true_address;
 use bitmote_chain::ChainClient;
+use bitmote_regtest::op_true_address;
 use serde::Deserialize;
 use serde_json::json;
 

@@ -69,7 +69,7 @@ impl Customer {
         })
         .map_err(err)?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sys.ports.gateway_ln));
-        node::open_funded_channel(&chain, &node, gateway, addr.into(), 200_000, false).map_err(err)?;
+        node::open_funded_channel(Some(&faucet(&chain)?), &node, gateway, addr.into(), 200_000, false).map_err(err)?;
         let rule = serde_json::json!({
             "id": RULE,
             "device": DEVICE,
@@ -149,7 +149,8 @@ impl Customer {
             return Err("reconnected, but the channel is not usable within 10 s".into());
         }
         let chain = sys.chain().map_err(|e| e.to_string())?;
-        node::open_funded_channel(&chain, &self.node, self.gateway, addr.into(), 200_000, false).map_err(|e| format!("reopening: {e}"))?;
+        node::open_funded_channel(Some(&faucet(&chain).map_err(|e| e.to_string())?), &self.node, self.gateway, addr.into(), 200_000, false)
+            .map_err(|e| format!("reopening: {e}"))?;
         self.reopened += 1;
         Ok("opened a new channel")
     }
@@ -223,4 +224,9 @@ impl Drop for Customer {
     fn drop(&mut self) {
         let _ = self.node.stop();
     }
+}
+
+/// The drill's regtest faucet (the customer's channel is funded by mining).
+fn faucet(chain: &bitmote_chain::ChainClient) -> Result<bitmote_regtest::RegtestFaucet, DrillError> {
+    bitmote_regtest::RegtestFaucet::new(chain).map_err(|e| DrillError::Setup(format!("the regtest faucet: {e}")))
 }

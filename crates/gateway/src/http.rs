@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{Job, Shared};
+use bitmote_actuator::rules::{OrderRequest, PaymentOrder};
 use bitmote_proto::notary::{DeviceAnswer, DeviceList, EnrolRequest, Enrolment, MqttLogin, RevokeRequest};
 
 /// Largest request body (a full batch of 4096 readings with payloads fits).
@@ -548,31 +549,6 @@ async fn remove_rule(State(s): State<Arc<Shared>>, _: Admin, Path(id): Path<Stri
     Ok(Json(json!({ "removed": rule })))
 }
 
-/// A payment order: pay at least `min_sat` to a fresh address, and the device does `action`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Order {
-    min_sat: u64,
-    /// Default 1, as in rules.
-    confirmations: Option<u32>,
-    action: Action,
-    revert: Option<Action>,
-    ttl_secs: Option<u64>,
-}
-
-impl Order {
-    fn rule(&self, id: String, device: &str, address: String) -> Rule {
-        Rule {
-            id,
-            device: device.into(),
-            trigger: Trigger::Payment { address, min_sat: self.min_sat, confirmations: self.confirmations.unwrap_or(1) },
-            action: self.action.clone(),
-            revert: self.revert.clone(),
-            ttl_secs: self.ttl_secs,
-        }
-    }
-}
-
 /// The gateway wallet's receive descriptor (admin: it names every address orders are paid to).
 async fn wallet(State(s): State<Arc<Shared>>, _: Admin) -> Result<Json<serde_json::Value>, ApiError> {
     let descriptor = call(&s.wallet_jobs, "the gateway wallet", |w| w.receive_descriptor()).await?;
@@ -653,7 +629,7 @@ async fn order(
     if v.get("rule").is_some() {
         return lightning_order(s, device, serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?).await;
     }
-    let o: Order = serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?;
+    let o: OrderRequest = serde_json::from_value(v).map_err(|e| bad(format!("invalid request: {e}")))?;
     api_may_add(&s, [Some(&o.action), o.revert.as_ref()])?;
     // Check everything but the address before taking one from the wallet.
     let placeholder = Address::p2wsh(&ScriptBuf::new(), s.network).to_string();
@@ -670,7 +646,10 @@ async fn order(
     let confirmations = rule.trigger.confirmations();
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "order_id": rule.id, "device": rule.device, "address": address, "amount": min_sat, "confirmations": confirmations })),
+        Json(
+            serde_json::to_value(PaymentOrder { order_id: rule.id, device: rule.device, address, amount: min_sat, confirmations })
+                .map_err(internal)?,
+        ),
     ))
 }
 

@@ -27,7 +27,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bitmote_chain::bitcoin::Network;
-use bitmote_chain::regtest::op_true_address;
 use bitmote_chain::wallet::GatewayWallet;
 use bitmote_chain::ChainClient;
 use bitmote_notary::anchor::{AnchorConfig, AnchorError, AnchorEvent, AnchorInfo, Anchorer, LogHead};
@@ -72,8 +71,10 @@ pub struct GatewayConfig {
     pub anchor: AnchorConfig,
     /// How often the anchoring loop looks at the chain and the log.
     pub anchor_poll: Duration,
-    /// On regtest, mine coins to the gateway wallet when it cannot pay for an anchor.
-    pub regtest_autofund: bool,
+    /// Where coins come from when the gateway's wallets are empty on a test chain (the
+    /// anchoring wallet, and its Lightning node's on-chain reserve): supplied by the caller
+    /// (`bitmote_regtest::RegtestFaucet` on regtest); `None` = the operator funds them.
+    pub faucet: Option<std::sync::Arc<dyn bitmote_chain::Faucet>>,
     /// Origin line of signed checkpoints.
     pub log_origin: String,
     /// When unacknowledged actions are delivered again.
@@ -138,7 +139,7 @@ impl GatewayConfig {
             mqtt_broker_login: None,
             anchor: AnchorConfig::default(),
             anchor_poll: Duration::from_secs(1),
-            regtest_autofund: true,
+            faucet: None,
             log_origin: "bitmote.local/log".into(),
             actuator_retry: actuator::Retry::default(),
             pay_status_urls: vec![],
@@ -452,8 +453,7 @@ impl Gateway {
         }
         threads.push(actuator::start(shared.clone(), &cfg.data_dir, client.fresh()?, rules, cfg.actuator_retry, actuator_rx)?);
         if shared.lightning.is_some() {
-            let fund = cfg.lightning.as_ref().is_some_and(|l| l.regtest_fund);
-            threads.push(lightning::start_events(shared.clone(), fund)?);
+            threads.push(lightning::start_events(shared.clone(), cfg.faucet.clone())?);
         }
         let disk_thread = shared.disk.start().map_err(|e| GatewayError::Io { context: "spawning the disk guard".into(), source: e })?;
         tracing::info!(%http_addr, ?mqtt_addr, "gateway up");
@@ -623,10 +623,12 @@ fn anchor_loop(shared: Arc<Shared>, cfg: GatewayConfig, client: ChainClient, wal
             }
             Err(AnchorError::Unfunded { balance, address }) => {
                 let msg = format!("wallet unfunded ({balance} sat); fund {address}");
-                if shared.network == Network::Regtest && cfg.regtest_autofund {
-                    tracing::info!("regtest: mining coins to the gateway wallet for anchoring");
+                if let Some(faucet) = &cfg.faucet {
+                    tracing::info!("asking the faucet for coins to the gateway wallet for anchoring");
                     if let Ok(addr) = a.wallet().new_address() {
-                        let _ = client.mine(1, &addr).and_then(|_| client.mine(100, &op_true_address()));
+                        if let Err(e) = faucet.fund(&addr, 1) {
+                            tracing::warn!("the faucet: {e}");
+                        }
                     }
                 } else {
                     tracing::warn!("{msg}");

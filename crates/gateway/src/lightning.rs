@@ -36,19 +36,11 @@ pub struct LightningConfig {
     /// Announce the node's address (so channels opened to it as announced enter the
     /// public graph, for routing through it).
     pub announce: bool,
-    /// On regtest, mine coins to the node's wallet when it has none: ldk-node accepts an
-    /// inbound (anchor) channel only with an on-chain reserve for fee bumping.
-    pub regtest_fund: bool,
 }
 
 impl Default for LightningConfig {
     fn default() -> Self {
-        LightningConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9735)),
-            alias: "bitmote-gateway".into(),
-            announce: true,
-            regtest_fund: true,
-        }
+        LightningConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9735)), alias: "bitmote-gateway".into(), announce: true }
     }
 }
 
@@ -117,15 +109,18 @@ pub fn hash_hex(h: &[u8; 32]) -> String {
 }
 
 /// Handle the node's events until the gateway stops.
-pub fn start_events(shared: Arc<Shared>, regtest_fund: bool) -> Result<JoinHandle<()>, GatewayError> {
+///
+/// With a faucet, an empty on-chain wallet is funded first: ldk-node accepts an inbound
+/// (anchor) channel only with an on-chain reserve for fee bumping.
+pub fn start_events(shared: Arc<Shared>, faucet: Option<Arc<dyn bitmote_chain::Faucet>>) -> Result<JoinHandle<()>, GatewayError> {
     std::thread::Builder::new()
         .name("lightning".into())
         .spawn(move || {
-            if regtest_fund && shared.network == bitmote_chain::bitcoin::Network::Regtest {
+            if let Some(faucet) = &faucet {
                 if let Some(node) = &shared.lightning {
                     if node.list_balances().total_onchain_balance_sats == 0 {
-                        tracing::info!("regtest: mining coins to the gateway's Lightning wallet (reserve for inbound channels)");
-                        if let Err(e) = bitmote_pay::node::fund_on_regtest(&shared.client, node, 1) {
+                        tracing::info!("asking the faucet for coins to the gateway's Lightning wallet (reserve for inbound channels)");
+                        if let Err(e) = bitmote_pay::node::fund(faucet.as_ref(), node, 1) {
                             tracing::warn!("funding the Lightning wallet: {e}");
                         }
                     }

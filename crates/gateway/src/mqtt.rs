@@ -269,17 +269,7 @@ fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &s
     });
 }
 
-/// An MQTT client whose TCP connection sends at once (`TCP_NODELAY`). With Nagle's
-/// algorithm on, a device that answers a command with PUBACK then its own PUBLISH
-/// waits ~40 ms for the broker's delayed ACK before the second packet leaves; every
-/// bitmote client (gateway bridge, devices, benches) goes through here.
-pub fn client(opts: rumqttc::MqttOptions, cap: usize) -> (rumqttc::Client, rumqttc::Connection) {
-    let (client, mut conn) = rumqttc::Client::new(opts, cap);
-    let mut net = conn.eventloop.network_options();
-    net.set_tcp_nodelay(true);
-    conn.eventloop.set_network_options(net);
-    (client, conn)
-}
+pub use bitmote_proto::client::mqtt_client as client;
 
 /// Make the sockets the embedded broker accepts on `addr` send at once.
 ///

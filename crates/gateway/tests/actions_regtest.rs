@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_gateway::actuator::Retry;
 use bitmote_gateway::{Gateway, GatewayConfig};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value as Json};
 
@@ -34,6 +34,8 @@ fn gateway(dir: &Path, node: &RegtestNode) -> (Gateway, String, String) {
     cfg.actuator_retry = Retry { first: Duration::from_millis(100), max: Duration::from_millis(400) };
     // The one program rules added over the API may run (see the rules test).
     cfg.api_actions.exec_programs = vec![dir.join("ok.sh")];
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();

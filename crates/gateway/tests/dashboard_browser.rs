@@ -14,8 +14,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bitmote_chain::now_ms;
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedReading, SigningKey, Value};
 use bitmote_gateway::{Gateway, GatewayConfig};
@@ -23,6 +21,8 @@ use bitmote_notary::anchor::AnchorConfig;
 use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use serde_json::{json, Value as Json};
 
 /// A stand-in for a Lightning meter and its provider (`/meter`, `/provider`): real HTTP,
@@ -73,6 +73,8 @@ fn the_dashboard_shows_live_numbers_and_verifies_a_proof_in_chromium() {
     let pay = pay_stand_in();
     let closed = format!("http://{}", TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
     cfg.pay_status_urls = vec![format!("{pay}/meter"), format!("{pay}/provider"), closed.clone()];
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let key = SigningKey::schnorr_from_secret(&[41; 32]).unwrap();

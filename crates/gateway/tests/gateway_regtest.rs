@@ -6,8 +6,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bitmote_chain::now_ms;
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedBatch, SignedReading, SigningKey, Value};
 use bitmote_gateway::{Gateway, GatewayConfig};
@@ -15,6 +13,8 @@ use bitmote_notary::anchor::AnchorConfig;
 use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::ProofBundle;
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use serde_json::{json, Value as Json};
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
@@ -87,6 +87,8 @@ fn devices_submit_over_http_and_mqtt_and_get_proofs_that_verify() {
     cfg.mqtt_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     cfg.anchor_poll = Duration::from_millis(100);
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
@@ -230,6 +232,8 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
     cfg.mqtt_broker = Some(format!("mqtt://{addr}"));
     cfg.mqtt_broker_login =
         Some(bitmote_gateway::mqtt_front::BrokerLogin { username: "bitmote-gateway".into(), password: "gw-pass".into() });
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     assert!(gw.mqtt_addr.is_none(), "no embedded broker");
     let k = SigningKey::schnorr_from_secret(&[31; 32]).unwrap();
@@ -280,6 +284,8 @@ fn ingest_goes_on_while_the_node_is_down_and_anchoring_resumes_when_it_is_back()
     cfg.mqtt_listen = None;
     cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     cfg.anchor_poll = Duration::from_millis(100);
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let url = format!("{base}/v1/readings");
@@ -361,6 +367,8 @@ fn the_gateway_never_anchors_a_forked_root_and_raises_one_alert() {
     cfg.mqtt_listen = None;
     cfg.anchor = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     cfg.anchor_poll = Duration::from_millis(100);
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(node.client()).unwrap());
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let url = format!("{base}/v1/readings");

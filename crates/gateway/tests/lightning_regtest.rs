@@ -18,14 +18,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_gateway::actuator::Retry;
 use bitmote_gateway::lightning::LightningConfig;
 use bitmote_gateway::{Gateway, GatewayConfig};
 use bitmote_pay::ldk_node::lightning_invoice::Bolt11Invoice;
 use bitmote_pay::ldk_node::payment::PaymentStatus;
 use bitmote_pay::node::{self, NodeConfig};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use serde_json::{json, Value as Json};
 
 fn free_addr() -> SocketAddr {
@@ -41,6 +41,8 @@ fn gateway(dir: &Path, chain: &RegtestNode, mqtt: SocketAddr, ln: SocketAddr) ->
     cfg.anchor_poll = Duration::from_millis(100);
     cfg.actuator_retry = Retry { first: Duration::from_millis(100), max: Duration::from_millis(400) };
     cfg.lightning = Some(LightningConfig { listen: ln, ..LightningConfig::default() });
+    // Coins for the gateway's wallets come from mining (libraries never mine themselves).
+    cfg.faucet = Some(bitmote_regtest::RegtestFaucet::shared(chain.client()).unwrap());
     let gw = Gateway::start(cfg, chain.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);
     let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
@@ -157,8 +159,8 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         announce_as: None,
     })
     .unwrap();
-    node::fund_on_regtest(chain.client(), &payer, 2).unwrap();
-    node::open_channel(chain.client(), &payer, gw_id, ln.into(), 200_000, None, false).unwrap();
+    node::fund(&chain.faucet().unwrap(), &payer, 2).unwrap();
+    node::open_channel(Some(&chain.faucet().unwrap()), &payer, gw_id, ln.into(), 200_000, None, false).unwrap();
     wait("the gateway sees the channel usable", 120, || status(&base)["channels"].as_array().unwrap().iter().any(|c| c["usable"] == true));
 
     // The gateway's node is a hub: a shop with an announced channel to it (opened by the
@@ -174,9 +176,9 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         announce_as: None,
     })
     .unwrap();
-    node::fund_on_regtest(chain.client(), &shop, 1).unwrap();
-    node::open_channel(chain.client(), &shop, gw_id, ln.into(), 200_000, Some(100_000_000), true).unwrap();
-    node::wait_usable(chain.client(), &payer, gw_id).unwrap();
+    node::fund(&chain.faucet().unwrap(), &shop, 1).unwrap();
+    node::open_channel(Some(&chain.faucet().unwrap()), &shop, gw_id, ln.into(), 200_000, Some(100_000_000), true).unwrap();
+    node::wait_usable(Some(&chain.faucet().unwrap()), &payer, gw_id).unwrap();
     let desc = bitmote_pay::ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(
         bitmote_pay::ldk_node::lightning_invoice::Description::new("tea".into()).unwrap(),
     );

@@ -13,11 +13,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bitmote_chain::now_ms;
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedReading, SigningKey, Value};
 use bitmote_gateway::{Gateway, GatewayConfig};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use rumqttc::{ConnectReturnCode, QoS};
 use serde_json::{json, Value as Json};
 
@@ -31,7 +31,6 @@ fn gateway_with(dir: &Path, tune: impl FnOnce(&mut GatewayConfig)) -> (RegtestNo
     let mut cfg = GatewayConfig::new(dir);
     cfg.http_listen = SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.mqtt_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    cfg.regtest_autofund = false;
     tune(&mut cfg);
     let gw = Gateway::start(cfg, node.client().fresh().unwrap()).unwrap();
     let base = format!("http://{}", gw.http_addr);

@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use bitmote_chain::bitcoin::{Address, Amount, Network, ScriptBuf, TxOut, Txid};
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{coinbase_at, spend_op_true, RegtestNode, RegtestOptions};
 use bitmote_light::{LightClient, LightError, PaymentClaim, Peers};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{coinbase_at, spend_op_true, RegtestNode, RegtestOptions};
 
 #[test]
 fn a_real_payment_checks_out_and_false_claims_are_refused() {

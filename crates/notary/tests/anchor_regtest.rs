@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{op_true_address, RegtestNode, RegtestOptions};
 use bitmote_chain::wallet::Reconciled;
 use bitmote_chain::ChainClient;
 use bitmote_notary::anchor::{find_anchor, AnchorConfig, AnchorEvent, AnchorState, Anchorer, LogHead};
 use bitmote_notary::checkpoint::CheckpointSigner;
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{op_true_address, RegtestNode, RegtestOptions};
 use serde_json::json;
 
 fn node() -> RegtestNode {
@@ -196,7 +196,6 @@ fn an_anchor_re_mined_at_the_same_height_names_the_new_block() {
 #[test]
 fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_mempool() {
     use bitmote_chain::bitcoin::{Amount, TxOut};
-    use bitmote_chain::regtest::{coinbase_at, spend_op_true};
     use bitmote_device::reading::{sensor, unit};
     use bitmote_device::{Reading, SignedReading, SigningKey, Value};
     use bitmote_notary::ingest::{IngestConfig, Ingestor, Receipt, Submission};
@@ -204,6 +203,7 @@ fn anchoring_resumes_after_a_reorg_drops_chained_anchors_and_the_node_loses_its_
     use bitmote_notary::proof::assemble;
     use bitmote_notary::registry::open_db;
     use bitmote_notary::verify::{verify_bundle, Policy};
+    use bitmote_regtest::{coinbase_at, spend_op_true};
 
     let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
     let dir = tempfile::tempdir().unwrap();

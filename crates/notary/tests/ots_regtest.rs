@@ -7,14 +7,14 @@
 
 use bitmote_chain::bitcoin::script::PushBytesBuf;
 use bitmote_chain::bitcoin::{Amount, ScriptBuf, TxOut, Txid};
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{coinbase_at, op_true_address, spend_op_true, RegtestNode, RegtestOptions};
 use bitmote_device::merkle::{self, Hash};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Evidence, Reading, SignedBatch, SignedReading, SigningKey, Value};
 use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::{anchor_payload, AnchorEvidence, AnchorJson, ProofBundle};
 use bitmote_notary::verify::{verify_bundle, verify_ots, Policy, Step};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{coinbase_at, op_true_address, spend_op_true, RegtestNode, RegtestOptions};
 
 mod common;
 use common::{ots_command, ots_verify};

@@ -7,8 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use bitmote_chain::now_ms;
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedBatch, SignedReading, SigningKey, Value};
 use bitmote_notary::anchor::{AnchorConfig, AnchorEvent, Anchorer, LogHead};
@@ -19,6 +17,8 @@ use bitmote_notary::ots::DetachedTimestampFile;
 use bitmote_notary::proof::{assemble, AnchorJson};
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, verify_ots, HeadersFile, Policy, Step};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 
 mod common;
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitcoin::secp256k1::PublicKey;
-use bitmote_chain::regtest::op_true_address;
-use bitmote_chain::{ChainClient, RpcAuth, RpcConfig};
+use bitmote_chain::Faucet;
+use bitmote_chain::{RpcAuth, RpcConfig};
 use ldk_node::config::Config;
 use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::logger::LogLevel;
@@ -111,7 +111,7 @@ pub fn channels_with(node: &Node, peer: &PublicKey) -> Vec<ChannelDetails> {
 }
 
 /// Wait until `ok(node)` holds, syncing wallets in between; `mine` is called once per
-/// second so that regtest chains advance (pass a no-op on real networks).
+/// second so that test chains advance (a no-op on real networks: see [`advancing`]).
 pub fn wait_until(node: &Node, what: &str, timeout: Duration, mut mine: impl FnMut(), ok: impl Fn(&Node) -> bool) -> Result<(), PayError> {
     let start = Instant::now();
     let mut last_mine = Instant::now();
@@ -136,20 +136,18 @@ pub fn node_dir(data: &Path) -> PathBuf {
     data.join("ldk")
 }
 
-/// Regtest only: mine `blocks` coinbases to the node's wallet, mature them, and wait
-/// until the wallet sees them.
-pub fn fund_on_regtest(client: &ChainClient, node: &Node, blocks: u32) -> Result<(), PayError> {
-    let err = |e: bitmote_chain::ChainError| PayError::Node(format!("mining: {e}"));
+/// Ask `faucet` for coins to the node's wallet (on regtest: `coinbases` coinbases,
+/// matured), and wait until the wallet sees them.
+pub fn fund(faucet: &dyn Faucet, node: &Node, coinbases: u32) -> Result<(), PayError> {
     let addr = node.onchain_payment().new_address().map_err(|e| PayError::Node(e.to_string()))?;
-    client.mine(blocks, &addr).map_err(err)?;
-    client.mine(100, &op_true_address()).map_err(err)?;
+    faucet.fund(&addr, coinbases).map_err(|e| PayError::Node(format!("the faucet: {e}")))?;
     wait_until(node, "funds", Duration::from_secs(120), || {}, |n| n.list_balances().spendable_onchain_balance_sats > 0)
 }
 
 /// Open a channel to `peer` (pushing `push_msat` to it) and wait until it is usable,
-/// mining a block a second on regtest.
+/// with the faucet (if any) moving the chain on a block a second.
 pub fn open_channel(
-    client: &ChainClient,
+    faucet: Option<&dyn Faucet>,
     node: &Node,
     peer: PublicKey,
     addr: SocketAddress,
@@ -166,7 +164,7 @@ pub fn open_channel(
     // Until it is usable, or gone: an open the peer dropped (it restarted during the
     // negotiation) leaves no channel, and waiting for it would wait the full 10 minutes
     // (found by `bitmote drill`: the hub's reopen to a provider killed mid-open).
-    if !wait_usable_or_gone(client, node, peer)? {
+    if !wait_usable_or_gone(faucet, node, peer)? {
         return Err(PayError::Node(format!("the channel to {peer} did not open (the peer dropped it, or went away during the open)")));
     }
     Ok(())
@@ -177,9 +175,9 @@ pub fn open_channel(
 pub const CHANNEL_RESERVE_SAT: u64 = 50_000;
 
 /// Open a `sat` channel to `peer` (announced or not) and wait until it is usable. If the
-/// node's wallet holds too little, mine to it on regtest; elsewhere say where to send funds.
+/// node's wallet holds too little, fund it from the faucet; without one, say where to send funds.
 pub fn open_funded_channel(
-    client: &ChainClient,
+    faucet: Option<&dyn Faucet>,
     node: &Node,
     peer: PublicKey,
     addr: SocketAddress,
@@ -189,29 +187,28 @@ pub fn open_funded_channel(
     let _ = node.sync_wallets();
     let need = sat + CHANNEL_RESERVE_SAT;
     if node.list_balances().spendable_onchain_balance_sats < need {
-        if client.network() != bitcoin::Network::Regtest {
+        let Some(f) = faucet else {
             let to = node.onchain_payment().new_address().map_err(|e| PayError::Node(e.to_string()))?;
             return Err(PayError::Node(format!("the wallet needs {need} sat to open a {sat} sat channel: send them to {to}")));
-        }
-        fund_on_regtest(client, node, 1)?;
+        };
+        fund(f, node, 1)?;
     }
-    open_channel(client, node, peer, addr, sat, None, announced)
+    open_channel(faucet, node, peer, addr, sat, None, announced)
 }
 
-/// Called once a second while waiting on regtest: mine a block, so that what waits for
-/// confirmations gets them. A no-op elsewhere.
-fn mine_on_regtest(client: &ChainClient) -> impl FnMut() + '_ {
-    let regtest = client.network() == bitcoin::Network::Regtest;
+/// Called once a second while waiting: the faucet moves the chain on a block, so that what
+/// waits for confirmations gets them. Without a faucet (a real network), nothing.
+pub fn advancing(faucet: Option<&dyn Faucet>) -> impl FnMut() + '_ {
     move || {
-        if regtest {
-            let _ = client.mine(1, &op_true_address());
+        if let Some(f) = faucet {
+            let _ = f.advance();
         }
     }
 }
 
-/// Wait until a channel with `peer` is usable, mining a block a second on regtest.
-pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<(), PayError> {
-    wait_until(node, "a usable channel", Duration::from_secs(600), mine_on_regtest(client), |n| {
+/// Wait until a channel with `peer` is usable, the faucet (if any) moving the chain on a block a second.
+pub fn wait_usable(faucet: Option<&dyn Faucet>, node: &Node, peer: PublicKey) -> Result<(), PayError> {
+    wait_until(node, "a usable channel", Duration::from_secs(600), advancing(faucet), |n| {
         channels_with(n, &peer).iter().any(|c| c.is_usable)
     })
 }
@@ -220,8 +217,8 @@ pub fn wait_usable(client: &ChainClient, node: &Node, peer: PublicKey) -> Result
 /// LDK force-closes, just after a restart, a channel whose latest state it lost (a
 /// `kill -9` between its ChannelMonitor and ChannelManager writes, on either side), and a
 /// caller waiting for that channel would wait forever.
-pub fn wait_usable_or_gone(client: &ChainClient, node: &Node, peer: PublicKey) -> Result<bool, PayError> {
-    wait_until(node, "a usable channel", Duration::from_secs(600), mine_on_regtest(client), |n| {
+pub fn wait_usable_or_gone(faucet: Option<&dyn Faucet>, node: &Node, peer: PublicKey) -> Result<bool, PayError> {
+    wait_until(node, "a usable channel", Duration::from_secs(600), advancing(faucet), |n| {
         let c = channels_with(n, &peer);
         c.is_empty() || c.iter().any(|c| c.is_usable)
     })?;
@@ -230,11 +227,11 @@ pub fn wait_usable_or_gone(client: &ChainClient, node: &Node, peer: PublicKey) -
 
 /// Wait until `node`'s graph (from gossip) holds an announced channel from `hub` to
 /// `provider` whose hub side is enabled, so keysends to `provider` can be routed through
-/// `hub`; mining a block a second on regtest (the announcement needs 6 confirmations).
-pub fn wait_for_route(client: &ChainClient, node: &Node, hub: PublicKey, provider: PublicKey) -> Result<(), PayError> {
+/// `hub`; the faucet (if any) moving the chain on a block a second (the announcement needs 6 confirmations).
+pub fn wait_for_route(faucet: Option<&dyn Faucet>, node: &Node, hub: PublicKey, provider: PublicKey) -> Result<(), PayError> {
     use ldk_node::lightning::routing::gossip::NodeId;
     let (hub, provider) = (NodeId::from_pubkey(&hub), NodeId::from_pubkey(&provider));
-    wait_until(node, "a route to the provider through the hub", Duration::from_secs(600), mine_on_regtest(client), |n| {
+    wait_until(node, "a route to the provider through the hub", Duration::from_secs(600), advancing(faucet), |n| {
         let g = n.network_graph();
         g.list_channels().into_iter().filter_map(|scid| g.channel(scid)).any(|c| {
             let hub_side = match (c.node_one, c.node_two) {

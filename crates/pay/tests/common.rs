@@ -5,13 +5,13 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
 
-use bitmote_chain::provision::{ensure_bitcoind, InstallOptions, LogProgress};
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_pay::ldk_node::Node;
 use bitmote_pay::meter::Meter;
 use bitmote_pay::node::{self, NodeConfig};
 use bitmote_pay::provider::Provider;
 use bitmote_pay::tariff::{Mode, Tariff};
+use bitmote_regtest::provision::{ensure_bitcoind, InstallOptions, LogProgress};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -39,15 +39,15 @@ pub fn machine(chain: &RegtestNode, dir: &Path, alias: &str, announce: bool) -> 
 
 /// Mine coinbases to the node's wallet and wait until it sees them.
 pub fn fund(chain: &RegtestNode, n: &Node, blocks: u32) {
-    node::fund_on_regtest(chain.client(), n, blocks).unwrap();
+    node::fund(&chain.faucet().unwrap(), n, blocks).unwrap();
 }
 
 /// Open a channel from `a` to `b` (pushing `push_msat` to `b`, so it is above its
 /// reserve and can send) and wait until both can use it.
 pub fn channel(chain: &RegtestNode, a: &Node, b: &Node, sat: u64, push_msat: Option<u64>, announced: bool) {
     let addr = b.listening_addresses().unwrap()[0].clone();
-    node::open_channel(chain.client(), a, b.node_id(), addr, sat, push_msat, announced).unwrap();
-    node::wait_usable(chain.client(), b, a.node_id()).unwrap();
+    node::open_channel(Some(&chain.faucet().unwrap()), a, b.node_id(), addr, sat, push_msat, announced).unwrap();
+    node::wait_usable(Some(&chain.faucet().unwrap()), b, a.node_id()).unwrap();
 }
 
 pub fn tariff(mode: Mode) -> Tariff {

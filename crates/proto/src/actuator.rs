@@ -7,16 +7,20 @@ use serde::{Deserialize, Serialize};
 use crate::Version;
 
 /// An action for a device, as delivered (MQTT, webhook, program). The event id is the same
-/// on every attempt, so receivers execute each id once.
+/// on every attempt, so receivers execute each id once. Only the event id is required to
+/// decode: the gateway always sends every field, and a device judges what it gets.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Command {
     #[serde(default, skip_serializing_if = "Version::is_current")]
     pub v: Version,
     pub event_id: String,
     /// The rule that made it due.
+    #[serde(default)]
     pub rule: String,
+    #[serde(default)]
     pub device: String,
     /// The command word (`unlock`, `lock`, `on`, `off`, `open`, `close`, or the rule's own).
+    #[serde(default)]
     pub command: String,
     /// The rule's arguments, as written in the rule (free-form JSON).
     #[serde(default)]
@@ -25,6 +29,7 @@ pub struct Command {
     #[serde(default)]
     pub txid: Option<String>,
     /// Height at which it became due.
+    #[serde(default)]
     pub height: u32,
     /// Blocks the trigger was buried under when it became due (none for heights).
     #[serde(default)]
@@ -36,7 +41,8 @@ pub struct Command {
     #[serde(default)]
     pub lightning: Option<LightningPayment>,
     /// When it became due (ms since the Unix epoch).
-    pub due_ms: u64,
+    #[serde(default)]
+    pub due_ms: Option<u64>,
     /// How long after `due_ms` it may still be executed.
     #[serde(default)]
     pub ttl_ms: Option<u64>,
@@ -46,9 +52,10 @@ pub struct Command {
 }
 
 impl Command {
-    /// Whether it arrived after its time-to-live (`now_ms` past `due_ms + ttl_ms`).
+    /// Whether it arrived after its time-to-live (`now_ms` past `due_ms + ttl_ms`; never
+    /// when either is missing).
     pub fn is_late(&self, now_ms: u64) -> bool {
-        self.ttl_ms.is_some_and(|ttl| now_ms > self.due_ms.saturating_add(ttl))
+        matches!((self.due_ms, self.ttl_ms), (Some(due), Some(ttl)) if now_ms > due.saturating_add(ttl))
     }
 }
 
@@ -192,13 +199,18 @@ mod tests {
             confirmations: Some(1),
             payment: Some(Payment { txid: "ab".into(), vout: 0, address: "bcrt1q".into(), amount_sat: 1000, height: 7 }),
             lightning: None,
-            due_ms: 1_000,
+            due_ms: Some(1_000),
             ttl_ms: Some(500),
             reverts: None,
         };
         assert_eq!(decode::<Command>(&encode(&c)).unwrap(), c);
         assert!(!c.is_late(1_500) && c.is_late(1_501));
-        assert!(!Command { ttl_ms: None, ..c }.is_late(u64::MAX));
+        assert!(!Command { ttl_ms: None, ..c.clone() }.is_late(u64::MAX));
+        assert!(!Command { due_ms: None, ..c }.is_late(u64::MAX));
+        // Only the event id is required: a device decodes (and then judges) whatever a
+        // gateway, or someone posing as one, sends it.
+        let bare: Command = decode(br#"{"event_id":"x","command":"unlock"}"#).unwrap();
+        assert_eq!((bare.event_id.as_str(), bare.command.as_str(), bare.payment), ("x", "unlock", None));
     }
 
     #[test]

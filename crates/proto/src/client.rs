@@ -164,3 +164,15 @@ impl Gateway {
         self.get("/v1/log")
     }
 }
+
+/// An MQTT client whose TCP connection sends at once (`TCP_NODELAY`). With Nagle's
+/// algorithm on, a device that answers a command with PUBACK then its own PUBLISH
+/// waits ~40 ms for the broker's delayed ACK before the second packet leaves; every
+/// bitmote client (gateway bridge, devices, benches) goes through here.
+pub fn mqtt_client(opts: rumqttc::MqttOptions, cap: usize) -> (rumqttc::Client, rumqttc::Connection) {
+    let (client, mut conn) = rumqttc::Client::new(opts, cap);
+    let mut net = conn.eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    conn.eventloop.set_network_options(net);
+    (client, conn)
+}

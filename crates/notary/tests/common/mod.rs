@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use bitmote_chain::regtest::RegtestNode;
+use bitmote_regtest::RegtestNode;
 
 /// The OpenTimestamps client (PyPI `opentimestamps-client`), installed with pip on first
 /// use, like bitcoind the test suite provisions what it needs; a test fails if it cannot.

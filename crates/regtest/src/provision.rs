@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::error::{ChainError, Result};
+use bitmote_chain::{ChainError, Result};
 
 /// The crate whose bundled Bitcoin Core source we build.
 pub const KERNEL_SYS_CRATE: &str = "libbitcoinkernel-sys";

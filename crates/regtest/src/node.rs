@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bitcoin::absolute::LockTime;
-use bitcoin::transaction::Version;
-use bitcoin::{Address, Amount, BlockHash, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+use bitmote_chain::bitcoin::absolute::LockTime;
+use bitmote_chain::bitcoin::transaction::Version;
+use bitmote_chain::bitcoin::{Address, Amount, BlockHash, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ChainError, Result};
-use crate::rpc::{ChainClient, RpcAuth, RpcConfig};
+use bitmote_chain::{ChainClient, RpcAuth, RpcConfig};
+use bitmote_chain::{ChainError, Result};
 
 /// How to start a regtest node.
 #[derive(Clone, Debug)]
@@ -250,7 +250,7 @@ impl RegtestNode {
         let record = NodeRecord { rpc_port, p2p_port, exe: opts.exe.clone() };
         if opts.data_dir.is_some() {
             let body = serde_json::to_vec_pretty(&record).expect("record serializes");
-            crate::stream::write_atomic(&data_dir.join(RECORD), &body)?;
+            bitmote_chain::stream::write_atomic(&data_dir.join(RECORD), &body)?;
         }
         let regtest_dir = data_dir.join("regtest");
         // Credentials that survive node restarts: bitcoind writes a new random cookie each
@@ -260,7 +260,7 @@ impl RegtestNode {
         // bitcoind's own cookie goes to `.cookie.core`.
         let (rpcauth, cookie_line) = stable_credentials(&data_dir)?;
         fs::create_dir_all(&regtest_dir).map_err(|e| ChainError::io(format!("creating {}", regtest_dir.display()), e))?;
-        crate::wallet::write_secret(&regtest_dir.join(".cookie"), cookie_line.as_bytes())?;
+        bitmote_chain::wallet::write_secret(&regtest_dir.join(".cookie"), cookie_line.as_bytes())?;
         let mut cmd = Command::new(&opts.exe);
         cmd.arg("-regtest")
             .arg(format!("-datadir={}", data_dir.display()))
@@ -507,17 +507,17 @@ impl Drop for RegtestNode {
 /// The node's lasting RPC login: `(rpcauth argument, cookie-file line)`. The password is
 /// made once and kept (mode 0600) in `<data_dir>/bitmote-rpc.secret`.
 fn stable_credentials(data_dir: &Path) -> Result<(String, String)> {
-    use bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
+    use bitmote_chain::bitcoin::hashes::{hmac, sha256, Hash, HashEngine};
     const USER: &str = "bitmote";
     let path = data_dir.join("bitmote-rpc.secret");
     let password = match fs::read_to_string(&path) {
         Ok(p) if p.trim().len() >= 32 => p.trim().to_string(),
         _ => {
-            use bdk_wallet::bitcoin::secp256k1::rand::{thread_rng, RngCore};
+            use bitmote_chain::bitcoin::secp256k1::rand::{thread_rng, RngCore};
             let mut b = [0u8; 32];
             thread_rng().fill_bytes(&mut b);
             let p: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            crate::wallet::write_secret(&path, p.as_bytes())?;
+            bitmote_chain::wallet::write_secret(&path, p.as_bytes())?;
             p
         }
     };

@@ -12,14 +12,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bitmote_chain::provision::InstallOptions;
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedReading, SigningKey, Value};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use rumqttc::{Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value as Json};
 
-use crate::bench::summary;
+use crate::{summary, Env};
 
 /// A connected synchronous client (its event loop is driven by the caller).
 fn connect(addr: SocketAddr, id: &str, login: Option<(&str, &str)>) -> Result<(rumqttc::Client, rumqttc::Connection)> {
@@ -29,7 +28,7 @@ fn connect(addr: SocketAddr, id: &str, login: Option<(&str, &str)>) -> Result<(r
     if let Some((u, p)) = login {
         opts.set_credentials(u, p);
     }
-    let (client, mut conn) = bitmote_gateway::mqtt::client(opts, 200);
+    let (client, mut conn) = bitmote_proto::client::mqtt_client(opts, 200);
     for ev in conn.iter() {
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok((client, conn)),
@@ -130,17 +129,15 @@ fn receipts(
     Ok((lat, puback))
 }
 
-pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
+pub fn run(env: &Env, messages: usize, readings: usize, json_out: bool) -> Result<()> {
     if messages == 0 || readings == 0 {
         bail!("--messages and --readings must be at least 1");
     }
     let dir = tempfile::Builder::new().prefix("bitmote-bench-").tempdir()?;
-    let exe = crate::node::install(&InstallOptions::default())?;
-    let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind)).context("starting a private regtest node")?;
+    let node = RegtestNode::start(RegtestOptions::new(env.bitcoind.clone())).context("starting a private regtest node")?;
     let mut cfg = bitmote_gateway::GatewayConfig::new(dir.path().join("gateway"));
     cfg.http_listen = "127.0.0.1:0".parse()?;
     cfg.mqtt_listen = Some("127.0.0.1:0".parse()?);
-    cfg.regtest_autofund = false;
     let gw = bitmote_gateway::Gateway::start(cfg, node.client().fresh()?)?;
     let front = gw.mqtt_addr.context("the gateway has no MQTT broker")?;
 
@@ -190,7 +187,11 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
     for _ in 0..readings {
         let payload = next()?;
         let t = Instant::now();
-        agent.post(&url).set("Content-Type", "application/octet-stream").send_bytes(&payload).map_err(crate::device::api_err)?;
+        agent
+            .post(&url)
+            .set("Content-Type", "application/octet-stream")
+            .send_bytes(&payload)
+            .map_err(|e| anyhow::anyhow!("{}", bitmote_proto::client::ClientError::from(e)))?;
         http_lat.push(t.elapsed());
     }
     gw.shutdown();
@@ -199,7 +200,6 @@ pub fn run(messages: usize, readings: usize, json_out: bool) -> Result<()> {
     cfg.http_listen = "127.0.0.1:0".parse()?;
     cfg.mqtt_listen = None;
     cfg.mqtt_broker = Some(format!("mqtt://{bare}"));
-    cfg.regtest_autofund = false;
     let gw2 = bitmote_gateway::Gateway::start(cfg, node.client().fresh()?)?;
     gw2.shared().ingest.enroll(&key.public_key(), Some("bench-1"))?;
     std::thread::sleep(Duration::from_secs(1)); // its subscriptions

@@ -22,12 +22,11 @@ use bitmote_actuator::{Action, Engine, Rule, RuleSet, Trigger};
 use bitmote_chain::bitcoin::block::{Header, Version};
 use bitmote_chain::bitcoin::hashes::Hash;
 use bitmote_chain::bitcoin::{Address, Amount, Block, BlockHash, CompactTarget, Network, ScriptBuf, TxMerkleNode, TxOut};
-use bitmote_chain::provision::InstallOptions;
-use bitmote_chain::regtest::{coinbase_at, op_true_address, spend_op_true, RegtestNode, RegtestOptions};
 use bitmote_chain::{BlockEvent, BlockId};
+use bitmote_regtest::{coinbase_at, op_true_address, spend_op_true, RegtestNode, RegtestOptions};
 use serde_json::{json, Value};
 
-use crate::bench::summary;
+use crate::{summary, Env};
 
 /// A watched address of its own for every index.
 fn address(i: u32) -> Address {
@@ -36,13 +35,12 @@ fn address(i: u32) -> Address {
     Address::p2wsh(&ScriptBuf::from(script), Network::Regtest)
 }
 
-pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
+pub fn run(env: &Env, triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     if triggers == 0 || rules == 0 {
         bail!("--triggers and --rules must be at least 1");
     }
     let dir = tempfile::Builder::new().prefix("bitmote-bench-").tempdir()?;
-    let exe = crate::node::install(&InstallOptions::default())?;
-    let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind)).context("starting a private regtest node")?;
+    let node = RegtestNode::start(RegtestOptions::new(env.bitcoind.clone())).context("starting a private regtest node")?;
     let c = node.client();
     c.mine(100 + 2 * triggers, &op_true_address())?;
     let devices = [("lock-plain", None), ("lock-light", Some(node.p2p_addr()))];
@@ -59,17 +57,16 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     let mut cfg = bitmote_gateway::GatewayConfig::new(&gw_dir);
     cfg.http_listen = "127.0.0.1:0".parse()?;
     cfg.mqtt_listen = Some("127.0.0.1:0".parse()?);
-    cfg.regtest_autofund = false;
     let gw = bitmote_gateway::Gateway::start(cfg, c.fresh()?)?;
     let mqtt = gw.mqtt_addr.context("the gateway has no MQTT broker")?;
     // Each device is enrolled under its name, its MQTT password beside its key.
     for (i, (name, _)) in devices.iter().enumerate() {
         let key = bitmote_device::SigningKey::schnorr_from_secret(&[0x40 + i as u8; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
         let path = dir.path().join(format!("{name}.key"));
-        crate::device::write_key(&path, &key)?;
+        bitmote_sim::keys::write_key(&path, &key)?;
         let d = gw.shared().ingest.enroll(&key.public_key(), Some(name))?;
         let creds = bitmote_gateway::mqtt_front::issue(gw.shared(), &*gw.shared().db()?, &d.id)?;
-        bitmote_chain::wallet::write_secret(&crate::device::mqtt_file(&path), creds.password.as_bytes())?;
+        bitmote_chain::wallet::write_secret(&bitmote_sim::keys::mqtt_file(&path), creds.password.as_bytes())?;
     }
 
     // The gateway's broker tells us each acknowledgement as it arrives (and each presence):
@@ -77,7 +74,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     let mut opts = rumqttc::MqttOptions::new("bitmote-bench", mqtt.ip().to_string(), mqtt.port());
     opts.set_credentials(bitmote_gateway::mqtt_front::ADMIN_USER, gw.shared().admin_token.clone());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (watcher, mut conn) = bitmote_gateway::mqtt::client(opts, 64);
+    let (watcher, mut conn) = bitmote_proto::client::mqtt_client(opts, 64);
     watcher.subscribe("bitmote/+/acks", rumqttc::QoS::AtMostOnce)?;
     watcher.subscribe("bitmote/+/presence", rumqttc::QoS::AtMostOnce)?;
     watcher.subscribe("bitmote/+/commands", rumqttc::QoS::AtMostOnce)?;
@@ -95,7 +92,7 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
     let mut report = json!({ "bench": "actuator", "bitcoind": c.info()?.version, "triggers": triggers });
     let mut coinbase = 1;
     for (i, (name, light)) in devices.iter().enumerate() {
-        let mut child = device(dir.path(), name, &mqtt.to_string(), *light)?;
+        let mut child = device(env, dir.path(), name, &mqtt.to_string(), *light)?;
         let r = (|| -> Result<Value> {
             wait_for(&rx, &format!("bitmote/{name}/presence"), Duration::from_secs(180), |p| p == b"online")?;
             let mut lat = Vec::with_capacity(triggers as usize);
@@ -157,9 +154,9 @@ pub fn run(triggers: u32, rules: u32, json_out: bool) -> Result<()> {
 }
 
 /// The device program as a child process, its output in `<dir>/<name>.log`.
-fn device(dir: &Path, name: &str, mqtt: &str, light: Option<std::net::SocketAddr>) -> Result<Child> {
+fn device(env: &Env, dir: &Path, name: &str, mqtt: &str, light: Option<std::net::SocketAddr>) -> Result<Child> {
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = Command::new(&env.exe);
     cmd.args(["device", "actuator", "--name", name, "--mqtt", mqtt, "--key"]).arg(dir.join(format!("{name}.key")));
     cmd.arg("--state").arg(dir.join(format!("{name}.json")));
     if let Some(peer) = light {

@@ -1,18 +1,38 @@
-//! `bitmote bench …`: performance reports measured on this machine, each against a
-//! limit measured in the same run (a report, never a pass/fail test).
+//! `bitmote-bench`: the benchmarks behind `bitmote bench …`, performance reports measured
+//! on this machine, each against a limit measured in the same run (a report, never a
+//! pass/fail test). Each starts what it measures itself (a private regtest node, an
+//! in-process gateway, device processes of the `bitmote` executable); the binary hands in
+//! where bitcoind and itself are ([`Env`]).
+//!
+//! * [`notary`] — ingest, proofs and verification against signature and hash limits;
+//! * [`actuator`] — payment-to-acknowledgement latency, rules per block, device memory;
+//! * [`mqtt`] — the authenticating front beside the bare broker, reading round trips;
+//! * [`pay`] — raw keysend against the session protocol, concurrent meter sessions;
+//! * the block stream's block-to-event latency (`chain`, here).
+
+pub mod actuator;
+pub mod mqtt;
+pub mod notary;
+pub mod pay;
+
+use std::path::PathBuf;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bitmote_chain::provision::InstallOptions;
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_chain::{BlockEvent, BlockStream, Start, StreamConfig};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use clap::Subcommand;
 use serde_json::Value;
 
-use crate::Global;
+/// What the benchmarks run: bitcoind (found or built by the caller, with its own progress
+/// display) and the `bitmote` executable whose device programs some of them start.
+pub struct Env {
+    pub bitcoind: PathBuf,
+    pub exe: PathBuf,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -94,15 +114,16 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(_g: &Global, cmd: BenchCommand) -> Result<()> {
+/// Run one benchmark and print its report.
+pub fn run(env: &Env, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Pay { raw, concurrent, ticks, load, load_secs, json } => {
-            crate::bench_pay::run(raw, concurrent, ticks, &load, load_secs, json)
+            pay::run(env, raw, concurrent, ticks, &load, load_secs, json)
         }
-        BenchCommand::Chain { blocks, json } => chain(blocks, json),
-        BenchCommand::Notary { readings, batched, batch_size, json } => crate::bench_notary::run(readings, batched, batch_size, json),
-        BenchCommand::Actuator { triggers, rules, json } => crate::bench_actuator::run(triggers, rules, json),
-        BenchCommand::Mqtt { messages, readings, json } => crate::bench_mqtt::run(messages, readings, json),
+        BenchCommand::Chain { blocks, json } => chain(env, blocks, json),
+        BenchCommand::Notary { readings, batched, batch_size, json } => notary::run(env, readings, batched, batch_size, json),
+        BenchCommand::Actuator { triggers, rules, json } => actuator::run(env, triggers, rules, json),
+        BenchCommand::Mqtt { messages, readings, json } => mqtt::run(env, messages, readings, json),
     }
 }
 
@@ -115,19 +136,18 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1].as_secs_f64() * 1e3
 }
 
-pub(crate) fn summary(mut v: Vec<Duration>) -> Value {
+pub fn summary(mut v: Vec<Duration>) -> Value {
     v.sort();
     serde_json::json!({
         "n": v.len(), "p50_ms": pct(&v, 50.0), "p90_ms": pct(&v, 90.0), "p99_ms": pct(&v, 99.0), "max_ms": pct(&v, 100.0),
     })
 }
 
-fn chain(blocks: u32, json: bool) -> Result<()> {
+fn chain(env: &Env, blocks: u32, json: bool) -> Result<()> {
     if blocks == 0 {
         bail!("--blocks must be at least 1");
     }
-    let exe = crate::node::install(&InstallOptions::default())?;
-    let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind)).context("starting a private regtest node")?;
+    let node = RegtestNode::start(RegtestOptions::new(env.bitcoind.clone())).context("starting a private regtest node")?;
     node.mine(101)?;
     let client = node.client();
     let reference = client.fresh()?;
@@ -153,7 +173,7 @@ fn chain(blocks: u32, json: bool) -> Result<()> {
     let mut stream_lat = Vec::with_capacity(blocks as usize);
     let mut fetch_lat = Vec::with_capacity(blocks as usize);
     let mut rtt = Vec::with_capacity(blocks as usize);
-    let addr = bitmote_chain::regtest::op_true_address();
+    let addr = bitmote_regtest::op_true_address();
     for _ in 0..blocks {
         let hash = client.mine(1, &addr)?.pop().context("generatetoaddress returned no block")?;
         let mined = Instant::now();

@@ -19,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bitmote_chain::bitcoin::{Amount, ScriptBuf, TxOut};
-use bitmote_chain::regtest::{coinbase_at, op_true_address, spend_op_true};
 use bitmote_chain::{now_ms, ChainClient};
 use bitmote_device::SigningKey;
+use bitmote_proto::client::{ClientError, Gateway};
+use bitmote_regtest::{coinbase_at, op_true_address, spend_op_true};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
-use crate::config::Config;
-use crate::device;
-use crate::Global;
+use crate::keys;
+use bitmote_actuator::rules::{Action, OrderRequest, PaymentOrder as Order, Rule, Trigger};
 
 /// A member that ran this long before it exited is restarted after the first backoff (2 s).
 const RAN_WELL: Duration = Duration::from_secs(10);
@@ -47,6 +47,51 @@ const FEE_SAT: u64 = 1_000;
 /// delivery limit (`bitmote_pay::meter::DELIVERY_LIMIT`, 30 s), the close and the
 /// receipts' flush, with room.
 const METER_STOP: Duration = Duration::from_secs(75);
+
+/// `[fleet]`: the simulated fleet `bitmote up` runs beside the gateway on regtest (real
+/// separate processes: sensors, a rental lock, a relay, an energy provider and meter).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// Run the fleet (default true; `bitmote up --no-sim` = false). Regtest only.
+    pub enabled: Option<bool>,
+    /// Simulated sensors publishing signed readings over MQTT (default 24).
+    pub sensors: Option<u32>,
+    /// Milliseconds between a sensor's sends (default 2000).
+    pub sensor_interval_ms: Option<u64>,
+    /// Every n-th sensor signs batches instead of single readings (default 4; 0 = none).
+    pub batch_every: Option<u32>,
+    /// Readings per signed batch of those sensors (default 8).
+    pub batch_size: Option<u32>,
+    /// Price of one rental of the lock, paid on-chain to a fresh order address (default 20000 sat).
+    pub rental_sat: Option<u64>,
+    /// Blocks between the end of a lease and the next rental order (default 3).
+    pub rental_every_blocks: Option<u32>,
+    /// Blocks a paid rental keeps the lock open (a height rule locks it again; default 3).
+    pub lease_blocks: Option<u32>,
+    /// Blocks between signed on-chain commands toggling the relay (default 4; 0 = never).
+    pub relay_every_blocks: Option<u32>,
+    /// Run the Lightning energy provider and meter (default true).
+    pub meter: Option<bool>,
+    /// The provider's tick length in ms (default 2000).
+    pub tick_ms: Option<u64>,
+    /// The provider's JSON API (default 127.0.0.1:8660; port 0 = pick a free port once and keep it).
+    pub provider_http: Option<std::net::SocketAddr>,
+    /// The provider's Lightning P2P address (default 127.0.0.1:9735; port 0 as above).
+    pub provider_ln: Option<std::net::SocketAddr>,
+    /// Where the provider process binds its JSON API, when that is not where it is reached
+    /// (`provider_http`, which the meter and the dashboard use): behind a port forward or a
+    /// proxy. Default: `provider_http`.
+    pub provider_http_bind: Option<std::net::SocketAddr>,
+    /// Where the provider's Lightning node listens, when that is not where peers reach it
+    /// (`provider_ln`, which it then announces: `bitmote provider run --ln-announce`).
+    /// Default: `provider_ln`.
+    pub provider_ln_bind: Option<std::net::SocketAddr>,
+    /// The meter's JSON API (default 127.0.0.1:8661; port 0 as above).
+    pub meter_http: Option<std::net::SocketAddr>,
+    /// The meter's Lightning P2P address (default 127.0.0.1:9736; port 0 as above).
+    pub meter_ln: Option<std::net::SocketAddr>,
+}
 
 /// The fleet's settings, from `[fleet]` with defaults; ports resolved.
 #[derive(Debug, Clone)]
@@ -81,8 +126,15 @@ pub struct Plan {
 struct Ports(std::collections::BTreeMap<String, SocketAddr>);
 
 impl Plan {
-    pub fn resolve(cfg: &Config, fleet_dir: &Path, sensors: Option<u32>) -> Result<Plan> {
-        let f = &cfg.fleet;
+    /// The plan from `[fleet]` (`f`), the gateway's Lightning settings (whether it runs a
+    /// node, and where it listens) and a `--sensors` override.
+    pub fn resolve(
+        f: &FleetSection,
+        gateway_lightning: Option<bool>,
+        gateway_lightning_listen: Option<SocketAddr>,
+        fleet_dir: &Path,
+        sensors: Option<u32>,
+    ) -> Result<Plan> {
         let path = fleet_dir.join("ports.json");
         let mut ports: Ports = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let mut changed = false;
@@ -126,9 +178,9 @@ impl Plan {
             provider_ln_bind,
             meter_http: port("meter_http", f.meter_http, 8661)?,
             meter_ln: port("meter_ln", f.meter_ln, 9736)?,
-            gateway_ln: match cfg.gateway.lightning {
+            gateway_ln: match gateway_lightning {
                 Some(false) => None,
-                _ => Some(port("gateway_ln", cfg.gateway.lightning_listen, 9737)?),
+                _ => Some(port("gateway_ln", gateway_lightning_listen, 9737)?),
             },
         };
         if changed {
@@ -192,6 +244,17 @@ fn append(log: &Path, line: &str) {
     }
 }
 
+/// What the fleet is started from: the `bitmote` executable its members run (`device
+/// sensor`, `device actuator`, `provider run`, `meter run`), the data directory they live
+/// under, the configuration file they share, and the gateway (with its admin token) that
+/// enrols them.
+pub struct Setup {
+    pub exe: PathBuf,
+    pub data_dir: PathBuf,
+    pub config_file: Option<PathBuf>,
+    pub admin: Gateway,
+}
+
 /// Where the gateway is, for the children.
 pub struct Endpoints<'a> {
     pub gateway_url: String,
@@ -203,11 +266,10 @@ pub struct Endpoints<'a> {
 
 impl Fleet {
     /// Keys made and enrolled (first start only), children defined; nothing runs yet.
-    pub fn prepare(g: &Global, cfg: &Config, plan: Plan, at: &Endpoints) -> Result<Fleet> {
-        let data = g.data_dir();
-        let dir = data.join("fleet");
+    pub fn prepare(setup: &Setup, plan: Plan, at: &Endpoints) -> Result<Fleet> {
+        let dir = setup.data_dir.join("fleet");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let exe = std::env::current_exe().context("finding the bitmote executable")?;
+        let exe = setup.exe.clone();
         let mut env = vec![("BITMOTE_GATEWAY_URL".to_string(), at.gateway_url.clone())];
         // The children reach the same node: the embedded one by its cookie.
         let rpc = at.client.config();
@@ -217,7 +279,7 @@ impl Fleet {
             env.push(("BITMOTE_CHAIN_NETWORK".into(), rpc.network.to_core_arg().into()));
         }
         let mut global: Vec<OsString> = vec![];
-        if let Some(c) = Config::path(g.config.as_deref(), &data) {
+        if let Some(c) = &setup.config_file {
             global.extend(["--config".into(), c.into()]);
         }
         let mut members = vec![];
@@ -247,7 +309,7 @@ impl Fleet {
             let sdir = dir.join(&name);
             fs::create_dir_all(&sdir)?;
             let key = sdir.join("device.key");
-            device::ensure_enrolled(g, &at.gateway_url, &key, &name)?;
+            keys::ensure_enrolled(&setup.admin, &key, &name)?;
             let batch = if plan.batch_every > 0 && i % plan.batch_every == 0 { plan.batch_size } else { 1 };
             let mut args: Vec<OsString> = vec!["device".into(), "sensor".into(), "--key".into(), key.into()];
             match &mqtt {
@@ -266,7 +328,7 @@ impl Fleet {
                     let adir = dir.join(name);
                     fs::create_dir_all(&adir)?;
                     let key = adir.join("device.key");
-                    device::ensure_enrolled(g, &at.gateway_url, &key, name)?;
+                    keys::ensure_enrolled(&setup.admin, &key, name)?;
                     let args = vec![
                         "device".into(),
                         "actuator".into(),
@@ -312,10 +374,10 @@ impl Fleet {
             let enrolled = mdir.join("meter.enrolled");
             if !enrolled.exists() {
                 let k = bitmote_pay::meter::device_key(&bitmote_pay::meter::load_or_create_secret(&mdir)?)?;
-                match device::enroll(g, &at.gateway_url, &k.public_key(), Some("meter")) {
+                match setup.admin.enroll(&k.public_key().to_string(), Some("meter")) {
                     Ok(_) => {}
                     // The name is another key's: the meter still streams, its receipts are refused.
-                    Err(e) if e.to_string().contains("answered 409") => tracing::warn!("enrolling the meter's device key: {e:#}"),
+                    Err(e) if e.status() == Some(409) => tracing::warn!("enrolling the meter's device key: {e}"),
                     Err(e) => return Err(e).context("enrolling the meter's device key"),
                 }
                 fs::write(&enrolled, k.public_key().device_id().to_string())?;
@@ -339,7 +401,6 @@ impl Fleet {
             }
             member("meter".into(), "meter", &dir, meter, Some(plan.meter_url()), Some(plan.provider_url()));
         }
-        let _ = cfg;
         Ok(Fleet { exe, dir, global, env, members, plan })
     }
 
@@ -532,7 +593,7 @@ pub fn link_hub_to_provider(
 ) {
     use bitmote_pay::node as ln;
     let provider = move |agent: &ureq::Agent| -> Result<_> {
-        crate::pay::machine_node(agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
+        crate::machine_node(agent.get(&format!("{provider_url}/v1/status")).call()?.into_json()?)
     };
     let watch = move || {
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
@@ -541,7 +602,14 @@ pub fn link_hub_to_provider(
             let Ok((pk, addr)) = provider(&agent) else { continue };
             let step = || -> Result<()> {
                 if ln::channels_with(&hub, &pk).is_empty() {
-                    ln::open_funded_channel(&client, &hub, pk, addr.clone(), HUB_CHANNEL_SAT, true)?;
+                    ln::open_funded_channel(
+                        Some(&bitmote_regtest::RegtestFaucet::new(&client)?),
+                        &hub,
+                        pk,
+                        addr.clone(),
+                        HUB_CHANNEL_SAT,
+                        true,
+                    )?;
                     tracing::info!("hub: the gateway's Lightning node has a {HUB_CHANNEL_SAT} sat announced channel to the provider {pk}");
                 } else if !hub.list_peers().iter().any(|p| p.node_id == pk && p.is_connected) {
                     hub.connect(pk, addr.clone(), true).map_err(|e| anyhow::anyhow!("connecting to the provider {pk}: {e}"))?;
@@ -599,8 +667,7 @@ struct Rental {
 
 /// Makes the chain events the fleet's actuators react to, one step per block.
 pub struct Driver {
-    api: String,
-    token: String,
+    admin: Gateway,
     client: ChainClient,
     path: PathBuf,
     state: DriverState,
@@ -613,7 +680,7 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(g: &Global, fleet: &Fleet, api: &str, client: &ChainClient) -> Result<Driver> {
+    pub fn new(fleet: &Fleet, admin: Gateway, client: &ChainClient) -> Result<Driver> {
         let path = fleet.dir().join("driver.json");
         let state = match fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).with_context(|| format!("corrupt {}", path.display()))?,
@@ -621,18 +688,15 @@ impl Driver {
         };
         let key = fleet.dir().join("operator.key");
         if !key.exists() {
-            device::write_key(&key, &device::new_key(false)?)?;
+            keys::write_key(&key, &keys::new_key(false)?)?;
         }
-        let token_path = g.data_dir().join("gateway").join("admin.token");
-        let token = fs::read_to_string(&token_path).with_context(|| format!("reading {}", token_path.display()))?.trim().to_string();
         let has = |k: &str| fleet.members.iter().any(|m| m.kind == k);
         let mut d = Driver {
-            api: api.trim_end_matches('/').to_string(),
-            token,
+            admin,
             client: client.fresh()?,
             path,
             state,
-            operator: device::read_key(&key)?,
+            operator: keys::read_key(&key)?,
             plan: fleet.plan.clone(),
             has_lock: has("lock"),
             relay_rule: false,
@@ -649,38 +713,30 @@ impl Driver {
         Ok(())
     }
 
-    fn request(&self, method: &str, path: &str) -> ureq::Request {
-        ureq::request(method, &format!("{}{path}", self.api))
-            .timeout(Duration::from_secs(40))
-            .set("Authorization", &format!("Bearer {}", self.token))
-    }
-
     /// The gateway's identity, which commands are signed for: its log origin.
     fn gateway_origin(&self) -> Result<String> {
-        #[derive(serde::Deserialize)]
-        struct Log {
-            origin: String,
-        }
-        let log: Log = self.request("GET", "/v1/log").call().map_err(device::api_err)?.into_json()?;
-        Ok(log.origin)
+        Ok(self.admin.log()?.origin)
     }
 
     /// The rule letting the operator key command the relay (kept by the gateway across restarts).
     fn ensure_relay_rule(&mut self) -> Result<()> {
-        let rule = json!({
-            "id": RELAY_RULE, "device": RELAY,
-            "trigger": { "kind": "command", "key": self.operator.public_key().to_string(), "domain": RELAY_DOMAIN, "confirmations": 1 },
-            "action": { "command": "*" }, "revert": { "command": "inverse" }, "ttl_secs": 600,
-        });
-        match self.request("POST", "/v1/rules").send_json(rule.clone()) {
-            Ok(_) => {}
-            Err(ureq::Error::Status(409, _)) if self.stored_relay_rule_predates_domains()? => {
+        let rule = Rule {
+            id: RELAY_RULE.into(),
+            device: RELAY.into(),
+            trigger: Trigger::Command { key: self.operator.public_key().to_string(), domain: Some(RELAY_DOMAIN.into()), confirmations: 1 },
+            action: Action::new("*"),
+            revert: Some(Action::new("inverse")),
+            ttl_secs: Some(600),
+        };
+        match self.add_rule(&rule) {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(409) && self.stored_relay_rule_predates_domains()? => {
                 // Stored before commands named a domain: it matches no command any more.
-                self.request("DELETE", &format!("/v1/rules/{RELAY_RULE}")).call().map_err(device::api_err)?;
-                self.request("POST", "/v1/rules").send_json(rule).map_err(device::api_err).context("adding the relay's rule")?;
+                self.admin.delete(&format!("/v1/rules/{RELAY_RULE}"))?;
+                self.add_rule(&rule).context("adding the relay's rule")?;
             }
-            Err(ureq::Error::Status(409, _)) => {}
-            Err(e) => return Err(device::api_err(e)).context("adding the relay's rule"),
+            Err(e) if e.status() == Some(409) => {}
+            Err(e) => return Err(e).context("adding the relay's rule"),
         }
         self.relay_rule = true;
         Ok(())
@@ -701,8 +757,12 @@ impl Driver {
         struct TriggerDomain {
             domain: Option<String>,
         }
-        let r: Rules = self.request("GET", "/v1/rules").call().map_err(device::api_err)?.into_json()?;
+        let r: Rules = self.admin.get("/v1/rules")?;
         Ok(r.rules.iter().any(|e| e.id == RELAY_RULE && e.trigger.domain.is_none()))
+    }
+
+    fn add_rule(&self, rule: &Rule) -> Result<(), ClientError> {
+        self.admin.post::<_, serde::de::IgnoredAny>("/v1/rules", rule).map(drop)
     }
 
     /// A mature, unspent anyone-can-spend coinbase worth at least `sat` (regtest).
@@ -799,25 +859,28 @@ impl Driver {
         self.state.retired = keep;
         self.state.old_rules.extend(done.into_iter().map(|(id, _)| id));
         for id in std::mem::take(&mut self.state.old_rules) {
-            match self.request("DELETE", &format!("/v1/rules/{id}")).call() {
-                Ok(_) | Err(ureq::Error::Status(404, _)) => {}
-                Err(e) => tracing::warn!("fleet: removing rule {id}: {}", device::api_err(e)),
+            match self.admin.delete(&format!("/v1/rules/{id}")) {
+                Ok(()) => {}
+                Err(e) if e.status() == Some(404) => {}
+                Err(e) => tracing::warn!("fleet: removing rule {id}: {e}"),
             }
         }
         if height < self.state.next_rental_height {
             return Ok(());
         }
-        let order = json!({
-            "min_sat": self.plan.rental_sat, "confirmations": 1,
-            "action": { "command": "unlock" }, "revert": { "command": "lock" }, "ttl_secs": 600,
-        });
-        let o: Json = match self.request("POST", &format!("/v1/devices/{LOCK}/orders")).send_json(order) {
-            Ok(r) => r.into_json()?,
-            Err(ureq::Error::Status(409, _)) => return Ok(()), // the lock is not online yet
-            Err(e) => return Err(device::api_err(e)).context("ordering a rental"),
+        let order = OrderRequest {
+            min_sat: self.plan.rental_sat,
+            confirmations: Some(1),
+            action: Action::new("unlock"),
+            revert: Some(Action::new("lock")),
+            ttl_secs: Some(600),
         };
-        let order_id = o["order_id"].as_str().context("order without id")?.to_string();
-        let address = o["address"].as_str().context("order without address")?.to_string();
+        let o: Order = match self.admin.post(&format!("/v1/devices/{LOCK}/orders"), &order) {
+            Ok(o) => o,
+            Err(e) if e.status() == Some(409) => return Ok(()), // the lock is not online yet
+            Err(e) => return Err(e).context("ordering a rental"),
+        };
+        let (order_id, address) = (o.order_id, o.address);
         let spk = address.parse::<bitmote_chain::bitcoin::Address<_>>()?.require_network(self.client.network())?.script_pubkey();
         self.state.rentals += 1;
         let lease_rule = format!("fleet-lease-{}", self.state.rentals);
@@ -833,17 +896,21 @@ impl Driver {
             lease_end,
         });
         self.save()?;
-        let rule = json!({
-            "id": lease_rule, "device": LOCK, "trigger": { "kind": "height", "height": lease_end },
-            "action": { "command": "lock" }, "ttl_secs": 600,
+        let rule = Rule {
+            id: lease_rule,
+            device: LOCK.into(),
+            trigger: Trigger::Height { height: lease_end },
+            action: Action::new("lock"),
+            ttl_secs: Some(600),
             // The chain falls back below the lease's end (a reorg to a shorter chain, a node
             // that lost blocks): the lease has not ended after all, so the lock opens again;
             // it locks again (a new generation) when the chain passes the end once more.
-            "revert": { "command": "inverse" },
-        });
-        match self.request("POST", "/v1/rules").send_json(rule) {
-            Ok(_) | Err(ureq::Error::Status(409, _)) => {}
-            Err(e) => return Err(device::api_err(e)).context("adding the lease rule"),
+            revert: Some(Action::new("inverse")),
+        };
+        match self.add_rule(&rule) {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(409) => {}
+            Err(e) => return Err(e).context("adding the lease rule"),
         }
         let txid = self.send(vec![TxOut { value: Amount::from_sat(self.plan.rental_sat), script_pubkey: spk }])?;
         tracing::info!("fleet: rental {order_id}: paid {} sat to {address} in {txid}; lease ends at {lease_end}", self.plan.rental_sat);

@@ -1,18 +1,18 @@
 //! `bitmote bench pay`: Lightning streaming payments between two real ldk-node
 //! machines on a private regtest node, against raw keysend measured in the same run.
 
+use crate::Env;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bitmote_chain::provision::InstallOptions;
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_pay::ldk_node::{Event, Node};
 use bitmote_pay::meter::Meter;
 use bitmote_pay::node::{self as ln, NodeConfig};
 use bitmote_pay::provider::Provider;
 use bitmote_pay::tariff::{Mode, Tariff};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 
 fn free() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -143,9 +143,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[(((p / 100.0) * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u64, json: bool) -> Result<()> {
-    let exe = crate::node::install(&InstallOptions::default())?;
-    let chain = RegtestNode::start(RegtestOptions::new(exe.bitcoind)).context("starting a private regtest node")?;
+pub fn run(env: &Env, raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u64, json: bool) -> Result<()> {
+    let chain = RegtestNode::start(RegtestOptions::new(env.bitcoind.clone())).context("starting a private regtest node")?;
     chain.mine(101)?;
     let dir = tempfile::tempdir()?;
     let machine = |name: &str| {
@@ -159,10 +158,10 @@ pub fn run(raw: u64, concurrent: usize, ticks: u64, load: &[usize], load_secs: u
         })
     };
     let (mn, pn) = (machine("meter")?, machine("provider")?);
-    ln::fund_on_regtest(chain.client(), &mn, 2)?;
+    ln::fund(&chain.faucet()?, &mn, 2)?;
     let paddr = pn.listening_addresses().context("provider not listening")?[0].clone();
-    ln::open_channel(chain.client(), &mn, pn.node_id(), paddr, 5_000_000, None, false)?;
-    ln::wait_usable(chain.client(), &pn, mn.node_id())?;
+    ln::open_channel(Some(&chain.faucet()?), &mn, pn.node_id(), paddr, 5_000_000, None, false)?;
+    ln::wait_usable(Some(&chain.faucet()?), &pn, mn.node_id())?;
     eprintln!("channel ready; (a) raw keysend ×{raw}");
 
     let raw_rate = raw_keysend(&mn, &pn, raw)?;

@@ -2,14 +2,13 @@
 //! measured in the same run (BIP340 verification and SHA-256 rates), on a real
 //! durable database and a real regtest anchor.
 
+use crate::Env;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bitmote_chain::now_ms;
-use bitmote_chain::provision::InstallOptions;
-use bitmote_chain::regtest::{RegtestNode, RegtestOptions};
 use bitmote_device::merkle::{self, inclusion_proof_len};
 use bitmote_device::reading::{sensor, unit};
 use bitmote_device::{Reading, SignedBatch, SignedReading, SigningKey, Value};
@@ -19,6 +18,7 @@ use bitmote_notary::log::MerkleLog;
 use bitmote_notary::proof::assemble;
 use bitmote_notary::registry::open_db;
 use bitmote_notary::verify::{verify_bundle, HeadersFile, Policy};
+use bitmote_regtest::{RegtestNode, RegtestOptions};
 use serde_json::json;
 
 const THREADS: usize = 2;
@@ -88,7 +88,7 @@ fn ingest_rate(ing: &Ingestor, subs: Vec<Vec<Submission>>) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
-pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool) -> Result<()> {
+pub fn run(env: &Env, n_single: usize, n_batched: usize, batch_size: usize, json_out: bool) -> Result<()> {
     let batch_size = batch_size.clamp(1, bitmote_device::batch::MAX_BATCH);
     eprintln!("measuring the machine's limits …");
     // (a) Limits: BIP340 verification and SHA-256, on 1 and 2 threads.
@@ -149,8 +149,7 @@ pub fn run(n_single: usize, n_batched: usize, batch_size: usize, json_out: bool)
 
     // (d) Proofs: anchor the log on a private regtest node, then generate and verify.
     eprintln!("anchoring on a private regtest node …");
-    let exe = crate::node::install(&InstallOptions::default())?;
-    let node = RegtestNode::start(RegtestOptions::new(exe.bitcoind))?;
+    let node = RegtestNode::start(RegtestOptions::new(env.bitcoind.clone()))?;
     let c = node.client();
     let cfg = AnchorConfig { interval: Duration::ZERO, ..Default::default() };
     let signer = bitmote_notary::checkpoint::CheckpointSigner::from_seed("bitmote.bench/log", [1; 32]);
