@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn a_command_rule_names_its_domain() {
-        let key = "01".to_string() + &"79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
+        let key = "01".to_string() + "79be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798";
         let text = |trigger: &str| {
             format!("[[rule]]\nid = \"remote\"\ndevice = \"lock-7\"\ntrigger = {trigger}\naction = {{ command = \"*\" }}\n")
         };

@@ -62,11 +62,12 @@ fn raw_keysend(a: &Arc<Node>, b: &Arc<Node>, n: u64) -> Result<f64> {
     while ok.load(Ordering::Relaxed) < n {
         let want = n - ok.load(Ordering::Relaxed);
         let in_flight = sent - ok.load(Ordering::Relaxed) - failed.load(Ordering::Relaxed);
-        if in_flight < want && a.list_channels()[0].next_outbound_htlc_limit_msat > 1000 {
-            if a.spontaneous_payment().send(1000, b.node_id(), None).is_ok() {
-                sent += 1;
-                continue;
-            }
+        if in_flight < want
+            && a.list_channels()[0].next_outbound_htlc_limit_msat > 1000
+            && a.spontaneous_payment().send(1000, b.node_id(), None).is_ok()
+        {
+            sent += 1;
+            continue;
         }
         std::thread::sleep(Duration::from_millis(1));
         anyhow::ensure!(start.elapsed() < Duration::from_secs(600), "raw keysend did not finish");

@@ -17,6 +17,7 @@ use bitmote_sim::sensor::{self, SensorOptions};
 use clap::{Subcommand, ValueEnum};
 use serde_json::Value as Json;
 
+use crate::api::{admin, api_err};
 use crate::config::Config;
 use crate::Global;
 
@@ -197,29 +198,6 @@ impl From<LightArgs> for LightOptions {
             pay_to_descriptor: a.pay_to_descriptor,
             descriptor_max_index: a.descriptor_max_index,
         }
-    }
-}
-
-/// The gateway's API with its admin token (an error if the token cannot be read).
-pub fn admin(g: &Global, url: &str) -> Result<Gateway> {
-    Ok(Gateway::new(url).with_token_file(&g.data_dir().join("gateway").join("admin.token"))?)
-}
-
-/// A request to an admin endpoint, with the token from the gateway's data directory.
-pub fn admin_request(g: &Global, method: &str, url: &str) -> Result<ureq::Request> {
-    let p = g.data_dir().join("gateway").join("admin.token");
-    let token = std::fs::read_to_string(&p)
-        .with_context(|| format!("reading the admin token {} (is this the gateway's data dir?)", p.display()))?;
-    Ok(ureq::request(method, url).set("Authorization", &format!("Bearer {}", token.trim())))
-}
-
-pub fn api_err(e: ureq::Error) -> anyhow::Error {
-    match e {
-        ureq::Error::Status(code, r) => {
-            let body: Json = r.into_json().unwrap_or(Json::Null);
-            anyhow::anyhow!("gateway answered {code}: {}", body["error"].as_str().unwrap_or("(no message)"))
-        }
-        other => anyhow::anyhow!("cannot reach the gateway: {other}"),
     }
 }
 

@@ -12,6 +12,7 @@ macro_rules! say {
     }};
 }
 
+mod api;
 mod config;
 mod device;
 mod node;

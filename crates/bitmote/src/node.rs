@@ -277,7 +277,7 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
         None => None,
     };
     let mut driver = match &fleet {
-        Some(f) => Some(bitmote_sim::fleet::Driver::new(f, crate::device::admin(g, &api)?, client)?),
+        Some(f) => Some(bitmote_sim::fleet::Driver::new(f, crate::api::admin(g, &api)?, client)?),
         None => None,
     };
     let rpc = client.config();
@@ -598,7 +598,7 @@ fn fleet_setup(g: &Global, api: &str) -> Result<bitmote_sim::fleet::Setup> {
     Ok(bitmote_sim::fleet::Setup {
         exe: std::env::current_exe().context("finding the bitmote executable")?,
         config_file: Config::path(g.config.as_deref(), &data_dir),
-        admin: crate::device::admin(g, api)?,
+        admin: crate::api::admin(g, api)?,
         data_dir,
     })
 }

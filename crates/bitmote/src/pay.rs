@@ -33,6 +33,8 @@ pub enum ProviderCommand {
     },
 }
 
+// Parsed once per run: the size of the run variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum MeterCommand {
     /// Run the meter: fund it and open a channel if needed, then stream payments for

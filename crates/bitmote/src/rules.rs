@@ -4,11 +4,41 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use serde_json::Value as Json;
+use serde::Deserialize;
 
+use crate::api::admin;
 use crate::config::Config;
-use crate::device::{admin_request, api_err};
 use crate::Global;
+
+/// What `GET /v1/rules` lists of each rule (the gateway's `RuleEntry`: a rule and its source).
+#[derive(Deserialize)]
+struct Listed {
+    id: String,
+    device: String,
+    trigger: Kind,
+    action: Named,
+    source: String,
+}
+
+#[derive(Deserialize)]
+struct Kind {
+    kind: String,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    command: String,
+}
+
+#[derive(Deserialize)]
+struct Added {
+    rule: Id,
+}
+
+#[derive(Deserialize)]
+struct Id {
+    id: String,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum RulesCommand {
@@ -25,24 +55,21 @@ pub enum RulesCommand {
 }
 
 pub fn rules(g: &Global, cmd: RulesCommand) -> Result<()> {
-    let url = format!("{}/v1/rules", Config::load(g.config.as_deref(), &g.data_dir())?.gateway_url());
+    let gw = admin(g, &Config::load(g.config.as_deref(), &g.data_dir())?.gateway_url())?;
     match cmd {
         RulesCommand::List { json } => {
-            let r: Json = admin_request(g, "GET", &url)?.call().map_err(api_err)?.into_json()?;
+            #[derive(Deserialize)]
+            struct Rules<T> {
+                rules: Vec<T>,
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&r["rules"])?);
+                let r: Rules<serde_json::Value> = gw.get("/v1/rules")?;
+                println!("{}", serde_json::to_string_pretty(&r.rules)?);
                 return Ok(());
             }
-            for r in r["rules"].as_array().cloned().unwrap_or_default() {
-                let s = |v: &Json| v.as_str().unwrap_or("").to_string();
-                println!(
-                    "{:<24} {:<12} {:<8} {:<10} {}",
-                    s(&r["id"]),
-                    s(&r["device"]),
-                    s(&r["trigger"]["kind"]),
-                    s(&r["action"]["command"]),
-                    s(&r["source"])
-                );
+            let r: Rules<Listed> = gw.get("/v1/rules")?;
+            for r in r.rules {
+                println!("{:<24} {:<12} {:<8} {:<10} {}", r.id, r.device, r.trigger.kind, r.action.command, r.source);
             }
             Ok(())
         }
@@ -51,13 +78,13 @@ pub fn rules(g: &Global, cmd: RulesCommand) -> Result<()> {
             let doc: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not TOML", file.display()))?;
             let list = doc.get("rule").and_then(|r| r.as_array()).context("no [[rule]] in the file")?;
             for rule in list {
-                let r: Json = admin_request(g, "POST", &url)?.send_json(serde_json::to_value(rule)?).map_err(api_err)?.into_json()?;
-                println!("added {}", r["rule"]["id"].as_str().unwrap_or(""));
+                let r: Added = gw.post("/v1/rules", rule)?;
+                println!("added {}", r.rule.id);
             }
             Ok(())
         }
         RulesCommand::Remove { id } => {
-            admin_request(g, "DELETE", &format!("{url}/{id}"))?.call().map_err(api_err)?;
+            gw.delete(&format!("/v1/rules/{id}"))?;
             println!("removed {id}");
             Ok(())
         }

@@ -109,7 +109,7 @@ fn campaign(
     // faults a seed injects stay those of campaigns before it).
     println!("drill: a customer's Lightning node opens a channel to the gateway's (I4)");
     let mut customer = Customer::start(sys)?;
-    let mut buy_rng = Rng::new(opts.seed ^ 0x1_4c0f_fee);
+    let mut buy_rng = Rng::new(opts.seed ^ 0x14c0_ffee);
     let mut order = kinds.clone();
     let mut faults_count: BTreeMap<String, u32> = BTreeMap::new();
     let mut sessions_closed = 0;

@@ -154,6 +154,7 @@ impl NotaryView {
     /// Check acknowledged readings' proofs: those never proven yet, and a sample of the
     /// others (a reorg may have taken their anchor away; the gateway must re-anchor).
     /// With `must_anchor`, a pending proof is a violation.
+    #[allow(clippy::too_many_arguments)] // the round's context, each part used
     pub fn check_readings(
         &mut self,
         sys: &System,

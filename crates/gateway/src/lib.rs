@@ -169,7 +169,7 @@ pub struct Shared {
     pub network: Network,
     pub stop: AtomicBool,
     /// Messages for devices, published by the MQTT side (set when MQTT runs).
-    pub mqtt_out: Mutex<Option<std::sync::mpsc::Sender<(String, Vec<u8>)>>>,
+    pub mqtt_out: Mutex<Option<MqttOut>>,
     /// Device acknowledgements of actuator commands, for the actuator loop.
     pub acks: Mutex<Option<std::sync::mpsc::Sender<(String, bitmote_proto::Ack)>>>,
     /// The action log (latest snapshot) and alerts, for the API.
@@ -259,6 +259,9 @@ pub struct Gateway {
 /// The admin token in `path`, created on first start. A token file that exists but
 /// cannot be read, or is empty, is an error: replacing it would lock out every client
 /// configured with the old token, so the gateway refuses to start and says why.
+/// The queue of MQTT messages for devices: (topic, payload).
+pub type MqttOut = std::sync::mpsc::Sender<(String, Vec<u8>)>;
+
 /// The protocol's receipts for what ingest acknowledged (MQTT receipts topic, `POST /v1/readings`).
 pub fn receipts(r: &[bitmote_notary::ingest::Receipt]) -> bitmote_proto::Receipts {
     let receipts = r.iter().map(|r| bitmote_proto::Receipt { reading_id: r.reading_id, leaf_index: r.leaf_index, tree_size: r.tree_size });
@@ -312,30 +315,6 @@ fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
             Ok(t)
         }
         Err(e) => Err(refuse(format!("cannot be read ({e})"))),
-    }
-}
-
-#[cfg(test)]
-mod token_tests {
-    use super::*;
-
-    /// Issue #13, item 9: an admin token that cannot be read is never replaced.
-    #[test]
-    fn an_unreadable_or_empty_token_is_refused_not_replaced() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("admin.token");
-        let t = load_or_create_token(&p).unwrap();
-        assert_eq!(load_or_create_token(&p).unwrap(), t);
-        std::fs::write(&p, [0xff, 0xfe, b'\n']).unwrap();
-        let e = load_or_create_token(&p).unwrap_err().to_string();
-        assert!(e.contains("is not text") && e.contains("never overwritten"), "{e}");
-        assert_eq!(std::fs::read(&p).unwrap(), [0xff, 0xfe, b'\n']);
-        std::fs::write(&p, "  \n").unwrap();
-        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("is empty"));
-        std::fs::remove_file(&p).unwrap();
-        std::fs::create_dir(&p).unwrap();
-        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("cannot be read"));
-        assert!(p.is_dir());
     }
 }
 
@@ -672,5 +651,29 @@ fn sleep_unless_stopped(shared: &Shared, d: Duration) {
     let end = std::time::Instant::now() + d;
     while std::time::Instant::now() < end && !shared.stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    /// Issue #13, item 9: an admin token that cannot be read is never replaced.
+    #[test]
+    fn an_unreadable_or_empty_token_is_refused_not_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("admin.token");
+        let t = load_or_create_token(&p).unwrap();
+        assert_eq!(load_or_create_token(&p).unwrap(), t);
+        std::fs::write(&p, [0xff, 0xfe, b'\n']).unwrap();
+        let e = load_or_create_token(&p).unwrap_err().to_string();
+        assert!(e.contains("is not text") && e.contains("never overwritten"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), [0xff, 0xfe, b'\n']);
+        std::fs::write(&p, "  \n").unwrap();
+        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("is empty"));
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert!(load_or_create_token(&p).unwrap_err().to_string().contains("cannot be read"));
+        assert!(p.is_dir());
     }
 }

@@ -41,7 +41,7 @@ fn spawn_publisher(
     shared: Arc<Shared>,
     mut publish: impl FnMut(String, Vec<u8>) -> Result<(), String> + Send + 'static,
     finish: impl FnOnce() + Send + 'static,
-) -> Result<(mpsc::Sender<(String, Vec<u8>)>, JoinHandle<()>), GatewayError> {
+) -> Result<(crate::MqttOut, JoinHandle<()>), GatewayError> {
     let (out_tx, out_rx) = mpsc::channel::<(String, Vec<u8>)>();
     *shared.mqtt_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(out_tx.clone());
     let handle = std::thread::Builder::new()

@@ -190,6 +190,11 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
     .await;
 }
 
+/// The client's address, as the accept loop saw it.
+pub fn peer(ext: &axum::http::Extensions) -> Option<SocketAddr> {
+    ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,9 +226,4 @@ mod tests {
         let off = RateLimiter::new(&HttpLimits { anonymous_per_sec: 0, limit_loopback: true, ..Default::default() });
         assert!((0..100).all(|_| off.check(lo).is_ok()));
     }
-}
-
-/// The client's address, as the accept loop saw it.
-pub fn peer(ext: &axum::http::Extensions) -> Option<SocketAddr> {
-    ext.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }

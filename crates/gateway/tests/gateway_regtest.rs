@@ -221,7 +221,7 @@ fn the_gateway_can_use_an_external_mqtt_broker() {
         server.connections.auth = Some(logins.iter().map(|(u, p)| (u.to_string(), p.to_string())).collect());
     }
     let mut broker = rumqttd::Broker::new(config);
-    std::thread::spawn(move || broker.start());
+    std::thread::spawn(move || drop(broker.start()));
 
     let exe = ensure_bitcoind(&InstallOptions::default(), &mut LogProgress::new()).unwrap().bitcoind;
     let node = RegtestNode::start(RegtestOptions::new(exe)).unwrap();

@@ -1,3 +1,6 @@
+// ureq::Error (the HTTP client's own error) is large; these are tests.
+#![allow(clippy::result_large_err)]
+
 //! Security by default, against the real gateway (real regtest bitcoind, real embedded
 //! MQTT broker behind its front, real MQTT clients, real HTTP): devices log in with the
 //! credentials issued at enrolment and may only use their own topics; revoking a device
@@ -37,8 +40,6 @@ fn gateway_with(dir: &Path, tune: impl FnOnce(&mut GatewayConfig)) -> (RegtestNo
     let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
     (node, gw, base, token)
 }
-
-/// An API call: status and JSON body.
 
 /// What an MQTT client sees.
 #[derive(Debug, PartialEq)]

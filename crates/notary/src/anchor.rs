@@ -332,6 +332,8 @@ impl Anchorer {
     }
 
     fn refresh(&mut self, events: &mut Vec<AnchorEvent>) -> Result<()> {
+        // (id, state, txid, block height, broadcast height, block hash), as stored.
+        #[allow(clippy::type_complexity)]
         let watch: Vec<(i64, String, String, Option<u32>, u32, Option<String>)> = {
             let mut st = self.db.prepare(
                 "SELECT id, state, txid, block_height, broadcast_height, block_hash FROM anchors

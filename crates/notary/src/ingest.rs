@@ -1121,7 +1121,7 @@ mod tests {
     }
 
     fn key(i: u8) -> SigningKey {
-        if i % 2 == 0 { SigningKey::p256_from_secret(&[i; 32]) } else { SigningKey::schnorr_from_secret(&[i; 32]) }.unwrap()
+        if i.is_multiple_of(2) { SigningKey::p256_from_secret(&[i; 32]) } else { SigningKey::schnorr_from_secret(&[i; 32]) }.unwrap()
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl<'c> MerkleLog<'c> {
         if n == 0 {
             return Ok(merkle::empty_root());
         }
-        if n.is_power_of_two() && start % n == 0 {
+        if n.is_power_of_two() && start.is_multiple_of(n) {
             return self.node(n.trailing_zeros(), start / n);
         }
         let k = split_point(n);

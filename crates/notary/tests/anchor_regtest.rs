@@ -382,7 +382,7 @@ fn an_anchor_final_in_blocks_the_node_lost_while_anchoring_was_closed_is_checked
     // without the anchor replaces them (its transaction is back in the mempool).
     c.invalidate_block(&lost).unwrap();
     for _ in 0..cfg.final_confirmations + 4 {
-        mine_empty(&c);
+        mine_empty(c);
     }
     let mut a = open(&cfg);
     a.poll(None).unwrap();

@@ -24,7 +24,7 @@ const CHILD_ENV: &str = "BITMOTE_NOTARY_CRASH_CHILD_DB";
 const DEVICES: u8 = 4;
 
 fn key(i: u8) -> SigningKey {
-    if i % 2 == 0 { SigningKey::p256_from_secret(&[i + 40; 32]) } else { SigningKey::schnorr_from_secret(&[i + 40; 32]) }.unwrap()
+    if i.is_multiple_of(2) { SigningKey::p256_from_secret(&[i + 40; 32]) } else { SigningKey::schnorr_from_secret(&[i + 40; 32]) }.unwrap()
 }
 
 fn reading(k: &SigningKey, seq: u64) -> Reading {
@@ -53,7 +53,7 @@ fn crash_child() {
                 let mut seq = ing.device(&id).and_then(|d| d.last_seq).unwrap_or(0) + 1;
                 while Instant::now() < deadline {
                     // Mostly single readings, every 8th submission a batch of 5.
-                    let receipts = if seq % 8 == 0 {
+                    let receipts = if seq.is_multiple_of(8) {
                         let b = SignedBatch::sign(&k, (seq..seq + 5).map(|s| reading(&k, s)).collect()).unwrap();
                         ing.submit_batch(b).unwrap()
                     } else {

@@ -150,6 +150,7 @@ struct AsyncOp {
     store: Arc<GuardedStore>,
     key: String,
     what: String,
+    #[allow(clippy::type_complexity)] // one boxed write operation, named once here
     op: Box<dyn Fn(&SqliteStore) -> AsyncResult<'static, (), io::Error> + Send + Sync>,
 }
 

@@ -75,7 +75,7 @@ fn sixty_tick_sessions_reconcile_in_both_modes() {
         }
         // The provider's Lightning node really received what the accounts say.
         paid_total += a.paid_msat;
-        eventually("money arrived", || received_msat(&pn) == paid_total);
+        eventually("money arrived", || received_msat(pn) == paid_total);
         let ps = provider.session(&s.id).unwrap().unwrap();
         assert_eq!(ps.state, State::Closed);
         assert_eq!(ps.refused_msat, 0);
@@ -185,7 +185,7 @@ fn a_routed_session_pays_through_a_hub() {
     let mine = || {
         chain.mine(1).unwrap();
     };
-    bitmote_pay::node::wait_until(mn, "gossip", Duration::from_secs(120), mine, |n| n.network_graph().list_channels().len() >= 1).unwrap();
+    bitmote_pay::node::wait_until(mn, "gossip", Duration::from_secs(120), mine, |n| !n.network_graph().list_channels().is_empty()).unwrap();
     let http = free_addr();
     let (provider, meter) = p.roles(tariff(Mode::Postpaid), http);
     let s = meter.open_session(&pn.node_id().to_string()).unwrap();
@@ -340,14 +340,14 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     channel(chain, mn, pn, 500_000, None, false);
     let paid = session(10);
     assert!(paid > 1_000_000, "paid {paid} msat");
-    let (m0, p0) = (onchain(&mn), onchain(&pn));
+    let (m0, p0) = (onchain(mn), onchain(pn));
     let ch = mn.list_channels().remove(0);
     let local_sat = ch.outbound_capacity_msat / 1000 + ch.unspendable_punishment_reserve.unwrap_or(0);
     mn.close_channel(&ch.user_channel_id, pn.node_id()).unwrap();
     bitmote_pay::node::wait_until(pn, "provider paid out", Duration::from_secs(120), mine, |n| onchain(n) > p0).unwrap();
     bitmote_pay::node::wait_until(mn, "meter paid out", Duration::from_secs(60), mine, |n| onchain(n) > m0).unwrap();
-    assert_eq!(onchain(&pn) - p0, paid / 1000, "provider's close output");
-    let back = onchain(&mn) - m0;
+    assert_eq!(onchain(pn) - p0, paid / 1000, "provider's close output");
+    let back = onchain(mn) - m0;
     assert!(back <= 500_000 - paid / 1000 && back + 5_000 >= local_sat.min(500_000 - paid / 1000), "meter got {back} sat back");
     eprintln!("cooperative close: provider {} sat, meter {back} sat of a 500000 sat channel", paid / 1000);
 
@@ -357,7 +357,7 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
     let paid = session(5);
     provider.shutdown();
     pn.stop().unwrap();
-    let m1 = onchain(&mn);
+    let m1 = onchain(mn);
     let ch = mn.list_channels().into_iter().find(|c| c.channel_value_sats == 300_000).unwrap();
     mn.force_close_channel(&ch.user_channel_id, pn.node_id(), Some("provider vanished".into())).unwrap();
     // Ten blocks a second: the commitment confirms, the 144-block timelock passes, the
@@ -372,7 +372,7 @@ fn cooperative_and_force_close_return_the_right_amounts_on_chain() {
         b.lightning_balances.is_empty() && onchain(n) + 10_000 > m1 + 300_000 - paid / 1000
     })
     .unwrap_or_else(|e| panic!("{e}: {:#?}, on-chain before {m1}", mn.list_balances()));
-    let back = onchain(&mn) - m1;
+    let back = onchain(mn) - m1;
     assert!(back <= 300_000 - paid / 1000 && back + 10_000 >= 300_000 - paid / 1000, "meter recovered {back} sat");
     eprintln!("force close: meter recovered {back} sat of {} after the timelock", 300_000 - paid / 1000);
     meter.shutdown();

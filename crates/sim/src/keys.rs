@@ -14,12 +14,12 @@ pub fn read_key(path: &Path) -> Result<SigningKey> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
     let (kind, hex) = text.trim().split_once(':').context("key file must be `schnorr:<hex>` or `p256:<hex>`")?;
     let secret: [u8; 32] = hex::decode(hex).ok().and_then(|v| v.try_into().ok()).context("key secret must be 32 bytes of hex")?;
-    Ok(match kind {
+    match kind {
         "schnorr" => SigningKey::schnorr_from_secret(&secret),
         "p256" => SigningKey::p256_from_secret(&secret),
         other => bail!("unknown key type {other:?}"),
     }
-    .map_err(|e| anyhow::anyhow!("{e}"))?)
+    .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Write a new key file (0600), never over an existing one: a device key is its identity.
