@@ -256,9 +256,6 @@ pub struct Gateway {
     pub mqtt_addr: Option<SocketAddr>,
 }
 
-/// The admin token in `path`, created on first start. A token file that exists but
-/// cannot be read, or is empty, is an error: replacing it would lock out every client
-/// configured with the old token, so the gateway refuses to start and says why.
 /// The queue of MQTT messages for devices: (topic, payload).
 pub type MqttOut = std::sync::mpsc::Sender<(String, Vec<u8>)>;
 
@@ -290,6 +287,9 @@ pub fn device_record(d: &bitmote_notary::registry::Device) -> bitmote_proto::not
     }
 }
 
+/// The admin token in `path`, created on first start. A token file that exists but
+/// cannot be read, or is empty, is an error: replacing it would lock out every client
+/// configured with the old token, so the gateway refuses to start and says why.
 fn load_or_create_token(path: &Path) -> Result<String, GatewayError> {
     let refuse = |why: String| GatewayError::Io {
         context: format!("{} {why}; fix or remove it (it is never overwritten)", path.display()),

@@ -946,7 +946,12 @@ fn already_stored(conn: &Connection, prepared: &[Prepared]) -> Result<Option<Vec
 }
 
 fn write_group(conn: &mut Connection, jobs: &[Job], last: &HashMap<DeviceId, u64>) -> Result<Vec<Vec<Receipt>>, StorageError> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: the write lock is taken (waiting out the busy timeout) before the first read.
+    // A deferred transaction that reads the log size and then writes fails at once with
+    // SQLITE_BUSY when another connection (the anchoring loop recording a checkpoint)
+    // committed in between, and the group would be refused as a storage error (a 503 seen
+    // in the dashboard test under load).
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let start = MerkleLog::new(&tx).size()?;
     let received = now_ms() as i64;
     let mut next = start;
