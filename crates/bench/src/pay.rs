@@ -159,10 +159,11 @@ pub fn run(env: &Env, raw: u64, concurrent: usize, ticks: u64, load: &[usize], l
         })
     };
     let (mn, pn) = (machine("meter")?, machine("provider")?);
-    ln::fund(&chain.faucet()?, &mn, 2)?;
+    let faucet = chain.faucet()?;
+    ln::fund(&faucet, &mn, 2)?;
     let paddr = pn.listening_addresses().context("provider not listening")?[0].clone();
-    ln::open_channel(Some(&chain.faucet()?), &mn, pn.node_id(), paddr, 5_000_000, None, false)?;
-    ln::wait_usable(Some(&chain.faucet()?), &pn, mn.node_id())?;
+    ln::open_channel(Some(&faucet), &mn, pn.node_id(), paddr, 5_000_000, None, false)?;
+    ln::wait_usable(Some(&faucet), &pn, mn.node_id())?;
     eprintln!("channel ready; (a) raw keysend ×{raw}");
 
     let raw_rate = raw_keysend(&mn, &pn, raw)?;

@@ -268,7 +268,12 @@ pub fn up(g: &Global, args: UpArgs) -> Result<()> {
                 hub: hub_for_meter.map(|h| h.1.clone()),
             };
             if let Some((n, _)) = hub_for_meter {
-                bitmote_sim::fleet::link_hub_to_provider(n.clone(), client.fresh()?, plan.provider_url(), stop.clone());
+                bitmote_sim::fleet::link_hub_to_provider(
+                    n.clone(),
+                    bitmote_regtest::RegtestFaucet::new(client)?,
+                    plan.provider_url(),
+                    stop.clone(),
+                );
             }
             let mut f = bitmote_sim::fleet::Fleet::prepare(&fleet_setup(g, &api)?, plan, &at)?;
             f.start()?;

@@ -261,8 +261,9 @@ fn with_its_lightning_node_up_sells_an_invoice_whose_payment_opens_the_lock_once
         announce_as: None,
     })
     .unwrap();
-    node::fund(&chain.faucet().unwrap(), &payer, 1).unwrap();
-    node::open_channel(Some(&chain.faucet().unwrap()), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
+    let faucet = chain.faucet().unwrap();
+    node::fund(&faucet, &payer, 1).unwrap();
+    node::open_channel(Some(&faucet), &payer, gw_id, ln.into(), 100_000, None, false).unwrap();
 
     let mut lock = lock_7(d, &http, &mqtt);
     wait_presence(&http, "lock-7", "online");

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use crate::{Job, Shared};
 use bitmote_actuator::rules::{OrderRequest, PaymentOrder};
-use bitmote_proto::notary::{DeviceAnswer, DeviceList, EnrolRequest, Enrolment, MqttLogin, RevokeRequest};
+use bitmote_proto::notary::{DeviceAnswer, DeviceList, EnrolRequest, Enrolment, RevokeRequest};
 
 /// Largest request body (a full batch of 4096 readings with payloads fits).
 pub const MAX_BODY: usize = 8 << 20;
@@ -172,7 +172,7 @@ async fn post_readings(State(s): State<Arc<Shared>>, headers: HeaderMap, body: B
     // Decoding (and for JSON, parsing) up to 8 MiB is CPU work: off the async workers.
     let sub = blocking(move || parse_submission(&headers, &body)).await?;
     let receipts = submit(&s, sub).await?;
-    Ok(Json(crate::receipts(&receipts)))
+    Ok(Json(bitmote_proto::Receipts { receipts }))
 }
 
 fn parse_id(id: &str) -> Result<[u8; 32], ApiError> {
@@ -400,7 +400,7 @@ async fn enroll(State(s): State<Arc<Shared>>, _: Admin, Json(e): Json<EnrolReque
         let d = s.ingest.enroll(&key, e.name.as_deref()).map_err(|err| api_error(StatusCode::CONFLICT, err.to_string(), "enroll"))?;
         let c = s.db().map_err(internal)?;
         let mqtt = crate::mqtt_front::issue(&s, &c, &d.id).map_err(internal)?;
-        Ok(Json(Enrolment { device: crate::device_record(&d), mqtt: MqttLogin { username: mqtt.username, password: mqtt.password } }))
+        Ok(Json(Enrolment { device: crate::device_record(&d), mqtt }))
     })
     .await
 }

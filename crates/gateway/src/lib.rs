@@ -259,12 +259,6 @@ pub struct Gateway {
 /// The queue of MQTT messages for devices: (topic, payload).
 pub type MqttOut = std::sync::mpsc::Sender<(String, Vec<u8>)>;
 
-/// The protocol's receipts for what ingest acknowledged (MQTT receipts topic, `POST /v1/readings`).
-pub fn receipts(r: &[bitmote_notary::ingest::Receipt]) -> bitmote_proto::Receipts {
-    let receipts = r.iter().map(|r| bitmote_proto::Receipt { reading_id: r.reading_id, leaf_index: r.leaf_index, tree_size: r.tree_size });
-    bitmote_proto::Receipts { receipts: receipts.collect() }
-}
-
 /// What a device is told when ingest refuses its readings (HTTP body, MQTT errors topic).
 pub fn ingest_error_body(e: &bitmote_notary::ingest::IngestError) -> bitmote_proto::ErrorBody {
     let mut body = bitmote_proto::ErrorBody::new(e.to_string(), e.code());

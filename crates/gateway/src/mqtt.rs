@@ -262,7 +262,7 @@ fn handle(shared: &Arc<Shared>, out: &mpsc::Sender<(String, Vec<u8>)>, topic: &s
     let out = out.clone();
     shared.ingest.submit_with(sub, move |res| {
         let msg = match res {
-            Ok(receipts) => (receipts_topic(&device), bitmote_proto::encode(&crate::receipts(&receipts))),
+            Ok(receipts) => (receipts_topic(&device), bitmote_proto::encode(&bitmote_proto::Receipts { receipts })),
             Err(e) => (errors_topic(&device), bitmote_proto::encode(&crate::ingest_error_body(&e))),
         };
         let _ = out.send(msg);

@@ -85,12 +85,9 @@ pub const SCHEMA: bitmote_notary::store::Schema = bitmote_notary::store::Schema 
 );"],
 };
 
-/// MQTT credentials of a device, returned once to the admin who enrols it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
+/// MQTT credentials of a device, returned once to the admin who enrols it: the
+/// protocol's login (its `Debug` never shows the password).
+pub type Credentials = bitmote_proto::notary::MqttLogin;
 
 /// A username and password for a broker; `Debug` never shows the password.
 #[derive(Clone)]

@@ -159,8 +159,9 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         announce_as: None,
     })
     .unwrap();
-    node::fund(&chain.faucet().unwrap(), &payer, 2).unwrap();
-    node::open_channel(Some(&chain.faucet().unwrap()), &payer, gw_id, ln.into(), 200_000, None, false).unwrap();
+    let faucet = chain.faucet().unwrap();
+    node::fund(&faucet, &payer, 2).unwrap();
+    node::open_channel(Some(&faucet), &payer, gw_id, ln.into(), 200_000, None, false).unwrap();
     wait("the gateway sees the channel usable", 120, || status(&base)["channels"].as_array().unwrap().iter().any(|c| c["usable"] == true));
 
     // The gateway's node is a hub: a shop with an announced channel to it (opened by the
@@ -176,9 +177,9 @@ fn a_paid_invoice_opens_the_lock_once_even_across_a_gateway_restart() {
         announce_as: None,
     })
     .unwrap();
-    node::fund(&chain.faucet().unwrap(), &shop, 1).unwrap();
-    node::open_channel(Some(&chain.faucet().unwrap()), &shop, gw_id, ln.into(), 200_000, Some(100_000_000), true).unwrap();
-    node::wait_usable(Some(&chain.faucet().unwrap()), &payer, gw_id).unwrap();
+    node::fund(&faucet, &shop, 1).unwrap();
+    node::open_channel(Some(&faucet), &shop, gw_id, ln.into(), 200_000, Some(100_000_000), true).unwrap();
+    node::wait_usable(Some(&faucet), &payer, gw_id).unwrap();
     let desc = bitmote_pay::ldk_node::lightning_invoice::Bolt11InvoiceDescription::Direct(
         bitmote_pay::ldk_node::lightning_invoice::Description::new("tea".into()).unwrap(),
     );

@@ -275,20 +275,9 @@ fn decode_error(e: DecodeError) -> IngestError {
     }
 }
 
-/// Acknowledgement of one durable reading.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Receipt {
-    #[serde(serialize_with = "ser_hex")]
-    pub reading_id: [u8; 32],
-    pub leaf_index: u64,
-    /// Size of the log right after the commit that made this reading durable (for a
-    /// re-acknowledged reading: the size when it was re-acknowledged).
-    pub tree_size: u64,
-}
-
-fn ser_hex<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&hex::encode(v))
-}
+/// Acknowledgement of one durable reading: the protocol's receipt (`reading_id`,
+/// `leaf_index`, `tree_size`), sent to the device as it is.
+pub use bitmote_proto::Receipt;
 
 /// Plausibility and size limits.
 #[derive(Clone, Debug)]

@@ -46,8 +46,9 @@ pub fn fund(chain: &RegtestNode, n: &Node, blocks: u32) {
 /// reserve and can send) and wait until both can use it.
 pub fn channel(chain: &RegtestNode, a: &Node, b: &Node, sat: u64, push_msat: Option<u64>, announced: bool) {
     let addr = b.listening_addresses().unwrap()[0].clone();
-    node::open_channel(Some(&chain.faucet().unwrap()), a, b.node_id(), addr, sat, push_msat, announced).unwrap();
-    node::wait_usable(Some(&chain.faucet().unwrap()), b, a.node_id()).unwrap();
+    let faucet = chain.faucet().unwrap();
+    node::open_channel(Some(&faucet), a, b.node_id(), addr, sat, push_msat, announced).unwrap();
+    node::wait_usable(Some(&faucet), b, a.node_id()).unwrap();
 }
 
 pub fn tariff(mode: Mode) -> Tariff {

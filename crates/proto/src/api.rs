@@ -32,18 +32,12 @@ impl ErrorBody {
     }
 }
 
-/// 32 bytes as 64 hex digits.
+/// 32 bytes as 64 hex digits (lower case out; either case in).
 pub mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 64];
-        for (i, b) in v.iter().enumerate() {
-            out[2 * i] = DIGITS[(b >> 4) as usize];
-            out[2 * i + 1] = DIGITS[(b & 15) as usize];
-        }
-        s.serialize_str(std::str::from_utf8(&out).map_err(serde::ser::Error::custom)?)
+        s.serialize_str(&hex::encode(v))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
@@ -53,20 +47,8 @@ pub mod hex32 {
 
     /// Parse 64 hex digits.
     pub fn parse(s: &str) -> Option<[u8; 32]> {
-        let b = s.as_bytes();
-        if b.len() != 64 {
-            return None;
-        }
-        let nib = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        };
         let mut out = [0u8; 32];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = nib(b[2 * i])? << 4 | nib(b[2 * i + 1])?;
-        }
+        hex::decode_to_slice(s, &mut out).ok()?;
         Some(out)
     }
 }

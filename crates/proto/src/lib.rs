@@ -3,7 +3,7 @@
 //! (the `bitmote` CLI, the simulated fleet), the meter and its provider.
 //!
 //! Everything here is data: serde types and topic names, no I/O and no dependency on any
-//! other bitmote crate, so a device's firmware (or a test) can speak the protocol without
+//! other bitmote crate (serde, serde_json and hex only, without feature `client`), so a device's firmware (or a test) can speak the protocol without
 //! linking the gateway.
 //!
 //! # Versions

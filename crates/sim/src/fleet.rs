@@ -587,7 +587,7 @@ const HUB_CHANNEL_SAT: u64 = 1_000_000;
 /// ldk-node's next reconnection round (up to a minute, in which the meter's payments fail).
 pub fn link_hub_to_provider(
     hub: std::sync::Arc<bitmote_pay::ldk_node::Node>,
-    client: ChainClient,
+    faucet: bitmote_regtest::RegtestFaucet,
     provider_url: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -602,14 +602,7 @@ pub fn link_hub_to_provider(
             let Ok((pk, addr)) = provider(&agent) else { continue };
             let step = || -> Result<()> {
                 if ln::channels_with(&hub, &pk).is_empty() {
-                    ln::open_funded_channel(
-                        Some(&bitmote_regtest::RegtestFaucet::new(&client)?),
-                        &hub,
-                        pk,
-                        addr.clone(),
-                        HUB_CHANNEL_SAT,
-                        true,
-                    )?;
+                    ln::open_funded_channel(Some(&faucet), &hub, pk, addr.clone(), HUB_CHANNEL_SAT, true)?;
                     tracing::info!("hub: the gateway's Lightning node has a {HUB_CHANNEL_SAT} sat announced channel to the provider {pk}");
                 } else if !hub.list_peers().iter().any(|p| p.node_id == pk && p.is_connected) {
                     hub.connect(pk, addr.clone(), true).map_err(|e| anyhow::anyhow!("connecting to the provider {pk}: {e}"))?;
